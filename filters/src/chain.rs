@@ -1,0 +1,429 @@
+//! The request chain: filters run in one fixed order, and `mode` and
+//! `on_error` are applied here, never by a filter.
+//!
+//! The order is the declaration order of [`FilterKind`]: cheap checks first,
+//! the guard model (a network call) last. Whatever order filters are handed
+//! to [`Chain::new`] in, they run in this one.
+
+use crate::error::{ErrorCode, Rejection};
+use crate::request::RequestView;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Every filter the gateway knows, in the order the request chain runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterKind {
+    JwtAuth,
+    Freeze,
+    RateLimit,
+    ModelRegistry,
+    ToolAuthz,
+    Injection,
+    GuardModel,
+    RequestRedaction,
+    // Response side.
+    ResponseToolAuthz,
+    Redact,
+    OutputGuard,
+}
+
+impl FilterKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::JwtAuth => "jwt_auth",
+            Self::Freeze => "freeze",
+            Self::RateLimit => "rate_limit",
+            Self::ModelRegistry => "model_registry",
+            Self::ToolAuthz => "tool_authz",
+            Self::Injection => "injection",
+            Self::GuardModel => "guard_model",
+            Self::RequestRedaction => "request_redaction",
+            Self::ResponseToolAuthz => "response_tool_authz",
+            Self::Redact => "redact",
+            Self::OutputGuard => "output_guard",
+        }
+    }
+}
+
+/// `enforce` applies a filter's decision; `monitor` records what it would
+/// have done and lets the request through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Monitor,
+}
+
+/// What to do when a filter cannot decide (its store or service is down):
+/// `deny` (fail closed, the default) or `allow` (fail open).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// Per-filter settings from the config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSettings {
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// A fact a filter attaches to the audit record (a score, the rule ids that
+/// matched, a count).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Annotation {
+    pub key: &'static str,
+    pub value: serde_json::Value,
+}
+
+/// What a filter decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allow,
+    /// Allow, and record these facts.
+    Annotate(Vec<Annotation>),
+    Deny(Rejection),
+}
+
+/// A filter could not decide. The chain applies the filter's `on_error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {reason}")]
+pub struct FilterError {
+    /// The code used when `on_error: deny` turns this into a rejection
+    /// (for example `guard_unavailable`).
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+impl FilterError {
+    pub fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One request-side filter.
+#[async_trait]
+pub trait RequestFilter: Send + Sync {
+    fn kind(&self) -> FilterKind;
+    async fn check(&self, request: &RequestView<'_>) -> Result<Decision, FilterError>;
+}
+
+/// What happened at one filter, for the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Allow,
+    Annotate,
+    Deny,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FilterOutcome {
+    pub filter: FilterKind,
+    pub mode: Mode,
+    pub action: Action,
+    /// True when this outcome stopped the request.
+    pub enforced: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub annotations: Vec<Annotation>,
+    pub latency_us: u64,
+}
+
+/// The result of running the chain.
+#[derive(Debug, Clone, Default)]
+pub struct ChainReport {
+    pub outcomes: Vec<FilterOutcome>,
+    /// Set when an enforcing filter refused the request; later filters did
+    /// not run.
+    pub rejection: Option<(FilterKind, Rejection)>,
+}
+
+/// The request chain.
+#[derive(Default)]
+pub struct Chain {
+    filters: Vec<(Box<dyn RequestFilter>, FilterSettings)>,
+}
+
+impl Chain {
+    /// Builds the chain; filters are put in [`FilterKind`] order.
+    pub fn new(mut filters: Vec<(Box<dyn RequestFilter>, FilterSettings)>) -> Self {
+        filters.sort_by_key(|(f, _)| f.kind());
+        Self { filters }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// The kinds in the order they run.
+    pub fn order(&self) -> Vec<FilterKind> {
+        self.filters.iter().map(|(f, _)| f.kind()).collect()
+    }
+
+    pub async fn run(&self, request: &RequestView<'_>) -> ChainReport {
+        let mut report = ChainReport::default();
+        for (filter, settings) in &self.filters {
+            let started = Instant::now();
+            let result = filter.check(request).await;
+            let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let (outcome, rejection) = apply(filter.kind(), *settings, result, latency_us);
+            report.outcomes.push(outcome);
+            if let Some(rejection) = rejection {
+                report.rejection = Some((filter.kind(), rejection));
+                break;
+            }
+        }
+        report
+    }
+}
+
+/// Turns a filter's result into an audit outcome and, when it must stop the
+/// request, a rejection. The only place `mode` and `on_error` are read.
+pub(crate) fn apply(
+    kind: FilterKind,
+    settings: FilterSettings,
+    result: Result<Decision, FilterError>,
+    latency_us: u64,
+) -> (FilterOutcome, Option<Rejection>) {
+    let mut outcome = FilterOutcome {
+        filter: kind,
+        mode: settings.mode,
+        action: Action::Allow,
+        enforced: false,
+        code: None,
+        reason: None,
+        annotations: Vec::new(),
+        latency_us,
+    };
+    let enforcing = settings.mode == Mode::Enforce;
+    let rejection = match result {
+        Ok(Decision::Allow) => None,
+        Ok(Decision::Annotate(annotations)) => {
+            outcome.action = Action::Annotate;
+            outcome.annotations = annotations;
+            None
+        }
+        Ok(Decision::Deny(rejection)) => {
+            outcome.action = Action::Deny;
+            outcome.code = Some(rejection.code);
+            outcome.reason = Some(rejection.reason.clone());
+            enforcing.then_some(rejection)
+        }
+        Err(error) => {
+            outcome.action = Action::Error;
+            outcome.code = Some(error.code);
+            outcome.reason = Some(error.reason.clone());
+            (enforcing && settings.on_error == OnError::Deny)
+                .then(|| Rejection::new(error.code, error.reason))
+        }
+    };
+    outcome.enforced = rejection.is_some();
+    (outcome, rejection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Route;
+    use serde_json::json;
+
+    /// A test filter that always returns the same result.
+    struct Fixed(FilterKind, Result<Decision, FilterError>);
+
+    #[async_trait]
+    impl RequestFilter for Fixed {
+        fn kind(&self) -> FilterKind {
+            self.0
+        }
+        async fn check(&self, _: &RequestView<'_>) -> Result<Decision, FilterError> {
+            self.1.clone()
+        }
+    }
+
+    fn allow(kind: FilterKind) -> Fixed {
+        Fixed(kind, Ok(Decision::Allow))
+    }
+    fn deny(kind: FilterKind) -> Fixed {
+        Fixed(
+            kind,
+            Ok(Decision::Deny(Rejection::new(
+                ErrorCode::PromptInjection,
+                "rule x",
+            ))),
+        )
+    }
+    fn annotate(kind: FilterKind) -> Fixed {
+        Fixed(
+            kind,
+            Ok(Decision::Annotate(vec![Annotation {
+                key: "score",
+                value: json!(0.5),
+            }])),
+        )
+    }
+    fn error(kind: FilterKind) -> Fixed {
+        Fixed(
+            kind,
+            Err(FilterError::new(
+                ErrorCode::GuardUnavailable,
+                "connection refused",
+            )),
+        )
+    }
+    fn settings(mode: Mode, on_error: OnError) -> FilterSettings {
+        FilterSettings { mode, on_error }
+    }
+    const ENFORCE: FilterSettings = FilterSettings {
+        mode: Mode::Enforce,
+        on_error: OnError::Deny,
+    };
+    const MONITOR: FilterSettings = FilterSettings {
+        mode: Mode::Monitor,
+        on_error: OnError::Deny,
+    };
+
+    async fn run(filters: Vec<(Fixed, FilterSettings)>) -> ChainReport {
+        let chain = Chain::new(
+            filters
+                .into_iter()
+                .map(|(f, s)| (Box::new(f) as Box<dyn RequestFilter>, s))
+                .collect(),
+        );
+        let body = json!({"model": "m"});
+        let view = RequestView {
+            request_id: "r1",
+            route: Route::ChatCompletions,
+            body: &body,
+            model: Some("m"),
+            stream: false,
+            client_ip: None,
+        };
+        chain.run(&view).await
+    }
+
+    #[tokio::test]
+    async fn runs_in_declared_order_whatever_the_input_order() {
+        let report = run(vec![
+            (allow(FilterKind::GuardModel), ENFORCE),
+            (allow(FilterKind::JwtAuth), ENFORCE),
+            (allow(FilterKind::Injection), ENFORCE),
+            (allow(FilterKind::RateLimit), ENFORCE),
+        ])
+        .await;
+        let order: Vec<_> = report.outcomes.iter().map(|o| o.filter).collect();
+        assert_eq!(
+            order,
+            [
+                FilterKind::JwtAuth,
+                FilterKind::RateLimit,
+                FilterKind::Injection,
+                FilterKind::GuardModel
+            ]
+        );
+        assert!(report.rejection.is_none());
+    }
+
+    #[tokio::test]
+    async fn allow_in_both_modes_passes() {
+        for s in [ENFORCE, MONITOR] {
+            let report = run(vec![(allow(FilterKind::Injection), s)]).await;
+            assert!(report.rejection.is_none());
+            assert_eq!(report.outcomes[0].action, Action::Allow);
+            assert_eq!(report.outcomes[0].mode, s.mode);
+        }
+    }
+
+    #[tokio::test]
+    async fn annotate_in_both_modes_passes_and_keeps_the_facts() {
+        for s in [ENFORCE, MONITOR] {
+            let report = run(vec![(annotate(FilterKind::Injection), s)]).await;
+            assert!(report.rejection.is_none());
+            assert_eq!(report.outcomes[0].action, Action::Annotate);
+            assert_eq!(report.outcomes[0].annotations[0].key, "score");
+        }
+    }
+
+    #[tokio::test]
+    async fn deny_enforced_stops_the_chain() {
+        let report = run(vec![
+            (deny(FilterKind::Injection), ENFORCE),
+            (allow(FilterKind::GuardModel), ENFORCE),
+        ])
+        .await;
+        let (by, rejection) = report.rejection.expect("denied");
+        assert_eq!(by, FilterKind::Injection);
+        assert_eq!(rejection.code, ErrorCode::PromptInjection);
+        assert_eq!(report.outcomes.len(), 1, "guard model must not run");
+        assert!(report.outcomes[0].enforced);
+    }
+
+    #[tokio::test]
+    async fn deny_in_monitor_mode_is_recorded_but_passes() {
+        let report = run(vec![
+            (deny(FilterKind::Injection), MONITOR),
+            (allow(FilterKind::GuardModel), ENFORCE),
+        ])
+        .await;
+        assert!(report.rejection.is_none());
+        assert_eq!(report.outcomes.len(), 2);
+        assert_eq!(report.outcomes[0].action, Action::Deny);
+        assert_eq!(report.outcomes[0].code, Some(ErrorCode::PromptInjection));
+        assert!(!report.outcomes[0].enforced);
+    }
+
+    #[tokio::test]
+    async fn error_fails_closed_by_default() {
+        let report = run(vec![(error(FilterKind::GuardModel), ENFORCE)]).await;
+        let (by, rejection) = report.rejection.expect("fail closed");
+        assert_eq!(by, FilterKind::GuardModel);
+        assert_eq!(rejection.code, ErrorCode::GuardUnavailable);
+        assert_eq!(report.outcomes[0].action, Action::Error);
+    }
+
+    #[tokio::test]
+    async fn error_with_on_error_allow_fails_open() {
+        let report = run(vec![(
+            error(FilterKind::GuardModel),
+            settings(Mode::Enforce, OnError::Allow),
+        )])
+        .await;
+        assert!(report.rejection.is_none());
+        assert_eq!(report.outcomes[0].action, Action::Error);
+        assert_eq!(
+            report.outcomes[0].reason.as_deref(),
+            Some("connection refused")
+        );
+    }
+
+    #[tokio::test]
+    async fn error_in_monitor_mode_passes_even_with_on_error_deny() {
+        let report = run(vec![(error(FilterKind::GuardModel), MONITOR)]).await;
+        assert!(report.rejection.is_none());
+        assert_eq!(report.outcomes[0].action, Action::Error);
+        assert!(!report.outcomes[0].enforced);
+    }
+
+    #[tokio::test]
+    async fn empty_chain_allows() {
+        let report = run(vec![]).await;
+        assert!(report.rejection.is_none());
+        assert!(report.outcomes.is_empty());
+    }
+}

@@ -1,0 +1,23 @@
+//! Every decision Portcullis makes, with no proxy and no I/O.
+//!
+//! The gateway (`src/` in the workspace root) reads requests, talks to the
+//! network and writes audit records; this crate decides. Each filter is one
+//! module, returns a typed [`Decision`], and is run by the [`chain`] in the
+//! order declared once by [`FilterKind`].
+
+#![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod error;
+pub mod request;
+pub mod response;
+pub mod sse;
+
+pub use chain::{
+    Action, Annotation, Chain, ChainReport, Decision, FilterError, FilterKind, FilterOutcome,
+    FilterSettings, Mode, OnError, RequestFilter,
+};
+pub use error::{ErrorCode, Rejection};
+pub use request::{RequestView, Route};
+pub use response::{ResponseChain, ResponseContext, ResponseStage, ResponseStream, StreamStage};
+pub use sse::{SseEvent, SseFramer};

@@ -1,0 +1,53 @@
+//! What a request filter may look at.
+
+use serde::Serialize;
+use std::net::IpAddr;
+
+/// The LLM routes the gateway serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub enum Route {
+    #[serde(rename = "chat/completions")]
+    ChatCompletions,
+    #[serde(rename = "completions")]
+    Completions,
+    #[serde(rename = "embeddings")]
+    Embeddings,
+    #[serde(rename = "models")]
+    Models,
+}
+
+impl Route {
+    /// The path below the provider's base URL (`/v1`), e.g. `/chat/completions`.
+    pub const fn upstream_path(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "/chat/completions",
+            Self::Completions => "/completions",
+            Self::Embeddings => "/embeddings",
+            Self::Models => "/models",
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat/completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+            Self::Models => "models",
+        }
+    }
+}
+
+/// A parsed request as the request chain sees it. Read-only: filters
+/// return facts and decisions, the chain applies them.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub request_id: &'a str,
+    pub route: Route,
+    /// The parsed JSON body (`Value::Null` for bodiless routes).
+    pub body: &'a serde_json::Value,
+    /// The `model` field, when the body has one.
+    pub model: Option<&'a str>,
+    /// Whether the client asked for a streamed (SSE) response.
+    pub stream: bool,
+    pub client_ip: Option<IpAddr>,
+}

@@ -1,0 +1,272 @@
+//! Server-sent events: a framer that turns arbitrary byte chunks into whole
+//! events, and the event type the response stages work on.
+//!
+//! Providers' TCP chunks can end anywhere, mid-line or mid-UTF-8 character.
+//! The framer buffers bytes until a blank line ends an event (`\n\n`,
+//! `\r\n\r\n` or `\r\r`), so a stage never sees half an event. A line break
+//! is never inside a multi-byte UTF-8 sequence, so splitting there is safe.
+
+use std::fmt;
+
+/// The most an unfinished event may grow to before the stream is treated as
+/// broken (a provider that never sends a blank line must not exhaust memory).
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// One SSE event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    /// The `event:` field.
+    pub event: Option<String>,
+    /// The `data:` lines joined with `\n`; `None` when the event had none.
+    pub data: Option<String>,
+    /// Every other line (`id:`, `retry:`, `: comments`), kept verbatim.
+    pub other: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    #[error("an SSE event exceeded {MAX_EVENT_BYTES} bytes without ending")]
+    EventTooLarge,
+    #[error("an SSE event is not valid UTF-8")]
+    NotUtf8,
+}
+
+impl SseEvent {
+    /// A plain `data:` event.
+    pub fn data(data: impl Into<String>) -> Self {
+        Self {
+            data: Some(data.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The OpenAI end-of-stream marker `data: [DONE]`.
+    pub fn is_done(&self) -> bool {
+        self.data.as_deref() == Some("[DONE]")
+    }
+
+    /// The data parsed as JSON, when it is JSON.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(self.data.as_deref()?).ok()
+    }
+
+    /// Parse one event block (without its terminating blank line).
+    pub fn parse(block: &str) -> Self {
+        let mut event = Self::default();
+        let mut data: Option<String> = None;
+        for line in block.split('\n') {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            let (field, value) = match line.split_once(':') {
+                Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+                None => (line, ""),
+            };
+            match field {
+                "data" => match &mut data {
+                    Some(d) => {
+                        d.push('\n');
+                        d.push_str(value);
+                    }
+                    None => data = Some(value.to_string()),
+                },
+                "event" => event.event = Some(value.to_string()),
+                "" if line.is_empty() => {}
+                _ => event.other.push(line.to_string()),
+            }
+        }
+        event.data = data;
+        event
+    }
+
+    /// Append the wire form, blank line included.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        for line in &self.other {
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+        if let Some(name) = &self.event {
+            out.extend_from_slice(b"event: ");
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'\n');
+        }
+        if let Some(data) = &self.data {
+            for line in data.split('\n') {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(line.as_bytes());
+                out.push(b'\n');
+            }
+        }
+        out.push(b'\n');
+    }
+}
+
+impl fmt::Display for SseEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut out = Vec::new();
+        self.write_to(&mut out);
+        f.write_str(&String::from_utf8_lossy(&out))
+    }
+}
+
+/// Turns byte chunks into whole events.
+#[derive(Debug, Default)]
+pub struct SseFramer {
+    buf: Vec<u8>,
+    /// How far `buf` has already been searched for a boundary.
+    scanned: usize,
+}
+
+impl SseFramer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feed a chunk; returns every event it completed.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, SseError> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        let mut start = 0;
+        let mut i = self.scanned.max(start);
+        while i < self.buf.len() {
+            if let Some(len) = boundary_at(&self.buf[start..], i - start) {
+                let block = &self.buf[start..i];
+                if !block.iter().all(|b| *b == b'\r' || *b == b'\n') {
+                    let text = std::str::from_utf8(block).map_err(|_| SseError::NotUtf8)?;
+                    events.push(SseEvent::parse(text));
+                }
+                start = i + len;
+                i = start;
+            } else {
+                i += 1;
+            }
+        }
+        self.buf.drain(..start);
+        // Re-scan the last few bytes next time: a boundary may straddle chunks.
+        self.scanned = self.buf.len().saturating_sub(3);
+        if self.buf.len() > MAX_EVENT_BYTES {
+            return Err(SseError::EventTooLarge);
+        }
+        Ok(events)
+    }
+
+    /// The stream ended: an unterminated last event is still returned, so
+    /// that it passes the response stages like any other.
+    pub fn finish(&mut self) -> Result<Option<SseEvent>, SseError> {
+        let rest = std::mem::take(&mut self.buf);
+        self.scanned = 0;
+        if rest.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(None);
+        }
+        let text = std::str::from_utf8(&rest).map_err(|_| SseError::NotUtf8)?;
+        Ok(Some(SseEvent::parse(text.trim_end_matches(['\r', '\n']))))
+    }
+}
+
+/// If an event boundary (a blank line) starts at `i` in `buf`, its length.
+/// `\r` alone at the very end of the buffer is not decided yet: it may be
+/// the first half of `\r\n`.
+fn boundary_at(buf: &[u8], i: usize) -> Option<usize> {
+    let rest = &buf[i..];
+    if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\n\r\n") {
+        return Some(if rest[0] == b'\n' { 2 } else { 4 });
+    }
+    if rest.starts_with(b"\n\r\n") || rest.starts_with(b"\r\n\n") || rest.starts_with(b"\r\r\n") {
+        return Some(3);
+    }
+    if rest.starts_with(b"\r\r") && rest.len() >= 3 && rest[2] != b'\n' {
+        return Some(2);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = "data: {\"a\":1}\n\ndata: {\"b\":\"é 🦀\"}\n\n: keep-alive\n\nevent: done\ndata: [DONE]\n\n";
+
+    fn frame_in_pieces(input: &[u8], sizes: &[usize]) -> Vec<SseEvent> {
+        let mut framer = SseFramer::new();
+        let mut events = Vec::new();
+        let mut pos = 0;
+        let mut k = 0;
+        while pos < input.len() {
+            let n = sizes[k % sizes.len()].max(1).min(input.len() - pos);
+            events.extend(framer.push(&input[pos..pos + n]).unwrap());
+            pos += n;
+            k += 1;
+        }
+        events.extend(framer.finish().unwrap());
+        events
+    }
+
+    #[test]
+    fn frames_whole_events() {
+        let events = frame_in_pieces(STREAM.as_bytes(), &[STREAM.len()]);
+        assert_eq!(events.len(), 4);
+        assert_eq!(events[0].data.as_deref(), Some("{\"a\":1}"));
+        assert_eq!(events[1].json().unwrap()["b"], "é 🦀");
+        assert_eq!(events[2].other, [": keep-alive"]);
+        assert_eq!(events[2].data, None);
+        assert_eq!(events[3].event.as_deref(), Some("done"));
+        assert!(events[3].is_done());
+    }
+
+    #[test]
+    fn every_split_gives_the_same_events() {
+        let whole = frame_in_pieces(STREAM.as_bytes(), &[STREAM.len()]);
+        for sizes in [&[1][..], &[2], &[3], &[5, 1, 7], &[13, 2]] {
+            assert_eq!(
+                frame_in_pieces(STREAM.as_bytes(), sizes),
+                whole,
+                "sizes {sizes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn crlf_and_cr_line_endings() {
+        let crlf = STREAM.replace('\n', "\r\n");
+        let a = frame_in_pieces(crlf.as_bytes(), &[1]);
+        let b = frame_in_pieces(STREAM.as_bytes(), &[STREAM.len()]);
+        assert_eq!(a, b);
+        let events = frame_in_pieces(b"data: x\r\rdata: y\r\r", &[1]);
+        assert_eq!(events.len(), 2);
+    }
+
+    #[test]
+    fn multi_line_data_round_trips() {
+        let e = SseEvent::parse("data: line one\ndata: line two");
+        assert_eq!(e.data.as_deref(), Some("line one\nline two"));
+        let mut out = Vec::new();
+        e.write_to(&mut out);
+        assert_eq!(out, b"data: line one\ndata: line two\n\n");
+        assert_eq!(frame_in_pieces(&out, &[1]), vec![e]);
+    }
+
+    #[test]
+    fn unterminated_last_event_is_returned() {
+        let events = frame_in_pieces(b"data: a\n\ndata: b", &[4]);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].data.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn endless_event_is_an_error() {
+        let mut framer = SseFramer::new();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut result = Ok(Vec::new());
+        for _ in 0..20 {
+            result = framer.push(&chunk);
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(SseError::EventTooLarge));
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error() {
+        let mut framer = SseFramer::new();
+        assert_eq!(framer.push(b"data: \xff\xfe\n\n"), Err(SseError::NotUtf8));
+    }
+}
