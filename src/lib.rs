@@ -1,1 +1,20 @@
+//! Portcullis: an LLM security gateway on Pingora.
+//!
+//! This crate does the I/O: the Pingora service, provider calls, SSE relay,
+//! the admin listener, audit sinks, configuration and the CLI. Every
+//! decision is made in the `filters` crate.
 
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod gateway;
+pub mod http_server;
+pub mod intake;
+pub mod metrics;
+pub mod mock;
+pub mod respond;
+pub mod server;
+pub mod upstream;

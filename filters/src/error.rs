@@ -17,6 +17,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     ModelNotFound,
     RequestTooLarge,
+    RequestTimeout,
     PromptInjection,
     ContentPolicy,
     ToolNotAllowed,
@@ -38,13 +39,14 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
         Self::RequestTooLarge,
+        Self::RequestTimeout,
         Self::PromptInjection,
         Self::ContentPolicy,
         Self::ToolNotAllowed,
@@ -72,6 +74,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::ModelNotFound => "model_not_found",
             Self::RequestTooLarge => "request_too_large",
+            Self::RequestTimeout => "request_timeout",
             Self::PromptInjection => "prompt_injection",
             Self::ContentPolicy => "content_policy",
             Self::ToolNotAllowed => "tool_not_allowed",
@@ -104,6 +107,7 @@ impl ErrorCode {
             | Self::Forbidden => 403,
             Self::UnknownRoute | Self::ModelNotFound => 404,
             Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
             Self::RequestTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::RateLimited | Self::TokenBudgetExceeded => 429,
@@ -119,7 +123,7 @@ impl ErrorCode {
         match self.status() {
             401 => "authentication_error",
             403 => "permission_error",
-            404 | 400 | 405 | 413 | 415 => "invalid_request_error",
+            400 | 404 | 405 | 408 | 413 | 415 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "api_error",
         }
@@ -137,6 +141,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "This route does not accept that method.",
             Self::ModelNotFound => "The requested model does not exist.",
             Self::RequestTooLarge => "The request body is too large.",
+            Self::RequestTimeout => "The request body was not received in time.",
             Self::PromptInjection => {
                 "The request was refused: it looks like a prompt-injection attempt."
             }

@@ -1,0 +1,643 @@
+//! Gateway configuration: a YAML file read into user-facing structs
+//! (`deny_unknown_fields` everywhere), then checked and built into the
+//! runtime [`Config`].
+//!
+//! - `${VAR}` and `${VAR:-default}` in any string value are replaced from the
+//!   environment before parsing (`$${` writes a literal `${`). A variable that
+//!   is unset and has no default is an error naming the key.
+//! - Relative paths are relative to the directory of the config file.
+//! - Loading reports every error it can find at once, each as
+//!   `FILE: KEY: message`: each top-level section is parsed on its own, and
+//!   the cross-checks (providers named by models, URLs, addresses) run over
+//!   whatever parsed.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_yaml::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8081";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted key path, e.g. `providers.openai.base_url`; empty for the file.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------------------
+// The file as users write it.
+
+/// `server:` — process settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Proxy listener address.
+    pub listen: String,
+    /// Admin, health and metrics listener address.
+    pub admin_listen: String,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            threads: 2,
+            shutdown_grace_secs: 2,
+        }
+    }
+}
+
+/// `limits:` — what a client may send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest accepted request body; larger ones get 413 `request_too_large`.
+    pub max_body_bytes: usize,
+    /// Largest provider response body read for a non-streamed reply.
+    pub max_response_bytes: usize,
+    /// Seconds a client has to send its whole request body.
+    pub client_body_timeout_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_response_bytes: 64 * 1024 * 1024,
+            client_body_timeout_secs: 30,
+        }
+    }
+}
+
+/// Timeouts toward one provider, in milliseconds. Every one is set: none is
+/// left unbounded.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsSection {
+    /// TCP connect.
+    pub connect_ms: u64,
+    /// TCP connect plus TLS handshake.
+    pub total_connect_ms: u64,
+    /// Longest wait for any read: the first response byte, or the gap
+    /// between two streamed events.
+    pub read_ms: u64,
+    /// Longest wait for one write of the request.
+    pub write_ms: u64,
+    /// How long an idle pooled connection is kept.
+    pub idle_ms: u64,
+    /// Longest whole exchange, streamed responses included.
+    pub total_ms: u64,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        Self {
+            connect_ms: 2_000,
+            total_connect_ms: 5_000,
+            read_ms: 60_000,
+            write_ms: 10_000,
+            idle_ms: 60_000,
+            total_ms: 600_000,
+        }
+    }
+}
+
+/// `providers.NAME:` — an OpenAI-compatible upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    /// Base URL including the API prefix, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Sent as `Authorization: Bearer KEY`. Use `${ENV_VAR}`.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+}
+
+/// `models.ID:` — where a model id clients send is served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub provider: String,
+    /// The model name sent to the provider; defaults to the id.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+/// `audit:` — where audit records go.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// JSON-lines file, hash-chained across restarts.
+    pub file: Option<PathBuf>,
+    /// Also write each record to standard output.
+    pub stdout: bool,
+    /// Record raw prompts and completions (off: only their SHA-256).
+    pub record_content: bool,
+}
+
+const SECTIONS: &[&str] = &[
+    "server",
+    "limits",
+    "state_dir",
+    "providers",
+    "models",
+    "audit",
+];
+
+// ---------------------------------------------------------------------------
+// The built configuration.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub shutdown_grace: Duration,
+    pub limits: LimitsSection,
+    pub state_dir: PathBuf,
+    pub providers: BTreeMap<String, Provider>,
+    pub models: BTreeMap<String, ModelRoute>,
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix from the base URL without a trailing slash, e.g. `/v1`.
+    pub base_path: String,
+    pub api_key: Option<String>,
+    pub timeouts: TimeoutsSection,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelRoute {
+    pub provider: String,
+    pub upstream_model: String,
+}
+
+impl Config {
+    /// Read, interpolate, parse and check a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::from_yaml(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parse config text; `env` looks up `${VAR}`s. `path` names the file in
+    /// errors and anchors relative paths.
+    pub fn from_yaml(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigErrors> {
+        let mut errors = Errors {
+            file: path.to_path_buf(),
+            list: Vec::new(),
+        };
+        let mut root: Value = match serde_yaml::from_str(text) {
+            Ok(Value::Null) => Value::Mapping(Default::default()),
+            Ok(v) => v,
+            Err(e) => {
+                errors.push("", format!("not valid YAML: {e}"));
+                return Err(ConfigErrors(errors.list));
+            }
+        };
+        interpolate(&mut root, "", env, &mut errors);
+        let Value::Mapping(map) = root else {
+            errors.push("", "the top level must be a mapping of sections");
+            return Err(ConfigErrors(errors.list));
+        };
+        for key in map.keys() {
+            let name = key.as_str().unwrap_or("?");
+            if !SECTIONS.contains(&name) {
+                errors.push(
+                    name,
+                    format!("unknown section; expected one of: {}", SECTIONS.join(", ")),
+                );
+            }
+        }
+        let server: ServerSection = section(&map, "server", &mut errors).unwrap_or_default();
+        let limits: LimitsSection = section(&map, "limits", &mut errors).unwrap_or_default();
+        let state_dir: PathBuf =
+            section(&map, "state_dir", &mut errors).unwrap_or_else(|| PathBuf::from("var"));
+        let providers: BTreeMap<String, ProviderSection> =
+            section(&map, "providers", &mut errors).unwrap_or_default();
+        let models: BTreeMap<String, ModelSection> =
+            section(&map, "models", &mut errors).unwrap_or_default();
+        let audit: AuditSection = section(&map, "audit", &mut errors).unwrap_or_default();
+
+        let listen = parse_addr(&server.listen, "server.listen", &mut errors);
+        let admin_listen = parse_addr(&server.admin_listen, "server.admin_listen", &mut errors);
+        if server.threads == 0 {
+            errors.push("server.threads", "must be at least 1");
+        }
+        if limits.max_body_bytes == 0 {
+            errors.push("limits.max_body_bytes", "must be greater than 0");
+        }
+        if limits.max_response_bytes == 0 {
+            errors.push("limits.max_response_bytes", "must be greater than 0");
+        }
+        if limits.client_body_timeout_secs == 0 {
+            errors.push("limits.client_body_timeout_secs", "must be greater than 0");
+        }
+
+        let mut built_providers = BTreeMap::new();
+        for (name, p) in providers {
+            if let Some(provider) = build_provider(&name, p, &mut errors) {
+                built_providers.insert(name, provider);
+            }
+        }
+        if built_providers.is_empty() && !map.contains_key("providers") {
+            errors.push("providers", "at least one provider is required");
+        }
+        let mut routes = BTreeMap::new();
+        for (id, m) in models {
+            if !built_providers.contains_key(&m.provider) {
+                errors.push(
+                    &format!("models.{id}.provider"),
+                    format!("no provider named '{}' in `providers`", m.provider),
+                );
+            }
+            let upstream_model = m.upstream_model.unwrap_or_else(|| id.clone());
+            routes.insert(
+                id,
+                ModelRoute {
+                    provider: m.provider,
+                    upstream_model,
+                },
+            );
+        }
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut audit = audit;
+        audit.file = audit.file.map(|f| base.join(f));
+        if !errors.list.is_empty() {
+            return Err(ConfigErrors(errors.list));
+        }
+        let (Some(listen), Some(admin_listen)) = (listen, admin_listen) else {
+            // parse_addr recorded the error; unreachable with an empty list.
+            return Err(ConfigErrors(errors.list));
+        };
+        Ok(Self {
+            source: path.to_path_buf(),
+            listen,
+            admin_listen,
+            threads: server.threads,
+            shutdown_grace: Duration::from_secs(server.shutdown_grace_secs),
+            limits,
+            state_dir: base.join(state_dir),
+            providers: built_providers,
+            models: routes,
+            audit,
+        })
+    }
+}
+
+struct Errors {
+    file: PathBuf,
+    list: Vec<ConfigError>,
+}
+
+impl Errors {
+    fn push(&mut self, key: &str, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.clone(),
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Deserialize one top-level section, recording the error with its full
+/// key path.
+fn section<T: DeserializeOwned>(
+    map: &serde_yaml::Mapping,
+    name: &str,
+    errors: &mut Errors,
+) -> Option<T> {
+    let value = map.get(name)?.clone();
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.path().to_string();
+            let key = if inner == "." || inner.is_empty() {
+                name.to_string()
+            } else {
+                format!("{name}.{inner}")
+            };
+            errors.push(&key, e.into_inner().to_string());
+            None
+        }
+    }
+}
+
+fn parse_addr(text: &str, key: &str, errors: &mut Errors) -> Option<SocketAddr> {
+    match text.parse() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(
+                key,
+                format!("'{text}' is not an address like 127.0.0.1:8080"),
+            );
+            None
+        }
+    }
+}
+
+fn build_provider(name: &str, p: ProviderSection, errors: &mut Errors) -> Option<Provider> {
+    let key = format!("providers.{name}.base_url");
+    let url = match url::Url::parse(&p.base_url) {
+        Ok(u) => u,
+        Err(e) => {
+            errors.push(&key, format!("'{}' is not a URL: {e}", p.base_url));
+            return None;
+        }
+    };
+    let tls = match url.scheme() {
+        "https" => true,
+        "http" => false,
+        other => {
+            errors.push(&key, format!("scheme must be http or https, not '{other}'"));
+            return None;
+        }
+    };
+    let Some(host) = url.host_str() else {
+        errors.push(&key, "has no host");
+        return None;
+    };
+    if url.query().is_some() || url.fragment().is_some() {
+        errors.push(&key, "must not have a query or fragment");
+    }
+    let t = p.timeouts;
+    for (field, v) in [
+        ("connect_ms", t.connect_ms),
+        ("total_connect_ms", t.total_connect_ms),
+        ("read_ms", t.read_ms),
+        ("write_ms", t.write_ms),
+        ("idle_ms", t.idle_ms),
+        ("total_ms", t.total_ms),
+    ] {
+        if v == 0 {
+            errors.push(
+                &format!("providers.{name}.timeouts.{field}"),
+                "must be greater than 0",
+            );
+        }
+    }
+    if p.api_key.as_deref() == Some("") {
+        errors.push(
+            &format!("providers.{name}.api_key"),
+            "is empty (is its environment variable set?)",
+        );
+    }
+    Some(Provider {
+        name: name.to_string(),
+        tls,
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        port: url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 }),
+        base_path: url.path().trim_end_matches('/').to_string(),
+        api_key: p.api_key,
+        timeouts: t,
+    })
+}
+
+/// Replace `${VAR}` / `${VAR:-default}` in every string of the tree.
+fn interpolate(
+    value: &mut Value,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Errors,
+) {
+    match value {
+        Value::String(s) => match expand(s, env) {
+            Ok(expanded) => *s = expanded,
+            Err(message) => errors.push(key, message),
+        },
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate(item, &format!("{key}[{i}]"), env, errors);
+            }
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let name = k.as_str().unwrap_or("?");
+                let path = if key.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{key}.{name}")
+                };
+                interpolate(v, &path, env, errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Expand the `${...}` references in one string.
+pub fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos..];
+        if let Some(tail) = after.strip_prefix("$${") {
+            out.push_str("${");
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("${") {
+            let Some(end) = tail.find('}') else {
+                return Err(format!("unterminated '${{' in '{text}'"));
+            };
+            let inner = &tail[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("'${{{inner}}}' is not a variable name"));
+            }
+            match (env(name).filter(|v| !v.is_empty()), default) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => {
+                    return Err(format!("environment variable {name} is not set"));
+                }
+            }
+            rest = &tail[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "KEY" => Some("sk-test".into()),
+            "PORT" => Some("9200".into()),
+            _ => None,
+        }
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml(Path::new("/etc/portcullis/gw.yaml"), text, &env)
+    }
+
+    const GOOD: &str = r#"
+server:
+  listen: 127.0.0.1:18080
+providers:
+  local:
+    base_url: http://127.0.0.1:${PORT}/v1
+    api_key: ${KEY}
+  openai:
+    base_url: https://api.openai.com/v1
+    api_key: ${MISSING:-none}
+models:
+  gpt-4o-mini: { provider: openai }
+  small: { provider: local, upstream_model: llama-3-8b }
+audit:
+  file: ../audit/audit.jsonl
+"#;
+
+    #[test]
+    fn a_good_file_builds() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.listen.port(), 18080);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        let local = &c.providers["local"];
+        assert_eq!(
+            (local.tls, local.port, local.base_path.as_str()),
+            (false, 9200, "/v1")
+        );
+        assert_eq!(local.api_key.as_deref(), Some("sk-test"));
+        let openai = &c.providers["openai"];
+        assert_eq!(
+            (openai.tls, openai.port, openai.host.as_str()),
+            (true, 443, "api.openai.com")
+        );
+        assert_eq!(openai.api_key.as_deref(), Some("none"));
+        assert_eq!(c.models["small"].upstream_model, "llama-3-8b");
+        assert_eq!(c.models["gpt-4o-mini"].upstream_model, "gpt-4o-mini");
+        assert_eq!(
+            c.audit.file.as_deref(),
+            Some(Path::new("/etc/portcullis/../audit/audit.jsonl"))
+        );
+        assert_eq!(c.state_dir, Path::new("/etc/portcullis/var"));
+        assert_eq!(c.limits.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once_with_its_key() {
+        let errors = load(
+            r#"
+server: { listen: nowhere, thread: 3 }
+providers:
+  a: { base_url: "ftp://x/v1", api_key: "${NOPE}" }
+  b: { base_url: "http://h/v1", timeouts: { read_ms: 0 } }
+models:
+  m: { provider: zzz }
+audti: {}
+"#,
+        )
+        .unwrap_err();
+        let text = errors.to_string();
+        for needle in [
+            "gw.yaml: server.thread: unknown field `thread`",
+            "providers.a.api_key: environment variable NOPE is not set",
+            "providers.a.base_url: scheme must be http or https",
+            "providers.b.timeouts.read_ms: must be greater than 0",
+            "models.m.provider: no provider named 'zzz'",
+            "audti: unknown section",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(errors.0.len(), 6, "{text}");
+    }
+
+    #[test]
+    fn bad_yaml_and_non_mapping_are_errors() {
+        assert!(load("server: [")
+            .unwrap_err()
+            .to_string()
+            .contains("not valid YAML"));
+        assert!(load("- a\n- b")
+            .unwrap_err()
+            .to_string()
+            .contains("mapping"));
+    }
+
+    #[test]
+    fn expansion_forms() {
+        assert_eq!(expand("a ${KEY} b", &env).unwrap(), "a sk-test b");
+        assert_eq!(expand("${NOPE:-x:y}", &env).unwrap(), "x:y");
+        assert_eq!(expand("$${KEY} $5", &env).unwrap(), "${KEY} $5");
+        assert!(expand("${KEY", &env).is_err());
+        assert!(expand("${NOPE}", &env).is_err());
+        assert!(expand("${a b}", &env).is_err());
+    }
+}

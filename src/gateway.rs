@@ -1,0 +1,638 @@
+//! The proxy service: Pingora phases for the LLM routes.
+//!
+//! Everything happens in `request_filter`, which answers every request
+//! itself and returns `Ok(true)`: intake (route, size cap, JSON), the request
+//! chain, the provider call (re-originated, see `upstream`), the response
+//! chain, and the reply. `logging`, which Pingora runs once on every path,
+//! hands the audit record to the writer.
+
+use crate::audit::{AuditLog, RequestRecord, UpstreamRecord, Verdict};
+use crate::config::Config;
+use crate::intake::{self, Endpoint};
+use crate::metrics;
+use crate::respond::{error_body, error_event};
+use crate::upstream::{Exchange, Upstream, UpstreamError};
+use async_trait::async_trait;
+use bytes::Bytes;
+use filters::{
+    Chain, ErrorCode, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent,
+    SseFramer,
+};
+use pingora::http::ResponseHeader;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Status recorded when the client left before a response was written
+/// (nginx's convention).
+pub const CLIENT_CLOSED: u16 = 499;
+
+pub struct Gateway {
+    cfg: Arc<Config>,
+    chain: Chain,
+    responses: ResponseChain,
+    upstream: Upstream,
+    audit: AuditLog,
+    /// `GET /v1/models`, built once.
+    model_list: Bytes,
+}
+
+/// Per-request state, written only by the gateway.
+pub struct Ctx {
+    started: Instant,
+    body_read: bool,
+    rec: RequestRecord,
+}
+
+impl Gateway {
+    pub fn new(
+        cfg: Arc<Config>,
+        chain: Chain,
+        responses: ResponseChain,
+        upstream: Upstream,
+        audit: AuditLog,
+    ) -> Self {
+        let data: Vec<Value> = cfg
+            .models
+            .iter()
+            .map(|(id, m)| model_object(id, &m.provider))
+            .collect();
+        let model_list = Bytes::from(json!({"object": "list", "data": data}).to_string());
+        Self {
+            cfg,
+            chain,
+            responses,
+            upstream,
+            audit,
+            model_list,
+        }
+    }
+
+    async fn handle(&self, s: &mut Session, ctx: &mut Ctx) {
+        let header = s.req_header();
+        ctx.rec.request_id = request_id(header.headers.get("x-request-id").map(|v| v.as_bytes()));
+        ctx.rec.method = header.method.to_string();
+        ctx.rec.path = header.uri.path().to_string();
+        ctx.rec.client_ip = s
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_string());
+        match intake::resolve(&ctx.rec.method, &ctx.rec.path) {
+            Err(r) => self.refuse(s, ctx, "intake", r).await,
+            Ok(Endpoint::ListModels) => {
+                let body = self.model_list.clone();
+                self.reply_json(s, ctx, 200, body).await
+            }
+            Ok(Endpoint::GetModel(id)) => match self.cfg.models.get(&id) {
+                Some(m) => {
+                    let body = Bytes::from(model_object(&id, &m.provider).to_string());
+                    self.reply_json(s, ctx, 200, body).await
+                }
+                None => self.refuse(s, ctx, "intake", no_such_model(&id)).await,
+            },
+            Ok(Endpoint::Call(route)) => self.call(s, ctx, route).await,
+        }
+    }
+
+    async fn call(&self, s: &mut Session, ctx: &mut Ctx, route: Route) {
+        ctx.rec.route = Some(route);
+        let content_type = s
+            .req_header()
+            .headers
+            .get("content-type")
+            .map(|v| v.as_bytes());
+        if let Err(r) = intake::check_content_type(content_type) {
+            return self.refuse(s, ctx, "intake", r).await;
+        }
+        let max = self.cfg.limits.max_body_bytes;
+        if content_length(s).is_some_and(|len| len > max) {
+            return self.refuse(s, ctx, "intake", too_large(max)).await;
+        }
+        if expects_continue(s) {
+            // Without this a client that waits for 100 stalls until its own
+            // timeout before it sends the body.
+            let _ = s.write_continue_response().await;
+        }
+        let limit = Duration::from_secs(self.cfg.limits.client_body_timeout_secs);
+        let body = match tokio::time::timeout(limit, read_body(s, max)).await {
+            Err(_) => {
+                let r = Rejection::new(
+                    ErrorCode::RequestTimeout,
+                    "client did not send its body in time",
+                );
+                return self.refuse(s, ctx, "intake", r).await;
+            }
+            Ok(Err(BodyError::TooLarge)) => {
+                return self.refuse(s, ctx, "intake", too_large(max)).await
+            }
+            Ok(Err(BodyError::Client(e))) => {
+                ctx.rec.client_gone = true;
+                ctx.rec.decision = Verdict::Error;
+                ctx.rec.reason = Some(format!("reading the request body: {e}"));
+                return;
+            }
+            Ok(Ok(body)) => body,
+        };
+        ctx.body_read = true;
+        ctx.rec.request_bytes = body.len();
+        ctx.rec.prompt_sha256 = Some(hex::encode(Sha256::digest(&body)));
+        let parsed = match intake::parse_body(route, &body) {
+            Ok(p) => p,
+            Err(r) => return self.refuse(s, ctx, "intake", r).await,
+        };
+        ctx.rec.model = Some(parsed.model.clone());
+        ctx.rec.stream = parsed.stream;
+        if self.cfg.audit.record_content {
+            ctx.rec.content = Some(json!({"request": parsed.json}));
+        }
+        let Some(target) = self.cfg.models.get(&parsed.model) else {
+            return self
+                .refuse(s, ctx, "intake", no_such_model(&parsed.model))
+                .await;
+        };
+        ctx.rec.upstream_model = Some(target.upstream_model.clone());
+
+        let view = RequestView {
+            request_id: &ctx.rec.request_id,
+            route,
+            body: &parsed.json,
+            model: Some(&parsed.model),
+            stream: parsed.stream,
+            client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        };
+        let report = self.chain.run(&view).await;
+        for o in &report.outcomes {
+            metrics::FILTER_SECONDS
+                .with_label_values(&[o.filter.as_str()])
+                .observe(o.latency_us as f64 / 1e6);
+        }
+        ctx.rec.filters = report.outcomes;
+        if let Some((kind, r)) = report.rejection {
+            return self.refuse(s, ctx, kind.as_str(), r).await;
+        }
+
+        let out_body = if target.upstream_model == parsed.model {
+            body
+        } else {
+            let mut json = parsed.json;
+            json["model"] = Value::String(target.upstream_model.clone());
+            Bytes::from(json.to_string())
+        };
+        let mut upstream = UpstreamRecord {
+            provider: target.provider.clone(),
+            ..Default::default()
+        };
+        let sent = Instant::now();
+        let result = self
+            .upstream
+            .post(
+                &target.provider,
+                route.upstream_path(),
+                &ctx.rec.request_id,
+                out_body,
+                parsed.stream,
+            )
+            .await;
+        let latency = sent.elapsed();
+        upstream.latency_ms = Some(latency.as_secs_f64() * 1e3);
+        metrics::UPSTREAM_SECONDS
+            .with_label_values(&[&target.provider])
+            .observe(latency.as_secs_f64());
+        let exchange = match result {
+            Ok(ex) => ex,
+            Err(e) => {
+                upstream.error = Some(e.to_string());
+                ctx.rec.upstream = Some(upstream);
+                return self.upstream_failed(s, ctx, &e).await;
+            }
+        };
+        upstream.status = Some(exchange.status());
+        ctx.rec.upstream = Some(upstream);
+        let is_sse = (200..300).contains(&exchange.status())
+            && exchange
+                .header_str("content-type")
+                .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        if is_sse {
+            self.relay_stream(s, ctx, exchange, route).await
+        } else {
+            self.relay_json(s, ctx, exchange, route).await
+        }
+    }
+
+    async fn relay_json(&self, s: &mut Session, ctx: &mut Ctx, mut ex: Exchange<'_>, route: Route) {
+        let status = ex.status();
+        let body = ex.body(self.cfg.limits.max_response_bytes).await;
+        ex.finish().await;
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => return self.upstream_failed(s, ctx, &e).await,
+        };
+        if !(200..300).contains(&status) {
+            if passes_through(status) {
+                // The provider refused the request itself (a bad parameter,
+                // its own rate limit): the client gets the provider's answer.
+                return self.reply_json(s, ctx, status, body).await;
+            }
+            let e = UpstreamError::Failed(format!("provider answered {status}"));
+            return self.upstream_failed(s, ctx, &e).await;
+        }
+        let Ok(mut json) = serde_json::from_slice::<Value>(&body) else {
+            let e = UpstreamError::Failed("provider answered with a body that is not JSON".into());
+            return self.upstream_failed(s, ctx, &e).await;
+        };
+        ctx.rec.usage = json.get("usage").filter(|u| !u.is_null()).cloned();
+        let body = if self.responses.is_empty() {
+            body
+        } else {
+            let rctx = ResponseContext {
+                request_id: &ctx.rec.request_id,
+                route,
+                model: ctx.rec.model.as_deref(),
+            };
+            let (outcomes, rejection) = self.responses.on_json(&rctx, &mut json);
+            ctx.rec.filters.extend(outcomes);
+            if let Some((kind, r)) = rejection {
+                return self.refuse(s, ctx, kind.as_str(), r).await;
+            }
+            Bytes::from(json.to_string())
+        };
+        if self.cfg.audit.record_content {
+            if let Some(Value::Object(c)) = ctx.rec.content.as_mut() {
+                c.insert(
+                    "response".into(),
+                    serde_json::from_slice(&body).unwrap_or(Value::Null),
+                );
+            }
+        }
+        self.reply_json(s, ctx, status, body).await
+    }
+
+    /// Relay an SSE response event by event through the response stages.
+    async fn relay_stream(
+        &self,
+        s: &mut Session,
+        ctx: &mut Ctx,
+        mut ex: Exchange<'_>,
+        route: Route,
+    ) {
+        let mut header = match response_header(200, &ctx.rec.request_id) {
+            Ok(h) => h,
+            Err(_) => return self.internal_error(s, ctx).await,
+        };
+        let _ = header.insert_header("content-type", "text/event-stream");
+        let _ = header.insert_header("cache-control", "no-cache");
+        if !s.is_http2() {
+            let _ = header.insert_header("transfer-encoding", "chunked");
+        }
+        ctx.rec.status = 200;
+        if s.write_response_header(Box::new(header), false)
+            .await
+            .is_err()
+        {
+            ctx.rec.client_gone = true;
+            return ex.finish().await;
+        }
+        let rctx = ResponseContext {
+            request_id: &ctx.rec.request_id,
+            route,
+            model: ctx.rec.model.as_deref(),
+        };
+        let mut stages = self.responses.stream(&rctx);
+        let mut framer = SseFramer::new();
+        let mut wire = Vec::with_capacity(4096);
+        let mut usage = None;
+        let mut done = false;
+        let mut failure: Option<Rejection> = None;
+        loop {
+            let chunk = match ex.chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(upstream_rejection(&e));
+                    break;
+                }
+            };
+            let events = match framer.push(&chunk) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    failure = Some(Rejection::new(
+                        ErrorCode::UpstreamError,
+                        format!("broken SSE from provider: {e}"),
+                    ));
+                    break;
+                }
+            };
+            wire.clear();
+            for event in events {
+                note_event(&event, &mut usage, &mut done);
+                for out in stages.push(event) {
+                    out.write_to(&mut wire);
+                }
+            }
+            if let Some((_, r)) = stages.stopped() {
+                failure = Some(r.clone());
+                break;
+            }
+            if !wire.is_empty()
+                && s.write_response_body(Some(Bytes::copy_from_slice(&wire)), false)
+                    .await
+                    .is_err()
+            {
+                // The client left: stop reading, close the provider connection.
+                ctx.rec.client_gone = true;
+                break;
+            }
+            ctx.rec.response_bytes += wire.len();
+        }
+        wire.clear();
+        if !ctx.rec.client_gone && failure.is_none() {
+            match framer.finish() {
+                Ok(Some(event)) => {
+                    note_event(&event, &mut usage, &mut done);
+                    for out in stages.push(event) {
+                        out.write_to(&mut wire);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    failure = Some(Rejection::new(
+                        ErrorCode::UpstreamError,
+                        format!("broken SSE from provider: {e}"),
+                    ))
+                }
+            }
+            for out in stages.finish() {
+                out.write_to(&mut wire);
+            }
+            if let Some((_, r)) = stages.stopped() {
+                failure = Some(r.clone());
+            } else if failure.is_none() && !done {
+                failure = Some(Rejection::new(
+                    ErrorCode::UpstreamError,
+                    "provider stream ended without [DONE]",
+                ));
+            }
+        }
+        ex.finish().await;
+        ctx.rec.usage = usage;
+        ctx.rec.filters.extend(stages.outcomes());
+        if ctx.rec.client_gone {
+            ctx.rec.decision = Verdict::Error;
+            ctx.rec.reason = Some("client disconnected mid-stream".into());
+            return;
+        }
+        if let Some(r) = failure {
+            // Headers are gone: end the stream with an error event the SDKs
+            // raise on, and record why.
+            error_event(&r).write_to(&mut wire);
+            ctx.rec.decision = Verdict::Error;
+            ctx.rec.reason_code = Some(r.code);
+            ctx.rec.reason = Some(r.reason);
+            if let Some(u) = ctx.rec.upstream.as_mut() {
+                u.error = ctx.rec.reason.clone();
+            }
+        }
+        ctx.rec.response_bytes += wire.len();
+        let last = (!wire.is_empty()).then(|| Bytes::from(wire));
+        if s.write_response_body(last, true).await.is_err() {
+            ctx.rec.client_gone = true;
+        }
+    }
+
+    async fn upstream_failed(&self, s: &mut Session, ctx: &mut Ctx, e: &UpstreamError) {
+        if let Some(u) = ctx.rec.upstream.as_mut() {
+            u.error = Some(e.to_string());
+        }
+        self.refuse(s, ctx, "upstream", upstream_rejection(e)).await
+    }
+
+    async fn internal_error(&self, s: &mut Session, ctx: &mut Ctx) {
+        let r = Rejection::new(
+            ErrorCode::InternalError,
+            "could not build a response header",
+        );
+        self.refuse(s, ctx, "gateway", r).await
+    }
+
+    /// Refuse with the OpenAI-shaped error and record why.
+    async fn refuse(&self, s: &mut Session, ctx: &mut Ctx, by: &str, r: Rejection) {
+        let status = r.code.status();
+        if status >= 500 {
+            ctx.rec.decision = Verdict::Error;
+        } else {
+            ctx.rec.decision = Verdict::Blocked;
+            ctx.rec.blocked_by = Some(by.to_string());
+        }
+        ctx.rec.reason_code = Some(r.code);
+        ctx.rec.reason = Some(r.reason.clone());
+        if !ctx.body_read {
+            // Do not drain an unread (possibly huge) body: close instead.
+            s.set_keepalive(None);
+        }
+        self.reply_json(s, ctx, status, Bytes::from(error_body(&r)))
+            .await
+    }
+
+    async fn reply_json(&self, s: &mut Session, ctx: &mut Ctx, status: u16, body: Bytes) {
+        let Ok(mut header) = response_header(status, &ctx.rec.request_id) else {
+            ctx.rec.status = 500;
+            return;
+        };
+        let _ = header.insert_header("content-type", "application/json");
+        let _ = header.insert_header("content-length", body.len().to_string());
+        ctx.rec.status = status;
+        ctx.rec.response_bytes = body.len();
+        let written = async {
+            s.write_response_header(Box::new(header), false).await?;
+            s.write_response_body(Some(body), true).await
+        };
+        if written.await.is_err() {
+            ctx.rec.client_gone = true;
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            body_read: false,
+            rec: RequestRecord {
+                kind: "request",
+                ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                ..Default::default()
+            },
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        self.handle(session, ctx).await;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _: &mut Session, _: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        // Never reached: request_filter answers every request.
+        pingora::Error::e_explain(pingora::ErrorType::InternalError, "no proxied routes")
+    }
+
+    async fn logging(&self, _session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {
+        let rec = &mut ctx.rec;
+        if let Some(e) = error {
+            rec.decision = Verdict::Error;
+            rec.reason.get_or_insert_with(|| e.to_string());
+        }
+        if rec.status == 0 || (rec.client_gone && rec.status != 200) {
+            rec.status = CLIENT_CLOSED;
+        }
+        let elapsed = ctx.started.elapsed();
+        rec.duration_ms = elapsed.as_secs_f64() * 1e3;
+        let route = rec.route.map(Route::as_str).unwrap_or("other");
+        let decision = match rec.decision {
+            Verdict::Allowed => "allowed",
+            Verdict::Blocked => "blocked",
+            Verdict::Error => "error",
+        };
+        metrics::REQUESTS
+            .with_label_values(&[route, &rec.status.to_string(), decision])
+            .inc();
+        metrics::REQUEST_SECONDS
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        self.audit.send(rec);
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Client(Box<pingora::Error>),
+}
+
+async fn read_body(s: &mut Session, max: usize) -> Result<Bytes, BodyError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = s.read_request_body().await.map_err(BodyError::Client)? {
+        if buf.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn content_length(s: &Session) -> Option<usize> {
+    s.req_header()
+        .headers
+        .get("content-length")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn expects_continue(s: &Session) -> bool {
+    s.req_header()
+        .headers
+        .get("expect")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+fn response_header(status: u16, request_id: &str) -> pingora::Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(4))?;
+    h.insert_header("x-request-id", request_id)?;
+    Ok(h)
+}
+
+/// A well-formed incoming `x-request-id` is kept; otherwise a new one.
+fn request_id(incoming: Option<&[u8]>) -> String {
+    match incoming {
+        Some(id)
+            if (1..=128).contains(&id.len())
+                && id.iter().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
+                }) =>
+        {
+            String::from_utf8_lossy(id).into_owned()
+        }
+        _ => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+fn too_large(max: usize) -> Rejection {
+    Rejection::about_input(
+        ErrorCode::RequestTooLarge,
+        format!("The request body is larger than the limit of {max} bytes."),
+    )
+}
+
+fn no_such_model(id: &str) -> Rejection {
+    Rejection::about_input(
+        ErrorCode::ModelNotFound,
+        format!("The model `{id}` does not exist or you do not have access to it."),
+    )
+}
+
+fn upstream_rejection(e: &UpstreamError) -> Rejection {
+    match e {
+        UpstreamError::Timeout(m) => Rejection::new(ErrorCode::UpstreamTimeout, m.clone()),
+        UpstreamError::Failed(m) => Rejection::new(ErrorCode::UpstreamError, m.clone()),
+    }
+}
+
+/// Provider errors about the request itself are passed to the client as
+/// they are; errors about the gateway's own credentials (401, 403, 407) and
+/// server errors become 502 `upstream_error`.
+fn passes_through(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 403 | 407)
+}
+
+fn model_object(id: &str, provider: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": provider})
+}
+
+/// Track what the gateway itself needs from a stream: `usage` and `[DONE]`.
+fn note_event(event: &SseEvent, usage: &mut Option<Value>, done: &mut bool) {
+    if event.is_done() {
+        *done = true;
+    } else if event
+        .data
+        .as_deref()
+        .is_some_and(|d| d.contains("\"usage\""))
+    {
+        if let Some(u) = event
+            .json()
+            .and_then(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
+        {
+            *usage = Some(u);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        assert_eq!(request_id(Some(b"abc-123_x.y:z")), "abc-123_x.y:z");
+        for bad in [&b""[..], b"has space", b"\xff", &[b'a'; 129]] {
+            let id = request_id(Some(bad));
+            assert_eq!(id.len(), 36, "{bad:?} must be replaced");
+        }
+        assert_ne!(request_id(None), request_id(None));
+    }
+
+    #[test]
+    fn pass_through_rule() {
+        assert!(passes_through(400));
+        assert!(passes_through(429));
+        assert!(!passes_through(401));
+        assert!(!passes_through(403));
+        assert!(!passes_through(500));
+    }
+}

@@ -1,0 +1,207 @@
+//! Request intake: which route a request is for, and whether its body is a
+//! request the gateway can screen and forward.
+
+use filters::{ErrorCode, Rejection, Route};
+use serde_json::Value;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An LLM call the gateway forwards.
+    Call(Route),
+    /// `GET /v1/models`.
+    ListModels,
+    /// `GET /v1/models/{id}`.
+    GetModel(String),
+}
+
+/// Match method and path (query string ignored).
+pub fn resolve(method: &str, path: &str) -> Result<Endpoint, Rejection> {
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let (endpoint, allowed) = match path {
+        "/v1/chat/completions" => (Endpoint::Call(Route::ChatCompletions), "POST"),
+        "/v1/completions" => (Endpoint::Call(Route::Completions), "POST"),
+        "/v1/embeddings" => (Endpoint::Call(Route::Embeddings), "POST"),
+        "/v1/models" => (Endpoint::ListModels, "GET"),
+        _ => match path.strip_prefix("/v1/models/") {
+            Some(id) if !id.is_empty() => (Endpoint::GetModel(percent_decode(id)), "GET"),
+            _ => {
+                return Err(Rejection::about_input(
+                    ErrorCode::UnknownRoute,
+                    format!("No route {method} {path}. This gateway serves /v1/chat/completions, /v1/completions, /v1/embeddings and /v1/models."),
+                ))
+            }
+        },
+    };
+    if method != allowed {
+        return Err(Rejection::about_input(
+            ErrorCode::MethodNotAllowed,
+            format!("{path} accepts {allowed}, not {method}."),
+        ));
+    }
+    Ok(endpoint)
+}
+
+fn percent_decode(s: &str) -> String {
+    // Model ids with '/' (e.g. `meta-llama/Llama-3`) arrive as %2F.
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| s.to_string())
+}
+
+/// `Content-Type` must be JSON when given. A missing one is accepted: the
+/// body is parsed as JSON either way.
+pub fn check_content_type(content_type: Option<&[u8]>) -> Result<(), Rejection> {
+    let Some(raw) = content_type else {
+        return Ok(());
+    };
+    let text = String::from_utf8_lossy(raw);
+    let mime = text
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(Rejection::about_input(
+            ErrorCode::UnsupportedMediaType,
+            format!("Content-Type must be application/json, not {mime}."),
+        ))
+    }
+}
+
+/// A request body that passed intake.
+#[derive(Debug)]
+pub struct CallBody {
+    pub json: Value,
+    pub model: String,
+    pub stream: bool,
+}
+
+/// Parse and check the fields every route needs.
+pub fn parse_body(route: Route, bytes: &[u8]) -> Result<CallBody, Rejection> {
+    let bad = |m: &str| Rejection::about_input(ErrorCode::InvalidRequest, m.to_string());
+    let json: Value = serde_json::from_slice(bytes).map_err(|e| {
+        Rejection::about_input(
+            ErrorCode::InvalidRequest,
+            format!("The body is not valid JSON: {e}."),
+        )
+    })?;
+    let Some(obj) = json.as_object() else {
+        return Err(bad("The body must be a JSON object."));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => return Err(bad("`model` is required and must be a non-empty string.")),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("`stream` must be true or false.")),
+    };
+    match route {
+        Route::ChatCompletions => match obj.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => {
+                if m.iter().any(|msg| !msg.is_object()) {
+                    return Err(bad("Every entry of `messages` must be an object."));
+                }
+            }
+            _ => return Err(bad("`messages` is required and must be a non-empty array.")),
+        },
+        Route::Completions => {
+            if !matches!(obj.get("prompt"), Some(Value::String(_) | Value::Array(_))) {
+                return Err(bad(
+                    "`prompt` is required and must be a string or an array.",
+                ));
+            }
+        }
+        Route::Embeddings => {
+            if stream {
+                return Err(bad("Embeddings cannot be streamed."));
+            }
+            if !matches!(obj.get("input"), Some(Value::String(_) | Value::Array(_))) {
+                return Err(bad("`input` is required and must be a string or an array."));
+            }
+        }
+        Route::Models => {}
+    }
+    Ok(CallBody {
+        json,
+        model,
+        stream,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve() {
+        assert_eq!(
+            resolve("POST", "/v1/chat/completions"),
+            Ok(Endpoint::Call(Route::ChatCompletions))
+        );
+        assert_eq!(resolve("GET", "/v1/models/"), Ok(Endpoint::ListModels));
+        assert_eq!(
+            resolve("GET", "/v1/models/meta-llama%2Fx"),
+            Ok(Endpoint::GetModel("meta-llama/x".into()))
+        );
+        assert_eq!(
+            resolve("GET", "/v2/x").unwrap_err().code,
+            ErrorCode::UnknownRoute
+        );
+        assert_eq!(
+            resolve("GET", "/v1/chat/completions").unwrap_err().code,
+            ErrorCode::MethodNotAllowed
+        );
+    }
+
+    #[test]
+    fn content_types() {
+        assert!(check_content_type(None).is_ok());
+        assert!(check_content_type(Some(b"application/json; charset=utf-8")).is_ok());
+        assert!(check_content_type(Some(b"Application/JSON")).is_ok());
+        let e = check_content_type(Some(b"application/x-www-form-urlencoded")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnsupportedMediaType);
+    }
+
+    #[test]
+    fn bodies() {
+        let ok = parse_body(
+            Route::ChatCompletions,
+            br#"{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((ok.model.as_str(), ok.stream), ("m", true));
+        for (route, body, needle) in [
+            (Route::ChatCompletions, &b"{not json"[..], "not valid JSON"),
+            (Route::ChatCompletions, b"[1]", "JSON object"),
+            (Route::ChatCompletions, br#"{"messages":[]}"#, "`model`"),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","messages":[]}"#,
+                "`messages`",
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","messages":[1]}"#,
+                "object",
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","stream":"yes","messages":[{}]}"#,
+                "`stream`",
+            ),
+            (Route::Completions, br#"{"model":"m"}"#, "`prompt`"),
+            (Route::Embeddings, br#"{"model":"m","input":5}"#, "`input`"),
+        ] {
+            let e = parse_body(route, body).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest);
+            assert!(e.message.contains(needle), "{needle}: {}", e.message);
+        }
+    }
+}

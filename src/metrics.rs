@@ -1,0 +1,108 @@
+//! Prometheus metrics, served as text on the admin listener's `/metrics`.
+
+use prometheus::{
+    register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
+    register_int_counter_with_registry, register_int_gauge_with_registry, Encoder, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+};
+use std::sync::LazyLock;
+
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+// Registration fails only for a duplicate or malformed name; the names below
+// are fixed and distinct, so these `expect`s cannot fire.
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec_with_registry!(
+        "portcullis_requests_total",
+        "Requests by route, final status and decision.",
+        &["route", "status", "decision"],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec_with_registry!(
+        "portcullis_request_duration_seconds",
+        "Whole request time at the gateway, by route.",
+        &["route"],
+        vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0
+        ],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static UPSTREAM_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec_with_registry!(
+        "portcullis_upstream_duration_seconds",
+        "Time to the provider's response headers, by provider.",
+        &["provider"],
+        vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0
+        ],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static FILTER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec_with_registry!(
+        "portcullis_filter_duration_seconds",
+        "Time spent in each filter.",
+        &["filter"],
+        vec![0.000_01, 0.000_05, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static AUDIT_QUEUE_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge_with_registry!(
+        "portcullis_audit_queue_depth",
+        "Audit records waiting for the writer.",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static AUDIT_RECORDS_WRITTEN: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "portcullis_audit_records_written_total",
+        "Audit records written.",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static AUDIT_WRITE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "portcullis_audit_write_errors_total",
+        "Audit records that could not be written.",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+/// Make every metric appear in `/metrics` from the start, before it is used.
+pub fn init() {
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&REQUEST_SECONDS);
+    LazyLock::force(&UPSTREAM_SECONDS);
+    LazyLock::force(&FILTER_SECONDS);
+    LazyLock::force(&AUDIT_QUEUE_DEPTH);
+    LazyLock::force(&AUDIT_RECORDS_WRITTEN);
+    LazyLock::force(&AUDIT_WRITE_ERRORS);
+}
+
+/// The Prometheus text exposition of every metric.
+pub fn render() -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&REGISTRY.gather(), &mut out) {
+        log::error!("metrics encoding failed: {e}");
+    }
+    out
+}

@@ -1,0 +1,112 @@
+//! Assemble and run the Pingora server: the proxy service, the admin
+//! listener, optionally the built-in mock provider, and the audit writer.
+
+use crate::admin::AdminService;
+use crate::audit::{AuditLog, AuditTargets, AuditWriter};
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::metrics;
+use crate::mock::{self, MockOptions, MockState};
+use crate::upstream::Upstream;
+use async_trait::async_trait;
+use filters::{Chain, ResponseChain};
+use pingora::connectors::http::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::proxy::http_proxy_service;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Runs the built-in mock provider inside the gateway process (`demo`).
+pub struct MockService {
+    pub listen: SocketAddr,
+    pub options: MockOptions,
+}
+
+#[async_trait]
+impl BackgroundService for MockService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        match tokio::net::TcpListener::bind(self.listen).await {
+            Ok(listener) => {
+                let stop = async move {
+                    let _ = shutdown.changed().await;
+                };
+                mock::serve(listener, self.options, Arc::new(MockState::default()), stop).await
+            }
+            Err(e) => log::error!("mock provider {}: {e}", self.listen),
+        }
+    }
+}
+
+/// Fail early, with the address in the message, when a listener cannot bind.
+fn check_bindable(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+}
+
+fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> Server {
+    let conf = ServerConf {
+        threads: cfg.threads,
+        grace_period_seconds: Some(cfg.shutdown_grace.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
+        &server.configuration,
+    )));
+    let upstream = Upstream::new(cfg.providers.values(), connector);
+    // The request and response chains: no filter is configured yet; the
+    // order they will run in is fixed by `filters::FilterKind`.
+    let gateway = Gateway::new(
+        cfg.clone(),
+        Chain::new(Vec::new()),
+        ResponseChain::new(Vec::new()),
+        upstream,
+        audit,
+    );
+    let mut proxy = http_proxy_service(&server.configuration, gateway);
+    proxy.add_tcp(&cfg.listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "admin",
+        AdminService {
+            listen: cfg.admin_listen,
+            proxy: cfg.listen,
+        },
+    ));
+    if let Some(mock) = mock {
+        server.add_service(background_service("mock provider", mock));
+    }
+    server
+}
+
+/// Run until SIGTERM (graceful) or SIGINT (fast); then write every queued
+/// audit record before returning.
+pub fn run(cfg: Config, mock: Option<MockService>) -> anyhow::Result<()> {
+    metrics::init();
+    check_bindable(cfg.listen, "proxy")?;
+    check_bindable(cfg.admin_listen, "admin")?;
+    if let Some(m) = &mock {
+        check_bindable(m.listen, "mock provider")?;
+    }
+    let (writer, audit) = AuditWriter::start(AuditTargets {
+        file: cfg.audit.file.clone(),
+        stdout: cfg.audit.stdout,
+    })?;
+    let cfg = Arc::new(cfg);
+    log::info!(
+        "portcullis listening on {} (admin {}), config {}",
+        cfg.listen,
+        cfg.admin_listen,
+        cfg.source.display()
+    );
+    build(cfg, audit, mock).run(RunArgs::default());
+    writer.close();
+    log::info!("portcullis stopped; audit records flushed");
+    Ok(())
+}
