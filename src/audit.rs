@@ -394,7 +394,11 @@ mod tests {
         })
         .unwrap();
         for i in 0..n {
-            log.send(&json!({"kind": "request", "n": i, "nested": {"b": 1, "a": [1.5, "é"]}}));
+            // Floats that a fast-but-inexact parser would not round-trip.
+            let f = (i as f64 + 1.0) / 3.0 * 1.000_000_1 + 2.036_093_000_000_000_2;
+            log.send(
+                &json!({"kind": "request", "n": i, "f": f, "nested": {"b": 1, "a": [1.5, "é"]}}),
+            );
         }
         writer.close();
     }
@@ -411,9 +415,9 @@ mod tests {
     fn chain_verifies_and_continues_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/audit.jsonl");
-        write_records(&path, 3);
-        write_records(&path, 2);
-        assert_eq!(verify(&path).unwrap(), Verification::Intact { records: 5 });
+        write_records(&path, 30);
+        write_records(&path, 20);
+        assert_eq!(verify(&path).unwrap(), Verification::Intact { records: 50 });
         let first: Value = serde_json::from_str(&lines(&path)[0]).unwrap();
         assert_eq!(first["prev_hash"], GENESIS);
     }

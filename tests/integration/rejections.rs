@@ -1,0 +1,217 @@
+//! Every rejection: status, error code, and the audit record's reason.
+
+use crate::support::*;
+use serde_json::json;
+
+async fn audited(gw: &Gateway, id: &str, code: &str, decision: &str) -> serde_json::Value {
+    let rec = gw.record_for(id).await;
+    assert_eq!(rec["reason_code"], code, "{rec}");
+    assert_eq!(rec["decision"], decision, "{rec}");
+    assert!(
+        rec["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{rec}"
+    );
+    rec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_invalid_bodies_are_400() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(Setup::new(mock.addr)).await;
+    let client = reqwest::Client::new();
+    for body in [
+        "{not json".to_string(),
+        "[1,2]".to_string(),
+        json!({"messages": [{"role": "user", "content": "x"}]}).to_string(),
+        json!({"model": "mock-small", "messages": "hi"}).to_string(),
+        json!({"model": "mock-small", "stream": "yes", "messages": [{}]}).to_string(),
+    ] {
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let id = expect_error(r, 400, "invalid_request").await;
+        let rec = audited(&gw, &id, "invalid_request", "blocked").await;
+        assert_eq!(rec["blocked_by"], "intake");
+    }
+    assert!(
+        mock.state.requests().is_empty(),
+        "nothing invalid reaches the provider"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_route_method_and_model() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(Setup::new(mock.addr)).await;
+    let client = reqwest::Client::new();
+    let id = expect_error(
+        client.get(gw.url("/v1/assistants")).send().await.unwrap(),
+        404,
+        "unknown_route",
+    )
+    .await;
+    audited(&gw, &id, "unknown_route", "blocked").await;
+    let id = expect_error(
+        client
+            .get(gw.url("/v1/chat/completions"))
+            .send()
+            .await
+            .unwrap(),
+        405,
+        "method_not_allowed",
+    )
+    .await;
+    audited(&gw, &id, "method_not_allowed", "blocked").await;
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .json(&json!({"model": "gpt-unknown", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    let id = expect_error(r, 404, "model_not_found").await;
+    let rec = audited(&gw, &id, "model_not_found", "blocked").await;
+    assert_eq!(rec["model"], "gpt-unknown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_content_type_is_415() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(Setup::new(mock.addr)).await;
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "text/plain")
+        .body(chat("x").to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = expect_error(r, 415, "unsupported_media_type").await;
+    audited(&gw, &id, "unsupported_media_type", "blocked").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_cap_are_413_declared_or_chunked() {
+    let mock = Mock::start(options()).await;
+    let mut setup = Setup::new(mock.addr);
+    setup.max_body_bytes = 100 * 1024;
+    let gw = Gateway::start(setup).await;
+    let client = reqwest::Client::new();
+    let big = chat(&"x".repeat(200 * 1024)).to_string();
+    // Declared Content-Length over the cap: refused before reading.
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    let id = expect_error(r, 413, "request_too_large").await;
+    audited(&gw, &id, "request_too_large", "blocked").await;
+    // Chunked, no Content-Length: refused once the cap is passed.
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = big
+        .as_bytes()
+        .chunks(8192)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await;
+    // The gateway may close the connection while the client still sends;
+    // when a response arrives it must be the 413.
+    if let Ok(r) = r {
+        let id = expect_error(r, 413, "request_too_large").await;
+        audited(&gw, &id, "request_too_large", "blocked").await;
+    }
+    // Just under the cap still passes.
+    let ok = chat(&"x".repeat(90 * 1024));
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .json(&ok)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mock.state.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_down_is_502_and_audited() {
+    let closed = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = Gateway::start(Setup::new(closed)).await;
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("anyone there?"))
+        .send()
+        .await
+        .unwrap();
+    let id = expect_error(r, 502, "upstream_error").await;
+    let rec = audited(&gw, &id, "upstream_error", "error").await;
+    assert_eq!(rec["upstream"]["provider"], "mock");
+    assert!(rec["upstream"]["error"].as_str().unwrap().len() > 3);
+    assert_eq!(rec["upstream"]["status"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_errors_map_to_502_or_pass_through() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(Setup::new(mock.addr)).await;
+    let client = reqwest::Client::new();
+    let send = |status: u16| {
+        client
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat(&json!({"mock_error": status}).to_string()))
+            .send()
+    };
+    // Server errors and the gateway's own credential problems: 502.
+    for status in [500, 503, 401] {
+        let id = expect_error(send(status).await.unwrap(), 502, "upstream_error").await;
+        let rec = audited(&gw, &id, "upstream_error", "error").await;
+        assert_eq!(rec["upstream"]["status"], status);
+    }
+    // The provider refusing the request itself: passed through.
+    let r = send(400).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let id = request_id(&r);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "mock_error");
+    let rec = gw.record_for(&id).await;
+    assert_eq!(rec["upstream"]["status"], 400);
+    assert_eq!(rec["status"], 400);
+    // A 200 that is not JSON.
+    let r = client
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat(r#"{"mock_not_json": true}"#))
+        .send()
+        .await
+        .unwrap();
+    let id = expect_error(r, 502, "upstream_error").await;
+    audited(&gw, &id, "upstream_error", "error").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_provider_is_504() {
+    let mock = Mock::start(portcullis::mock::MockOptions {
+        latency_ms: 3_000,
+        ..options()
+    })
+    .await;
+    let mut setup = Setup::new(mock.addr);
+    setup.read_ms = 200;
+    let gw = Gateway::start(setup).await;
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&chat("too slow"))
+        .send()
+        .await
+        .unwrap();
+    let id = expect_error(r, 504, "upstream_timeout").await;
+    audited(&gw, &id, "upstream_timeout", "error").await;
+}

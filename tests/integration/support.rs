@@ -1,0 +1,275 @@
+//! Shared helpers: free ports, an in-process mock provider, and the real
+//! gateway binary started on a temporary config.
+
+use portcullis::mock::{self, MockOptions, MockState};
+use serde_json::Value;
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something that should happen at once before it
+/// fails (a deadline against hangs, not a timing assertion).
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A port nothing listens on now and that this process has not handed out.
+pub fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+        let mut guard = HANDED_OUT.lock().unwrap();
+        if guard.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_portcullis")
+}
+
+/// The mock provider, running on the test's runtime.
+pub struct Mock {
+    pub addr: SocketAddr,
+    pub state: Arc<MockState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Mock {
+    pub async fn start(options: MockOptions) -> Mock {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(MockState::default());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(mock::serve(listener, options, state.clone(), async {
+            let _ = rx.await;
+        }));
+        Mock {
+            addr,
+            state,
+            stop: Some(tx),
+        }
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The gateway binary on a temporary config.
+pub struct Gateway {
+    pub base: String,
+    pub admin: String,
+    pub audit_path: PathBuf,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// Knobs for the generated config.
+pub struct Setup {
+    pub provider: SocketAddr,
+    pub max_body_bytes: usize,
+    pub read_ms: u64,
+    pub record_content: bool,
+}
+
+impl Setup {
+    pub fn new(provider: SocketAddr) -> Self {
+        Self {
+            provider,
+            max_body_bytes: 4 * 1024 * 1024,
+            read_ms: 10_000,
+            record_content: false,
+        }
+    }
+}
+
+pub const PROVIDER_KEY: &str = "sk-provider-secret";
+
+impl Gateway {
+    pub async fn start(setup: Setup) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        let yaml = format!(
+            r#"
+server:
+  listen: 127.0.0.1:{port}
+  admin_listen: 127.0.0.1:{admin_port}
+  threads: 2
+  shutdown_grace_secs: 0
+limits:
+  max_body_bytes: {max}
+providers:
+  mock:
+    base_url: http://{provider}/v1
+    api_key: {PROVIDER_KEY}
+    timeouts: {{ connect_ms: 1000, read_ms: {read_ms}, total_ms: 30000 }}
+models:
+  mock-small: {{ provider: mock }}
+  mock-large: {{ provider: mock, upstream_model: mock-large-2026-01 }}
+audit:
+  file: audit.jsonl
+  record_content: {record_content}
+"#,
+            max = setup.max_body_bytes,
+            provider = setup.provider,
+            read_ms = setup.read_ms,
+            record_content = setup.record_content,
+        );
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start gateway");
+        let gw = Gateway {
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            audit_path: dir.path().join("audit.jsonl"),
+            dir,
+            child: Some(child),
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/readyz", self.admin)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway not ready after {PATIENCE:?}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Wait until the audit file holds at least `n` records; return them all.
+    pub async fn records(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let records = read_records(&self.audit_path);
+            if records.len() >= n {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} audit records, found {}",
+                records.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The audit record of one request.
+    pub async fn record_for(&self, request_id: &str) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(r) = read_records(&self.audit_path)
+                .into_iter()
+                .find(|r| r["request_id"] == request_id)
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no audit record for {request_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gateway did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn read_records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+pub fn chat(content: &str) -> Value {
+    serde_json::json!({"model": "mock-small", "messages": [{"role": "user", "content": content}]})
+}
+
+/// Assert an OpenAI-shaped error with this status and code; return the
+/// request id.
+pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(resp.status().as_u16(), status);
+    let id = resp
+        .headers()
+        .get("x-request-id")
+        .expect("x-request-id on an error")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        resp.headers().get("content-type").unwrap(),
+        "application/json"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    assert!(body["error"]["type"].is_string());
+    id
+}
+
+pub fn request_id(resp: &reqwest::Response) -> String {
+    resp.headers()["x-request-id"].to_str().unwrap().to_string()
+}
+
+pub fn options() -> MockOptions {
+    MockOptions::default()
+}
