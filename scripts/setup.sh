@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install the system packages Portcullis needs to build and test, when they
+# are missing: cmake and a C compiler (Pingora builds zlib-ng), and Python's
+# venv module (the OpenAI SDK tests). Debian/Ubuntu; uses sudo when not root.
+set -euo pipefail
+
+need=()
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+if command -v python3 >/dev/null 2>&1; then
+  probe=$(mktemp -d)
+  if ! python3 -m venv "$probe/v" >/dev/null 2>&1; then need+=(python3-venv); fi
+  rm -rf "$probe"
+fi
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi

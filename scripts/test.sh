@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Run every test: the Rust unit and integration tests (real gateway binary
+# against the mock provider), then the end-to-end tests with the official
+# OpenAI Python SDK. Ends with one summary line.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh || exit 1
+mkdir -p target
+log=target/test-output.log
+: > "$log"
+
+cargo test --workspace --locked 2>&1 | tee -a "$log"
+rust_status=${PIPESTATUS[0]}
+
+python_status=0
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv || python_status=1
+fi
+if [ "$python_status" -eq 0 ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt || python_status=1
+fi
+if [ "$python_status" -eq 0 ]; then
+  # The SDK tests drive the debug binary `cargo test` just built.
+  PORTCULLIS_BIN="$PWD/target/debug/portcullis" .venv/bin/python -m pytest -q tests/sdk 2>&1 | tee -a "$log"
+  python_status=${PIPESTATUS[0]}
+fi
+
+passed=$(grep -hoE '(test result: [a-zA-Z]+\. )?[0-9]+ passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -hoE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+if [ "$rust_status" -ne 0 ] || [ "$python_status" -ne 0 ]; then
+  [ "$failed" -gt 0 ] || failed=1
+fi
+echo
+echo "portcullis tests: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,119 @@
+"""Start the mock provider and the gateway (real binaries) for SDK tests."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = os.environ.get("PORTCULLIS_BIN", str(ROOT / "target" / "debug" / "portcullis"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, deadline: float = 20.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {deadline}s")
+
+
+class Stack:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.mock_port = free_port()
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.audit = tmp / "audit.jsonl"
+        self.procs = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "Stack":
+        self.procs.append(
+            subprocess.Popen(
+                [BIN, "mock-provider", "--listen", f"127.0.0.1:{self.mock_port}"],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        wait_for(f"http://127.0.0.1:{self.mock_port}/v1/models")
+        config = self.tmp / "gateway.yaml"
+        config.write_text(
+            f"""
+server:
+  listen: 127.0.0.1:{self.port}
+  admin_listen: 127.0.0.1:{self.admin_port}
+  shutdown_grace_secs: 0
+providers:
+  mock:
+    base_url: http://127.0.0.1:{self.mock_port}/v1
+    api_key: sk-provider
+models:
+  mock-small: {{ provider: mock }}
+  text-embedding-mock: {{ provider: mock }}
+audit:
+  file: {self.audit}
+"""
+        )
+        self.procs.append(
+            subprocess.Popen(
+                [BIN, "serve", "--config", str(config)],
+                env={**os.environ, "RUST_LOG": "warn"},
+            )
+        )
+        wait_for(f"http://127.0.0.1:{self.admin_port}/readyz")
+        return self
+
+    def records(self):
+        return [json.loads(l) for l in self.audit.read_text().splitlines() if l]
+
+    def record_for(self, request_id: str, deadline: float = 10.0):
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.audit.exists():
+                for r in self.records():
+                    if r["request_id"] == request_id:
+                        return r
+            time.sleep(0.02)
+        raise AssertionError(f"no audit record for {request_id}")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("portcullis")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(stack):
+    from openai import OpenAI
+
+    return OpenAI(base_url=stack.base_url, api_key="client-token", max_retries=0, timeout=20)

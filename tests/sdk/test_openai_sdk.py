@@ -1,0 +1,89 @@
+"""The official OpenAI Python SDK talking to Portcullis."""
+
+import openai
+import pytest
+
+
+def test_chat_completion(client, stack):
+    raw = client.chat.completions.with_raw_response.create(
+        model="mock-small", messages=[{"role": "user", "content": "Hello from the SDK"}]
+    )
+    r = raw.parse()
+    assert r.choices[0].message.content == "Hello from the SDK"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    record = stack.record_for(raw.headers["x-request-id"])
+    assert record["decision"] == "allowed"
+    assert record["usage"]["total_tokens"] == r.usage.total_tokens
+
+
+def test_chat_completion_stream(client, stack):
+    text = "A streamed reply, split into many small events"
+    stream = client.chat.completions.create(
+        model="mock-small",
+        messages=[{"role": "user", "content": text}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage, chunks = [], None, 0
+    for chunk in stream:
+        chunks += 1
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == text
+    assert chunks > 5
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_embeddings(client):
+    r = client.embeddings.create(model="text-embedding-mock", input=["one", "two"])
+    assert len(r.data) == 2
+    assert len(r.data[0].embedding) == 8
+    assert r.data[0].embedding != r.data[1].embedding
+
+
+def test_models_list(client):
+    ids = sorted(m.id for m in client.models.list())
+    assert ids == ["mock-small", "text-embedding-mock"]
+
+
+def test_invalid_request_is_bad_request_error(client, stack):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mock-small", messages=[])
+    assert e.value.status_code == 400
+    assert e.value.code == "invalid_request"
+    record = stack.record_for(e.value.response.headers["x-request-id"])
+    assert record["decision"] == "blocked"
+    assert record["reason_code"] == "invalid_request"
+
+
+def test_unknown_model_is_not_found_error(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
+    assert e.value.code == "model_not_found"
+
+
+def test_provider_failure_is_a_server_error(client, stack):
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(
+            model="mock-small", messages=[{"role": "user", "content": '{"mock_error": 500}'}]
+        )
+    assert e.value.status_code == 502
+    assert e.value.code == "upstream_error"
+    record = stack.record_for(e.value.response.headers["x-request-id"])
+    assert record["upstream"]["status"] == 500
+
+
+def test_broken_stream_raises_in_the_sdk(client):
+    stream = client.chat.completions.create(
+        model="mock-small",
+        messages=[{"role": "user", "content": '{"mock_broken_stream": true}'}],
+        stream=True,
+    )
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
