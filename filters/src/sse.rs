@@ -270,3 +270,53 @@ mod tests {
         assert_eq!(framer.push(b"data: \xff\xfe\n\n"), Err(SseError::NotUtf8));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event() -> impl Strategy<Value = SseEvent> {
+        (
+            proptest::option::of("[a-z]{1,8}"),
+            // Data lines: any text without line breaks, multi-byte included.
+            proptest::option::of(proptest::collection::vec("[^\r\n]{0,24}", 1..4)),
+            proptest::collection::vec("(id|retry|: ?[a-z]{0,6})[^\r\n]{0,8}", 0..2),
+        )
+            .prop_map(|(event, data, other)| SseEvent {
+                event,
+                data: data.map(|lines| lines.join("\n")),
+                other: other
+                    .into_iter()
+                    .filter(|l| !l.starts_with("data") && !l.starts_with("event"))
+                    .collect(),
+            })
+            .prop_filter("an event must carry something", |e| {
+                e.event.is_some() || e.data.is_some() || !e.other.is_empty()
+            })
+    }
+
+    proptest! {
+        /// However the wire bytes are split, the framer returns exactly the
+        /// events that were written, in order.
+        #[test]
+        fn any_split_round_trips(events in proptest::collection::vec(event(), 1..8),
+                                 cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12)) {
+            let mut wire = Vec::new();
+            for e in &events {
+                e.write_to(&mut wire);
+            }
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(wire.len() + 1)).collect();
+            points.sort_unstable();
+            let mut framer = SseFramer::new();
+            let mut got = Vec::new();
+            let mut start = 0;
+            for p in points.into_iter().chain(std::iter::once(wire.len())) {
+                got.extend(framer.push(&wire[start..p]).unwrap());
+                start = p;
+            }
+            got.extend(framer.finish().unwrap());
+            prop_assert_eq!(got, events);
+        }
+    }
+}
