@@ -21,43 +21,39 @@ pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+/// Latency buckets, in seconds, from 50 µs to a minute.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.0001, 0.000_25, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+fn latency_histogram(name: &str, help: &str, label: &str) -> HistogramVec {
+    register_histogram_vec_with_registry!(name, help, &[label], LATENCY_BUCKETS.to_vec(), REGISTRY)
+        .expect("static metric")
+}
+
 pub static REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
-    register_histogram_vec_with_registry!(
+    latency_histogram(
         "portcullis_request_duration_seconds",
         "Whole request time at the gateway, by route.",
-        &["route"],
-        vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0, 60.0
-        ],
-        REGISTRY
+        "route",
     )
-    .expect("static metric")
 });
 
 pub static UPSTREAM_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
-    register_histogram_vec_with_registry!(
+    latency_histogram(
         "portcullis_upstream_duration_seconds",
         "Time to the provider's response headers, by provider.",
-        &["provider"],
-        vec![
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            30.0, 60.0
-        ],
-        REGISTRY
+        "provider",
     )
-    .expect("static metric")
 });
 
 pub static FILTER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
-    register_histogram_vec_with_registry!(
+    latency_histogram(
         "portcullis_filter_duration_seconds",
         "Time spent in each filter.",
-        &["filter"],
-        vec![0.000_01, 0.000_05, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5],
-        REGISTRY
+        "filter",
     )
-    .expect("static metric")
 });
 
 pub static AUDIT_QUEUE_DEPTH: LazyLock<IntGauge> = LazyLock::new(|| {

@@ -19,17 +19,13 @@ fn verify(path: &std::path::Path) -> (bool, String) {
 async fn sigterm_flushes_every_record_and_the_chain_verifies() {
     let mock = Mock::start(options()).await;
     let mut gw = Gateway::start(Setup::new(mock.addr)).await;
-    let client = reqwest::Client::new();
     for i in 0..20 {
-        let r = client
-            .post(gw.url("/v1/chat/completions"))
-            .json(&chat(&format!("n{i}")))
-            .send()
-            .await
-            .unwrap();
+        let r = gw
+            .post("/v1/chat/completions", &chat(&format!("n{i}")))
+            .await;
         assert_eq!(r.status(), 200);
     }
-    client.get(gw.url("/v1/unknown")).send().await.unwrap();
+    gw.get("/v1/unknown").await;
     let status = gw.stop();
     assert!(status.success(), "exit status {status:?}");
     // Read right after exit: nothing may still be queued.
@@ -44,14 +40,9 @@ async fn sigterm_flushes_every_record_and_the_chain_verifies() {
 async fn verify_fails_on_one_changed_byte_and_on_moved_lines() {
     let mock = Mock::start(options()).await;
     let mut gw = Gateway::start(Setup::new(mock.addr)).await;
-    let client = reqwest::Client::new();
     for i in 0..3 {
-        client
-            .post(gw.url("/v1/chat/completions"))
-            .json(&chat(&format!("n{i}")))
-            .send()
-            .await
-            .unwrap();
+        gw.post("/v1/chat/completions", &chat(&format!("n{i}")))
+            .await;
     }
     gw.stop();
     let original = std::fs::read_to_string(&gw.audit_path).unwrap();
@@ -89,12 +80,7 @@ async fn record_content_opt_in_records_the_bodies() {
     let mut setup = Setup::new(mock.addr);
     setup.record_content = true;
     let gw = Gateway::start(setup).await;
-    let r = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("remember me"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post("/v1/chat/completions", &chat("remember me")).await;
     let rec = gw.record_for(&request_id(&r)).await;
     assert_eq!(
         rec["content"]["request"]["messages"][0]["content"],

@@ -6,3 +6,4 @@ mod proxy;
 mod rejections;
 mod streaming;
 mod support;
+mod tls;

@@ -55,12 +55,12 @@ async fn json_chat_is_forwarded_with_the_provider_key_and_audited() {
 async fn upstream_model_name_replaces_the_client_id() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
-    let resp = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({"model": "mock-large", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "mock-large", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let sent: Value = serde_json::from_slice(&mock.state.last_request().unwrap().body).unwrap();
     assert_eq!(sent["model"], "mock-large-2026-01");
@@ -102,39 +102,31 @@ async fn one_mebibyte_prompt_reaches_the_provider_byte_exact() {
 async fn completions_embeddings_and_models() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
-    let client = reqwest::Client::new();
 
-    let r: Value = client
-        .post(gw.url("/v1/completions"))
-        .json(&json!({"model": "mock-small", "prompt": "Say this"}))
-        .send()
+    let r: Value = gw
+        .post(
+            "/v1/completions",
+            &json!({"model": "mock-small", "prompt": "Say this"}),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(r["choices"][0]["text"], "Say this");
 
-    let r: Value = client
-        .post(gw.url("/v1/embeddings"))
-        .json(&json!({"model": "mock-small", "input": ["a", "b"], "dimensions": 4}))
-        .send()
+    let r: Value = gw
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "mock-small", "input": ["a", "b"], "dimensions": 4}),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     assert_eq!(r["data"].as_array().unwrap().len(), 2);
     assert_eq!(r["data"][1]["embedding"].as_array().unwrap().len(), 4);
 
-    let r: Value = client
-        .get(gw.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = gw.get("/v1/models").await.json().await.unwrap();
     let ids: Vec<&str> = r["data"]
         .as_array()
         .unwrap()
@@ -142,13 +134,9 @@ async fn completions_embeddings_and_models() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["mock-large", "mock-small"]);
-    let r = client
-        .get(gw.url("/v1/models/mock-small"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/v1/models/mock-small").await;
     assert_eq!(r.status(), 200);
-    let r = client.get(gw.url("/v1/models/nope")).send().await.unwrap();
+    let r = gw.get("/v1/models/nope").await;
     expect_error(r, 404, "model_not_found").await;
     assert_eq!(
         mock.state.requests().len(),
@@ -227,41 +215,12 @@ async fn expect_100_continue_is_answered_before_the_body() {
 async fn health_readiness_and_metrics() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
-    let client = reqwest::Client::new();
-    client
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("x"))
-        .send()
-        .await
-        .unwrap();
-    client.get(gw.url("/v1/nope")).send().await.unwrap();
+    gw.post("/v1/chat/completions", &chat("x")).await;
+    gw.get("/v1/nope").await;
     gw.records(2).await;
-    assert_eq!(
-        client
-            .get(format!("{}/healthz", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(format!("{}/readyz", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let text = client
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(gw.get("/healthz").await.status(), 200);
+    assert_eq!(gw.get("/readyz").await.status(), 200);
+    let text = gw.get("/metrics").await.text().await.unwrap();
     for needle in [
         r#"portcullis_requests_total{decision="allowed",route="chat/completions",status="200"} 1"#,
         r#"portcullis_requests_total{decision="blocked",route="other",status="404"} 1"#,

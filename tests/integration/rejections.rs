@@ -47,31 +47,21 @@ async fn malformed_and_invalid_bodies_are_400() {
 async fn unknown_route_method_and_model() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
-    let client = reqwest::Client::new();
-    let id = expect_error(
-        client.get(gw.url("/v1/assistants")).send().await.unwrap(),
-        404,
-        "unknown_route",
-    )
-    .await;
+    let id = expect_error(gw.get("/v1/assistants").await, 404, "unknown_route").await;
     audited(&gw, &id, "unknown_route", "blocked").await;
     let id = expect_error(
-        client
-            .get(gw.url("/v1/chat/completions"))
-            .send()
-            .await
-            .unwrap(),
+        gw.get("/v1/chat/completions").await,
         405,
         "method_not_allowed",
     )
     .await;
     audited(&gw, &id, "method_not_allowed", "blocked").await;
-    let r = client
-        .post(gw.url("/v1/chat/completions"))
-        .json(&json!({"model": "gpt-unknown", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-unknown", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
     let id = expect_error(r, 404, "model_not_found").await;
     let rec = audited(&gw, &id, "model_not_found", "blocked").await;
     assert_eq!(rec["model"], "gpt-unknown");
@@ -132,12 +122,7 @@ async fn bodies_over_the_cap_are_413_declared_or_chunked() {
     }
     // Just under the cap still passes.
     let ok = chat(&"x".repeat(90 * 1024));
-    let r = client
-        .post(gw.url("/v1/chat/completions"))
-        .json(&ok)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post("/v1/chat/completions", &ok).await;
     assert_eq!(r.status(), 200);
     assert_eq!(mock.state.requests().len(), 1);
 }
@@ -146,12 +131,9 @@ async fn bodies_over_the_cap_are_413_declared_or_chunked() {
 async fn provider_down_is_502_and_audited() {
     let closed = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let gw = Gateway::start(Setup::new(closed)).await;
-    let r = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("anyone there?"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .post("/v1/chat/completions", &chat("anyone there?"))
+        .await;
     let id = expect_error(r, 502, "upstream_error").await;
     let rec = audited(&gw, &id, "upstream_error", "error").await;
     assert_eq!(rec["upstream"]["provider"], "mock");
@@ -186,12 +168,9 @@ async fn provider_errors_map_to_502_or_pass_through() {
     assert_eq!(rec["upstream"]["status"], 400);
     assert_eq!(rec["status"], 400);
     // A 200 that is not JSON.
-    let r = client
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat(r#"{"mock_not_json": true}"#))
-        .send()
-        .await
-        .unwrap();
+    let r = gw
+        .post("/v1/chat/completions", &chat(r#"{"mock_not_json": true}"#))
+        .await;
     let id = expect_error(r, 502, "upstream_error").await;
     audited(&gw, &id, "upstream_error", "error").await;
 }
@@ -206,12 +185,7 @@ async fn slow_provider_is_504() {
     let mut setup = Setup::new(mock.addr);
     setup.read_ms = 200;
     let gw = Gateway::start(setup).await;
-    let r = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&chat("too slow"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.post("/v1/chat/completions", &chat("too slow")).await;
     let id = expect_error(r, 504, "upstream_timeout").await;
     audited(&gw, &id, "upstream_timeout", "error").await;
 }

@@ -72,12 +72,12 @@ async fn first_event_reaches_the_client_before_the_provider_finishes() {
     // The mock sends its first event, then waits until released: a gateway
     // that buffered the stream would deliver nothing and hit the deadline.
     mock.state.hold_streams();
-    let resp = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&stream_chat("streamed echo, chunk by chunk"))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .post(
+            "/v1/chat/completions",
+            &stream_chat("streamed echo, chunk by chunk"),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let id = request_id(&resp);
@@ -105,12 +105,9 @@ async fn events_arrive_one_by_one_with_a_slow_provider() {
     })
     .await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
-    let resp = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&stream_chat("abcdefghij"))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .post("/v1/chat/completions", &stream_chat("abcdefghij"))
+        .await;
     let mut body = resp.bytes_stream();
     let mut chunks = 0;
     let mut text = String::new();
@@ -129,13 +126,12 @@ async fn events_arrive_one_by_one_with_a_slow_provider() {
 async fn streamed_completions_and_tool_calls_pass_through() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
-    let client = reqwest::Client::new();
-    let resp = client
-        .post(gw.url("/v1/completions"))
-        .json(&json!({"model": "mock-small", "prompt": "complete me", "stream": true}))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .post(
+            "/v1/completions",
+            &json!({"model": "mock-small", "prompt": "complete me", "stream": true}),
+        )
+        .await;
     let events = Events::new(resp).rest().await;
     let text: String = events
         .iter()
@@ -145,12 +141,9 @@ async fn streamed_completions_and_tool_calls_pass_through() {
     assert_eq!(text, "complete me");
 
     let call = json!({"mock_tool_call": {"name": "get_weather", "arguments": {"city": "Oslo"}}});
-    let resp = client
-        .post(gw.url("/v1/chat/completions"))
-        .json(&stream_chat(&call.to_string()))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .post("/v1/chat/completions", &stream_chat(&call.to_string()))
+        .await;
     let events = Events::new(resp).rest().await;
     let args: String = events
         .iter()
@@ -168,12 +161,12 @@ async fn streamed_completions_and_tool_calls_pass_through() {
 async fn broken_provider_stream_ends_with_an_error_event_and_is_audited() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
-    let resp = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&stream_chat(r#"{"mock_broken_stream": true}"#))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .post(
+            "/v1/chat/completions",
+            &stream_chat(r#"{"mock_broken_stream": true}"#),
+        )
+        .await;
     assert_eq!(resp.status(), 200);
     let id = request_id(&resp);
     let events = Events::new(resp).rest().await;
@@ -191,12 +184,12 @@ async fn client_leaving_mid_stream_stops_the_provider_read() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
     mock.state.hold_streams();
-    let resp = reqwest::Client::new()
-        .post(gw.url("/v1/chat/completions"))
-        .json(&stream_chat(&"long answer ".repeat(50)))
-        .send()
-        .await
-        .unwrap();
+    let resp = gw
+        .post(
+            "/v1/chat/completions",
+            &stream_chat(&"long answer ".repeat(50)),
+        )
+        .await;
     let id = request_id(&resp);
     let mut events = Events::new(resp);
     events.next().await.expect("first event");

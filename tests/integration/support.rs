@@ -78,6 +78,10 @@ pub struct Gateway {
 /// Knobs for the generated config.
 pub struct Setup {
     pub provider: SocketAddr,
+    /// Provider base URL; default `http://{provider}/v1`.
+    pub provider_url: Option<String>,
+    /// Extra environment for the gateway process.
+    pub env: Vec<(String, String)>,
     pub max_body_bytes: usize,
     pub read_ms: u64,
     pub record_content: bool,
@@ -87,6 +91,8 @@ impl Setup {
     pub fn new(provider: SocketAddr) -> Self {
         Self {
             provider,
+            provider_url: None,
+            env: Vec::new(),
             max_body_bytes: 4 * 1024 * 1024,
             read_ms: 10_000,
             record_content: false,
@@ -112,7 +118,7 @@ limits:
   max_body_bytes: {max}
 providers:
   mock:
-    base_url: http://{provider}/v1
+    base_url: {provider_url}
     api_key: {PROVIDER_KEY}
     timeouts: {{ connect_ms: 1000, read_ms: {read_ms}, total_ms: 30000 }}
 models:
@@ -123,7 +129,10 @@ audit:
   record_content: {record_content}
 "#,
             max = setup.max_body_bytes,
-            provider = setup.provider,
+            provider_url = setup
+                .provider_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/v1", setup.provider)),
             read_ms = setup.read_ms,
             record_content = setup.record_content,
         );
@@ -133,6 +142,7 @@ audit:
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
+            .envs(setup.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -164,6 +174,31 @@ audit:
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// POST JSON to a gateway path.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    /// GET a path on the proxy (`/v1/...`) or, for other paths, the admin
+    /// listener.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        let url = if path.starts_with("/v1/") {
+            self.url(path)
+        } else {
+            format!("{}{path}", self.admin)
+        };
+        reqwest::Client::new()
+            .get(url)
+            .send()
+            .await
+            .expect("gateway answers")
     }
 
     /// Wait until the audit file holds at least `n` records; return them all.
