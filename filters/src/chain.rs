@@ -6,7 +6,8 @@
 //! to [`Chain::new`] in, they run in this one.
 
 use crate::error::{ErrorCode, Rejection};
-use crate::request::RequestView;
+use crate::rate_limit::Reservation;
+use crate::request::{Principal, RequestView};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -94,6 +95,42 @@ pub enum Decision {
     Deny(Rejection),
 }
 
+/// A fact a filter establishes for the rest of the exchange. The chain
+/// applies facts whatever the filter's mode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fact {
+    /// The caller, for every later filter and the audit record.
+    Principal(Principal),
+    /// A header for the response to the client, allowed or refused
+    /// (`x-ratelimit-*`, `Retry-After`, `WWW-Authenticate`).
+    Header(&'static str, String),
+    /// Tokens reserved from a budget, to settle once usage is known.
+    Reservation(Reservation),
+}
+
+/// A filter's decision and the facts it established.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub facts: Vec<Fact>,
+}
+
+impl From<Decision> for Verdict {
+    fn from(decision: Decision) -> Self {
+        Self {
+            decision,
+            facts: Vec::new(),
+        }
+    }
+}
+
+impl Verdict {
+    pub fn with(mut self, fact: Fact) -> Self {
+        self.facts.push(fact);
+        self
+    }
+}
+
 /// A filter could not decide. The chain applies the filter's `on_error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {reason}")]
@@ -117,7 +154,7 @@ impl FilterError {
 #[async_trait]
 pub trait RequestFilter: Send + Sync {
     fn kind(&self) -> FilterKind;
-    async fn check(&self, request: &RequestView<'_>) -> Result<Decision, FilterError>;
+    async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError>;
 }
 
 /// What happened at one filter, for the audit record.
@@ -153,6 +190,10 @@ pub struct ChainReport {
     /// Set when an enforcing filter refused the request; later filters did
     /// not run.
     pub rejection: Option<(FilterKind, Rejection)>,
+    pub principal: Option<Principal>,
+    /// Headers for the client's response, whatever it is.
+    pub headers: Vec<(&'static str, String)>,
+    pub reservations: Vec<Reservation>,
 }
 
 /// The request chain.
@@ -180,9 +221,23 @@ impl Chain {
     pub async fn run(&self, request: &RequestView<'_>) -> ChainReport {
         let mut report = ChainReport::default();
         for (filter, settings) in &self.filters {
+            let view = RequestView {
+                principal: report.principal.as_ref().or(request.principal),
+                ..*request
+            };
             let started = Instant::now();
-            let result = filter.check(request).await;
+            let result = filter.check(&view).await;
             let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let result = result.map(|verdict| {
+                for fact in verdict.facts {
+                    match fact {
+                        Fact::Principal(p) => report.principal = Some(p),
+                        Fact::Header(name, value) => report.headers.push((name, value)),
+                        Fact::Reservation(r) => report.reservations.push(r),
+                    }
+                }
+                verdict.decision
+            });
             let (outcome, rejection) = apply(filter.kind(), *settings, result, latency_us);
             report.outcomes.push(outcome);
             if let Some(rejection) = rejection {
@@ -252,8 +307,8 @@ mod tests {
         fn kind(&self) -> FilterKind {
             self.0
         }
-        async fn check(&self, _: &RequestView<'_>) -> Result<Decision, FilterError> {
-            self.1.clone()
+        async fn check(&self, _: &RequestView<'_>) -> Result<Verdict, FilterError> {
+            self.1.clone().map(Verdict::from)
         }
     }
 
@@ -309,6 +364,8 @@ mod tests {
         let body = json!({"model": "m"});
         let view = RequestView {
             request_id: "r1",
+            authorization: None,
+            principal: None,
             route: Route::ChatCompletions,
             body: &body,
             model: Some("m"),

@@ -33,13 +33,14 @@ pub enum ErrorCode {
     UpstreamError,
     UpstreamTimeout,
     GuardUnavailable,
+    LimiterUnavailable,
     FilterUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
@@ -62,6 +63,7 @@ impl ErrorCode {
         Self::UpstreamError,
         Self::UpstreamTimeout,
         Self::GuardUnavailable,
+        Self::LimiterUnavailable,
         Self::FilterUnavailable,
         Self::InternalError,
     ];
@@ -90,6 +92,7 @@ impl ErrorCode {
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::GuardUnavailable => "guard_unavailable",
+            Self::LimiterUnavailable => "limiter_unavailable",
             Self::FilterUnavailable => "filter_unavailable",
             Self::InternalError => "internal_error",
         }
@@ -113,7 +116,7 @@ impl ErrorCode {
             Self::RateLimited | Self::TokenBudgetExceeded => 429,
             Self::InternalError => 500,
             Self::UpstreamError => 502,
-            Self::GuardUnavailable | Self::FilterUnavailable => 503,
+            Self::GuardUnavailable | Self::LimiterUnavailable | Self::FilterUnavailable => 503,
             Self::UpstreamTimeout => 504,
         }
     }
@@ -159,6 +162,7 @@ impl ErrorCode {
             Self::UpstreamError => "The model provider returned an error.",
             Self::UpstreamTimeout => "The model provider did not answer in time.",
             Self::GuardUnavailable => "The content screening service is unavailable.",
+            Self::LimiterUnavailable => "The rate limiter is unavailable; retry later.",
             Self::FilterUnavailable => "A required security check could not be made.",
             Self::InternalError => "Internal gateway error.",
         }

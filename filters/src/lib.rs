@@ -8,16 +8,20 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod clock;
 pub mod error;
+pub mod jwt_auth;
+pub mod rate_limit;
 pub mod request;
 pub mod response;
 pub mod sse;
 
 pub use chain::{
-    Action, Annotation, Chain, ChainReport, Decision, FilterError, FilterKind, FilterOutcome,
-    FilterSettings, Mode, OnError, RequestFilter,
+    Action, Annotation, Chain, ChainReport, Decision, Fact, FilterError, FilterKind,
+    FilterOutcome, FilterSettings, Mode, OnError, RequestFilter, Verdict,
 };
 pub use error::{ErrorCode, Rejection};
-pub use request::{RequestView, Route};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use request::{Principal, RequestView, Route};
 pub use response::{ResponseChain, ResponseContext, ResponseStage, ResponseStream, StreamStage};
 pub use sse::{SseEvent, SseFramer};

@@ -37,11 +37,23 @@ impl Route {
     }
 }
 
+/// Who is calling: established by `jwt_auth`, read by every later filter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Principal {
+    pub subject: String,
+    pub tenant: String,
+    pub roles: Vec<String>,
+}
+
 /// A parsed request as the request chain sees it. Read-only: filters
 /// return facts and decisions, the chain applies them.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestView<'a> {
     pub request_id: &'a str,
+    /// The `Authorization` header as sent, if any.
+    pub authorization: Option<&'a str>,
+    /// Set by the chain once `jwt_auth` has identified the caller.
+    pub principal: Option<&'a Principal>,
     pub route: Route,
     /// The parsed JSON body (`Value::Null` for bodiless routes).
     pub body: &'a serde_json::Value,

@@ -1,0 +1,269 @@
+use super::*;
+use crate::chain::Action;
+use crate::clock::ManualClock;
+use crate::request::Route;
+use jsonwebtoken::{encode, EncodingKey, Header};
+use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const RSA_PRIVATE: &[u8] = include_bytes!("testdata/rsa-test.key");
+const RSA_PUBLIC: &[u8] = include_bytes!("testdata/rsa-test.pub");
+const NOW: u64 = 1_800_000_000;
+
+struct Fixture {
+    auth: JwtAuth,
+    clock: Arc<ManualClock>,
+    lookups: Arc<CountingKeys>,
+    es_private: EncodingKey,
+}
+
+/// Counts key lookups, to see the cache at work.
+struct CountingKeys(KeySet, AtomicUsize);
+
+impl KeySource for CountingKeys {
+    fn key(&self, kid: Option<&str>) -> Option<Arc<VerifyKey>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.key(kid)
+    }
+}
+
+fn fixture() -> Fixture {
+    let es = rcgen::KeyPair::generate().unwrap();
+    let keys = KeySet::new([
+        VerifyKey::from_pem("rsa", RSA_PUBLIC, None).unwrap(),
+        VerifyKey::from_pem("ec", es.public_key_pem().as_bytes(), None).unwrap(),
+    ]);
+    let lookups = Arc::new(CountingKeys(keys, AtomicUsize::new(0)));
+    let clock = Arc::new(ManualClock::at_ms(NOW * 1000));
+    let settings = JwtSettings {
+        issuer: Some("https://idp.example".into()),
+        audience: vec!["portcullis".into()],
+        claims: ClaimPaths {
+            roles: "realm_access.roles".into(),
+            ..ClaimPaths::default()
+        },
+        ..JwtSettings::default()
+    };
+    Fixture {
+        auth: JwtAuth::new(settings, lookups.clone(), clock.clone()),
+        clock,
+        lookups,
+        es_private: EncodingKey::from_ec_pem(es.serialize_pem().as_bytes()).unwrap(),
+    }
+}
+
+fn claims() -> Value {
+    json!({"sub": "alice", "tenant": "acme", "realm_access": {"roles": ["user", "trial"]},
+           "iss": "https://idp.example", "aud": "portcullis", "exp": NOW + 600, "iat": NOW})
+}
+
+fn rs256(kid: &str, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some(kid.into());
+    encode(&header, claims, &EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap()).unwrap()
+}
+
+async fn check(f: &Fixture, authorization: Option<&str>) -> Verdict {
+    let body = json!({});
+    let view = RequestView {
+        request_id: "r",
+        authorization,
+        principal: None,
+        route: Route::ChatCompletions,
+        body: &body,
+        model: None,
+        stream: false,
+        client_ip: None,
+    };
+    f.auth.check(&view).await.unwrap()
+}
+
+fn principal(v: &Verdict) -> Option<&Principal> {
+    v.facts.iter().find_map(|f| match f {
+        Fact::Principal(p) => Some(p),
+        _ => None,
+    })
+}
+
+/// Assert a 401 with the header and the reason mentioning `needle`.
+async fn refused(f: &Fixture, authorization: Option<&str>, code: ErrorCode, needle: &str) {
+    let v = check(f, authorization).await;
+    match &v.decision {
+        Decision::Deny(r) => {
+            assert_eq!(r.code, code, "{}", r.reason);
+            assert!(r.reason.contains(needle), "reason {:?} lacks {needle:?}", r.reason);
+            assert_eq!(r.code.status(), 401);
+        }
+        other => panic!("{authorization:?} was not refused: {other:?}"),
+    }
+    assert!(v
+        .facts
+        .contains(&Fact::Header("www-authenticate", "Bearer error=\"invalid_token\"".into())));
+    assert!(principal(&v).is_none());
+}
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+#[tokio::test]
+async fn valid_rs256_and_es256_tokens_identify_the_caller() {
+    let f = fixture();
+    let v = check(&f, Some(&format!("Bearer {}", rs256("rsa", &claims())))).await;
+    assert_eq!(v.decision, Decision::Allow);
+    let p = principal(&v).unwrap();
+    assert_eq!((p.subject.as_str(), p.tenant.as_str()), ("alice", "acme"));
+    assert_eq!(p.roles, ["user", "trial"]);
+
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("ec".into());
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("tenant");
+    let token = encode(&header, &c, &f.es_private).unwrap();
+    let v = check(&f, Some(&format!("bearer {token}"))).await;
+    assert_eq!(principal(&v).unwrap().tenant, "default", "default tenant");
+}
+
+#[tokio::test]
+async fn alg_none_is_refused() {
+    let f = fixture();
+    let token = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "rsa"})), b64(&claims()));
+    refused(&f, Some(&format!("Bearer {token}")), ErrorCode::InvalidToken, "alg none").await;
+}
+
+#[tokio::test]
+async fn hs256_signed_with_the_rsa_public_key_is_refused() {
+    let f = fixture();
+    let mut header = Header::new(Algorithm::HS256);
+    header.kid = Some("rsa".into());
+    let token = encode(&header, &claims(), &EncodingKey::from_secret(RSA_PUBLIC)).unwrap();
+    refused(&f, Some(&format!("Bearer {token}")), ErrorCode::InvalidToken, "pinned to RS256").await;
+}
+
+#[tokio::test]
+async fn unknown_kid_wrong_signature_and_tampered_payload() {
+    let f = fixture();
+    refused(&f, Some(&format!("Bearer {}", rs256("nope", &claims()))), ErrorCode::InvalidToken, "unknown kid").await;
+
+    // A real signature by the right key, but over other content.
+    let good = rs256("rsa", &claims());
+    let other = rs256("rsa", &json!({"sub": "mallory", "exp": NOW + 600}));
+    let (head, _) = good.rsplit_once('.').unwrap();
+    let (_, foreign_sig) = other.rsplit_once('.').unwrap();
+    refused(&f, Some(&format!("Bearer {head}.{foreign_sig}")), ErrorCode::InvalidToken, "bad signature").await;
+
+    let parts: Vec<&str> = good.split('.').collect();
+    let mut evil = claims();
+    evil["sub"] = json!("admin");
+    let tampered = format!("{}.{}.{}", parts[0], b64(&evil), parts[2]);
+    refused(&f, Some(&format!("Bearer {tampered}")), ErrorCode::InvalidToken, "bad signature").await;
+}
+
+#[tokio::test]
+async fn time_claims_are_checked_with_leeway() {
+    let f = fixture();
+    let mut c = claims();
+    c["exp"] = json!(NOW - 31);
+    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::TokenExpired, "expired").await;
+    c["exp"] = json!(NOW - 29);
+    assert_eq!(check(&f, Some(&format!("Bearer {}", rs256("rsa", &c)))).await.decision, Decision::Allow);
+
+    let mut c = claims();
+    c["nbf"] = json!(NOW + 120);
+    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "nbf").await;
+
+    let mut c = claims();
+    c.as_object_mut().unwrap().remove("exp");
+    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "exp claim missing").await;
+}
+
+#[tokio::test]
+async fn issuer_and_audience() {
+    let f = fixture();
+    let mut c = claims();
+    c["aud"] = json!(["other-service"]);
+    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "wrong audience").await;
+    c["aud"] = json!(["other-service", "portcullis"]);
+    assert_eq!(check(&f, Some(&format!("Bearer {}", rs256("rsa", &c)))).await.decision, Decision::Allow);
+    let mut c = claims();
+    c["iss"] = json!("https://evil.example");
+    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "wrong issuer").await;
+}
+
+#[tokio::test]
+async fn broken_headers_and_tokens() {
+    let f = fixture();
+    let good = rs256("rsa", &claims());
+    refused(&f, Some(&format!("Bearer {}", &good[..good.len() / 2])), ErrorCode::InvalidToken, "malformed").await;
+    refused(&f, Some(&format!("Bearer {}", good.rsplit_once('.').unwrap().0)), ErrorCode::InvalidToken, "three").await;
+    refused(&f, Some("Bearer "), ErrorCode::InvalidToken, "empty bearer").await;
+    refused(&f, Some(&format!("Basic {good}")), ErrorCode::InvalidToken, "not Bearer").await;
+    refused(&f, None, ErrorCode::InvalidToken, "no Authorization").await;
+    refused(&f, Some("Bearer not-a-jwt"), ErrorCode::InvalidToken, "malformed").await;
+}
+
+#[tokio::test]
+async fn verified_tokens_are_cached_until_they_expire() {
+    let f = fixture();
+    let mut c = claims();
+    c["exp"] = json!(NOW + 60);
+    let header = format!("Bearer {}", rs256("rsa", &c));
+    for _ in 0..5 {
+        assert_eq!(check(&f, Some(&header)).await.decision, Decision::Allow);
+    }
+    assert_eq!(f.lookups.1.load(Ordering::SeqCst), 1, "one verification for five requests");
+    f.clock.advance_ms(100_000);
+    refused(&f, Some(&header), ErrorCode::TokenExpired, "expired").await;
+}
+
+#[tokio::test]
+async fn monitor_mode_records_the_refusal_but_passes() {
+    use crate::chain::{Chain, FilterSettings, Mode, OnError};
+    let f = fixture();
+    let chain = Chain::new(vec![(
+        Box::new(f.auth) as Box<dyn RequestFilter>,
+        FilterSettings { mode: Mode::Monitor, on_error: OnError::Deny },
+    )]);
+    let body = json!({});
+    let view = RequestView {
+        request_id: "r",
+        authorization: Some("Bearer nope"),
+        principal: None,
+        route: Route::ChatCompletions,
+        body: &body,
+        model: None,
+        stream: false,
+        client_ip: None,
+    };
+    let report = chain.run(&view).await;
+    assert!(report.rejection.is_none());
+    assert_eq!(report.outcomes[0].action, Action::Deny);
+    assert!(report.principal.is_none());
+}
+
+#[test]
+fn pem_keys_infer_and_pin_their_algorithm() {
+    assert_eq!(VerifyKey::from_pem("a", RSA_PUBLIC, None).unwrap().alg, Algorithm::RS256);
+    assert_eq!(VerifyKey::from_pem("a", RSA_PUBLIC, Some(Algorithm::PS256)).unwrap().alg, Algorithm::PS256);
+    let err = VerifyKey::from_pem("a", RSA_PUBLIC, Some(Algorithm::HS256)).unwrap_err();
+    assert!(err.contains("does not fit"), "{err}");
+    let err = VerifyKey::from_pem("a", RSA_PRIVATE, None).unwrap_err();
+    assert!(err.contains("PRIVATE KEY"), "{err}");
+    assert!(VerifyKey::hmac("h", b"short", Algorithm::HS256).is_err());
+    assert!(VerifyKey::hmac("h", &[7; 32], Algorithm::RS256).is_err());
+}
+
+#[test]
+fn jwks_documents() {
+    let es = rcgen::KeyPair::generate().unwrap();
+    let raw = es.public_key_raw(); // 0x04 || x || y
+    let (x, y) = (&raw[1..33], &raw[33..65]);
+    let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let doc = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig", "x": enc(x), "y": enc(y)}]});
+    let keys = VerifyKey::from_jwks(doc.to_string().as_bytes()).unwrap();
+    assert_eq!((keys[0].kid.as_str(), keys[0].alg), ("k1", Algorithm::ES256));
+    let oct = json!({"keys": [{"kty": "oct", "kid": "s", "k": enc(&[1; 32])}]});
+    assert!(VerifyKey::from_jwks(oct.to_string().as_bytes()).unwrap_err().contains("symmetric"));
+    let nokid = json!({"keys": [{"kty": "EC", "crv": "P-256", "x": enc(x), "y": enc(y)}]});
+    assert!(VerifyKey::from_jwks(nokid.to_string().as_bytes()).unwrap_err().contains("kid"));
+}

@@ -1,0 +1,427 @@
+//! Rate limits and token budgets.
+//!
+//! One algorithm, GCRA, decides both: requests per minute with a burst, and
+//! tokens per minute (a minute's worth of burst). Each decision is one
+//! atomic `apply` on a [`LimitStore`]: all charges of a request (subject,
+//! tenant, per-model keys; requests and tokens) are admitted together or
+//! none is, so concurrent requests cannot overspend. The in-process
+//! [`MemoryStore`] and the gateway's Redis store (a Lua script with the same
+//! arithmetic) implement it.
+//!
+//! Why not the `governor` crate for the in-process case: token budgets must
+//! be refunded or topped up when the real usage is known, several keys must
+//! be charged atomically, and the shared Redis store must make exactly the
+//! same decisions; one small GCRA serves all three.
+//!
+//! Token budgets reserve an estimate before forwarding (prompt characters /
+//! `chars_per_token` + `max_tokens`, or `default_max_tokens`) and settle
+//! with the provider's `usage` afterwards: the difference is charged or
+//! refunded. Time is in milliseconds from the injected [`Clock`].
+
+use crate::chain::{Decision, Fact, FilterError, FilterKind, RequestFilter, Verdict};
+use crate::clock::Clock;
+use crate::error::{ErrorCode, Rejection};
+use crate::request::{RequestView, Route};
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// `policies/rate-limits.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsPolicy {
+    /// Tried in order: a subject gets the first tier one of its roles is
+    /// listed in, else `default_tier`.
+    pub tiers: Vec<Tier>,
+    pub default_tier: String,
+    /// Limits every tenant has as a whole, whatever its members' tiers.
+    #[serde(default)]
+    pub tenant: Option<TenantLimit>,
+    #[serde(default)]
+    pub estimate: Estimate,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tier {
+    pub id: String,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    pub requests_per_minute: u64,
+    /// Requests that may come at once; default: one minute's worth.
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// Token budget per minute (prompt + completion); none: no budget.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+    /// Count each model separately.
+    #[serde(default)]
+    pub per_model: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimit {
+    pub requests_per_minute: u64,
+    #[serde(default)]
+    pub burst: Option<u64>,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Estimate {
+    /// Completion tokens assumed when a request sets no `max_tokens`.
+    pub default_max_tokens: u64,
+    /// Prompt characters per token for the estimate.
+    pub chars_per_token: u64,
+}
+
+impl Default for Estimate {
+    fn default() -> Self {
+        Self {
+            default_max_tokens: 1024,
+            chars_per_token: 4,
+        }
+    }
+}
+
+impl LimitsPolicy {
+    /// Every problem, each as `key: message`.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        for (i, t) in self.tiers.iter().enumerate() {
+            if !ids.insert(t.id.as_str()) {
+                errors.push(format!("tiers[{i}].id: duplicate tier '{}'", t.id));
+            }
+            if t.requests_per_minute == 0 {
+                errors.push(format!("tiers[{i}].requests_per_minute: must be at least 1"));
+            }
+            if t.burst == Some(0) {
+                errors.push(format!("tiers[{i}].burst: must be at least 1"));
+            }
+            if t.tokens_per_minute == Some(0) {
+                errors.push(format!("tiers[{i}].tokens_per_minute: must be at least 1 (or left out)"));
+            }
+        }
+        if !ids.contains(self.default_tier.as_str()) {
+            errors.push(format!("default_tier: no tier '{}'", self.default_tier));
+        }
+        if let Some(t) = &self.tenant {
+            if t.requests_per_minute == 0 || t.burst == Some(0) || t.tokens_per_minute == Some(0) {
+                errors.push("tenant: limits must be at least 1".into());
+            }
+        }
+        if self.estimate.chars_per_token == 0 {
+            errors.push("estimate.chars_per_token: must be at least 1".into());
+        }
+        errors
+    }
+
+    fn tier_for(&self, roles: &[String]) -> Option<&Tier> {
+        self.tiers
+            .iter()
+            .find(|t| t.roles.iter().any(|r| roles.contains(r)))
+            .or_else(|| self.tiers.iter().find(|t| t.id == self.default_tier))
+    }
+}
+
+/// One GCRA charge: `cost` units against `key`, whose limit emits one unit
+/// every `emission_ms` with room for `burst` units at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charge {
+    pub key: String,
+    /// Units; negative refunds.
+    pub cost: f64,
+    pub emission_ms: f64,
+    pub burst: f64,
+    /// Apply even when over the limit (settling real usage).
+    pub force: bool,
+}
+
+/// A key's state after a decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LimitState {
+    pub allowed: bool,
+    /// Units that could still be spent now.
+    pub remaining: u64,
+    /// Until the key is back to its full burst.
+    pub reset_ms: f64,
+    /// Until this charge would be admitted (0 when allowed).
+    pub retry_after_ms: f64,
+}
+
+/// GCRA for one key: the new theoretical arrival time to store, and the state.
+/// This exact arithmetic is mirrored by the gateway's Redis script.
+pub fn gcra(stored_tat: Option<f64>, now: f64, charge: &Charge) -> (f64, LimitState) {
+    let e = charge.emission_ms;
+    let tat = stored_tat.unwrap_or(now).max(now);
+    let new_tat = (tat + charge.cost * e).max(now);
+    let allow_at = new_tat - charge.burst * e;
+    if allow_at > now && !charge.force {
+        let remaining = ((now - (tat - charge.burst * e)) / e).floor().max(0.0) as u64;
+        return (
+            tat,
+            LimitState {
+                allowed: false,
+                remaining,
+                reset_ms: tat - now,
+                retry_after_ms: allow_at - now,
+            },
+        );
+    }
+    let remaining = ((now - allow_at) / e).floor().max(0.0) as u64;
+    (
+        new_tat,
+        LimitState {
+            allowed: true,
+            remaining,
+            reset_ms: new_tat - now,
+            retry_after_ms: 0.0,
+        },
+    )
+}
+
+/// Where GCRA state lives.
+#[async_trait]
+pub trait LimitStore: Send + Sync {
+    /// Apply every charge atomically: if one is refused, none is stored.
+    /// Returns one state per charge, in order.
+    async fn apply(&self, charges: &[Charge], now_ms: f64) -> Result<Vec<LimitState>, String>;
+}
+
+/// GCRA state in this process.
+#[derive(Default)]
+pub struct MemoryStore {
+    tats: Mutex<HashMap<String, f64>>,
+}
+
+/// Past this many keys, idle ones (back to full burst) are dropped.
+const MEMORY_STORE_SWEEP: usize = 100_000;
+
+#[async_trait]
+impl LimitStore for MemoryStore {
+    async fn apply(&self, charges: &[Charge], now_ms: f64) -> Result<Vec<LimitState>, String> {
+        let mut tats = self.tats.lock().map_err(|_| "limiter state poisoned".to_string())?;
+        let decided: Vec<(f64, LimitState)> = charges
+            .iter()
+            .map(|c| gcra(tats.get(&c.key).copied(), now_ms, c))
+            .collect();
+        if decided.iter().all(|(_, s)| s.allowed) {
+            for (c, (tat, _)) in charges.iter().zip(&decided) {
+                tats.insert(c.key.clone(), *tat);
+            }
+        }
+        if tats.len() > MEMORY_STORE_SWEEP {
+            tats.retain(|_, tat| *tat > now_ms);
+        }
+        Ok(decided.into_iter().map(|(_, s)| s).collect())
+    }
+}
+
+/// Tokens reserved for one request, settled by [`RateLimiter::settle`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    pub estimate: u64,
+    charges: Vec<Charge>,
+}
+
+pub struct RateLimiter {
+    policy: LimitsPolicy,
+    store: Arc<dyn LimitStore>,
+    clock: Arc<dyn Clock>,
+}
+
+const MINUTE_MS: f64 = 60_000.0;
+
+fn charge(key: String, cost: f64, per_minute: u64, burst: Option<u64>) -> Charge {
+    Charge {
+        key,
+        cost,
+        emission_ms: MINUTE_MS / per_minute as f64,
+        burst: burst.unwrap_or(per_minute) as f64,
+        force: false,
+    }
+}
+
+/// `x-ratelimit-reset-*` in OpenAI's duration style.
+fn duration(ms: f64) -> String {
+    if ms < 1000.0 {
+        format!("{}ms", ms.ceil() as u64)
+    } else {
+        format!("{}s", (ms / 1000.0).ceil() as u64)
+    }
+}
+
+impl RateLimiter {
+    /// `policy` must have passed [`LimitsPolicy::validate`].
+    pub fn new(policy: LimitsPolicy, store: Arc<dyn LimitStore>, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            policy,
+            store,
+            clock,
+        }
+    }
+
+    /// Tokens a request may use: prompt characters / `chars_per_token`,
+    /// plus `max_tokens` (or the default) where the route completes.
+    pub fn estimate(&self, route: Route, body: &Value) -> u64 {
+        let e = &self.policy.estimate;
+        let mut chars = 0usize;
+        let mut count = |v: &Value| count_chars(v, &mut chars);
+        match route {
+            Route::ChatCompletions => body["messages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .for_each(|m| count(&m["content"])),
+            Route::Completions => count(&body["prompt"]),
+            Route::Embeddings => count(&body["input"]),
+            Route::Models => {}
+        }
+        let prompt = (chars as u64).div_ceil(e.chars_per_token.max(1));
+        let completion = match route {
+            Route::ChatCompletions | Route::Completions => body["max_completion_tokens"]
+                .as_u64()
+                .or_else(|| body["max_tokens"].as_u64())
+                .unwrap_or(e.default_max_tokens),
+            _ => 0,
+        };
+        prompt + completion
+    }
+
+    /// Charge or refund the difference between the reservation and the real
+    /// usage. `None` (usage unknown) keeps the reservation as spent.
+    pub async fn settle(&self, reservation: &Reservation, used: Option<u64>) -> Result<(), String> {
+        let Some(used) = used else {
+            return Ok(());
+        };
+        let diff = used as f64 - reservation.estimate as f64;
+        if diff == 0.0 || reservation.charges.is_empty() {
+            return Ok(());
+        }
+        let charges: Vec<Charge> = reservation
+            .charges
+            .iter()
+            .map(|c| Charge {
+                cost: diff,
+                force: true,
+                ..c.clone()
+            })
+            .collect();
+        self.store
+            .apply(&charges, self.clock.now_ms() as f64)
+            .await
+            .map(drop)
+    }
+}
+
+fn count_chars(v: &Value, chars: &mut usize) {
+    match v {
+        Value::String(s) => *chars += s.chars().count(),
+        Value::Array(items) => items.iter().for_each(|i| count_chars(i, chars)),
+        // Content parts: only their text counts (not `type`, not image URLs).
+        Value::Object(o) => o.get("text").into_iter().for_each(|i| count_chars(i, chars)),
+        _ => {}
+    }
+}
+
+#[async_trait]
+impl RequestFilter for RateLimiter {
+    fn kind(&self) -> FilterKind {
+        FilterKind::RateLimit
+    }
+
+    async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError> {
+        let (subject, tenant, roles) = match request.principal {
+            Some(p) => (format!("sub:{}/{}", p.tenant, p.subject), Some(p.tenant.as_str()), p.roles.as_slice()),
+            None => (
+                format!("ip:{}", request.client_ip.map(|ip| ip.to_string()).unwrap_or_default()),
+                None,
+                &[][..],
+            ),
+        };
+        let Some(tier) = self.policy.tier_for(roles) else {
+            return Err(FilterError::new(ErrorCode::LimiterUnavailable, "no tier applies"));
+        };
+        let scope = match (tier.per_model, request.model) {
+            (true, Some(m)) => format!("{subject}/model:{m}"),
+            _ => subject,
+        };
+        let mut charges = vec![charge(format!("req:{scope}"), 1.0, tier.requests_per_minute, tier.burst)];
+        let tenant_limit = tenant.zip(self.policy.tenant.as_ref());
+        if let Some((t, limit)) = tenant_limit {
+            charges.push(charge(format!("req:tenant:{t}"), 1.0, limit.requests_per_minute, limit.burst));
+        }
+        let requests = charges.len();
+        let estimate = self.estimate(request.route, request.body);
+        if let Some(tpm) = tier.tokens_per_minute {
+            charges.push(charge(format!("tok:{scope}"), estimate as f64, tpm, None));
+        }
+        if let Some((t, Some(tpm))) = tenant_limit.map(|(t, l)| (t, l.tokens_per_minute)) {
+            charges.push(charge(format!("tok:tenant:{t}"), estimate as f64, tpm, None));
+        }
+        let states = self
+            .store
+            .apply(&charges, self.clock.now_ms() as f64)
+            .await
+            .map_err(|e| FilterError::new(ErrorCode::LimiterUnavailable, e))?;
+        let (req_states, tok_states) = states.split_at(requests.min(states.len()));
+
+        let mut facts = vec![
+            Fact::Header("x-ratelimit-limit-requests", tier.requests_per_minute.to_string()),
+            Fact::Header("x-ratelimit-remaining-requests", min_remaining(req_states).to_string()),
+            Fact::Header("x-ratelimit-reset-requests", duration(max_reset(req_states))),
+        ];
+        if let Some(tpm) = tier.tokens_per_minute {
+            facts.push(Fact::Header("x-ratelimit-limit-tokens", tpm.to_string()));
+            facts.push(Fact::Header("x-ratelimit-remaining-tokens", min_remaining(tok_states).to_string()));
+            facts.push(Fact::Header("x-ratelimit-reset-tokens", duration(max_reset(tok_states))));
+        }
+        let denied: Vec<(usize, &LimitState)> = states.iter().enumerate().filter(|(_, s)| !s.allowed).collect();
+        if let Some(&(first, _)) = denied.first() {
+            let wait = denied.iter().map(|(_, s)| s.retry_after_ms).fold(0.0, f64::max);
+            facts.push(Fact::Header("retry-after", ((wait / 1000.0).ceil() as u64).max(1).to_string()));
+            let (code, what) = if first < requests {
+                (ErrorCode::RateLimited, "request rate")
+            } else {
+                (ErrorCode::TokenBudgetExceeded, "token budget")
+            };
+            let reason = format!(
+                "{what} limit of tier '{}' on {} (retry in {} ms, estimate {estimate} tokens)",
+                tier.id, charges[first].key, wait.ceil()
+            );
+            let mut verdict = Verdict::from(Decision::Deny(Rejection::new(code, reason)));
+            verdict.facts = facts;
+            return Ok(verdict);
+        }
+        let token_charges: Vec<Charge> = charges[requests..].to_vec();
+        if !token_charges.is_empty() {
+            facts.push(Fact::Reservation(Reservation {
+                estimate,
+                charges: token_charges,
+            }));
+        }
+        let mut verdict = Verdict::from(Decision::Annotate(vec![crate::chain::Annotation {
+            key: "tier",
+            value: Value::String(tier.id.clone()),
+        }]));
+        verdict.facts = facts;
+        Ok(verdict)
+    }
+}
+
+fn min_remaining(states: &[LimitState]) -> u64 {
+    states.iter().map(|s| s.remaining).min().unwrap_or(0)
+}
+
+fn max_reset(states: &[LimitState]) -> f64 {
+    states.iter().map(|s| s.reset_ms).fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,236 @@
+use super::*;
+use crate::clock::ManualClock;
+use crate::request::Principal;
+use serde_json::json;
+
+const T0: u64 = 1_800_000_000_000;
+
+fn policy() -> LimitsPolicy {
+    LimitsPolicy {
+        tiers: vec![
+            Tier {
+                id: "trial".into(),
+                roles: vec!["trial".into()],
+                requests_per_minute: 5,
+                burst: Some(5),
+                tokens_per_minute: Some(1000),
+                per_model: false,
+            },
+            Tier {
+                id: "standard".into(),
+                roles: vec![],
+                requests_per_minute: 600,
+                burst: Some(100),
+                tokens_per_minute: None,
+                per_model: true,
+            },
+        ],
+        default_tier: "standard".into(),
+        tenant: Some(TenantLimit {
+            requests_per_minute: 8,
+            burst: Some(8),
+            tokens_per_minute: None,
+        }),
+        estimate: Estimate::default(),
+    }
+}
+
+struct Fixture {
+    limiter: RateLimiter,
+    clock: Arc<ManualClock>,
+}
+
+fn fixture() -> Fixture {
+    let clock = Arc::new(ManualClock::at_ms(T0));
+    Fixture {
+        limiter: RateLimiter::new(policy(), Arc::new(MemoryStore::default()), clock.clone()),
+        clock,
+    }
+}
+
+fn who(sub: &str, roles: &[&str]) -> Principal {
+    Principal {
+        subject: sub.into(),
+        tenant: "acme".into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+async fn ask(f: &Fixture, p: &Principal, body: &Value) -> Verdict {
+    let view = RequestView {
+        request_id: "r",
+        authorization: None,
+        principal: Some(p),
+        route: Route::ChatCompletions,
+        body,
+        model: Some("m"),
+        stream: false,
+        client_ip: None,
+    };
+    f.limiter.check(&view).await.unwrap()
+}
+
+fn small() -> Value {
+    json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10})
+}
+
+fn header<'a>(v: &'a Verdict, name: &str) -> Option<&'a str> {
+    v.facts.iter().find_map(|f| match f {
+        Fact::Header(n, value) if *n == name => Some(value.as_str()),
+        _ => None,
+    })
+}
+
+fn code(v: &Verdict) -> Option<ErrorCode> {
+    match &v.decision {
+        Decision::Deny(r) => Some(r.code),
+        _ => None,
+    }
+}
+
+#[test]
+fn gcra_admits_the_burst_then_the_rate() {
+    let c = Charge {
+        key: "k".into(),
+        cost: 1.0,
+        emission_ms: 12_000.0,
+        burst: 5.0,
+        force: false,
+    };
+    let mut tat = None;
+    for expected_remaining in (0..5).rev() {
+        let (t, s) = gcra(tat, 0.0, &c);
+        assert!(s.allowed);
+        assert_eq!(s.remaining, expected_remaining);
+        tat = Some(t);
+    }
+    let (t, s) = gcra(tat, 0.0, &c);
+    assert!(!s.allowed);
+    assert_eq!(s.retry_after_ms, 12_000.0);
+    assert_eq!(t, tat.unwrap(), "a refusal stores nothing new");
+    let (_, s) = gcra(tat, 12_000.0, &c);
+    assert!(s.allowed, "one emission interval later, one more");
+}
+
+#[tokio::test]
+async fn trial_burst_then_429_with_headers_then_recovery() {
+    let f = fixture();
+    let alice = who("alice", &["trial"]);
+    for i in 0..5 {
+        let v = ask(&f, &alice, &small()).await;
+        assert_eq!(code(&v), None, "request {i}");
+        assert_eq!(header(&v, "x-ratelimit-limit-requests"), Some("5"));
+        assert_eq!(header(&v, "x-ratelimit-remaining-requests"), Some(&*(4 - i).to_string()));
+    }
+    let v = ask(&f, &alice, &small()).await;
+    assert_eq!(code(&v), Some(ErrorCode::RateLimited));
+    assert_eq!(header(&v, "retry-after"), Some("12"));
+    assert_eq!(header(&v, "x-ratelimit-remaining-requests"), Some("0"));
+    f.clock.advance_ms(12_000);
+    assert_eq!(code(&ask(&f, &alice, &small()).await), None);
+}
+
+#[tokio::test]
+async fn tenant_limit_is_shared_and_a_refusal_charges_nothing() {
+    let f = fixture();
+    // The tenant allows 8 at once; subjects of the standard tier allow 100.
+    for i in 0..8 {
+        let v = ask(&f, &who(&format!("u{i}"), &[]), &small()).await;
+        assert_eq!(code(&v), None);
+    }
+    let v = ask(&f, &who("u0", &[]), &small()).await;
+    assert_eq!(code(&v), Some(ErrorCode::RateLimited));
+    if let Decision::Deny(r) = &v.decision {
+        assert!(r.reason.contains("req:tenant:acme"), "{}", r.reason);
+    }
+    // u0's own key was not charged by the refused request: after the
+    // tenant refills one slot, u0 has 99 left, not 98.
+    f.clock.advance_ms(7_500);
+    let v = ask(&f, &who("u0", &[]), &small()).await;
+    assert_eq!(code(&v), None);
+}
+
+#[tokio::test]
+async fn token_budget_reserves_and_settles() {
+    let f = fixture();
+    let alice = who("alice", &["trial"]);
+    // Estimate: 1 prompt token + max_tokens 600 = 601 of 1000.
+    let big = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600});
+    let v = ask(&f, &alice, &big).await;
+    assert_eq!(code(&v), None);
+    let reservation = v
+        .facts
+        .iter()
+        .find_map(|x| match x {
+            Fact::Reservation(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(reservation.estimate, 601);
+    let v = ask(&f, &alice, &big).await;
+    assert_eq!(code(&v), Some(ErrorCode::TokenBudgetExceeded));
+    assert_eq!(header(&v, "x-ratelimit-remaining-tokens"), Some("399"));
+    // The first used only 51 tokens: 550 come back.
+    f.limiter.settle(&reservation, Some(51)).await.unwrap();
+    let v = ask(&f, &alice, &big).await;
+    assert_eq!(code(&v), None, "{:?}", v.decision);
+    // A response bigger than its estimate is charged in full.
+    let r2 = v
+        .facts
+        .iter()
+        .find_map(|x| match x {
+            Fact::Reservation(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap();
+    // Spent: 51 + 990 = 1041 of 1000.
+    f.limiter.settle(&r2, Some(990)).await.unwrap();
+    let v = ask(&f, &alice, &small()).await;
+    assert_eq!(code(&v), Some(ErrorCode::TokenBudgetExceeded));
+}
+
+#[test]
+fn concurrent_requests_cannot_overspend() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let f = Arc::new(fixture());
+        let big = Arc::new(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 99}));
+        // 40 trial requests at once: the request burst allows 5, the token
+        // budget (1000, 100 per request) allows 10; 5 must win.
+        let tasks: Vec<_> = (0..40)
+            .map(|_| {
+                let (f, big) = (f.clone(), big.clone());
+                tokio::spawn(async move { code(&ask(&f, &who("alice", &["trial"]), &big).await).is_none() })
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert_eq!(admitted, 5);
+    });
+}
+
+#[test]
+fn estimates() {
+    let f = fixture();
+    let body = json!({"messages": [{"role": "system", "content": "12345678"},
+        {"role": "user", "content": [{"type": "text", "text": "abcd"}]}], "max_tokens": 7});
+    assert_eq!(f.limiter.estimate(Route::ChatCompletions, &body), 3 + 7);
+    assert_eq!(f.limiter.estimate(Route::ChatCompletions, &json!({"messages": []})), 1024);
+    assert_eq!(f.limiter.estimate(Route::Embeddings, &json!({"input": ["abcd", "efgh"]})), 2);
+}
+
+#[test]
+fn policy_validation_reports_every_problem() {
+    let mut p = policy();
+    p.tiers[1].id = "trial".into();
+    p.tiers[0].requests_per_minute = 0;
+    p.default_tier = "gold".into();
+    let errors = p.validate();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(policy().validate().is_empty());
+}
