@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages Portcullis needs to build and test, when they
-# are missing: cmake and a C compiler (Pingora builds zlib-ng), and Python's
-# venv module (the OpenAI SDK tests). Debian/Ubuntu; uses sudo when not root.
+# are missing: cmake and a C compiler (Pingora builds zlib-ng), Python's venv
+# module (the OpenAI SDK tests) and redis-server (the shared-limit tests).
+# Debian/Ubuntu; uses sudo when not root.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if command -v python3 >/dev/null 2>&1; then
   probe=$(mktemp -d)
   if ! python3 -m venv "$probe/v" >/dev/null 2>&1; then need+=(python3-venv); fi

@@ -1,8 +1,10 @@
 //! The `portcullis` command line.
 
 use crate::audit::{self, Verification};
-use crate::config::Config;
+use crate::config::{Config, ConfigError, ConfigErrors};
+use crate::keys::{self, DevKeys, TokenRequest};
 use crate::mock::{self, MockOptions, MockState};
+use crate::pipeline;
 use crate::server::{self, MockService};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -57,6 +59,45 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Dev signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Mint a JWT signed with a dev key (created on first use).
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Comma-separated roles.
+        #[arg(long, value_delimiter = ',', default_value = "user")]
+        roles: Vec<String>,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// ES256 private key (PKCS#8 PEM); its file name is the kid.
+        #[arg(long, default_value = "keys/private/dev.key")]
+        key: PathBuf,
+        #[arg(long, default_value = DEV_ISSUER)]
+        issuer: String,
+        #[arg(long, default_value = DEV_AUDIENCE)]
+        audience: String,
+    },
+}
+
+/// The issuer and audience of dev tokens, as `config/demo.yaml` expects.
+pub const DEV_ISSUER: &str = "portcullis-dev";
+pub const DEV_AUDIENCE: &str = "portcullis";
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new dev key pair: DIR/private/dev.key (git-ignored) and
+    /// DIR/dev.pem (the public key the gateway loads). Replaces old ones.
+    Generate {
+        #[arg(long, default_value = "keys")]
+        dir: PathBuf,
     },
 }
 
@@ -116,7 +157,23 @@ pub fn main() -> ExitCode {
         }
         Command::Demo { config } => demo(&config),
         Command::MockProvider { listen, options } => mock_provider(listen, options.into()),
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match Config::load(&config).and_then(|cfg| {
+            let errors = pipeline::check(&cfg);
+            if errors.is_empty() {
+                Ok(cfg)
+            } else {
+                Err(ConfigErrors(
+                    errors
+                        .into_iter()
+                        .map(|message| ConfigError {
+                            file: config.clone(),
+                            key: String::new(),
+                            message,
+                        })
+                        .collect(),
+                ))
+            }
+        }) {
             Ok(cfg) => {
                 println!(
                     "{}: ok ({} providers, {} models)",
@@ -132,6 +189,49 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Keys {
+            command: KeysCommand::Generate { dir },
+        } => {
+            let keys = DevKeys::in_dir(&dir);
+            match keys.generate() {
+                Ok(()) => {
+                    println!("private key: {}", keys.private.display());
+                    println!("public key:  {} (kid \"dev\")", keys.public.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => finish(Err(e)),
+            }
+        }
+        Command::Token {
+            sub,
+            tenant,
+            roles,
+            ttl,
+            key,
+            issuer,
+            audience,
+        } => {
+            if key == Path::new("keys/private/dev.key") {
+                if let Err(e) = DevKeys::in_dir(Path::new("keys")).ensure() {
+                    return finish(Err(e));
+                }
+            }
+            let request = TokenRequest {
+                sub: &sub,
+                tenant: &tenant,
+                roles: &roles,
+                ttl,
+                issuer: &issuer,
+                audience: &audience,
+            };
+            match keys::mint(&key, &request) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => finish(Err(e)),
+            }
+        }
         Command::Audit {
             command: AuditCommand::Verify { file },
         } => match audit::verify(&file) {
@@ -207,6 +307,50 @@ fn demo(config: &Path) -> ExitCode {
         .next()
         .cloned()
         .unwrap_or_else(|| "mock-small".into());
+    // The demo signs its own tokens: make the dev key pair on first use, in
+    // the first key folder the config loads.
+    let key_dir = cfg
+        .auth
+        .as_ref()
+        .and_then(|a| a.keys.iter().find_map(|k| k.dir.clone()));
+    let mut tokens = Vec::new();
+    if let Some(dir) = &key_dir {
+        let dev = DevKeys::in_dir(dir);
+        match dev.ensure() {
+            Ok(true) => println!("created a dev key pair: {}", dev.public.display()),
+            Ok(false) => {}
+            Err(e) => return finish(Err(e)),
+        }
+        for (who, roles) in [
+            ("demo-user", "user"),
+            ("demo-trial", "trial"),
+            ("demo-admin", "portcullis:admin"),
+        ] {
+            let roles = vec![roles.to_string()];
+            let request = TokenRequest {
+                sub: who,
+                tenant: "demo",
+                roles: &roles,
+                ttl: std::time::Duration::from_secs(12 * 3600),
+                issuer: DEV_ISSUER,
+                audience: DEV_AUDIENCE,
+            };
+            match keys::mint(&dev.private, &request) {
+                Ok(t) => tokens.push(t),
+                Err(e) => return finish(Err(e)),
+            }
+        }
+    }
+    let [user, trial, admin_token] = match <[String; 3]>::try_from(tokens) {
+        Ok(t) => t,
+        Err(_) => {
+            eprintln!(
+                "{}: the demo needs an `auth` key folder (keys: - dir: ...)",
+                config.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
     let base = format!("http://{}/v1", cfg.listen);
     let audit = cfg
         .audit
@@ -223,19 +367,28 @@ Portcullis demo
   audit     {audit}
             check it any time: portcullis audit verify {audit}
 
+Tokens (valid 12 hours; mint more with `portcullis token --sub NAME --roles user`):
+  user   (role user, 600 requests/min):
+    export PORTCULLIS_TOKEN={user}
+  trial  (role trial, 5 requests/min, burst 5: the 6th in a minute gets 429):
+    export PORTCULLIS_TRIAL_TOKEN={trial}
+  admin  (role portcullis:admin):
+    export PORTCULLIS_ADMIN_TOKEN={admin_token}
+
 Try it with curl:
   curl -s {base}/chat/completions -H 'content-type: application/json' \
-    -H 'authorization: Bearer demo-key' \
+    -H "authorization: Bearer $PORTCULLIS_TOKEN" \
     -d '{{"model":"{model}","messages":[{{"role":"user","content":"Hello, Portcullis"}}]}}'
 
 Or with the OpenAI Python SDK (pip install openai):
+  import os
   from openai import OpenAI
-  client = OpenAI(base_url="{base}", api_key="demo-key")
+  client = OpenAI(base_url="{base}", api_key=os.environ["PORTCULLIS_TOKEN"])
   r = client.chat.completions.create(model="{model}",
         messages=[{{"role": "user", "content": "Hello, Portcullis"}}])
   print(r.choices[0].message.content)
 
-API keys are not checked yet: any key is accepted. Stop with Ctrl-C.
+Stop with Ctrl-C.
 "#,
         admin = cfg.admin_listen,
     );

@@ -179,12 +179,127 @@ pub struct AuditSection {
     pub record_content: bool,
 }
 
+/// `auth:` — JWT authentication. Without this section every request is
+/// accepted unauthenticated (the gateway warns at start-up).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub mode: filters::Mode,
+    #[serde(default)]
+    pub on_error: filters::OnError,
+    /// Where verification keys come from; at least one entry.
+    pub keys: Vec<KeyEntry>,
+    /// Required `iss`, when set.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Accepted `aud` values; the token must name one. Empty: not checked.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    #[serde(default)]
+    pub claims: ClaimsSection,
+    /// Tenant of tokens without a tenant claim.
+    #[serde(default = "default_tenant")]
+    pub default_tenant: String,
+    /// Verified tokens kept in memory.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: usize,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_tenant() -> String {
+    "default".into()
+}
+fn default_cache_size() -> usize {
+    10_000
+}
+
+/// Dotted claim paths, e.g. `realm_access.roles` for Keycloak.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClaimsSection {
+    pub subject: String,
+    pub tenant: String,
+    pub roles: String,
+}
+
+impl Default for ClaimsSection {
+    fn default() -> Self {
+        Self {
+            subject: "sub".into(),
+            tenant: "tenant".into(),
+            roles: "roles".into(),
+        }
+    }
+}
+
+/// One source of keys: exactly one of `dir`, `file`, `jwks_file`,
+/// `jwks_url`, `hmac_secret`.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    /// Every `*.pem` public key in a folder; the kid is the file name
+    /// without `.pem`.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// One PEM public key; kid from `kid` or the file name.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// A JWKS document on disk.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// A JWKS URL (an identity provider's), refreshed in the background
+    /// and when a token names an unknown kid.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// A shared HMAC secret (at least 32 bytes); needs `kid` and an HS* `alg`.
+    #[serde(default)]
+    pub hmac_secret: Option<String>,
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// The algorithm the key is pinned to; inferred from PEM keys when left out.
+    #[serde(default)]
+    pub alg: Option<String>,
+    /// Seconds between JWKS refreshes (default 300).
+    #[serde(default)]
+    pub refresh_secs: Option<u64>,
+}
+
+/// `rate_limit:` — request limits and token budgets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    #[serde(default)]
+    pub mode: filters::Mode,
+    #[serde(default)]
+    pub on_error: filters::OnError,
+    /// Tiers file, e.g. `../policies/rate-limits.yaml`.
+    pub policy: PathBuf,
+}
+
+/// `state:` — where shared state lives.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSection {
+    /// With a Redis URL, rate limits are shared by every gateway using it.
+    pub redis_url: Option<String>,
+    /// Longest wait for one Redis operation (default 500 ms).
+    pub redis_timeout_ms: Option<u64>,
+}
+
 const SECTIONS: &[&str] = &[
     "server",
     "limits",
     "state_dir",
+    "state",
     "providers",
     "models",
+    "auth",
+    "rate_limit",
     "audit",
 ];
 
@@ -204,6 +319,12 @@ pub struct Config {
     pub providers: BTreeMap<String, Provider>,
     pub models: BTreeMap<String, ModelRoute>,
     pub audit: AuditSection,
+    /// Key paths already made absolute.
+    pub auth: Option<AuthSection>,
+    /// Policy path already made absolute; the policy itself is loaded by
+    /// `pipeline::load_limits`.
+    pub rate_limit: Option<RateLimitSection>,
+    pub state: StateSection,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +400,20 @@ impl Config {
         let models: BTreeMap<String, ModelSection> =
             section(&map, "models", &mut errors).unwrap_or_default();
         let audit: AuditSection = section(&map, "audit", &mut errors).unwrap_or_default();
+        let auth: Option<AuthSection> = section(&map, "auth", &mut errors);
+        let rate_limit: Option<RateLimitSection> = section(&map, "rate_limit", &mut errors);
+        let state: StateSection = section(&map, "state", &mut errors).unwrap_or_default();
+        if let Some(url) = &state.redis_url {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                errors.push(
+                    "state.redis_url",
+                    format!("'{url}' is not a redis:// or rediss:// URL"),
+                );
+            }
+        }
+        if let Some(a) = &auth {
+            check_auth(a, &mut errors);
+        }
 
         let listen = parse_addr(&server.listen, "server.listen", &mut errors);
         let admin_listen = parse_addr(&server.admin_listen, "server.admin_listen", &mut errors);
@@ -325,6 +460,18 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut audit = audit;
         audit.file = audit.file.map(|f| base.join(f));
+        let auth = auth.map(|mut a| {
+            for k in &mut a.keys {
+                k.dir = k.dir.take().map(|p| base.join(p));
+                k.file = k.file.take().map(|p| base.join(p));
+                k.jwks_file = k.jwks_file.take().map(|p| base.join(p));
+            }
+            a
+        });
+        let rate_limit = rate_limit.map(|mut r| {
+            r.policy = base.join(&r.policy);
+            r
+        });
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
         }
@@ -343,6 +490,9 @@ impl Config {
             providers: built_providers,
             models: routes,
             audit,
+            auth,
+            rate_limit,
+            state,
         })
     }
 }
@@ -381,6 +531,53 @@ fn section<T: DeserializeOwned>(
             };
             errors.push(&key, e.into_inner().to_string());
             None
+        }
+    }
+}
+
+fn check_auth(a: &AuthSection, errors: &mut Errors) {
+    if a.keys.is_empty() {
+        errors.push("auth.keys", "at least one key source is required");
+    }
+    for (i, k) in a.keys.iter().enumerate() {
+        let key = format!("auth.keys[{i}]");
+        let sources = [
+            k.dir.is_some(),
+            k.file.is_some(),
+            k.jwks_file.is_some(),
+            k.jwks_url.is_some(),
+            k.hmac_secret.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count();
+        if sources != 1 {
+            errors.push(
+                &key,
+                "give exactly one of dir, file, jwks_file, jwks_url, hmac_secret",
+            );
+        }
+        if let Some(alg) = &k.alg {
+            if alg.parse::<jsonwebtoken::Algorithm>().is_err() {
+                errors.push(&format!("{key}.alg"), format!("unknown algorithm '{alg}'"));
+            }
+        }
+        if k.hmac_secret.is_some() && (k.kid.is_none() || k.alg.is_none()) {
+            errors.push(
+                &key,
+                "an hmac_secret needs a kid and an HS256/HS384/HS512 alg",
+            );
+        }
+        if let Some(url) = &k.jwks_url {
+            if url::Url::parse(url)
+                .map(|u| !matches!(u.scheme(), "http" | "https"))
+                .unwrap_or(true)
+            {
+                errors.push(
+                    &format!("{key}.jwks_url"),
+                    format!("'{url}' is not an http(s) URL"),
+                );
+            }
         }
     }
 }

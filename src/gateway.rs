@@ -14,6 +14,7 @@ use crate::respond::{error_body, error_event};
 use crate::upstream::{Exchange, Upstream, UpstreamError};
 use async_trait::async_trait;
 use bytes::Bytes;
+use filters::rate_limit::{RateLimiter, Reservation};
 use filters::{
     Chain, ErrorCode, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent,
     SseFramer,
@@ -34,6 +35,7 @@ pub struct Gateway {
     cfg: Arc<Config>,
     chain: Chain,
     responses: ResponseChain,
+    limiter: Option<Arc<RateLimiter>>,
     upstream: Upstream,
     audit: AuditLog,
     /// `GET /v1/models`, built once.
@@ -44,6 +46,12 @@ pub struct Gateway {
 pub struct Ctx {
     started: Instant,
     body_read: bool,
+    /// Headers the filters set for the client's response.
+    headers: Vec<(&'static str, String)>,
+    /// Token budget reservations to settle after the response.
+    reservations: Vec<Reservation>,
+    /// The gateway asked for the stream's usage event; the client did not.
+    strip_usage: bool,
     rec: RequestRecord,
 }
 
@@ -52,6 +60,7 @@ impl Gateway {
         cfg: Arc<Config>,
         chain: Chain,
         responses: ResponseChain,
+        limiter: Option<Arc<RateLimiter>>,
         upstream: Upstream,
         audit: AuditLog,
     ) -> Self {
@@ -65,6 +74,7 @@ impl Gateway {
             cfg,
             chain,
             responses,
+            limiter,
             upstream,
             audit,
             model_list,
@@ -155,8 +165,15 @@ impl Gateway {
         };
         ctx.rec.upstream_model = Some(target.upstream_model.clone());
 
+        let authorization = s
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         let view = RequestView {
             request_id: &ctx.rec.request_id,
+            authorization,
+            principal: None,
             route,
             body: &parsed.json,
             model: Some(&parsed.model),
@@ -170,15 +187,30 @@ impl Gateway {
                 .observe(o.latency_us as f64 / 1e6);
         }
         ctx.rec.filters = report.outcomes;
+        if let Some(p) = report.principal {
+            ctx.rec.sub = Some(p.subject);
+            ctx.rec.tenant = Some(p.tenant);
+            ctx.rec.roles = p.roles;
+        }
+        ctx.headers = report.headers;
+        ctx.reservations = report.reservations;
         if let Some((kind, r)) = report.rejection {
             return self.refuse(s, ctx, kind.as_str(), r).await;
         }
 
-        let out_body = if target.upstream_model == parsed.model {
+        // A token budget is settled from the stream's final usage event:
+        // ask for it when the client did not, and keep it from the client.
+        ctx.strip_usage = parsed.stream
+            && !ctx.reservations.is_empty()
+            && parsed.json["stream_options"]["include_usage"] != Value::Bool(true);
+        let out_body = if target.upstream_model == parsed.model && !ctx.strip_usage {
             body
         } else {
             let mut json = parsed.json;
             json["model"] = Value::String(target.upstream_model.clone());
+            if ctx.strip_usage {
+                json["stream_options"]["include_usage"] = Value::Bool(true);
+            }
             Bytes::from(json.to_string())
         };
         let mut upstream = UpstreamRecord {
@@ -206,7 +238,8 @@ impl Gateway {
             Err(e) => {
                 upstream.error = Some(e.to_string());
                 ctx.rec.upstream = Some(upstream);
-                return self.upstream_failed(s, ctx, &e).await;
+                self.upstream_failed(s, ctx, &e).await;
+                return self.settle(ctx, Some(0)).await;
             }
         };
         upstream.status = Some(exchange.status());
@@ -219,6 +252,20 @@ impl Gateway {
             self.relay_stream(s, ctx, exchange, route).await
         } else {
             self.relay_json(s, ctx, exchange, route).await
+        }
+        // Whatever was not settled on the way (error paths).
+        let used = total_tokens(ctx);
+        self.settle(ctx, used).await;
+    }
+
+    async fn settle(&self, ctx: &mut Ctx, used: Option<u64>) {
+        let Some(limiter) = &self.limiter else {
+            return;
+        };
+        for r in std::mem::take(&mut ctx.reservations) {
+            if let Err(e) = limiter.settle(&r, used).await {
+                log::warn!("{}: token budget not settled: {e}", ctx.rec.request_id);
+            }
         }
     }
 
@@ -278,7 +325,7 @@ impl Gateway {
         mut ex: Exchange<'_>,
         route: Route,
     ) {
-        let mut header = match response_header(200, &ctx.rec.request_id) {
+        let mut header = match response_header(200, ctx) {
             Ok(h) => h,
             Err(_) => return self.internal_error(s, ctx).await,
         };
@@ -328,6 +375,9 @@ impl Gateway {
             wire.clear();
             for event in events {
                 note_event(&event, &mut usage, &mut done);
+                if ctx.strip_usage && is_usage_only(&event) {
+                    continue;
+                }
                 for out in stages.push(event) {
                     out.write_to(&mut wire);
                 }
@@ -396,6 +446,8 @@ impl Gateway {
             }
         }
         ctx.rec.response_bytes += wire.len();
+        let used = total_tokens(ctx);
+        self.settle(ctx, used).await;
         let last = (!wire.is_empty()).then(|| Bytes::from(wire));
         if s.write_response_body(last, true).await.is_err() {
             ctx.rec.client_gone = true;
@@ -437,7 +489,7 @@ impl Gateway {
     }
 
     async fn reply_json(&self, s: &mut Session, ctx: &mut Ctx, status: u16, body: Bytes) {
-        let Ok(mut header) = response_header(status, &ctx.rec.request_id) else {
+        let Ok(mut header) = response_header(status, ctx) else {
             ctx.rec.status = 500;
             return;
         };
@@ -463,6 +515,9 @@ impl ProxyHttp for Gateway {
         Ctx {
             started: Instant::now(),
             body_read: false,
+            headers: Vec::new(),
+            reservations: Vec::new(),
+            strip_usage: false,
             rec: RequestRecord {
                 kind: "request",
                 ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -542,9 +597,13 @@ fn expects_continue(s: &Session) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-fn response_header(status: u16, request_id: &str) -> pingora::Result<ResponseHeader> {
-    let mut h = ResponseHeader::build(status, Some(4))?;
-    h.insert_header("x-request-id", request_id)?;
+/// A response header with the request id and the filters' headers.
+fn response_header(status: u16, ctx: &Ctx) -> pingora::Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(4 + ctx.headers.len()))?;
+    h.insert_header("x-request-id", &ctx.rec.request_id)?;
+    for (name, value) in &ctx.headers {
+        h.insert_header(*name, value)?;
+    }
     Ok(h)
 }
 
@@ -593,6 +652,39 @@ fn passes_through(status: u16) -> bool {
 
 fn model_object(id: &str, provider: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": provider})
+}
+
+/// Tokens to settle a budget with: the provider's `usage.total_tokens`; 0
+/// when the provider refused or failed (nothing was generated); unknown
+/// (keep the reservation) when the exchange broke off without usage.
+fn total_tokens(ctx: &Ctx) -> Option<u64> {
+    let provider_ok = ctx
+        .rec
+        .upstream
+        .as_ref()
+        .and_then(|u| u.status)
+        .is_some_and(|st| (200..300).contains(&st));
+    match ctx
+        .rec
+        .usage
+        .as_ref()
+        .and_then(|u| u["total_tokens"].as_u64())
+    {
+        Some(n) => Some(n),
+        None if !provider_ok => Some(0),
+        None => None,
+    }
+}
+
+/// The final `choices: []` event that only carries `usage`.
+fn is_usage_only(event: &SseEvent) -> bool {
+    event
+        .data
+        .as_deref()
+        .is_some_and(|d| d.contains("\"usage\""))
+        && event.json().is_some_and(|v| {
+            v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object()
+        })
 }
 
 /// Track what the gateway itself needs from a stream: `usage` and `[DONE]`.

@@ -7,9 +7,9 @@ use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics;
 use crate::mock::{self, MockOptions, MockState};
+use crate::pipeline;
 use crate::upstream::Upstream;
 use async_trait::async_trait;
-use filters::{Chain, ResponseChain};
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::proxy::http_proxy_service;
@@ -47,7 +47,7 @@ fn check_bindable(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
 }
 
-fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> Server {
+fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow::Result<Server> {
     let conf = ServerConf {
         threads: cfg.threads,
         grace_period_seconds: Some(cfg.shutdown_grace.as_secs()),
@@ -56,16 +56,21 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> Server
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let connector = Connector::new(Some(ConnectorOptions::from_server_conf(
-        &server.configuration,
-    )));
-    let upstream = Upstream::new(cfg.providers.values(), connector);
-    // The request and response chains: no filter is configured yet; the
-    // order they will run in is fixed by `filters::FilterKind`.
+    let options = ConnectorOptions::from_server_conf(&server.configuration);
+    let upstream = Upstream::new(
+        cfg.providers.values(),
+        Connector::new(Some(options.clone())),
+    );
+    let pipeline = pipeline::build(&cfg, Arc::new(Connector::new(Some(options))))
+        .map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
+    if let Some(jwks) = pipeline.jwks {
+        server.add_service(background_service("jwks", jwks));
+    }
     let gateway = Gateway::new(
         cfg.clone(),
-        Chain::new(Vec::new()),
-        ResponseChain::new(Vec::new()),
+        pipeline.chain,
+        pipeline.responses,
+        pipeline.limiter,
         upstream,
         audit,
     );
@@ -82,7 +87,7 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> Server
     if let Some(mock) = mock {
         server.add_service(background_service("mock provider", mock));
     }
-    server
+    Ok(server)
 }
 
 /// Run until SIGTERM (graceful) or SIGINT (fast); then write every queued
@@ -105,7 +110,14 @@ pub fn run(cfg: Config, mock: Option<MockService>) -> anyhow::Result<()> {
         cfg.admin_listen,
         cfg.source.display()
     );
-    build(cfg, audit, mock).run(RunArgs::default());
+    let server = match build(cfg, audit, mock) {
+        Ok(s) => s,
+        Err(e) => {
+            writer.close();
+            return Err(e);
+        }
+    };
+    server.run(RunArgs::default());
     writer.close();
     log::info!("portcullis stopped; audit records flushed");
     Ok(())

@@ -317,3 +317,86 @@ impl Exchange<'_> {
         }
     }
 }
+
+/// `GET url` and return the body of a 200 (at most 1 MiB), for small
+/// documents such as a JWKS. One attempt, bounded by `timeout`.
+pub async fn get(connector: &Connector, url: &str, timeout: Duration) -> Result<Bytes, String> {
+    let fetch = async {
+        let u = url::Url::parse(url).map_err(|e| e.to_string())?;
+        let tls = u.scheme() == "https";
+        let host = u
+            .host_str()
+            .ok_or("no host")?
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = u.port_or_known_default().ok_or("no port")?;
+        let addr = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port),
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|e| format!("resolving {host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host} has no address"))?,
+        };
+        let mut peer = HttpPeer::new(addr, tls, host.clone());
+        peer.options.connection_timeout = Some(timeout);
+        peer.options.total_connection_timeout = Some(timeout);
+        peer.options.read_timeout = Some(timeout);
+        peer.options.write_timeout = Some(timeout);
+        let path = match u.query() {
+            Some(q) => format!("{}?{q}", u.path()),
+            None => u.path().to_string(),
+        };
+        let mut req =
+            RequestHeader::build("GET", path.as_bytes(), Some(3)).map_err(|e| e.to_string())?;
+        let host_header = match u.port() {
+            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
+            None => u.host_str().unwrap_or_default().to_string(),
+        };
+        req.insert_header("host", host_header)
+            .map_err(|e| e.to_string())?;
+        req.insert_header("accept", "application/json")
+            .map_err(|e| e.to_string())?;
+        let (mut session, _) = connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .write_request_header(Box::new(req))
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .finish_request_body()
+            .await
+            .map_err(|e| e.to_string())?;
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = session
+            .response_header()
+            .map(|h| h.status.as_u16())
+            .unwrap_or(0);
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = session
+            .read_response_body()
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            if body.len() + chunk.len() > 1 << 20 {
+                return Err("document larger than 1 MiB".to_string());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        connector
+            .release_http_session(session, &peer, Some(Duration::from_secs(30)))
+            .await;
+        if status != 200 {
+            return Err(format!("answered {status}"));
+        }
+        Ok(body.freeze())
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+}

@@ -157,6 +157,18 @@ pub trait RequestFilter: Send + Sync {
     async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError>;
 }
 
+/// A shared filter is still a filter (the gateway keeps a handle on the
+/// rate limiter to settle token budgets).
+#[async_trait]
+impl<T: RequestFilter + ?Sized> RequestFilter for std::sync::Arc<T> {
+    fn kind(&self) -> FilterKind {
+        (**self).kind()
+    }
+    async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError> {
+        (**self).check(request).await
+    }
+}
+
 /// What happened at one filter, for the audit record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -40,7 +40,9 @@ impl std::fmt::Debug for VerifyKey {
 }
 
 // DER encodings of the algorithm identifiers in a SubjectPublicKeyInfo.
-const OID_RSA: &[u8] = &[0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01];
+const OID_RSA: &[u8] = &[
+    0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x01,
+];
 const OID_P256: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
 const OID_P384: &[u8] = &[0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x22];
 const OID_ED25519: &[u8] = &[0x06, 0x03, 0x2B, 0x65, 0x70];
@@ -116,7 +118,8 @@ impl VerifyKey {
     /// Every usable signing key of a JWKS document. Symmetric (`oct`) keys
     /// and keys without a `kid` are refused.
     pub fn from_jwks(json: &[u8]) -> Result<Vec<Self>, String> {
-        let set: JwkSet = serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+        let set: JwkSet =
+            serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
         set.keys.iter().map(Self::from_jwk).collect()
     }
 
@@ -131,7 +134,9 @@ impl VerifyKey {
             },
             AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
             AlgorithmParameters::OctetKey(_) => {
-                return Err(format!("key {kid}: symmetric keys are not accepted from a JWKS"))
+                return Err(format!(
+                    "key {kid}: symmetric keys are not accepted from a JWKS"
+                ))
             }
         };
         let alg = match jwk.common.key_algorithm {
@@ -171,7 +176,10 @@ pub struct KeySet {
 impl KeySet {
     pub fn new(keys: impl IntoIterator<Item = VerifyKey>) -> Self {
         Self {
-            keys: keys.into_iter().map(|k| (k.kid.clone(), Arc::new(k))).collect(),
+            keys: keys
+                .into_iter()
+                .map(|k| (k.kid.clone(), Arc::new(k)))
+                .collect(),
         }
     }
 
@@ -189,7 +197,9 @@ impl KeySet {
 
     /// The only key, when there is exactly one.
     pub fn single(&self) -> Option<Arc<VerifyKey>> {
-        (self.keys.len() == 1).then(|| self.keys.values().next().cloned()).flatten()
+        (self.keys.len() == 1)
+            .then(|| self.keys.values().next().cloned())
+            .flatten()
     }
 }
 
@@ -246,11 +256,22 @@ impl Default for JwtSettings {
     }
 }
 
+/// A verified token: who, until when, and with which key. A hit counts only
+/// while the key source still holds that very key, so a key removed from a
+/// JWKS stops its cached tokens too.
+struct Cached {
+    principal: Principal,
+    exp: u64,
+    kid: Option<String>,
+    key: Arc<VerifyKey>,
+}
+
 pub struct JwtAuth {
     settings: JwtSettings,
     keys: Arc<dyn KeySource>,
     clock: Arc<dyn Clock>,
-    cache: Mutex<HashMap<[u8; 32], (Principal, u64)>>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    verifications: std::sync::atomic::AtomicU64,
 }
 
 /// Why a token was refused: the code and the check, for the audit record.
@@ -267,16 +288,29 @@ impl JwtAuth {
             keys,
             clock,
             cache: Mutex::new(HashMap::new()),
+            verifications: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Signature checks made so far (cache misses).
+    pub fn verifications(&self) -> u64 {
+        self.verifications
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Verify a bearer token without the cache: the caller, and when the
     /// token expires (seconds since the epoch).
-    pub fn verify(&self, token: &str) -> Result<(Principal, u64), Refusal> {
+    pub fn verify(
+        &self,
+        token: &str,
+    ) -> Result<(Principal, u64, Option<String>, Arc<VerifyKey>), Refusal> {
+        self.verifications
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = self.clock.now_secs();
         let leeway = self.settings.leeway_secs;
         let mut parts = token.split('.');
-        let (Some(header), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(header), Some(_), Some(_), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(refuse("malformed token: not three dot-separated parts"));
         };
@@ -318,7 +352,9 @@ impl JwtAuth {
         let claims = jsonwebtoken::decode::<Value>(token, &key.key, &validation)
             .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => refuse("bad signature"),
-                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => refuse("alg does not match the key"),
+                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
+                    refuse("alg does not match the key")
+                }
                 _ => refuse(format!("malformed token: {e}")),
             })?
             .claims;
@@ -326,17 +362,27 @@ impl JwtAuth {
             return Err(refuse("exp claim missing or not a number"));
         };
         if now >= exp.saturating_add(leeway) {
-            return Err((ErrorCode::TokenExpired, format!("token expired (exp {exp}, now {now})")));
+            return Err((
+                ErrorCode::TokenExpired,
+                format!("token expired (exp {exp}, now {now})"),
+            ));
         }
         if let Some(nbf) = claims.get("nbf") {
-            let nbf = nbf.as_u64().ok_or_else(|| refuse("nbf claim is not a number"))?;
+            let nbf = nbf
+                .as_u64()
+                .ok_or_else(|| refuse("nbf claim is not a number"))?;
             if now.saturating_add(leeway) < nbf {
-                return Err(refuse(format!("token not valid yet (nbf {nbf}, now {now})")));
+                return Err(refuse(format!(
+                    "token not valid yet (nbf {nbf}, now {now})"
+                )));
             }
         }
         if let Some(issuer) = &self.settings.issuer {
             if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
-                return Err(refuse(format!("wrong issuer {}", claims.get("iss").unwrap_or(&Value::Null))));
+                return Err(refuse(format!(
+                    "wrong issuer {}",
+                    claims.get("iss").unwrap_or(&Value::Null)
+                )));
             }
         }
         if !self.settings.audience.is_empty() {
@@ -349,7 +395,10 @@ impl JwtAuth {
                 _ => false,
             };
             if !ok {
-                return Err(refuse(format!("wrong audience {}", claims.get("aud").unwrap_or(&Value::Null))));
+                return Err(refuse(format!(
+                    "wrong audience {}",
+                    claims.get("aud").unwrap_or(&Value::Null)
+                )));
             }
         }
         let paths = &self.settings.claims;
@@ -362,7 +411,11 @@ impl JwtAuth {
             _ => self.settings.default_tenant.clone(),
         };
         let roles = match claim(&claims, &paths.roles) {
-            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect(),
             Some(Value::String(s)) => s.split_whitespace().map(str::to_string).collect(),
             _ => Vec::new(),
         };
@@ -373,30 +426,40 @@ impl JwtAuth {
                 roles,
             },
             exp,
+            kid.map(str::to_string),
+            key,
         ))
     }
 
     fn cached(&self, digest: &[u8; 32]) -> Option<Principal> {
         let now = self.clock.now_secs();
-        let cache = self.cache.lock().ok()?;
-        let (principal, exp) = cache.get(digest)?;
-        (now < exp.saturating_add(self.settings.leeway_secs)).then(|| principal.clone())
+        let hit = {
+            let cache = self.cache.lock().ok()?;
+            let c = cache.get(digest)?;
+            if now >= c.exp.saturating_add(self.settings.leeway_secs) {
+                return None;
+            }
+            (c.principal.clone(), c.kid.clone(), c.key.clone())
+        };
+        let (principal, kid, key) = hit;
+        let current = self.keys.key(kid.as_deref())?;
+        Arc::ptr_eq(&current, &key).then_some(principal)
     }
 
-    fn remember(&self, digest: [u8; 32], principal: Principal, exp: u64) {
+    fn remember(&self, digest: [u8; 32], entry: Cached) {
         let Ok(mut cache) = self.cache.lock() else {
             return;
         };
         if cache.len() >= self.settings.cache_size {
             let now = self.clock.now_secs();
             let leeway = self.settings.leeway_secs;
-            cache.retain(|_, (_, exp)| now < exp.saturating_add(leeway));
+            cache.retain(|_, c| now < c.exp.saturating_add(leeway));
             if cache.len() >= self.settings.cache_size {
                 cache.clear();
             }
         }
         if self.settings.cache_size > 0 {
-            cache.insert(digest, (principal, exp));
+            cache.insert(digest, entry);
         }
     }
 }
@@ -443,8 +506,16 @@ impl RequestFilter for JwtAuth {
             return Ok(Verdict::from(Decision::Allow).with(Fact::Principal(principal)));
         }
         match self.verify(token) {
-            Ok((principal, exp)) => {
-                self.remember(digest, principal.clone(), exp);
+            Ok((principal, exp, kid, key)) => {
+                self.remember(
+                    digest,
+                    Cached {
+                        principal: principal.clone(),
+                        exp,
+                        kid,
+                        key,
+                    },
+                );
                 Ok(Verdict::from(Decision::Allow).with(Fact::Principal(principal)))
             }
             Err((code, reason)) => Ok(denied(code, reason)),

@@ -17,11 +17,11 @@ pub mod response;
 pub mod sse;
 
 pub use chain::{
-    Action, Annotation, Chain, ChainReport, Decision, Fact, FilterError, FilterKind,
-    FilterOutcome, FilterSettings, Mode, OnError, RequestFilter, Verdict,
+    Action, Annotation, Chain, ChainReport, Decision, Fact, FilterError, FilterKind, FilterOutcome,
+    FilterSettings, Mode, OnError, RequestFilter, Verdict,
 };
-pub use error::{ErrorCode, Rejection};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{ErrorCode, Rejection};
 pub use request::{Principal, RequestView, Route};
 pub use response::{ResponseChain, ResponseContext, ResponseStage, ResponseStream, StreamStage};
 pub use sse::{SseEvent, SseFramer};

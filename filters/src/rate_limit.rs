@@ -99,13 +99,17 @@ impl LimitsPolicy {
                 errors.push(format!("tiers[{i}].id: duplicate tier '{}'", t.id));
             }
             if t.requests_per_minute == 0 {
-                errors.push(format!("tiers[{i}].requests_per_minute: must be at least 1"));
+                errors.push(format!(
+                    "tiers[{i}].requests_per_minute: must be at least 1"
+                ));
             }
             if t.burst == Some(0) {
                 errors.push(format!("tiers[{i}].burst: must be at least 1"));
             }
             if t.tokens_per_minute == Some(0) {
-                errors.push(format!("tiers[{i}].tokens_per_minute: must be at least 1 (or left out)"));
+                errors.push(format!(
+                    "tiers[{i}].tokens_per_minute: must be at least 1 (or left out)"
+                ));
             }
         }
         if !ids.contains(self.default_tier.as_str()) {
@@ -206,7 +210,10 @@ const MEMORY_STORE_SWEEP: usize = 100_000;
 #[async_trait]
 impl LimitStore for MemoryStore {
     async fn apply(&self, charges: &[Charge], now_ms: f64) -> Result<Vec<LimitState>, String> {
-        let mut tats = self.tats.lock().map_err(|_| "limiter state poisoned".to_string())?;
+        let mut tats = self
+            .tats
+            .lock()
+            .map_err(|_| "limiter state poisoned".to_string())?;
         let decided: Vec<(f64, LimitState)> = charges
             .iter()
             .map(|c| gcra(tats.get(&c.key).copied(), now_ms, c))
@@ -325,7 +332,10 @@ fn count_chars(v: &Value, chars: &mut usize) {
         Value::String(s) => *chars += s.chars().count(),
         Value::Array(items) => items.iter().for_each(|i| count_chars(i, chars)),
         // Content parts: only their text counts (not `type`, not image URLs).
-        Value::Object(o) => o.get("text").into_iter().for_each(|i| count_chars(i, chars)),
+        Value::Object(o) => o
+            .get("text")
+            .into_iter()
+            .for_each(|i| count_chars(i, chars)),
         _ => {}
     }
 }
@@ -338,24 +348,47 @@ impl RequestFilter for RateLimiter {
 
     async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError> {
         let (subject, tenant, roles) = match request.principal {
-            Some(p) => (format!("sub:{}/{}", p.tenant, p.subject), Some(p.tenant.as_str()), p.roles.as_slice()),
+            Some(p) => (
+                format!("sub:{}/{}", p.tenant, p.subject),
+                Some(p.tenant.as_str()),
+                p.roles.as_slice(),
+            ),
             None => (
-                format!("ip:{}", request.client_ip.map(|ip| ip.to_string()).unwrap_or_default()),
+                format!(
+                    "ip:{}",
+                    request
+                        .client_ip
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default()
+                ),
                 None,
                 &[][..],
             ),
         };
         let Some(tier) = self.policy.tier_for(roles) else {
-            return Err(FilterError::new(ErrorCode::LimiterUnavailable, "no tier applies"));
+            return Err(FilterError::new(
+                ErrorCode::LimiterUnavailable,
+                "no tier applies",
+            ));
         };
         let scope = match (tier.per_model, request.model) {
             (true, Some(m)) => format!("{subject}/model:{m}"),
             _ => subject,
         };
-        let mut charges = vec![charge(format!("req:{scope}"), 1.0, tier.requests_per_minute, tier.burst)];
+        let mut charges = vec![charge(
+            format!("req:{scope}"),
+            1.0,
+            tier.requests_per_minute,
+            tier.burst,
+        )];
         let tenant_limit = tenant.zip(self.policy.tenant.as_ref());
         if let Some((t, limit)) = tenant_limit {
-            charges.push(charge(format!("req:tenant:{t}"), 1.0, limit.requests_per_minute, limit.burst));
+            charges.push(charge(
+                format!("req:tenant:{t}"),
+                1.0,
+                limit.requests_per_minute,
+                limit.burst,
+            ));
         }
         let requests = charges.len();
         let estimate = self.estimate(request.route, request.body);
@@ -363,7 +396,12 @@ impl RequestFilter for RateLimiter {
             charges.push(charge(format!("tok:{scope}"), estimate as f64, tpm, None));
         }
         if let Some((t, Some(tpm))) = tenant_limit.map(|(t, l)| (t, l.tokens_per_minute)) {
-            charges.push(charge(format!("tok:tenant:{t}"), estimate as f64, tpm, None));
+            charges.push(charge(
+                format!("tok:tenant:{t}"),
+                estimate as f64,
+                tpm,
+                None,
+            ));
         }
         let states = self
             .store
@@ -373,19 +411,44 @@ impl RequestFilter for RateLimiter {
         let (req_states, tok_states) = states.split_at(requests.min(states.len()));
 
         let mut facts = vec![
-            Fact::Header("x-ratelimit-limit-requests", tier.requests_per_minute.to_string()),
-            Fact::Header("x-ratelimit-remaining-requests", min_remaining(req_states).to_string()),
-            Fact::Header("x-ratelimit-reset-requests", duration(max_reset(req_states))),
+            Fact::Header(
+                "x-ratelimit-limit-requests",
+                tier.requests_per_minute.to_string(),
+            ),
+            Fact::Header(
+                "x-ratelimit-remaining-requests",
+                min_remaining(req_states).to_string(),
+            ),
+            Fact::Header(
+                "x-ratelimit-reset-requests",
+                duration(max_reset(req_states)),
+            ),
         ];
         if let Some(tpm) = tier.tokens_per_minute {
             facts.push(Fact::Header("x-ratelimit-limit-tokens", tpm.to_string()));
-            facts.push(Fact::Header("x-ratelimit-remaining-tokens", min_remaining(tok_states).to_string()));
-            facts.push(Fact::Header("x-ratelimit-reset-tokens", duration(max_reset(tok_states))));
+            facts.push(Fact::Header(
+                "x-ratelimit-remaining-tokens",
+                min_remaining(tok_states).to_string(),
+            ));
+            facts.push(Fact::Header(
+                "x-ratelimit-reset-tokens",
+                duration(max_reset(tok_states)),
+            ));
         }
-        let denied: Vec<(usize, &LimitState)> = states.iter().enumerate().filter(|(_, s)| !s.allowed).collect();
+        let denied: Vec<(usize, &LimitState)> = states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.allowed)
+            .collect();
         if let Some(&(first, _)) = denied.first() {
-            let wait = denied.iter().map(|(_, s)| s.retry_after_ms).fold(0.0, f64::max);
-            facts.push(Fact::Header("retry-after", ((wait / 1000.0).ceil() as u64).max(1).to_string()));
+            let wait = denied
+                .iter()
+                .map(|(_, s)| s.retry_after_ms)
+                .fold(0.0, f64::max);
+            facts.push(Fact::Header(
+                "retry-after",
+                ((wait / 1000.0).ceil() as u64).max(1).to_string(),
+            ));
             let (code, what) = if first < requests {
                 (ErrorCode::RateLimited, "request rate")
             } else {
@@ -393,7 +456,9 @@ impl RequestFilter for RateLimiter {
             };
             let reason = format!(
                 "{what} limit of tier '{}' on {} (retry in {} ms, estimate {estimate} tokens)",
-                tier.id, charges[first].key, wait.ceil()
+                tier.id,
+                charges[first].key,
+                wait.ceil()
             );
             let mut verdict = Verdict::from(Decision::Deny(Rejection::new(code, reason)));
             verdict.facts = facts;

@@ -15,11 +15,34 @@ fn check(path: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Copies of the shipped `config/` and `policies/` with a fresh dev key pair
+/// beside them (the configs load `../keys` and `../policies`).
+fn shipped_tree() -> tempfile::TempDir {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    for sub in ["config", "policies"] {
+        std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
+        for entry in std::fs::read_dir(root.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, tmp.path().join(sub).join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let out = Command::new(bin())
+        .args(["keys", "generate", "--dir"])
+        .arg(tmp.path().join("keys"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    tmp
+}
+
 #[test]
-fn every_shipped_config_loads() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+fn every_shipped_config_and_policy_loads() {
+    let tree = shipped_tree();
     let mut seen = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
+    for entry in std::fs::read_dir(tree.path().join("config")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let (ok, out) = check(&path, &[("OPENAI_API_KEY", "sk-test")]);
@@ -27,7 +50,57 @@ fn every_shipped_config_loads() {
             seen += 1;
         }
     }
-    assert!(seen >= 2);
+    assert_eq!(seen, 3, "portcullis.yaml, demo.yaml, cluster.yaml");
+}
+
+#[test]
+fn check_config_loads_keys_and_policies() {
+    let tree = shipped_tree();
+    std::fs::remove_file(tree.path().join("keys/dev.pem")).unwrap();
+    std::fs::write(
+        tree.path().join("policies/rate-limits.yaml"),
+        "tiers: []\ndefault_tier: none\n",
+    )
+    .unwrap();
+    let (ok, out) = check(&tree.path().join("config/demo.yaml"), &[]);
+    assert!(!ok);
+    assert!(out.contains("no *.pem public keys"), "{out}");
+    assert!(out.contains("default_tier: no tier 'none'"), "{out}");
+}
+
+#[test]
+fn token_minted_by_the_cli_has_the_requested_claims() {
+    let tree = shipped_tree();
+    let out = Command::new(bin())
+        .args([
+            "token", "--sub", "carol", "--tenant", "acme", "--roles", "user,ops", "--ttl", "10m",
+            "--key",
+        ])
+        .arg(tree.path().join("keys/private/dev.key"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let payload = token.trim().split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], "carol");
+    assert_eq!(claims["tenant"], "acme");
+    assert_eq!(claims["roles"], serde_json::json!(["user", "ops"]));
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        600
+    );
+    assert_eq!(claims["iss"], "portcullis-dev");
 }
 
 #[test]

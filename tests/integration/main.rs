@@ -1,8 +1,11 @@
 //! Integration tests: the real gateway binary against the mock provider.
 
 mod audit;
+mod auth;
 mod cli;
+mod limits;
 mod proxy;
+mod redis;
 mod rejections;
 mod streaming;
 mod support;

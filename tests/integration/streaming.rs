@@ -181,7 +181,13 @@ async fn broken_provider_stream_ends_with_an_error_event_and_is_audited() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_leaving_mid_stream_stops_the_provider_read() {
-    let mock = Mock::start(options()).await;
+    // 150 events, 5 ms apart: the provider is still sending when the
+    // gateway hangs up, and notices.
+    let mock = Mock::start(portcullis::mock::MockOptions {
+        event_delay_ms: 5,
+        ..options()
+    })
+    .await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
     mock.state.hold_streams();
     let resp = gw

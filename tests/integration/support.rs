@@ -85,6 +85,10 @@ pub struct Setup {
     pub max_body_bytes: usize,
     pub read_ms: u64,
     pub record_content: bool,
+    /// Appended to the generated config (auth, rate_limit, state sections).
+    pub extra_yaml: String,
+    /// Files to write into the gateway's folder before it starts.
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl Setup {
@@ -96,6 +100,8 @@ impl Setup {
             max_body_bytes: 4 * 1024 * 1024,
             read_ms: 10_000,
             record_content: false,
+            extra_yaml: String::new(),
+            files: Vec::new(),
         }
     }
 }
@@ -127,7 +133,9 @@ models:
 audit:
   file: audit.jsonl
   record_content: {record_content}
+{extra}
 "#,
+            extra = setup.extra_yaml,
             max = setup.max_body_bytes,
             provider_url = setup
                 .provider_url
@@ -136,6 +144,11 @@ audit:
             read_ms = setup.read_ms,
             record_content = setup.record_content,
         );
+        for (name, bytes) in &setup.files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, bytes).unwrap();
+        }
         let config = dir.path().join("gateway.yaml");
         std::fs::write(&config, yaml).unwrap();
         let child = Command::new(bin())
@@ -307,4 +320,84 @@ pub fn request_id(resp: &reqwest::Response) -> String {
 
 pub fn options() -> MockOptions {
     MockOptions::default()
+}
+
+/// An ES256 signing key whose public half the gateway loads as `keys/test.pem`.
+pub struct TestKeys {
+    pub public_pem: String,
+    private: jsonwebtoken::EncodingKey,
+}
+
+impl TestKeys {
+    pub fn new() -> Self {
+        let pair = rcgen::KeyPair::generate().unwrap();
+        Self {
+            public_pem: pair.public_key_pem(),
+            private: jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes())
+                .unwrap(),
+        }
+    }
+
+    /// A token with these claims, signed with this key under `kid`.
+    pub fn sign(&self, kid: &str, claims: &Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, claims, &self.private).unwrap()
+    }
+
+    /// A valid token for `sub` with `roles`, for the `auth_yaml` settings.
+    pub fn token(&self, sub: &str, roles: &[&str]) -> String {
+        self.sign("test", &claims(sub, roles))
+    }
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn claims(sub: &str, roles: &[&str]) -> Value {
+    serde_json::json!({"sub": sub, "tenant": "acme", "roles": roles, "iss": "test-issuer",
+        "aud": "portcullis", "exp": now_secs() + 600, "iat": now_secs()})
+}
+
+/// Auth on, loading `keys/*.pem` from the gateway's folder.
+pub const AUTH_YAML: &str =
+    "auth:\n  keys:\n    - dir: keys\n  issuer: test-issuer\n  audience: [portcullis]\n";
+
+/// Rate limits from `limits.yaml` in the gateway's folder.
+pub const LIMITS_YAML: &str = "rate_limit:\n  policy: limits.yaml\n";
+
+/// A setup with auth (key `test`) and the given rate-limit policy.
+pub fn secured(provider: SocketAddr, keys: &TestKeys, limits_policy: &str) -> Setup {
+    let mut setup = Setup::new(provider);
+    setup.extra_yaml = format!("{AUTH_YAML}{LIMITS_YAML}");
+    setup.files = vec![
+        ("keys/test.pem".into(), keys.public_pem.clone().into_bytes()),
+        ("limits.yaml".into(), limits_policy.as_bytes().to_vec()),
+    ];
+    setup
+}
+
+/// A trial tier of 3 requests (burst 3) and 100 tokens per minute; a
+/// generous default tier.
+pub const TEST_LIMITS: &str = r#"
+tiers:
+  - { id: trial, roles: [trial], requests_per_minute: 3, burst: 3, tokens_per_minute: 100 }
+  - { id: standard, roles: [], requests_per_minute: 6000, burst: 1000 }
+default_tier: standard
+estimate: { default_max_tokens: 50, chars_per_token: 4 }
+"#;
+
+/// POST with a bearer token.
+pub async fn post_as(gw: &Gateway, token: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .expect("gateway answers")
 }

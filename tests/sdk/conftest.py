@@ -47,7 +47,23 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def token(self, sub: str, roles: str) -> str:
+        out = subprocess.run(
+            [BIN, "token", "--key", str(self.tmp / "keys" / "private" / "dev.key"),
+             "--sub", sub, "--tenant", "sdk", "--roles", roles],
+            check=True, capture_output=True, text=True,
+        )
+        return out.stdout.strip()
+
     def start(self) -> "Stack":
+        subprocess.run([BIN, "keys", "generate", "--dir", str(self.tmp / "keys")], check=True,
+                       stdout=subprocess.DEVNULL)
+        (self.tmp / "limits.yaml").write_text(
+            "tiers:\n"
+            "  - { id: trial, roles: [trial], requests_per_minute: 2, burst: 2 }\n"
+            "  - { id: standard, roles: [user], requests_per_minute: 6000, burst: 1000, tokens_per_minute: 1000000 }\n"
+            "default_tier: standard\n"
+        )
         self.procs.append(
             subprocess.Popen(
                 [BIN, "mock-provider", "--listen", f"127.0.0.1:{self.mock_port}"],
@@ -69,6 +85,13 @@ providers:
 models:
   mock-small: {{ provider: mock }}
   text-embedding-mock: {{ provider: mock }}
+auth:
+  keys:
+    - dir: keys
+  issuer: portcullis-dev
+  audience: [portcullis]
+rate_limit:
+  policy: limits.yaml
 audit:
   file: {self.audit}
 """
@@ -116,4 +139,6 @@ def stack(tmp_path_factory):
 def client(stack):
     from openai import OpenAI
 
-    return OpenAI(base_url=stack.base_url, api_key="client-token", max_retries=0, timeout=20)
+    return OpenAI(
+        base_url=stack.base_url, api_key=stack.token("sdk-user", "user"), max_retries=0, timeout=20
+    )

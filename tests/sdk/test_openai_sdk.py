@@ -87,3 +87,29 @@ def test_broken_stream_raises_in_the_sdk(client):
     with pytest.raises(openai.APIError):
         for _ in stream:
             pass
+
+
+def test_bad_token_is_authentication_error(stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=stack.base_url, api_key="not-a-jwt", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        client.chat.completions.create(model="mock-small", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 401
+    assert e.value.code == "invalid_token"
+    record = stack.record_for(e.value.response.headers["x-request-id"])
+    assert record["blocked_by"] == "jwt_auth"
+
+
+def test_rate_limit_is_rate_limit_error(stack):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=stack.base_url, api_key=stack.token("sdk-trial", "trial"), max_retries=0)
+    for _ in range(2):
+        client.chat.completions.create(model="mock-small", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(model="mock-small", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 429
+    assert e.value.code == "rate_limited"
+    assert int(e.value.response.headers["retry-after"]) >= 1
+    assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"

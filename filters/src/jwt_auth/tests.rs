@@ -60,7 +60,12 @@ fn claims() -> Value {
 fn rs256(kid: &str, claims: &Value) -> String {
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.into());
-    encode(&header, claims, &EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap()).unwrap()
+    encode(
+        &header,
+        claims,
+        &EncodingKey::from_rsa_pem(RSA_PRIVATE).unwrap(),
+    )
+    .unwrap()
 }
 
 async fn check(f: &Fixture, authorization: Option<&str>) -> Verdict {
@@ -91,14 +96,19 @@ async fn refused(f: &Fixture, authorization: Option<&str>, code: ErrorCode, need
     match &v.decision {
         Decision::Deny(r) => {
             assert_eq!(r.code, code, "{}", r.reason);
-            assert!(r.reason.contains(needle), "reason {:?} lacks {needle:?}", r.reason);
+            assert!(
+                r.reason.contains(needle),
+                "reason {:?} lacks {needle:?}",
+                r.reason
+            );
             assert_eq!(r.code.status(), 401);
         }
         other => panic!("{authorization:?} was not refused: {other:?}"),
     }
-    assert!(v
-        .facts
-        .contains(&Fact::Header("www-authenticate", "Bearer error=\"invalid_token\"".into())));
+    assert!(v.facts.contains(&Fact::Header(
+        "www-authenticate",
+        "Bearer error=\"invalid_token\"".into()
+    )));
     assert!(principal(&v).is_none());
 }
 
@@ -127,8 +137,18 @@ async fn valid_rs256_and_es256_tokens_identify_the_caller() {
 #[tokio::test]
 async fn alg_none_is_refused() {
     let f = fixture();
-    let token = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "rsa"})), b64(&claims()));
-    refused(&f, Some(&format!("Bearer {token}")), ErrorCode::InvalidToken, "alg none").await;
+    let token = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "kid": "rsa"})),
+        b64(&claims())
+    );
+    refused(
+        &f,
+        Some(&format!("Bearer {token}")),
+        ErrorCode::InvalidToken,
+        "alg none",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -137,26 +157,50 @@ async fn hs256_signed_with_the_rsa_public_key_is_refused() {
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("rsa".into());
     let token = encode(&header, &claims(), &EncodingKey::from_secret(RSA_PUBLIC)).unwrap();
-    refused(&f, Some(&format!("Bearer {token}")), ErrorCode::InvalidToken, "pinned to RS256").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {token}")),
+        ErrorCode::InvalidToken,
+        "pinned to RS256",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_kid_wrong_signature_and_tampered_payload() {
     let f = fixture();
-    refused(&f, Some(&format!("Bearer {}", rs256("nope", &claims()))), ErrorCode::InvalidToken, "unknown kid").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", rs256("nope", &claims()))),
+        ErrorCode::InvalidToken,
+        "unknown kid",
+    )
+    .await;
 
     // A real signature by the right key, but over other content.
     let good = rs256("rsa", &claims());
     let other = rs256("rsa", &json!({"sub": "mallory", "exp": NOW + 600}));
     let (head, _) = good.rsplit_once('.').unwrap();
     let (_, foreign_sig) = other.rsplit_once('.').unwrap();
-    refused(&f, Some(&format!("Bearer {head}.{foreign_sig}")), ErrorCode::InvalidToken, "bad signature").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {head}.{foreign_sig}")),
+        ErrorCode::InvalidToken,
+        "bad signature",
+    )
+    .await;
 
     let parts: Vec<&str> = good.split('.').collect();
     let mut evil = claims();
     evil["sub"] = json!("admin");
     let tampered = format!("{}.{}.{}", parts[0], b64(&evil), parts[2]);
-    refused(&f, Some(&format!("Bearer {tampered}")), ErrorCode::InvalidToken, "bad signature").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {tampered}")),
+        ErrorCode::InvalidToken,
+        "bad signature",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -164,17 +208,40 @@ async fn time_claims_are_checked_with_leeway() {
     let f = fixture();
     let mut c = claims();
     c["exp"] = json!(NOW - 31);
-    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::TokenExpired, "expired").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        ErrorCode::TokenExpired,
+        "expired",
+    )
+    .await;
     c["exp"] = json!(NOW - 29);
-    assert_eq!(check(&f, Some(&format!("Bearer {}", rs256("rsa", &c)))).await.decision, Decision::Allow);
+    assert_eq!(
+        check(&f, Some(&format!("Bearer {}", rs256("rsa", &c))))
+            .await
+            .decision,
+        Decision::Allow
+    );
 
     let mut c = claims();
     c["nbf"] = json!(NOW + 120);
-    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "nbf").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        ErrorCode::InvalidToken,
+        "nbf",
+    )
+    .await;
 
     let mut c = claims();
     c.as_object_mut().unwrap().remove("exp");
-    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "exp claim missing").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        ErrorCode::InvalidToken,
+        "exp claim missing",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -182,24 +249,65 @@ async fn issuer_and_audience() {
     let f = fixture();
     let mut c = claims();
     c["aud"] = json!(["other-service"]);
-    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "wrong audience").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        ErrorCode::InvalidToken,
+        "wrong audience",
+    )
+    .await;
     c["aud"] = json!(["other-service", "portcullis"]);
-    assert_eq!(check(&f, Some(&format!("Bearer {}", rs256("rsa", &c)))).await.decision, Decision::Allow);
+    assert_eq!(
+        check(&f, Some(&format!("Bearer {}", rs256("rsa", &c))))
+            .await
+            .decision,
+        Decision::Allow
+    );
     let mut c = claims();
     c["iss"] = json!("https://evil.example");
-    refused(&f, Some(&format!("Bearer {}", rs256("rsa", &c))), ErrorCode::InvalidToken, "wrong issuer").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        ErrorCode::InvalidToken,
+        "wrong issuer",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn broken_headers_and_tokens() {
     let f = fixture();
     let good = rs256("rsa", &claims());
-    refused(&f, Some(&format!("Bearer {}", &good[..good.len() / 2])), ErrorCode::InvalidToken, "malformed").await;
-    refused(&f, Some(&format!("Bearer {}", good.rsplit_once('.').unwrap().0)), ErrorCode::InvalidToken, "three").await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", &good[..good.len() / 2])),
+        ErrorCode::InvalidToken,
+        "malformed",
+    )
+    .await;
+    refused(
+        &f,
+        Some(&format!("Bearer {}", good.rsplit_once('.').unwrap().0)),
+        ErrorCode::InvalidToken,
+        "three",
+    )
+    .await;
     refused(&f, Some("Bearer "), ErrorCode::InvalidToken, "empty bearer").await;
-    refused(&f, Some(&format!("Basic {good}")), ErrorCode::InvalidToken, "not Bearer").await;
+    refused(
+        &f,
+        Some(&format!("Basic {good}")),
+        ErrorCode::InvalidToken,
+        "not Bearer",
+    )
+    .await;
     refused(&f, None, ErrorCode::InvalidToken, "no Authorization").await;
-    refused(&f, Some("Bearer not-a-jwt"), ErrorCode::InvalidToken, "malformed").await;
+    refused(
+        &f,
+        Some("Bearer not-a-jwt"),
+        ErrorCode::InvalidToken,
+        "malformed",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -211,9 +319,42 @@ async fn verified_tokens_are_cached_until_they_expire() {
     for _ in 0..5 {
         assert_eq!(check(&f, Some(&header)).await.decision, Decision::Allow);
     }
-    assert_eq!(f.lookups.1.load(Ordering::SeqCst), 1, "one verification for five requests");
+    assert_eq!(
+        f.auth.verifications(),
+        1,
+        "one signature check for five requests"
+    );
+    assert_eq!(
+        f.lookups.1.load(Ordering::SeqCst),
+        5,
+        "each hit confirms the key is still there"
+    );
     f.clock.advance_ms(100_000);
     refused(&f, Some(&header), ErrorCode::TokenExpired, "expired").await;
+}
+
+/// A key source whose keys can be withdrawn.
+struct Revocable(Mutex<KeySet>);
+
+impl KeySource for Revocable {
+    fn key(&self, kid: Option<&str>) -> Option<Arc<VerifyKey>> {
+        self.0.lock().unwrap().key(kid)
+    }
+}
+
+#[tokio::test]
+async fn a_withdrawn_key_stops_its_cached_tokens() {
+    let f = fixture();
+    let source = Arc::new(Revocable(Mutex::new(KeySet::new([VerifyKey::from_pem(
+        "rsa", RSA_PUBLIC, None,
+    )
+    .unwrap()]))));
+    let auth = JwtAuth::new(f.auth.settings.clone(), source.clone(), f.clock.clone());
+    let f = Fixture { auth, ..f };
+    let header = format!("Bearer {}", rs256("rsa", &claims()));
+    assert_eq!(check(&f, Some(&header)).await.decision, Decision::Allow);
+    *source.0.lock().unwrap() = KeySet::default();
+    refused(&f, Some(&header), ErrorCode::InvalidToken, "unknown kid").await;
 }
 
 #[tokio::test]
@@ -222,7 +363,10 @@ async fn monitor_mode_records_the_refusal_but_passes() {
     let f = fixture();
     let chain = Chain::new(vec![(
         Box::new(f.auth) as Box<dyn RequestFilter>,
-        FilterSettings { mode: Mode::Monitor, on_error: OnError::Deny },
+        FilterSettings {
+            mode: Mode::Monitor,
+            on_error: OnError::Deny,
+        },
     )]);
     let body = json!({});
     let view = RequestView {
@@ -243,8 +387,16 @@ async fn monitor_mode_records_the_refusal_but_passes() {
 
 #[test]
 fn pem_keys_infer_and_pin_their_algorithm() {
-    assert_eq!(VerifyKey::from_pem("a", RSA_PUBLIC, None).unwrap().alg, Algorithm::RS256);
-    assert_eq!(VerifyKey::from_pem("a", RSA_PUBLIC, Some(Algorithm::PS256)).unwrap().alg, Algorithm::PS256);
+    assert_eq!(
+        VerifyKey::from_pem("a", RSA_PUBLIC, None).unwrap().alg,
+        Algorithm::RS256
+    );
+    assert_eq!(
+        VerifyKey::from_pem("a", RSA_PUBLIC, Some(Algorithm::PS256))
+            .unwrap()
+            .alg,
+        Algorithm::PS256
+    );
     let err = VerifyKey::from_pem("a", RSA_PUBLIC, Some(Algorithm::HS256)).unwrap_err();
     assert!(err.contains("does not fit"), "{err}");
     let err = VerifyKey::from_pem("a", RSA_PRIVATE, None).unwrap_err();
@@ -261,9 +413,16 @@ fn jwks_documents() {
     let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let doc = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig", "x": enc(x), "y": enc(y)}]});
     let keys = VerifyKey::from_jwks(doc.to_string().as_bytes()).unwrap();
-    assert_eq!((keys[0].kid.as_str(), keys[0].alg), ("k1", Algorithm::ES256));
+    assert_eq!(
+        (keys[0].kid.as_str(), keys[0].alg),
+        ("k1", Algorithm::ES256)
+    );
     let oct = json!({"keys": [{"kty": "oct", "kid": "s", "k": enc(&[1; 32])}]});
-    assert!(VerifyKey::from_jwks(oct.to_string().as_bytes()).unwrap_err().contains("symmetric"));
+    assert!(VerifyKey::from_jwks(oct.to_string().as_bytes())
+        .unwrap_err()
+        .contains("symmetric"));
     let nokid = json!({"keys": [{"kty": "EC", "crv": "P-256", "x": enc(x), "y": enc(y)}]});
-    assert!(VerifyKey::from_jwks(nokid.to_string().as_bytes()).unwrap_err().contains("kid"));
+    assert!(VerifyKey::from_jwks(nokid.to_string().as_bytes())
+        .unwrap_err()
+        .contains("kid"));
 }

@@ -120,7 +120,10 @@ async fn trial_burst_then_429_with_headers_then_recovery() {
         let v = ask(&f, &alice, &small()).await;
         assert_eq!(code(&v), None, "request {i}");
         assert_eq!(header(&v, "x-ratelimit-limit-requests"), Some("5"));
-        assert_eq!(header(&v, "x-ratelimit-remaining-requests"), Some(&*(4 - i).to_string()));
+        assert_eq!(
+            header(&v, "x-ratelimit-remaining-requests"),
+            Some(&*(4 - i).to_string())
+        );
     }
     let v = ask(&f, &alice, &small()).await;
     assert_eq!(code(&v), Some(ErrorCode::RateLimited));
@@ -197,13 +200,16 @@ fn concurrent_requests_cannot_overspend() {
         .unwrap();
     runtime.block_on(async {
         let f = Arc::new(fixture());
-        let big = Arc::new(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 99}));
+        let big =
+            Arc::new(json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 99}));
         // 40 trial requests at once: the request burst allows 5, the token
         // budget (1000, 100 per request) allows 10; 5 must win.
         let tasks: Vec<_> = (0..40)
             .map(|_| {
                 let (f, big) = (f.clone(), big.clone());
-                tokio::spawn(async move { code(&ask(&f, &who("alice", &["trial"]), &big).await).is_none() })
+                tokio::spawn(async move {
+                    code(&ask(&f, &who("alice", &["trial"]), &big).await).is_none()
+                })
             })
             .collect();
         let mut admitted = 0;
@@ -220,8 +226,16 @@ fn estimates() {
     let body = json!({"messages": [{"role": "system", "content": "12345678"},
         {"role": "user", "content": [{"type": "text", "text": "abcd"}]}], "max_tokens": 7});
     assert_eq!(f.limiter.estimate(Route::ChatCompletions, &body), 3 + 7);
-    assert_eq!(f.limiter.estimate(Route::ChatCompletions, &json!({"messages": []})), 1024);
-    assert_eq!(f.limiter.estimate(Route::Embeddings, &json!({"input": ["abcd", "efgh"]})), 2);
+    assert_eq!(
+        f.limiter
+            .estimate(Route::ChatCompletions, &json!({"messages": []})),
+        1024
+    );
+    assert_eq!(
+        f.limiter
+            .estimate(Route::Embeddings, &json!({"input": ["abcd", "efgh"]})),
+        2
+    );
 }
 
 #[test]

@@ -1,0 +1,305 @@
+//! JWT verification keys: loaded from disk at start-up, and followed at a
+//! JWKS URL by a background task. Also the dev key pair behind `keys
+//! generate`, `token` and `demo`.
+
+use crate::config::{AuthSection, KeyEntry};
+use crate::upstream;
+use async_trait::async_trait;
+use filters::jwt_auth::{KeySet, KeySource, VerifyKey};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// A token naming an unknown kid triggers a JWKS refresh at most this often.
+pub const MIN_REFRESH_GAP: Duration = Duration::from_secs(10);
+
+/// Keys from disk plus the latest JWKS URL documents.
+pub struct GatewayKeys {
+    fixed: KeySet,
+    remote: RwLock<KeySet>,
+    refresh: Notify,
+}
+
+impl GatewayKeys {
+    fn total(&self) -> usize {
+        self.fixed.len() + self.remote.read().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Replace the keys that came from JWKS URLs: a key removed there is
+    /// refused from now on.
+    pub fn set_remote(&self, keys: KeySet) {
+        if let Ok(mut r) = self.remote.write() {
+            *r = keys;
+        }
+    }
+}
+
+impl KeySource for GatewayKeys {
+    fn key(&self, kid: Option<&str>) -> Option<Arc<VerifyKey>> {
+        let remote = self.remote.read().ok()?;
+        match kid {
+            Some(kid) => self.fixed.get(kid).or_else(|| remote.get(kid)),
+            None if self.total() == 1 => self.fixed.single().or_else(|| remote.single()),
+            None => None,
+        }
+    }
+
+    fn unknown_kid(&self, _kid: &str) {
+        self.refresh.notify_one();
+    }
+}
+
+/// JWKS URLs to follow, each with its refresh interval.
+pub type JwksUrls = Vec<(String, Duration)>;
+
+/// Load every fixed key source; JWKS URLs are returned to be followed.
+/// Reports every problem at once.
+pub fn load(auth: &AuthSection) -> Result<(Arc<GatewayKeys>, JwksUrls), Vec<String>> {
+    let mut keys = Vec::new();
+    let mut urls = Vec::new();
+    let mut errors = Vec::new();
+    for (i, entry) in auth.keys.iter().enumerate() {
+        let alg = entry.alg.as_deref().and_then(|a| a.parse().ok());
+        let mut push = |r: Result<VerifyKey, String>, what: &Path| match r {
+            Ok(k) => keys.push(k),
+            Err(e) => errors.push(format!("auth.keys[{i}]: {}: {e}", what.display())),
+        };
+        match entry {
+            KeyEntry { dir: Some(dir), .. } => match pem_files(dir) {
+                Ok(files) if files.is_empty() => errors.push(format!(
+                    "auth.keys[{i}]: {}: no *.pem public keys (run `portcullis keys generate`)",
+                    dir.display()
+                )),
+                Ok(files) => {
+                    for (kid, path) in files {
+                        push(
+                            read(&path).and_then(|b| VerifyKey::from_pem(&kid, &b, alg)),
+                            &path,
+                        );
+                    }
+                }
+                Err(e) => errors.push(format!("auth.keys[{i}]: {}: {e}", dir.display())),
+            },
+            KeyEntry {
+                file: Some(path), ..
+            } => {
+                let kid = entry.kid.clone().unwrap_or_else(|| stem(path));
+                push(
+                    read(path).and_then(|b| VerifyKey::from_pem(&kid, &b, alg)),
+                    path,
+                );
+            }
+            KeyEntry {
+                jwks_file: Some(path),
+                ..
+            } => match read(path).and_then(|b| VerifyKey::from_jwks(&b)) {
+                Ok(list) => keys.extend(list),
+                Err(e) => errors.push(format!("auth.keys[{i}]: {}: {e}", path.display())),
+            },
+            KeyEntry {
+                jwks_url: Some(url),
+                ..
+            } => {
+                urls.push((
+                    url.clone(),
+                    Duration::from_secs(entry.refresh_secs.unwrap_or(300).max(1)),
+                ));
+            }
+            KeyEntry {
+                hmac_secret: Some(secret),
+                kid: Some(kid),
+                ..
+            } => match alg {
+                Some(alg) => match VerifyKey::hmac(kid, secret.as_bytes(), alg) {
+                    Ok(k) => keys.push(k),
+                    Err(e) => errors.push(format!("auth.keys[{i}]: {e}")),
+                },
+                None => errors.push(format!("auth.keys[{i}]: an hmac_secret needs an alg")),
+            },
+            _ => errors.push(format!("auth.keys[{i}]: no key source")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok((
+        Arc::new(GatewayKeys {
+            fixed: KeySet::new(keys),
+            remote: RwLock::new(KeySet::default()),
+            refresh: Notify::new(),
+        }),
+        urls,
+    ))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| e.to_string())
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn pem_files(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "pem"))
+        .map(|p| (stem(&p), p))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Follows the JWKS URLs: at start, every `refresh` interval, and soon
+/// after a token names an unknown kid (at most every [`MIN_REFRESH_GAP`]).
+pub struct JwksRefresher {
+    pub keys: Arc<GatewayKeys>,
+    pub urls: JwksUrls,
+    pub connector: Arc<pingora::connectors::http::Connector>,
+}
+
+impl JwksRefresher {
+    async fn refresh(&self) {
+        let mut all = Vec::new();
+        for (url, _) in &self.urls {
+            match upstream::get(&self.connector, url, Duration::from_secs(5)).await {
+                Ok(body) => match VerifyKey::from_jwks(&body) {
+                    Ok(keys) => all.extend(keys),
+                    Err(e) => {
+                        log::warn!("JWKS {url}: {e}; keeping the previous keys");
+                        return;
+                    }
+                },
+                Err(e) => {
+                    log::warn!("JWKS {url}: {e}; keeping the previous keys");
+                    return;
+                }
+            }
+        }
+        log::info!("JWKS refreshed: {} keys", all.len());
+        self.keys.set_remote(KeySet::new(all));
+    }
+}
+
+#[async_trait]
+impl BackgroundService for JwksRefresher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let interval = self
+            .urls
+            .iter()
+            .map(|(_, d)| *d)
+            .min()
+            .unwrap_or(Duration::from_secs(300));
+        let last = Mutex::new(Instant::now() - MIN_REFRESH_GAP);
+        loop {
+            if let Ok(mut l) = last.lock() {
+                *l = Instant::now();
+            }
+            self.refresh().await;
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.keys.refresh.notified() => {
+                    let since = last.lock().map(|l| l.elapsed()).unwrap_or(MIN_REFRESH_GAP);
+                    if since < MIN_REFRESH_GAP {
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            _ = tokio::time::sleep(MIN_REFRESH_GAP - since) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The dev signing key pair: `keys/private/dev.key` (never committed) and
+/// `keys/dev.pem`, the public key the demo config loads. ES256.
+pub struct DevKeys {
+    pub private: PathBuf,
+    pub public: PathBuf,
+}
+
+impl DevKeys {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            private: dir.join("private").join("dev.key"),
+            public: dir.join("dev.pem"),
+        }
+    }
+
+    /// Write a new pair (replacing any old one).
+    pub fn generate(&self) -> anyhow::Result<()> {
+        let pair = rcgen::KeyPair::generate()?;
+        if let Some(d) = self.private.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        if let Some(d) = self.public.parent() {
+            std::fs::create_dir_all(d)?;
+        }
+        write_private(&self.private, pair.serialize_pem().as_bytes())?;
+        std::fs::write(&self.public, pair.public_key_pem())?;
+        Ok(())
+    }
+
+    /// Generate the pair unless both halves exist.
+    pub fn ensure(&self) -> anyhow::Result<bool> {
+        if self.private.exists() && self.public.exists() {
+            return Ok(false);
+        }
+        self.generate()?;
+        Ok(true)
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, pem: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(pem)
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, pem: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, pem)
+}
+
+/// Claims for a dev token.
+pub struct TokenRequest<'a> {
+    pub sub: &'a str,
+    pub tenant: &'a str,
+    pub roles: &'a [String],
+    pub ttl: Duration,
+    pub issuer: &'a str,
+    pub audience: &'a str,
+}
+
+/// Sign a token with a private key file (ES256 PKCS#8, kid = file stem).
+pub fn mint(key_file: &Path, req: &TokenRequest<'_>) -> anyhow::Result<String> {
+    let pem =
+        std::fs::read(key_file).map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("{}: not an ES256 private key: {e}", key_file.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(stem(key_file));
+    let claims = serde_json::json!({
+        "sub": req.sub, "tenant": req.tenant, "roles": req.roles,
+        "iss": req.issuer, "aud": req.audience,
+        "iat": now, "nbf": now, "exp": now + req.ttl.as_secs(),
+    });
+    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
+}

@@ -1,0 +1,145 @@
+//! Shared limits through a real `redis-server` (started here, on a free
+//! port; `scripts/setup.sh` installs it).
+
+use crate::support::*;
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    async fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/setup.sh installs it)");
+        let deadline = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Redis { port, child }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn clustered(provider: std::net::SocketAddr, keys: &TestKeys, redis: &Redis) -> Setup {
+    let mut setup = secured(provider, keys, TEST_LIMITS);
+    setup.extra_yaml += &format!(
+        "state:\n  redis_url: redis://127.0.0.1:{}\n  redis_timeout_ms: 300\n",
+        redis.port
+    );
+    setup
+}
+
+fn small() -> serde_json::Value {
+    json!({"model": "mock-small", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_limit() {
+    let redis = Redis::start(free_port()).await;
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let a = Gateway::start(clustered(mock.addr, &keys, &redis)).await;
+    let b = Gateway::start(clustered(mock.addr, &keys, &redis)).await;
+
+    // One after the other, alternating: the trial burst of 3 holds across both.
+    let t = keys.token("shared", &["trial"]);
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        statuses.push(post_as(gw, &t, &small()).await.status().as_u16());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        5,
+        "{statuses:?}"
+    );
+
+    // All at once, across both: still never more than the limit.
+    let t = keys.token("burst", &["trial"]);
+    let body = small();
+    let sends = (0..20).map(|i| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        post_as(gw, &t, &body)
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let admitted = results.iter().filter(|r| r.status() == 200).count();
+    assert_eq!(admitted, 3);
+    assert!(results
+        .iter()
+        .all(|r| r.status() == 200 || r.status() == 429));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_and_recovers() {
+    let port = free_port();
+    let mut redis = Redis::start(port).await;
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let gw = Gateway::start(clustered(mock.addr, &keys, &redis)).await;
+    let t = keys.token("user", &["user"]);
+    assert_eq!(post_as(&gw, &t, &small()).await.status(), 200);
+
+    redis.kill();
+    let r = post_as(&gw, &t, &small()).await;
+    let id = expect_error(r, 503, "limiter_unavailable").await;
+    let rec = gw.record_for(&id).await;
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["reason_code"], "limiter_unavailable");
+    let outcome = &rec["filters"][1];
+    assert_eq!(
+        (outcome["filter"].as_str(), outcome["action"].as_str()),
+        (Some("rate_limit"), Some("error"))
+    );
+    let served = mock.state.requests().len();
+    assert_eq!(served, 1, "nothing forwarded while the limiter is down");
+
+    let _redis = Redis::start(port).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = post_as(&gw, &t, &small()).await.status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(
+            Instant::now() < deadline,
+            "gateway did not reconnect to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
