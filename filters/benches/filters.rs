@@ -1,0 +1,107 @@
+//! Filter costs: token verification (cached and not), an in-process limit
+//! decision. Run: `cargo bench -p filters`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use filters::jwt_auth::{JwtAuth, JwtSettings, KeySet, VerifyKey};
+use filters::rate_limit::{LimitsPolicy, MemoryStore, RateLimiter, Tier};
+use filters::{Principal, RequestFilter, RequestView, Route, SystemClock};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::json;
+use std::sync::Arc;
+
+fn view<'a>(
+    body: &'a serde_json::Value,
+    authorization: Option<&'a str>,
+    principal: Option<&'a Principal>,
+) -> RequestView<'a> {
+    RequestView {
+        request_id: "bench",
+        authorization,
+        principal,
+        route: Route::ChatCompletions,
+        body,
+        model: Some("m"),
+        stream: false,
+        client_ip: None,
+    }
+}
+
+fn jwt(c: &mut Criterion) {
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let keys =
+        KeySet::new([VerifyKey::from_pem("k", pair.public_key_pem().as_bytes(), None).unwrap()]);
+    let auth = JwtAuth::new(
+        JwtSettings::default(),
+        Arc::new(keys),
+        Arc::new(SystemClock),
+    );
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("k".into());
+    let now = SystemClock.now_secs_for_bench();
+    let claims = json!({"sub": "alice", "tenant": "acme", "roles": ["user"], "exp": now + 3600});
+    let token = encode(
+        &header,
+        &claims,
+        &EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let bearer = format!("Bearer {token}");
+    let body = json!({});
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    c.bench_function("jwt ES256 verify (uncached)", |b| {
+        b.iter(|| auth.verify(&token).unwrap())
+    });
+    c.bench_function("jwt ES256 check (cached)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { auth.check(&view(&body, Some(&bearer), None)).await.unwrap() })
+    });
+}
+
+fn limits(c: &mut Criterion) {
+    let policy = LimitsPolicy {
+        tiers: vec![Tier {
+            id: "standard".into(),
+            roles: vec![],
+            requests_per_minute: u64::MAX / 4,
+            burst: Some(u64::MAX / 4),
+            tokens_per_minute: Some(u64::MAX / 4),
+            per_model: false,
+        }],
+        default_tier: "standard".into(),
+        tenant: None,
+        estimate: Default::default(),
+    };
+    let limiter = RateLimiter::new(
+        policy,
+        Arc::new(MemoryStore::default()),
+        Arc::new(SystemClock),
+    );
+    let who = Principal {
+        subject: "alice".into(),
+        tenant: "acme".into(),
+        roles: vec!["user".into()],
+    };
+    let body = json!({"messages": [{"role": "user", "content": "Hello, how are you today?"}], "max_tokens": 64});
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    c.bench_function("rate limit decision (in-process, requests + tokens)", |b| {
+        b.to_async(&rt)
+            .iter(|| async { limiter.check(&view(&body, None, Some(&who))).await.unwrap() })
+    });
+}
+
+trait BenchNow {
+    fn now_secs_for_bench(&self) -> u64;
+}
+
+impl BenchNow for SystemClock {
+    fn now_secs_for_bench(&self) -> u64 {
+        filters::Clock::now_secs(self)
+    }
+}
+
+criterion_group!(benches, jwt, limits);
+criterion_main!(benches);
