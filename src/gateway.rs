@@ -10,14 +10,14 @@ use crate::audit::{AuditLog, RequestRecord, UpstreamRecord, Verdict};
 use crate::config::Config;
 use crate::intake::{self, Endpoint};
 use crate::metrics;
+use crate::pipeline::Filters;
 use crate::respond::{error_body, error_event};
 use crate::upstream::{Exchange, Upstream, UpstreamError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use filters::rate_limit::{RateLimiter, Reservation};
 use filters::{
-    Chain, ErrorCode, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent,
-    SseFramer,
+    ErrorCode, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent, SseFramer,
 };
 use pingora::http::ResponseHeader;
 use pingora::proxy::{ProxyHttp, Session};
@@ -33,7 +33,7 @@ pub const CLIENT_CLOSED: u16 = 499;
 
 pub struct Gateway {
     cfg: Arc<Config>,
-    chain: Chain,
+    chain: filters::Chain,
     responses: ResponseChain,
     limiter: Option<Arc<RateLimiter>>,
     upstream: Upstream,
@@ -56,14 +56,12 @@ pub struct Ctx {
 }
 
 impl Gateway {
-    pub fn new(
-        cfg: Arc<Config>,
-        chain: Chain,
-        responses: ResponseChain,
-        limiter: Option<Arc<RateLimiter>>,
-        upstream: Upstream,
-        audit: AuditLog,
-    ) -> Self {
+    pub fn new(cfg: Arc<Config>, filters: Filters, upstream: Upstream, audit: AuditLog) -> Self {
+        let Filters {
+            chain,
+            responses,
+            limiter,
+        } = filters;
         let data: Vec<Value> = cfg
             .models
             .iter()

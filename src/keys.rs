@@ -24,10 +24,6 @@ pub struct GatewayKeys {
 }
 
 impl GatewayKeys {
-    fn total(&self) -> usize {
-        self.fixed.len() + self.remote.read().map(|r| r.len()).unwrap_or(0)
-    }
-
     /// Replace the keys that came from JWKS URLs: a key removed there is
     /// refused from now on.
     pub fn set_remote(&self, keys: KeySet) {
@@ -39,10 +35,14 @@ impl GatewayKeys {
 
 impl KeySource for GatewayKeys {
     fn key(&self, kid: Option<&str>) -> Option<Arc<VerifyKey>> {
+        // One read guard for the whole lookup: taking a second one while a
+        // refresh waits to write could deadlock.
         let remote = self.remote.read().ok()?;
         match kid {
             Some(kid) => self.fixed.get(kid).or_else(|| remote.get(kid)),
-            None if self.total() == 1 => self.fixed.single().or_else(|| remote.single()),
+            None if self.fixed.len() + remote.len() == 1 => {
+                self.fixed.single().or_else(|| remote.single())
+            }
             None => None,
         }
     }

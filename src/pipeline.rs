@@ -12,12 +12,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The running filters.
-pub struct Pipeline {
+/// The running filters, as the gateway holds them.
+pub struct Filters {
     pub chain: Chain,
     pub responses: ResponseChain,
     /// Kept to settle token budgets after each response.
     pub limiter: Option<Arc<RateLimiter>>,
+}
+
+/// The filters and the background work they need.
+pub struct Pipeline {
+    pub filters: Filters,
     /// Follows JWKS URLs, when any is configured.
     pub jwks: Option<JwksRefresher>,
 }
@@ -123,9 +128,11 @@ pub fn build(
         limiter = Some(l);
     }
     Ok(Pipeline {
-        chain: Chain::new(request),
-        responses: ResponseChain::new(Vec::new()),
-        limiter,
+        filters: Filters {
+            chain: Chain::new(request),
+            responses: ResponseChain::new(Vec::new()),
+            limiter,
+        },
         jwks,
     })
 }

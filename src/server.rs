@@ -66,14 +66,7 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
     if let Some(jwks) = pipeline.jwks {
         server.add_service(background_service("jwks", jwks));
     }
-    let gateway = Gateway::new(
-        cfg.clone(),
-        pipeline.chain,
-        pipeline.responses,
-        pipeline.limiter,
-        upstream,
-        audit,
-    );
+    let gateway = Gateway::new(cfg.clone(), pipeline.filters, upstream, audit);
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&cfg.listen.to_string());
     server.add_service(proxy);

@@ -112,6 +112,11 @@ async fn refused(f: &Fixture, authorization: Option<&str>, code: ErrorCode, need
     assert!(principal(&v).is_none());
 }
 
+/// `refused` for a token sent as `Authorization: Bearer TOKEN`.
+async fn refused_token(f: &Fixture, token: &str, code: ErrorCode, needle: &str) {
+    refused(f, Some(&format!("Bearer {token}")), code, needle).await
+}
+
 fn b64(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
@@ -142,13 +147,7 @@ async fn alg_none_is_refused() {
         b64(&json!({"alg": "none", "kid": "rsa"})),
         b64(&claims())
     );
-    refused(
-        &f,
-        Some(&format!("Bearer {token}")),
-        ErrorCode::InvalidToken,
-        "alg none",
-    )
-    .await;
+    refused_token(&f, &token, ErrorCode::InvalidToken, "alg none").await;
 }
 
 #[tokio::test]
@@ -157,21 +156,15 @@ async fn hs256_signed_with_the_rsa_public_key_is_refused() {
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("rsa".into());
     let token = encode(&header, &claims(), &EncodingKey::from_secret(RSA_PUBLIC)).unwrap();
-    refused(
-        &f,
-        Some(&format!("Bearer {token}")),
-        ErrorCode::InvalidToken,
-        "pinned to RS256",
-    )
-    .await;
+    refused_token(&f, &token, ErrorCode::InvalidToken, "pinned to RS256").await;
 }
 
 #[tokio::test]
 async fn unknown_kid_wrong_signature_and_tampered_payload() {
     let f = fixture();
-    refused(
+    refused_token(
         &f,
-        Some(&format!("Bearer {}", rs256("nope", &claims()))),
+        &rs256("nope", &claims()),
         ErrorCode::InvalidToken,
         "unknown kid",
     )
@@ -194,13 +187,7 @@ async fn unknown_kid_wrong_signature_and_tampered_payload() {
     let mut evil = claims();
     evil["sub"] = json!("admin");
     let tampered = format!("{}.{}.{}", parts[0], b64(&evil), parts[2]);
-    refused(
-        &f,
-        Some(&format!("Bearer {tampered}")),
-        ErrorCode::InvalidToken,
-        "bad signature",
-    )
-    .await;
+    refused_token(&f, &tampered, ErrorCode::InvalidToken, "bad signature").await;
 }
 
 #[tokio::test]
@@ -208,13 +195,7 @@ async fn time_claims_are_checked_with_leeway() {
     let f = fixture();
     let mut c = claims();
     c["exp"] = json!(NOW - 31);
-    refused(
-        &f,
-        Some(&format!("Bearer {}", rs256("rsa", &c))),
-        ErrorCode::TokenExpired,
-        "expired",
-    )
-    .await;
+    refused_token(&f, &rs256("rsa", &c), ErrorCode::TokenExpired, "expired").await;
     c["exp"] = json!(NOW - 29);
     assert_eq!(
         check(&f, Some(&format!("Bearer {}", rs256("rsa", &c))))
@@ -225,19 +206,13 @@ async fn time_claims_are_checked_with_leeway() {
 
     let mut c = claims();
     c["nbf"] = json!(NOW + 120);
-    refused(
-        &f,
-        Some(&format!("Bearer {}", rs256("rsa", &c))),
-        ErrorCode::InvalidToken,
-        "nbf",
-    )
-    .await;
+    refused_token(&f, &rs256("rsa", &c), ErrorCode::InvalidToken, "nbf").await;
 
     let mut c = claims();
     c.as_object_mut().unwrap().remove("exp");
-    refused(
+    refused_token(
         &f,
-        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        &rs256("rsa", &c),
         ErrorCode::InvalidToken,
         "exp claim missing",
     )
@@ -249,9 +224,9 @@ async fn issuer_and_audience() {
     let f = fixture();
     let mut c = claims();
     c["aud"] = json!(["other-service"]);
-    refused(
+    refused_token(
         &f,
-        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        &rs256("rsa", &c),
         ErrorCode::InvalidToken,
         "wrong audience",
     )
@@ -265,9 +240,9 @@ async fn issuer_and_audience() {
     );
     let mut c = claims();
     c["iss"] = json!("https://evil.example");
-    refused(
+    refused_token(
         &f,
-        Some(&format!("Bearer {}", rs256("rsa", &c))),
+        &rs256("rsa", &c),
         ErrorCode::InvalidToken,
         "wrong issuer",
     )
@@ -278,16 +253,16 @@ async fn issuer_and_audience() {
 async fn broken_headers_and_tokens() {
     let f = fixture();
     let good = rs256("rsa", &claims());
-    refused(
+    refused_token(
         &f,
-        Some(&format!("Bearer {}", &good[..good.len() / 2])),
+        &good[..good.len() / 2],
         ErrorCode::InvalidToken,
         "malformed",
     )
     .await;
-    refused(
+    refused_token(
         &f,
-        Some(&format!("Bearer {}", good.rsplit_once('.').unwrap().0)),
+        good.rsplit_once('.').unwrap().0,
         ErrorCode::InvalidToken,
         "three",
     )

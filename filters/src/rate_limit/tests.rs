@@ -81,6 +81,16 @@ fn header<'a>(v: &'a Verdict, name: &str) -> Option<&'a str> {
     })
 }
 
+fn reservation_of(v: &Verdict) -> Reservation {
+    v.facts
+        .iter()
+        .find_map(|x| match x {
+            Fact::Reservation(r) => Some(r.clone()),
+            _ => None,
+        })
+        .expect("a reservation")
+}
+
 fn code(v: &Verdict) -> Option<ErrorCode> {
     match &v.decision {
         Decision::Deny(r) => Some(r.code),
@@ -161,14 +171,7 @@ async fn token_budget_reserves_and_settles() {
     let big = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600});
     let v = ask(&f, &alice, &big).await;
     assert_eq!(code(&v), None);
-    let reservation = v
-        .facts
-        .iter()
-        .find_map(|x| match x {
-            Fact::Reservation(r) => Some(r.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let reservation = reservation_of(&v);
     assert_eq!(reservation.estimate, 601);
     let v = ask(&f, &alice, &big).await;
     assert_eq!(code(&v), Some(ErrorCode::TokenBudgetExceeded));
@@ -178,14 +181,7 @@ async fn token_budget_reserves_and_settles() {
     let v = ask(&f, &alice, &big).await;
     assert_eq!(code(&v), None, "{:?}", v.decision);
     // A response bigger than its estimate is charged in full.
-    let r2 = v
-        .facts
-        .iter()
-        .find_map(|x| match x {
-            Fact::Reservation(r) => Some(r.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let r2 = reservation_of(&v);
     // Spent: 51 + 990 = 1041 of 1000.
     f.limiter.settle(&r2, Some(990)).await.unwrap();
     let v = ask(&f, &alice, &small()).await;
