@@ -64,7 +64,7 @@ fn redis(c: &mut Criterion) {
     };
     rt.block_on(async {
         for _ in 0..100 {
-            if store.apply(&charges, now()).await.is_ok() {
+            if store.apply(&charges, now(), true).await.is_ok() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -74,7 +74,7 @@ fn redis(c: &mut Criterion) {
         "rate limit decision (Redis, 2 keys, one script call)",
         |b| {
             b.to_async(&rt)
-                .iter(|| async { store.apply(&charges, now()).await.unwrap() })
+                .iter(|| async { store.apply(&charges, now(), true).await.unwrap() })
         },
     );
     let _ = server.kill();

@@ -157,7 +157,7 @@ pub struct ProviderSection {
     pub timeouts: TimeoutsSection,
 }
 
-/// `models.ID:` — where a model id clients send is served.
+/// `models.ID:` — a model the registry is seeded with on a fresh install.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -165,6 +165,45 @@ pub struct ModelSection {
     /// The model name sent to the provider; defaults to the id.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub risk_tier: filters::model_registry::RiskTier,
+}
+
+/// `registry:` — the model registry.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySection {
+    pub mode: filters::Mode,
+    pub on_error: filters::OnError,
+    /// More seed models (`models:` list of id, provider, upstream_model,
+    /// version, risk_tier), e.g. `../policies/models.yaml`.
+    pub seed_file: Option<PathBuf>,
+    /// Seed models start approved (else registered, waiting for an admin).
+    pub approve_seed: bool,
+    /// Highest risk tier each role may use; others get `default_max_risk`.
+    pub default_max_risk: filters::model_registry::RiskTier,
+    pub max_risk_by_role: BTreeMap<String, filters::model_registry::RiskTier>,
+}
+
+/// `admin:` — who may use the admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// May change the registry and freezes.
+    pub admin_role: String,
+    /// May read only.
+    pub auditor_role: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            admin_role: "portcullis:admin".into(),
+            auditor_role: "portcullis:auditor".into(),
+        }
+    }
 }
 
 /// `audit:` — where audit records go.
@@ -300,6 +339,8 @@ const SECTIONS: &[&str] = &[
     "models",
     "auth",
     "rate_limit",
+    "registry",
+    "admin",
     "audit",
 ];
 
@@ -325,6 +366,9 @@ pub struct Config {
     /// `pipeline::load_limits`.
     pub rate_limit: Option<RateLimitSection>,
     pub state: StateSection,
+    /// Seed file path already made absolute.
+    pub registry: RegistrySection,
+    pub admin: AdminSection,
 }
 
 #[derive(Debug, Clone)]
@@ -343,6 +387,8 @@ pub struct Provider {
 pub struct ModelRoute {
     pub provider: String,
     pub upstream_model: String,
+    pub version: Option<String>,
+    pub risk_tier: filters::model_registry::RiskTier,
 }
 
 impl Config {
@@ -403,6 +449,9 @@ impl Config {
         let auth: Option<AuthSection> = section(&map, "auth", &mut errors);
         let rate_limit: Option<RateLimitSection> = section(&map, "rate_limit", &mut errors);
         let state: StateSection = section(&map, "state", &mut errors).unwrap_or_default();
+        let mut registry: RegistrySection =
+            section(&map, "registry", &mut errors).unwrap_or_default();
+        let admin: AdminSection = section(&map, "admin", &mut errors).unwrap_or_default();
         if let Some(url) = &state.redis_url {
             if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                 errors.push(
@@ -453,6 +502,8 @@ impl Config {
                 ModelRoute {
                     provider: m.provider,
                     upstream_model,
+                    version: m.version,
+                    risk_tier: m.risk_tier,
                 },
             );
         }
@@ -472,6 +523,7 @@ impl Config {
             r.policy = base.join(&r.policy);
             r
         });
+        registry.seed_file = registry.seed_file.map(|p| base.join(p));
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
         }
@@ -493,6 +545,8 @@ impl Config {
             auth,
             rate_limit,
             state,
+            registry,
+            admin,
         })
     }
 }

@@ -15,6 +15,7 @@ use crate::respond::{error_body, error_event};
 use crate::upstream::{Exchange, Upstream, UpstreamError};
 use async_trait::async_trait;
 use bytes::Bytes;
+use filters::model_registry::ModelGate;
 use filters::rate_limit::{RateLimiter, Reservation};
 use filters::{
     ErrorCode, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent, SseFramer,
@@ -33,13 +34,12 @@ pub const CLIENT_CLOSED: u16 = 499;
 
 pub struct Gateway {
     cfg: Arc<Config>,
-    chain: filters::Chain,
+    chain: Arc<filters::Chain>,
     responses: ResponseChain,
     limiter: Option<Arc<RateLimiter>>,
+    gate: Arc<ModelGate>,
     upstream: Upstream,
     audit: AuditLog,
-    /// `GET /v1/models`, built once.
-    model_list: Bytes,
 }
 
 /// Per-request state, written only by the gateway.
@@ -57,26 +57,102 @@ pub struct Ctx {
 
 impl Gateway {
     pub fn new(cfg: Arc<Config>, filters: Filters, upstream: Upstream, audit: AuditLog) -> Self {
-        let Filters {
-            chain,
-            responses,
-            limiter,
-        } = filters;
-        let data: Vec<Value> = cfg
-            .models
-            .iter()
-            .map(|(id, m)| model_object(id, &m.provider))
-            .collect();
-        let model_list = Bytes::from(json!({"object": "list", "data": data}).to_string());
         Self {
             cfg,
-            chain,
-            responses,
-            limiter,
+            chain: filters.chain,
+            responses: filters.responses,
+            limiter: filters.limiter,
+            gate: filters.gate,
             upstream,
             audit,
-            model_list,
         }
+    }
+
+    /// Run the request chain and apply what it found to the context.
+    /// Returns the rejection, if any, with the filter that made it.
+    async fn screen(
+        &self,
+        s: &Session,
+        ctx: &mut Ctx,
+        route: Route,
+        body: &Value,
+        model: Option<&str>,
+        stream: bool,
+    ) -> Screened {
+        let authorization = s
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let view = RequestView {
+            request_id: &ctx.rec.request_id,
+            authorization,
+            principal: None,
+            dry_run: false,
+            route,
+            body,
+            model,
+            stream,
+            client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        };
+        let report = self.chain.run(&view).await;
+        for o in &report.outcomes {
+            metrics::FILTER_SECONDS
+                .with_label_values(&[o.filter.as_str()])
+                .observe(o.latency_us as f64 / 1e6);
+        }
+        ctx.rec.filters = report.outcomes;
+        let principal = report.principal;
+        if let Some(p) = &principal {
+            ctx.rec.sub = Some(p.subject.clone());
+            ctx.rec.tenant = Some(p.tenant.clone());
+            ctx.rec.roles = p.roles.clone();
+        }
+        ctx.headers = report.headers;
+        ctx.reservations = report.reservations;
+        Screened {
+            rejection: report.rejection.map(|(kind, r)| (kind.as_str(), r)),
+            principal,
+            upstream: report.upstream,
+        }
+    }
+
+    /// `GET /v1/models` and `GET /v1/models/{id}`: the models the caller
+    /// may use now.
+    async fn models(&self, s: &mut Session, ctx: &mut Ctx, id: Option<String>) {
+        ctx.rec.route = Some(Route::Models);
+        let screened = self
+            .screen(s, ctx, Route::Models, &Value::Null, None, false)
+            .await;
+        if let Some((by, r)) = screened.rejection {
+            return self.refuse(s, ctx, by, r).await;
+        }
+        let usable = match self.gate.usable(screened.principal.as_ref()) {
+            Ok(u) => u,
+            Err(e) => {
+                let r = Rejection::new(ErrorCode::RegistryUnavailable, e);
+                return self.refuse(s, ctx, "model_registry", r).await;
+            }
+        };
+        let body = match id {
+            None => {
+                let data: Vec<Value> = usable
+                    .iter()
+                    .map(|m| model_object(&m.id, &m.provider))
+                    .collect();
+                json!({"object": "list", "data": data})
+            }
+            Some(id) => match usable.iter().find(|m| m.id == id) {
+                Some(m) => model_object(&m.id, &m.provider),
+                None => {
+                    return self
+                        .refuse(s, ctx, "model_registry", no_such_model(&id))
+                        .await
+                }
+            },
+        };
+        self.reply_json(s, ctx, 200, Bytes::from(body.to_string()))
+            .await
     }
 
     async fn handle(&self, s: &mut Session, ctx: &mut Ctx) {
@@ -90,17 +166,8 @@ impl Gateway {
             .map(|a| a.ip().to_string());
         match intake::resolve(&ctx.rec.method, &ctx.rec.path) {
             Err(r) => self.refuse(s, ctx, "intake", r).await,
-            Ok(Endpoint::ListModels) => {
-                let body = self.model_list.clone();
-                self.reply_json(s, ctx, 200, body).await
-            }
-            Ok(Endpoint::GetModel(id)) => match self.cfg.models.get(&id) {
-                Some(m) => {
-                    let body = Bytes::from(model_object(&id, &m.provider).to_string());
-                    self.reply_json(s, ctx, 200, body).await
-                }
-                None => self.refuse(s, ctx, "intake", no_such_model(&id)).await,
-            },
+            Ok(Endpoint::ListModels) => self.models(s, ctx, None).await,
+            Ok(Endpoint::GetModel(id)) => self.models(s, ctx, Some(id)).await,
             Ok(Endpoint::Call(route)) => self.call(s, ctx, route).await,
         }
     }
@@ -156,70 +223,51 @@ impl Gateway {
         if self.cfg.audit.record_content {
             ctx.rec.content = Some(json!({"request": parsed.json}));
         }
-        let Some(target) = self.cfg.models.get(&parsed.model) else {
+        let screened = self
+            .screen(
+                s,
+                ctx,
+                route,
+                &parsed.json,
+                Some(&parsed.model),
+                parsed.stream,
+            )
+            .await;
+        if let Some((by, r)) = screened.rejection {
+            return self.refuse(s, ctx, by, r).await;
+        }
+        // The registry gate says where the model is served.
+        let Some((provider, upstream_model)) = screened.upstream else {
             return self
-                .refuse(s, ctx, "intake", no_such_model(&parsed.model))
+                .refuse(s, ctx, "model_registry", no_such_model(&parsed.model))
                 .await;
         };
-        ctx.rec.upstream_model = Some(target.upstream_model.clone());
-
-        let authorization = s
-            .req_header()
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let view = RequestView {
-            request_id: &ctx.rec.request_id,
-            authorization,
-            principal: None,
-            route,
-            body: &parsed.json,
-            model: Some(&parsed.model),
-            stream: parsed.stream,
-            client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
-        };
-        let report = self.chain.run(&view).await;
-        for o in &report.outcomes {
-            metrics::FILTER_SECONDS
-                .with_label_values(&[o.filter.as_str()])
-                .observe(o.latency_us as f64 / 1e6);
-        }
-        ctx.rec.filters = report.outcomes;
-        if let Some(p) = report.principal {
-            ctx.rec.sub = Some(p.subject);
-            ctx.rec.tenant = Some(p.tenant);
-            ctx.rec.roles = p.roles;
-        }
-        ctx.headers = report.headers;
-        ctx.reservations = report.reservations;
-        if let Some((kind, r)) = report.rejection {
-            return self.refuse(s, ctx, kind.as_str(), r).await;
-        }
+        ctx.rec.upstream_model = Some(upstream_model.clone());
 
         // A token budget is settled from the stream's final usage event:
         // ask for it when the client did not, and keep it from the client.
         ctx.strip_usage = parsed.stream
             && !ctx.reservations.is_empty()
             && parsed.json["stream_options"]["include_usage"] != Value::Bool(true);
-        let out_body = if target.upstream_model == parsed.model && !ctx.strip_usage {
+        let out_body = if upstream_model == parsed.model && !ctx.strip_usage {
             body
         } else {
             let mut json = parsed.json;
-            json["model"] = Value::String(target.upstream_model.clone());
+            json["model"] = Value::String(upstream_model.clone());
             if ctx.strip_usage {
                 json["stream_options"]["include_usage"] = Value::Bool(true);
             }
             Bytes::from(json.to_string())
         };
         let mut upstream = UpstreamRecord {
-            provider: target.provider.clone(),
+            provider: provider.clone(),
             ..Default::default()
         };
         let sent = Instant::now();
         let result = self
             .upstream
             .post(
-                &target.provider,
+                &provider,
                 route.upstream_path(),
                 &ctx.rec.request_id,
                 out_body,
@@ -229,7 +277,7 @@ impl Gateway {
         let latency = sent.elapsed();
         upstream.latency_ms = Some(latency.as_secs_f64() * 1e3);
         metrics::UPSTREAM_SECONDS
-            .with_label_values(&[&target.provider])
+            .with_label_values(&[&provider])
             .observe(latency.as_secs_f64());
         let exchange = match result {
             Ok(ex) => ex,
@@ -559,6 +607,13 @@ impl ProxyHttp for Gateway {
             .observe(elapsed.as_secs_f64());
         self.audit.send(rec);
     }
+}
+
+/// What the request chain decided, as the gateway needs it.
+struct Screened {
+    rejection: Option<(&'static str, Rejection)>,
+    principal: Option<filters::Principal>,
+    upstream: Option<(String, String)>,
 }
 
 enum BodyError {

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod mock;
 pub mod pipeline;
 pub mod redis_limits;
+pub mod registry;
 pub mod respond;
 pub mod server;
 pub mod upstream;

@@ -5,19 +5,31 @@
 use crate::config::Config;
 use crate::keys::{self, JwksRefresher};
 use crate::redis_limits::RedisLimits;
+use crate::registry::{FileStore, RedisStore, RegistryStore};
 use filters::jwt_auth::{ClaimPaths, JwtAuth, JwtSettings};
+use filters::model_registry::{
+    FreezeFilter, Lifecycle, ModelEntry, ModelGate, RegistryState, RegistryView, RiskPolicy,
+    RiskTier,
+};
 use filters::rate_limit::{LimitStore, LimitsPolicy, MemoryStore, RateLimiter};
 use filters::{Chain, Clock, FilterSettings, RequestFilter, ResponseChain, SystemClock};
+use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The running filters, as the gateway holds them.
+/// The running filters, as the gateway and the admin API hold them.
 pub struct Filters {
-    pub chain: Chain,
+    pub chain: Arc<Chain>,
     pub responses: ResponseChain,
     /// Kept to settle token budgets after each response.
     pub limiter: Option<Arc<RateLimiter>>,
+    /// Kept to list the models a caller may use.
+    pub gate: Arc<ModelGate>,
+    /// The registry the admin API changes.
+    pub registry: Arc<dyn RegistryStore>,
+    /// Verifies admin API callers too.
+    pub jwt: Option<Arc<JwtAuth>>,
 }
 
 /// The filters and the background work they need.
@@ -25,6 +37,114 @@ pub struct Pipeline {
     pub filters: Filters,
     /// Follows JWKS URLs, when any is configured.
     pub jwks: Option<JwksRefresher>,
+    /// Keeps a Redis-backed registry current.
+    pub registry_follower: Option<Arc<RedisStore>>,
+}
+
+/// `registry.seed_file`: more models for a fresh install.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeedFile {
+    models: Vec<SeedModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeedModel {
+    id: String,
+    provider: String,
+    #[serde(default)]
+    upstream_model: Option<String>,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    risk_tier: RiskTier,
+}
+
+/// The registry a fresh install starts with: the config's `models:` and
+/// the seed file's, approved when `registry.approve_seed` says so.
+pub fn seed(cfg: &Config) -> Result<RegistryState, Vec<String>> {
+    let mut models: Vec<SeedModel> = cfg
+        .models
+        .iter()
+        .map(|(id, m)| SeedModel {
+            id: id.clone(),
+            provider: m.provider.clone(),
+            upstream_model: Some(m.upstream_model.clone()),
+            version: m.version.clone(),
+            risk_tier: m.risk_tier,
+        })
+        .collect();
+    let mut errors = Vec::new();
+    if let Some(path) = &cfg.registry.seed_file {
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_yaml::from_str::<SeedFile>(&t).map_err(|e| e.to_string()))
+        {
+            Ok(file) => models.extend(file.models),
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
+        }
+    }
+    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let mut state = RegistryState::default();
+    for m in models {
+        if !cfg.providers.contains_key(&m.provider) {
+            errors.push(format!(
+                "seed model '{}': no provider named '{}'",
+                m.id, m.provider
+            ));
+            continue;
+        }
+        let entry = ModelEntry::register(
+            &m.id,
+            &m.provider,
+            m.upstream_model.as_deref(),
+            m.version.as_deref(),
+            m.risk_tier,
+            "seed",
+            &at,
+        );
+        match entry.and_then(|e| state.register(e)) {
+            Ok(()) if cfg.registry.approve_seed => {
+                if let Err(e) = state.transition(&m.id, Lifecycle::Approve, "seed", &at) {
+                    errors.push(e.to_string());
+                }
+            }
+            Ok(()) => {}
+            Err(e) => errors.push(format!("seed: {e}")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(state)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Open the registry store: Redis with `state.redis_url`, else a file
+/// under `state_dir`.
+fn open_registry(
+    cfg: &Config,
+) -> Result<(Arc<dyn RegistryStore>, Option<Arc<RedisStore>>), Vec<String>> {
+    let seed = seed(cfg)?;
+    match &cfg.state.redis_url {
+        Some(url) => {
+            let timeout = Duration::from_millis(cfg.state.redis_timeout_ms.unwrap_or(500));
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| vec![e.to_string()])?;
+            let store = runtime
+                .block_on(RedisStore::open(url, timeout, seed))
+                .map_err(|e| vec![format!("registry: {e}")])?;
+            Ok((store.clone(), Some(store)))
+        }
+        None => {
+            let store =
+                FileStore::open(&cfg.state_dir.join("registry.json"), seed).map_err(|e| vec![e])?;
+            Ok((Arc::new(store), None))
+        }
+    }
 }
 
 /// Read and check a rate-limit policy file.
@@ -60,6 +180,9 @@ pub fn check(cfg: &Config) -> Vec<String> {
             errors.extend(e);
         }
     }
+    if let Err(e) = seed(cfg) {
+        errors.extend(e);
+    }
     errors
 }
 
@@ -70,6 +193,7 @@ pub fn build(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut request: Vec<(Box<dyn RequestFilter>, FilterSettings)> = Vec::new();
     let mut jwks = None;
+    let mut jwt = None;
     if let Some(auth) = &cfg.auth {
         let (keys, urls) = keys::load(auth)?;
         if !urls.is_empty() {
@@ -91,13 +215,15 @@ pub fn build(
             default_tenant: auth.default_tenant.clone(),
             cache_size: auth.cache_size,
         };
+        let filter = Arc::new(JwtAuth::new(settings, keys, clock.clone()));
         request.push((
-            Box::new(JwtAuth::new(settings, keys, clock.clone())),
+            Box::new(filter.clone()),
             FilterSettings {
                 mode: auth.mode,
                 on_error: auth.on_error,
             },
         ));
+        jwt = Some(filter);
     } else {
         log::warn!(
             "no `auth` section in {}: requests are NOT authenticated",
@@ -127,12 +253,29 @@ pub fn build(
         ));
         limiter = Some(l);
     }
+    let (registry, registry_follower) = open_registry(cfg)?;
+    let view: Arc<dyn RegistryView> = registry.clone();
+    let registry_settings = FilterSettings {
+        mode: cfg.registry.mode,
+        on_error: cfg.registry.on_error,
+    };
+    let risk = RiskPolicy {
+        default_max: cfg.registry.default_max_risk,
+        by_role: cfg.registry.max_risk_by_role.clone().into_iter().collect(),
+    };
+    let gate = Arc::new(ModelGate::new(view.clone(), risk));
+    request.push((Box::new(FreezeFilter::new(view)), registry_settings));
+    request.push((Box::new(gate.clone()), registry_settings));
     Ok(Pipeline {
         filters: Filters {
-            chain: Chain::new(request),
+            chain: Arc::new(Chain::new(request)),
             responses: ResponseChain::new(Vec::new()),
             limiter,
+            gate,
+            registry,
+            jwt,
         },
         jwks,
+        registry_follower,
     })
 }

@@ -20,12 +20,13 @@ pub const PREFIX: &str = "portcullis:rl:";
 
 const GCRA_SCRIPT: &str = r#"
 local now = tonumber(ARGV[1])
+local commit = ARGV[2] == '1'
 local n = #KEYS
 local new_tats = {}
 local out = {}
 local all = true
 for i = 1, n do
-  local b = 1 + (i - 1) * 4
+  local b = 2 + (i - 1) * 4
   local cost = tonumber(ARGV[b + 1])
   local e = tonumber(ARGV[b + 2])
   local burst = tonumber(ARGV[b + 3])
@@ -47,7 +48,7 @@ for i = 1, n do
   out[#out + 1] = string.format('%.17g', reset)
   out[#out + 1] = string.format('%.17g', retry)
 end
-if all then
+if all and commit then
   for i = 1, n do
     local ttl = math.ceil(new_tats[i] - now) + 1000
     redis.call('SET', KEYS[i], string.format('%.17g', new_tats[i]), 'PX', ttl)
@@ -106,10 +107,16 @@ impl RedisLimits {
 
 #[async_trait]
 impl LimitStore for RedisLimits {
-    async fn apply(&self, charges: &[Charge], now_ms: f64) -> Result<Vec<LimitState>, String> {
+    async fn apply(
+        &self,
+        charges: &[Charge],
+        now_ms: f64,
+        commit: bool,
+    ) -> Result<Vec<LimitState>, String> {
         let mut conn = self.connection().await?;
         let mut call = self.script.prepare_invoke();
-        call.arg(format!("{now_ms:.3}"));
+        call.arg(format!("{now_ms:.3}"))
+            .arg(if commit { "1" } else { "0" });
         for c in charges {
             call.key(format!("{PREFIX}{}", c.key))
                 .arg(c.cost)

@@ -40,6 +40,16 @@ impl BackgroundService for MockService {
     }
 }
 
+/// Keeps a Redis-backed registry snapshot current.
+struct RegistryFollower(Arc<crate::registry::RedisStore>);
+
+#[async_trait]
+impl BackgroundService for RegistryFollower {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.clone().follow(shutdown).await
+    }
+}
+
 /// Fail early, with the address in the message, when a listener cannot bind.
 fn check_bindable(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     std::net::TcpListener::bind(addr)
@@ -65,6 +75,9 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
         .map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
     if let Some(jwks) = pipeline.jwks {
         server.add_service(background_service("jwks", jwks));
+    }
+    if let Some(store) = pipeline.registry_follower {
+        server.add_service(background_service("registry", RegistryFollower(store)));
     }
     let gateway = Gateway::new(cfg.clone(), pipeline.filters, upstream, audit);
     let mut proxy = http_proxy_service(&server.configuration, gateway);

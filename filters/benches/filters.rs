@@ -18,6 +18,7 @@ fn view<'a>(
         request_id: "bench",
         authorization,
         principal,
+        dry_run: false,
         route: Route::ChatCompletions,
         body,
         model: Some("m"),

@@ -106,6 +106,11 @@ pub enum Fact {
     Header(&'static str, String),
     /// Tokens reserved from a budget, to settle once usage is known.
     Reservation(Reservation),
+    /// Where the model is served: set by the model registry gate.
+    Upstream {
+        provider: String,
+        upstream_model: String,
+    },
 }
 
 /// A filter's decision and the facts it established.
@@ -206,6 +211,8 @@ pub struct ChainReport {
     /// Headers for the client's response, whatever it is.
     pub headers: Vec<(&'static str, String)>,
     pub reservations: Vec<Reservation>,
+    /// `(provider, upstream model)` from the registry gate.
+    pub upstream: Option<(String, String)>,
 }
 
 /// The request chain.
@@ -246,6 +253,10 @@ impl Chain {
                         Fact::Principal(p) => report.principal = Some(p),
                         Fact::Header(name, value) => report.headers.push((name, value)),
                         Fact::Reservation(r) => report.reservations.push(r),
+                        Fact::Upstream {
+                            provider,
+                            upstream_model,
+                        } => report.upstream = Some((provider, upstream_model)),
                     }
                 }
                 verdict.decision
@@ -378,6 +389,7 @@ mod tests {
             request_id: "r1",
             authorization: None,
             principal: None,
+            dry_run: false,
             route: Route::ChatCompletions,
             body: &body,
             model: Some("m"),

@@ -28,19 +28,21 @@ pub enum ErrorCode {
     ModelNotApproved,
     ModelFrozen,
     Forbidden,
+    InvalidTransition,
     RateLimited,
     TokenBudgetExceeded,
     UpstreamError,
     UpstreamTimeout,
     GuardUnavailable,
     LimiterUnavailable,
+    RegistryUnavailable,
     FilterUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 27] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
@@ -58,12 +60,14 @@ impl ErrorCode {
         Self::ModelNotApproved,
         Self::ModelFrozen,
         Self::Forbidden,
+        Self::InvalidTransition,
         Self::RateLimited,
         Self::TokenBudgetExceeded,
         Self::UpstreamError,
         Self::UpstreamTimeout,
         Self::GuardUnavailable,
         Self::LimiterUnavailable,
+        Self::RegistryUnavailable,
         Self::FilterUnavailable,
         Self::InternalError,
     ];
@@ -87,12 +91,14 @@ impl ErrorCode {
             Self::ModelNotApproved => "model_not_approved",
             Self::ModelFrozen => "model_frozen",
             Self::Forbidden => "forbidden",
+            Self::InvalidTransition => "invalid_transition",
             Self::RateLimited => "rate_limited",
             Self::TokenBudgetExceeded => "token_budget_exceeded",
             Self::UpstreamError => "upstream_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::GuardUnavailable => "guard_unavailable",
             Self::LimiterUnavailable => "limiter_unavailable",
+            Self::RegistryUnavailable => "registry_unavailable",
             Self::FilterUnavailable => "filter_unavailable",
             Self::InternalError => "internal_error",
         }
@@ -111,12 +117,16 @@ impl ErrorCode {
             Self::UnknownRoute | Self::ModelNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::RequestTimeout => 408,
+            Self::InvalidTransition => 409,
             Self::RequestTooLarge => 413,
             Self::UnsupportedMediaType => 415,
             Self::RateLimited | Self::TokenBudgetExceeded => 429,
             Self::InternalError => 500,
             Self::UpstreamError => 502,
-            Self::GuardUnavailable | Self::LimiterUnavailable | Self::FilterUnavailable => 503,
+            Self::GuardUnavailable
+            | Self::LimiterUnavailable
+            | Self::RegistryUnavailable
+            | Self::FilterUnavailable => 503,
             Self::UpstreamTimeout => 504,
         }
     }
@@ -126,7 +136,7 @@ impl ErrorCode {
         match self.status() {
             401 => "authentication_error",
             403 => "permission_error",
-            400 | 404 | 405 | 408 | 413 | 415 => "invalid_request_error",
+            400 | 404 | 405 | 408 | 409 | 413 | 415 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "api_error",
         }
@@ -157,12 +167,14 @@ impl ErrorCode {
             Self::ModelNotApproved => "The requested model is not approved for use.",
             Self::ModelFrozen => "The requested model is temporarily frozen.",
             Self::Forbidden => "You are not allowed to do this.",
+            Self::InvalidTransition => "That change is not allowed in the current state.",
             Self::RateLimited => "Rate limit reached; retry later.",
             Self::TokenBudgetExceeded => "Token budget exhausted; retry later.",
             Self::UpstreamError => "The model provider returned an error.",
             Self::UpstreamTimeout => "The model provider did not answer in time.",
             Self::GuardUnavailable => "The content screening service is unavailable.",
             Self::LimiterUnavailable => "The rate limiter is unavailable; retry later.",
+            Self::RegistryUnavailable => "The model registry is unavailable; retry later.",
             Self::FilterUnavailable => "A required security check could not be made.",
             Self::InternalError => "Internal gateway error.",
         }

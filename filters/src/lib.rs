@@ -11,6 +11,7 @@ pub mod chain;
 pub mod clock;
 pub mod error;
 pub mod jwt_auth;
+pub mod model_registry;
 pub mod rate_limit;
 pub mod request;
 pub mod response;

@@ -193,9 +193,15 @@ pub fn gcra(stored_tat: Option<f64>, now: f64, charge: &Charge) -> (f64, LimitSt
 /// Where GCRA state lives.
 #[async_trait]
 pub trait LimitStore: Send + Sync {
-    /// Apply every charge atomically: if one is refused, none is stored.
+    /// Apply every charge atomically: if one is refused, none is stored;
+    /// with `commit` false (a simulation) nothing is stored at all.
     /// Returns one state per charge, in order.
-    async fn apply(&self, charges: &[Charge], now_ms: f64) -> Result<Vec<LimitState>, String>;
+    async fn apply(
+        &self,
+        charges: &[Charge],
+        now_ms: f64,
+        commit: bool,
+    ) -> Result<Vec<LimitState>, String>;
 }
 
 /// GCRA state in this process.
@@ -209,7 +215,12 @@ const MEMORY_STORE_SWEEP: usize = 100_000;
 
 #[async_trait]
 impl LimitStore for MemoryStore {
-    async fn apply(&self, charges: &[Charge], now_ms: f64) -> Result<Vec<LimitState>, String> {
+    async fn apply(
+        &self,
+        charges: &[Charge],
+        now_ms: f64,
+        commit: bool,
+    ) -> Result<Vec<LimitState>, String> {
         let mut tats = self
             .tats
             .lock()
@@ -218,7 +229,7 @@ impl LimitStore for MemoryStore {
             .iter()
             .map(|c| gcra(tats.get(&c.key).copied(), now_ms, c))
             .collect();
-        if decided.iter().all(|(_, s)| s.allowed) {
+        if commit && decided.iter().all(|(_, s)| s.allowed) {
             for (c, (tat, _)) in charges.iter().zip(&decided) {
                 tats.insert(c.key.clone(), *tat);
             }
@@ -321,7 +332,7 @@ impl RateLimiter {
             })
             .collect();
         self.store
-            .apply(&charges, self.clock.now_ms() as f64)
+            .apply(&charges, self.clock.now_ms() as f64, true)
             .await
             .map(drop)
     }
@@ -405,7 +416,7 @@ impl RequestFilter for RateLimiter {
         }
         let states = self
             .store
-            .apply(&charges, self.clock.now_ms() as f64)
+            .apply(&charges, self.clock.now_ms() as f64, !request.dry_run)
             .await
             .map_err(|e| FilterError::new(ErrorCode::LimiterUnavailable, e))?;
         let (req_states, tok_states) = states.split_at(requests.min(states.len()));

@@ -52,8 +52,11 @@ pub struct RequestView<'a> {
     pub request_id: &'a str,
     /// The `Authorization` header as sent, if any.
     pub authorization: Option<&'a str>,
-    /// Set by the chain once `jwt_auth` has identified the caller.
+    /// Set by the chain once `jwt_auth` has identified the caller, or
+    /// given by `/admin/simulate` with `dry_run`.
     pub principal: Option<&'a Principal>,
+    /// A simulation: decide, but spend nothing (no limit is charged).
+    pub dry_run: bool,
     pub route: Route,
     /// The parsed JSON body (`Value::Null` for bodiless routes).
     pub body: &'a serde_json::Value,

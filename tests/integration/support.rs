@@ -130,6 +130,8 @@ providers:
 models:
   mock-small: {{ provider: mock }}
   mock-large: {{ provider: mock, upstream_model: mock-large-2026-01 }}
+registry:
+  approve_seed: true
 audit:
   file: audit.jsonl
   record_content: {record_content}

@@ -85,6 +85,8 @@ providers:
 models:
   mock-small: {{ provider: mock }}
   text-embedding-mock: {{ provider: mock }}
+registry:
+  approve_seed: true
 auth:
   keys:
     - dir: keys

@@ -61,6 +61,7 @@ async fn ask(f: &Fixture, p: &Principal, body: &Value) -> Verdict {
         request_id: "r",
         authorization: None,
         principal: Some(p),
+        dry_run: false,
         route: Route::ChatCompletions,
         body,
         model: Some("m"),

@@ -1,0 +1,341 @@
+//! Where the model registry and the freeze lists live.
+//!
+//! - [`FileStore`] (default): one JSON file under `state_dir`, written
+//!   atomically (temporary file, fsync, rename, fsync of the folder). A
+//!   corrupt or unreadable file stops start-up with a message naming it;
+//!   it is never silently reset.
+//! - [`RedisStore`] (`state.redis_url`): one JSON document in Redis,
+//!   changed by compare-and-set and announced on a channel. Every instance
+//!   reloads on each announcement and at least every 250 ms; if it has not
+//!   managed a load for a second, its snapshot is refused and the filters
+//!   fail closed.
+//!
+//! The seed (models from the config and `registry.seed_file`) is written
+//! only when no state exists yet: once the registry has state, it wins.
+
+use async_trait::async_trait;
+use filters::model_registry::{RegistryError, RegistryState, RegistryView};
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// Why a registry change failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("registry store: {0}")]
+    Store(String),
+}
+
+/// A change to apply: may run more than once (compare-and-set retries).
+pub type Change<'a> =
+    &'a (dyn Fn(&mut RegistryState) -> Result<Value, RegistryError> + Send + Sync);
+
+#[async_trait]
+pub trait RegistryStore: RegistryView {
+    /// Apply `change` atomically, persist it and make every instance see it.
+    async fn update(&self, change: Change<'_>) -> Result<Value, UpdateError>;
+}
+
+pub struct FileStore {
+    path: PathBuf,
+    state: RwLock<Arc<RegistryState>>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+impl FileStore {
+    /// Load the state file, or write `seed` when there is none.
+    pub fn open(path: &Path, seed: RegistryState) -> Result<Self, String> {
+        let state = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                format!(
+                    "registry state file {} is corrupt ({e}); refusing to start. Restore it from a backup, \
+                     or move it aside to start from the seed",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_atomically(path, &seed)?;
+                seed
+            }
+            Err(e) => return Err(format!("registry state file {}: {e}", path.display())),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            state: RwLock::new(Arc::new(state)),
+            writer: tokio::sync::Mutex::new(()),
+        })
+    }
+}
+
+fn write_atomically(path: &Path, state: &RegistryState) -> Result<(), String> {
+    use std::io::Write;
+    let fail = |e: std::io::Error| format!("registry state file {}: {e}", path.display());
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("registry")
+    ));
+    let bytes = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
+    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    f.write_all(&bytes).map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
+}
+
+impl RegistryView for FileStore {
+    fn snapshot(&self) -> Result<Arc<RegistryState>, String> {
+        self.state
+            .read()
+            .map(|s| s.clone())
+            .map_err(|_| "registry state lock poisoned".to_string())
+    }
+}
+
+#[async_trait]
+impl RegistryStore for FileStore {
+    async fn update(&self, change: Change<'_>) -> Result<Value, UpdateError> {
+        let _one_writer = self.writer.lock().await;
+        let mut next = (*self.snapshot().map_err(UpdateError::Store)?).clone();
+        let result = change(&mut next)?;
+        write_atomically(&self.path, &next).map_err(UpdateError::Store)?;
+        if let Ok(mut s) = self.state.write() {
+            *s = Arc::new(next);
+        }
+        Ok(result)
+    }
+}
+
+const KEY: &str = "portcullis:registry";
+const CHANNEL: &str = "portcullis:registry:changed";
+/// A snapshot older than this is not trusted.
+const STALE_AFTER: Duration = Duration::from_secs(1);
+const POLL: Duration = Duration::from_millis(250);
+
+/// Set `KEYS[1]` to `ARGV[2]` only if it still holds `ARGV[1]` ('' = absent),
+/// then announce the change.
+const CAS_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"#;
+
+pub struct RedisStore {
+    client: redis::Client,
+    timeout: Duration,
+    cache: RwLock<Option<(Instant, String, Arc<RegistryState>)>>,
+    cas: redis::Script,
+}
+
+impl RedisStore {
+    /// Connect, write the seed if Redis holds no registry yet, and load.
+    /// Returns an error when Redis cannot be reached: an instance must load
+    /// the current state before it serves.
+    pub async fn open(
+        url: &str,
+        timeout: Duration,
+        seed: RegistryState,
+    ) -> Result<Arc<Self>, String> {
+        let store = Arc::new(Self {
+            client: redis::Client::open(url).map_err(|e| format!("redis URL: {e}"))?,
+            timeout,
+            cache: RwLock::new(None),
+            cas: redis::Script::new(CAS_SCRIPT),
+        });
+        let mut conn = store.connection().await?;
+        let seed_json = serde_json::to_string(&seed).map_err(|e| e.to_string())?;
+        let _: Option<String> = redis::cmd("SET")
+            .arg(KEY)
+            .arg(seed_json)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        store.reload().await?;
+        Ok(store)
+    }
+
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        tokio::time::timeout(
+            self.timeout * 2,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| "redis connect timed out".to_string())?
+        .map_err(|e| format!("redis: {e}"))
+    }
+
+    async fn reload(&self) -> Result<(), String> {
+        let mut conn = self.connection().await?;
+        let raw: Option<String> = redis::cmd("GET")
+            .arg(KEY)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| format!("redis: {e}"))?;
+        let raw = match raw {
+            Some(raw) => raw,
+            None => {
+                // Redis lost its data (restarted without persistence): put
+                // back this instance's last snapshot rather than forget
+                // approvals and freezes. Another instance may win the race.
+                let last = self
+                    .cache
+                    .read()
+                    .ok()
+                    .and_then(|c| c.as_ref().map(|(_, raw, _)| raw.clone()));
+                let last = last.ok_or("the registry key is missing from Redis")?;
+                log::warn!("registry missing from Redis; restoring this instance's last snapshot");
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(KEY)
+                    .arg(&last)
+                    .arg("NX")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| format!("redis: {e}"))?;
+                let raw: Option<String> = redis::cmd("GET")
+                    .arg(KEY)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| format!("redis: {e}"))?;
+                raw.ok_or("the registry key is missing from Redis")?
+            }
+        };
+        let unchanged =
+            matches!(self.cache.read().ok().as_deref(), Some(Some((_, old, _))) if *old == raw);
+        let state = if unchanged {
+            None
+        } else {
+            Some(Arc::new(
+                serde_json::from_str::<RegistryState>(&raw)
+                    .map_err(|e| format!("registry in Redis is corrupt: {e}"))?,
+            ))
+        };
+        if let Ok(mut c) = self.cache.write() {
+            let state = match (state, c.take()) {
+                (Some(s), _) => s,
+                (None, Some((_, _, s))) => s,
+                (None, None) => return Err("registry cache lost".into()),
+            };
+            *c = Some((Instant::now(), raw, state));
+        }
+        Ok(())
+    }
+
+    /// Keep the snapshot current: reload on every announcement, and poll.
+    pub async fn follow(self: Arc<Self>, mut shutdown: pingora::server::ShutdownWatch) {
+        let poller = {
+            let store = self.clone();
+            async move {
+                loop {
+                    if let Err(e) = store.reload().await {
+                        log::warn!("registry reload: {e}");
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        };
+        let listener = {
+            let store = self.clone();
+            async move {
+                loop {
+                    match store.client.get_async_pubsub().await {
+                        Ok(mut pubsub) => {
+                            if pubsub.subscribe(CHANNEL).await.is_ok() {
+                                let mut messages = pubsub.on_message();
+                                while messages.next().await.is_some() {
+                                    if let Err(e) = store.reload().await {
+                                        log::warn!("registry reload: {e}");
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => log::warn!("registry subscription: {e}"),
+                    }
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            _ = poller => {}
+            _ = listener => {}
+        }
+    }
+}
+
+impl RegistryView for RedisStore {
+    fn snapshot(&self) -> Result<Arc<RegistryState>, String> {
+        let cache = self
+            .cache
+            .read()
+            .map_err(|_| "registry cache poisoned".to_string())?;
+        match cache.as_ref() {
+            Some((at, _, state)) if at.elapsed() < STALE_AFTER => Ok(state.clone()),
+            Some((at, _, _)) => Err(format!(
+                "registry not refreshed for {:?} (Redis unreachable)",
+                at.elapsed()
+            )),
+            None => Err("registry not loaded".into()),
+        }
+    }
+}
+
+#[async_trait]
+impl RegistryStore for RedisStore {
+    async fn update(&self, change: Change<'_>) -> Result<Value, UpdateError> {
+        let mut conn = self.connection().await.map_err(UpdateError::Store)?;
+        for _ in 0..10 {
+            let raw: Option<String> = redis::cmd("GET")
+                .arg(KEY)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| UpdateError::Store(e.to_string()))?;
+            let raw = raw.unwrap_or_default();
+            let mut state: RegistryState = if raw.is_empty() {
+                RegistryState::default()
+            } else {
+                serde_json::from_str(&raw)
+                    .map_err(|e| UpdateError::Store(format!("corrupt registry: {e}")))?
+            };
+            let result = change(&mut state)?;
+            let next =
+                serde_json::to_string(&state).map_err(|e| UpdateError::Store(e.to_string()))?;
+            let done: i64 = self
+                .cas
+                .key(KEY)
+                .arg(&raw)
+                .arg(&next)
+                .arg(CHANNEL)
+                .arg(state.revision)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| UpdateError::Store(e.to_string()))?;
+            if done == 1 {
+                let _ = self.reload().await;
+                return Ok(result);
+            }
+        }
+        Err(UpdateError::Store(
+            "too many concurrent registry changes; retry".into(),
+        ))
+    }
+}
