@@ -121,11 +121,12 @@ pub fn seed(cfg: &Config) -> Result<RegistryState, Vec<String>> {
     }
 }
 
+/// The registry store, and the Redis store again when it needs following.
+type OpenedRegistry = (Arc<dyn RegistryStore>, Option<Arc<RedisStore>>);
+
 /// Open the registry store: Redis with `state.redis_url`, else a file
 /// under `state_dir`.
-fn open_registry(
-    cfg: &Config,
-) -> Result<(Arc<dyn RegistryStore>, Option<Arc<RedisStore>>), Vec<String>> {
+fn open_registry(cfg: &Config) -> Result<OpenedRegistry, Vec<String>> {
     let seed = seed(cfg)?;
     match &cfg.state.redis_url {
         Some(url) => {
