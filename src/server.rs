@@ -1,7 +1,7 @@
 //! Assemble and run the Pingora server: the proxy service, the admin
 //! listener, optionally the built-in mock provider, and the audit writer.
 
-use crate::admin::AdminService;
+use crate::admin::{AdminApi, AdminService};
 use crate::audit::{AuditLog, AuditTargets, AuditWriter};
 use crate::config::Config;
 use crate::gateway::Gateway;
@@ -79,6 +79,17 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
     if let Some(store) = pipeline.registry_follower {
         server.add_service(background_service("registry", RegistryFollower(store)));
     }
+    let f = &pipeline.filters;
+    let api = Arc::new(AdminApi {
+        jwt: f.jwt.clone(),
+        registry: f.registry.clone(),
+        chain: f.chain.clone(),
+        limiter: f.limiter.clone(),
+        rate_limit_policy: cfg.rate_limit.as_ref().map(|r| r.policy.clone()),
+        providers: cfg.providers.keys().cloned().collect(),
+        roles: cfg.admin.clone(),
+        audit: audit.clone(),
+    });
     let gateway = Gateway::new(cfg.clone(), pipeline.filters, upstream, audit);
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&cfg.listen.to_string());
@@ -88,6 +99,7 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
         AdminService {
             listen: cfg.admin_listen,
             proxy: cfg.listen,
+            api,
         },
     ));
     if let Some(mock) = mock {

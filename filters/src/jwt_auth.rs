@@ -490,6 +490,32 @@ fn denied(code: ErrorCode, reason: String) -> Verdict {
     ))
 }
 
+impl JwtAuth {
+    /// Authenticate an `Authorization` header value (cached), for the chain
+    /// and the admin API alike. The error is the code and the failed check.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+    ) -> Result<Principal, (ErrorCode, String)> {
+        let token = bearer(authorization).map_err(|reason| (ErrorCode::InvalidToken, reason))?;
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(principal) = self.cached(&digest) {
+            return Ok(principal);
+        }
+        let (principal, exp, kid, key) = self.verify(token)?;
+        self.remember(
+            digest,
+            Cached {
+                principal: principal.clone(),
+                exp,
+                kid,
+                key,
+            },
+        );
+        Ok(principal)
+    }
+}
+
 #[async_trait]
 impl RequestFilter for JwtAuth {
     fn kind(&self) -> FilterKind {
@@ -501,27 +527,8 @@ impl RequestFilter for JwtAuth {
             // `/admin/simulate` names the caller itself.
             return Ok(Decision::Allow.into());
         }
-        let token = match bearer(request.authorization) {
-            Ok(t) => t,
-            Err(reason) => return Ok(denied(ErrorCode::InvalidToken, reason)),
-        };
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        if let Some(principal) = self.cached(&digest) {
-            return Ok(Verdict::from(Decision::Allow).with(Fact::Principal(principal)));
-        }
-        match self.verify(token) {
-            Ok((principal, exp, kid, key)) => {
-                self.remember(
-                    digest,
-                    Cached {
-                        principal: principal.clone(),
-                        exp,
-                        kid,
-                        key,
-                    },
-                );
-                Ok(Verdict::from(Decision::Allow).with(Fact::Principal(principal)))
-            }
+        match self.authenticate(request.authorization) {
+            Ok(principal) => Ok(Verdict::from(Decision::Allow).with(Fact::Principal(principal))),
             Err((code, reason)) => Ok(denied(code, reason)),
         }
     }

@@ -249,7 +249,7 @@ pub struct Reservation {
 }
 
 pub struct RateLimiter {
-    policy: LimitsPolicy,
+    policy: std::sync::RwLock<Arc<LimitsPolicy>>,
     store: Arc<dyn LimitStore>,
     clock: Arc<dyn Clock>,
 }
@@ -279,16 +279,32 @@ impl RateLimiter {
     /// `policy` must have passed [`LimitsPolicy::validate`].
     pub fn new(policy: LimitsPolicy, store: Arc<dyn LimitStore>, clock: Arc<dyn Clock>) -> Self {
         Self {
-            policy,
+            policy: std::sync::RwLock::new(Arc::new(policy)),
             store,
             clock,
+        }
+    }
+
+    /// Replace the tiers (`/admin/reload`); `policy` must have passed
+    /// [`LimitsPolicy::validate`]. Requests in flight finish on the old one.
+    pub fn set_policy(&self, policy: LimitsPolicy) {
+        if let Ok(mut p) = self.policy.write() {
+            *p = Arc::new(policy);
+        }
+    }
+
+    fn policy(&self) -> Arc<LimitsPolicy> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
     /// Tokens a request may use: prompt characters / `chars_per_token`,
     /// plus `max_tokens` (or the default) where the route completes.
     pub fn estimate(&self, route: Route, body: &Value) -> u64 {
-        let e = &self.policy.estimate;
+        let policy = self.policy();
+        let e = &policy.estimate;
         let mut chars = 0usize;
         let mut count = |v: &Value| count_chars(v, &mut chars);
         match route {
@@ -376,7 +392,8 @@ impl RequestFilter for RateLimiter {
                 &[][..],
             ),
         };
-        let Some(tier) = self.policy.tier_for(roles) else {
+        let policy = self.policy();
+        let Some(tier) = policy.tier_for(roles) else {
             return Err(FilterError::new(
                 ErrorCode::LimiterUnavailable,
                 "no tier applies",
@@ -392,7 +409,7 @@ impl RequestFilter for RateLimiter {
             tier.requests_per_minute,
             tier.burst,
         )];
-        let tenant_limit = tenant.zip(self.policy.tenant.as_ref());
+        let tenant_limit = tenant.zip(policy.tenant.as_ref());
         if let Some((t, limit)) = tenant_limit {
             charges.push(charge(
                 format!("req:tenant:{t}"),

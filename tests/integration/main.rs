@@ -1,5 +1,6 @@
 //! Integration tests: the real gateway binary against the mock provider.
 
+mod admin;
 mod audit;
 mod auth;
 mod cli;

@@ -73,6 +73,7 @@ pub struct Gateway {
     pub audit_path: PathBuf,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
+    config: PathBuf,
 }
 
 /// Knobs for the generated config.
@@ -87,6 +88,8 @@ pub struct Setup {
     pub record_content: bool,
     /// Appended to the generated config (auth, rate_limit, state sections).
     pub extra_yaml: String,
+    /// The `registry:` section; default: seed models approved.
+    pub registry_yaml: String,
     /// Files to write into the gateway's folder before it starts.
     pub files: Vec<(String, Vec<u8>)>,
 }
@@ -101,6 +104,7 @@ impl Setup {
             read_ms: 10_000,
             record_content: false,
             extra_yaml: String::new(),
+            registry_yaml: "registry:\n  approve_seed: true\n".into(),
             files: Vec::new(),
         }
     }
@@ -130,14 +134,14 @@ providers:
 models:
   mock-small: {{ provider: mock }}
   mock-large: {{ provider: mock, upstream_model: mock-large-2026-01 }}
-registry:
-  approve_seed: true
+{registry}
 audit:
   file: audit.jsonl
   record_content: {record_content}
 {extra}
 "#,
             extra = setup.extra_yaml,
+            registry = setup.registry_yaml,
             max = setup.max_body_bytes,
             provider_url = setup
                 .provider_url
@@ -153,30 +157,67 @@ audit:
         }
         let config = dir.path().join("gateway.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .envs(setup.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start gateway");
-        let gw = Gateway {
+        let mut gw = Gateway {
             base: format!("http://127.0.0.1:{port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
             audit_path: dir.path().join("audit.jsonl"),
             dir,
-            child: Some(child),
+            child: None,
+            config,
         };
+        gw.child = Some(gw.spawn(&setup.env));
         gw.wait_ready().await;
         gw
     }
 
-    async fn wait_ready(&self) {
+    fn spawn(&self, env: &[(String, String)]) -> Child {
+        Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start gateway")
+    }
+
+    /// SIGKILL: no shutdown, no flush.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the gateway again on the same folder and config.
+    pub async fn restart(&mut self) {
+        self.child = Some(self.spawn(&[]));
+        self.wait_ready().await;
+    }
+
+    /// `serve` on this gateway's config, expected to fail: its stderr.
+    pub fn start_fails(&self) -> String {
+        let out = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "gateway started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    async fn wait_ready(&mut self) {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("gateway exited before it was ready: {status}");
+            }
             if let Ok(r) = client.get(format!("{}/readyz", self.admin)).send().await {
                 if r.status() == 200 {
                     return;
@@ -402,4 +443,27 @@ pub async fn post_as(gw: &Gateway, token: &str, body: &Value) -> reqwest::Respon
         .send()
         .await
         .expect("gateway answers")
+}
+
+/// Call the admin API as `token` (None: no Authorization header).
+pub async fn admin(
+    gw: &Gateway,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> reqwest::Response {
+    let client = reqwest::Client::new();
+    let url = format!("{}{path}", gw.admin);
+    let mut req = match method {
+        "GET" => client.get(url),
+        _ => client.post(url),
+    };
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    req.send().await.expect("admin API answers")
 }
