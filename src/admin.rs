@@ -366,7 +366,7 @@ impl AdminApi {
         params: &[String],
         body: &[u8],
     ) -> Result<Done, Rejection> {
-        let writes = !(rec.method == "GET");
+        let writes = rec.method != "GET";
         rec.action = action_name(pattern, params);
         rec.target = params.first().cloned();
         let Some(jwt) = &self.jwt else {
