@@ -1,5 +1,6 @@
 //! The `portcullis` command line.
 
+use crate::admin_cli::AdminClient;
 use crate::audit::{self, Verification};
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::keys::{self, DevKeys, TokenRequest};
@@ -65,6 +66,27 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage the model registry through the admin API.
+    Models {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Freeze a subject or a tenant: their new requests get 403 at once.
+    Freeze {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        who: FreezeWho,
+    },
+    /// Lift a freeze.
+    Unfreeze {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(flatten)]
+        who: FreezeWho,
+    },
     /// Mint a JWT signed with a dev key (created on first use).
     Token {
         #[arg(long)]
@@ -85,6 +107,89 @@ enum Command {
         #[arg(long, default_value = DEV_AUDIENCE)]
         audience: String,
     },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The gateway's admin listener.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8081")]
+    admin_url: String,
+    /// A token with the admin role (auditor for list/show).
+    #[arg(
+        long,
+        global = true,
+        env = "PORTCULLIS_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct FreezeWho {
+    #[arg(long)]
+    subject: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Every registered model.
+    List,
+    /// One model with its history.
+    Show {
+        id: String,
+    },
+    /// Register a model (it must then be approved).
+    Register {
+        id: String,
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        upstream_model: Option<String>,
+        #[arg(long)]
+        version: Option<String>,
+        /// low, medium or high.
+        #[arg(long, default_value = "medium")]
+        risk_tier: String,
+    },
+    Approve {
+        id: String,
+    },
+    Freeze {
+        id: String,
+    },
+    Unfreeze {
+        id: String,
+    },
+    /// Final: a retired model never serves again.
+    Retire {
+        id: String,
+    },
+}
+
+fn admin_client(a: AdminArgs) -> Result<AdminClient, ExitCode> {
+    match a.token {
+        Some(token) => Ok(AdminClient {
+            url: a.admin_url,
+            token,
+        }),
+        None => {
+            eprintln!("portcullis: give an admin token with --token or PORTCULLIS_ADMIN_TOKEN");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn print(result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => finish(Err(e)),
+    }
 }
 
 /// The issuer and audience of dev tokens, as `config/demo.yaml` expects.
@@ -189,6 +294,32 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Models { admin, command } => {
+            let client = match admin_client(admin) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            print(match command {
+                ModelsCommand::List => client.list(),
+                ModelsCommand::Show { id } => client.show(&id),
+                ModelsCommand::Register {
+                    id,
+                    provider,
+                    upstream_model,
+                    version,
+                    risk_tier,
+                } => client.register(serde_json::json!({
+                    "id": id, "provider": provider, "upstream_model": upstream_model,
+                    "version": version, "risk_tier": risk_tier,
+                })),
+                ModelsCommand::Approve { id } => client.lifecycle(&id, "approve"),
+                ModelsCommand::Freeze { id } => client.lifecycle(&id, "freeze"),
+                ModelsCommand::Unfreeze { id } => client.lifecycle(&id, "unfreeze"),
+                ModelsCommand::Retire { id } => client.lifecycle(&id, "retire"),
+            })
+        }
+        Command::Freeze { admin, who } => freeze(admin, who, true),
+        Command::Unfreeze { admin, who } => freeze(admin, who, false),
         Command::Keys {
             command: KeysCommand::Generate { dir },
         } => {
@@ -252,6 +383,19 @@ pub fn main() -> ExitCode {
             }
         },
     }
+}
+
+fn freeze(admin: AdminArgs, who: FreezeWho, frozen: bool) -> ExitCode {
+    let client = match admin_client(admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (kind, name) = match (who.subject, who.tenant) {
+        (Some(s), _) => ("subjects", s),
+        (None, Some(t)) => ("tenants", t),
+        (None, None) => return ExitCode::from(2),
+    };
+    print(client.freeze(kind, &name, frozen))
 }
 
 fn load(path: &Path) -> Option<Config> {

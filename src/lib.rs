@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_cli;
 pub mod audit;
 pub mod cli;
 pub mod config;

@@ -468,3 +468,73 @@ async fn simulate_reports_every_filter_and_spends_nothing() {
     );
     assert_eq!(records.iter().filter(|r| r["kind"] == "admin").count(), 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_the_admin_api() {
+    let (_mock, keys, gw) = start().await;
+    let root = keys.token("root", &["portcullis:admin"]);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .args(["--admin-url", &gw.admin])
+            .env("PORTCULLIS_ADMIN_TOKEN", &root)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = run(&[
+        "models",
+        "register",
+        "cli-model",
+        "--provider",
+        "mock",
+        "--risk-tier",
+        "low",
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = run(&["models", "approve", "cli-model"]);
+    assert!(ok && out.contains("cli-model is now approved"), "{out}");
+    let (ok, out) = run(&["models", "list"]);
+    assert!(ok, "{out}");
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID") && header.contains("STATUS") && header.contains("RISK"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cli-model") && l.contains("approved") && l.contains("root")),
+        "{out}"
+    );
+    let (ok, out) = run(&["models", "show", "cli-model"]);
+    assert!(
+        ok && out.contains("history") && out.contains("registered"),
+        "{out}"
+    );
+    let (ok, out) = run(&["models", "approve", "cli-model"]);
+    assert!(!ok && out.contains("409 invalid_transition"), "{out}");
+    let (ok, out) = run(&["freeze", "--subject", "eve"]);
+    assert!(ok && out.contains("subject eve is frozen"), "{out}");
+    let eve = keys.token("eve", &["user"]);
+    expect_error(
+        post_as(&gw, &eve, &ask("cli-model")).await,
+        403,
+        "subject_frozen",
+    )
+    .await;
+    let (ok, out) = run(&["unfreeze", "--subject", "eve"]);
+    assert!(ok, "{out}");
+    assert_eq!(post_as(&gw, &eve, &ask("cli-model")).await.status(), 200);
+    let (ok, out) = run(&["freeze", "--tenant", "acme"]);
+    assert!(ok && out.contains("tenant acme is frozen"), "{out}");
+    let out = std::process::Command::new(bin())
+        .args(["models", "list", "--admin-url", &gw.admin])
+        .env_remove("PORTCULLIS_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

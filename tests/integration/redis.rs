@@ -166,3 +166,65 @@ async fn redis_down_fails_closed_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A freeze made through one instance's admin API is applied by the other.
+/// The delay is printed (and reported), not asserted: no test here depends
+/// on wall-clock time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_on_one_instance_is_applied_by_the_other() {
+    let redis = Redis::start(free_port()).await;
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let a = Gateway::start(clustered(mock.addr, &keys, &redis)).await;
+    let b = Gateway::start(clustered(mock.addr, &keys, &redis)).await;
+    let root = keys.token("root", &["portcullis:admin"]);
+    let user = keys.token("mallory", &["user"]);
+    assert_eq!(post_as(&b, &user, &small()).await.status(), 200);
+
+    for (path, code) in [
+        ("/admin/subjects/mallory/freeze", "subject_frozen"),
+        ("/admin/models/mock-small/freeze", "model_frozen"),
+    ] {
+        if code == "model_frozen" {
+            admin(
+                &a,
+                Some(&root),
+                "POST",
+                "/admin/subjects/mallory/unfreeze",
+                None,
+            )
+            .await;
+            let deadline = Instant::now() + PATIENCE;
+            while post_as(&b, &user, &small()).await.status() != 200 {
+                assert!(Instant::now() < deadline, "unfreeze never reached b");
+            }
+        }
+        let r = admin(&a, Some(&root), "POST", path, None).await;
+        assert_eq!(r.status(), 200);
+        let frozen_at = Instant::now();
+        let deadline = frozen_at + PATIENCE;
+        loop {
+            let r = post_as(&b, &user, &small()).await;
+            if r.status() == 403 {
+                expect_error(r, 403, code).await;
+                break;
+            }
+            assert_eq!(r.status(), 200);
+            assert!(
+                Instant::now() < deadline,
+                "{path} never reached the other instance"
+            );
+        }
+        eprintln!(
+            "propagation: {path} on instance a refused by instance b after {:?}",
+            frozen_at.elapsed()
+        );
+    }
+    // b's own admin API shows a's change.
+    let v: serde_json::Value = admin(&b, Some(&root), "GET", "/admin/models/mock-small", None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["status"], "frozen");
+}

@@ -107,6 +107,17 @@ audit:
         wait_for(f"http://127.0.0.1:{self.admin_port}/readyz")
         return self
 
+    def admin(self, method: str, path: str, body=None) -> dict:
+        token = self.token("sdk-admin", "portcullis:admin")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
     def records(self):
         return [json.loads(l) for l in self.audit.read_text().splitlines() if l]
 

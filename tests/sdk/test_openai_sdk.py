@@ -113,3 +113,22 @@ def test_rate_limit_is_rate_limit_error(stack):
     assert e.value.code == "rate_limited"
     assert int(e.value.response.headers["retry-after"]) >= 1
     assert e.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_gate_refusals_are_permission_denied_errors(client, stack):
+    stack.admin("POST", "/admin/models", {"id": "sdk-gated", "provider": "mock"})
+    ask = lambda: client.chat.completions.create(
+        model="sdk-gated", messages=[{"role": "user", "content": "x"}]
+    )
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        ask()
+    assert e.value.status_code == 403
+    assert e.value.code == "model_not_approved"
+    stack.admin("POST", "/admin/models/sdk-gated/approve")
+    assert ask().choices[0].message.content == "x"
+    stack.admin("POST", "/admin/models/sdk-gated/freeze")
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        ask()
+    assert e.value.code == "model_frozen"
+    record = stack.record_for(e.value.response.headers["x-request-id"])
+    assert record["blocked_by"] == "model_registry"

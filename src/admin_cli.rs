@@ -1,0 +1,201 @@
+//! `portcullis models …`, `portcullis freeze|unfreeze …`: the admin API
+//! from the command line, printed as tables.
+
+use serde_json::Value;
+
+/// Where the admin API is and who calls it.
+pub struct AdminClient {
+    pub url: String,
+    pub token: String,
+}
+
+impl AdminClient {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()?;
+            let url = format!("{}{path}", self.url.trim_end_matches('/'));
+            let mut req = if method == "GET" {
+                client.get(&url)
+            } else {
+                client.post(&url)
+            };
+            req = req.bearer_auth(&self.token);
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| anyhow::anyhow!("{url}: {e} (is the gateway running? --admin-url)"))?;
+            let status = resp.status();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            if !status.is_success() {
+                anyhow::bail!(
+                    "{} {}: {}",
+                    status.as_u16(),
+                    v["error"]["code"].as_str().unwrap_or("error"),
+                    v["error"]["message"].as_str().unwrap_or("")
+                );
+            }
+            Ok(v)
+        })
+    }
+
+    pub fn list(&self) -> anyhow::Result<String> {
+        let v = self.call("GET", "/admin/models", None)?;
+        let rows: Vec<Vec<String>> = v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                [
+                    "id",
+                    "status",
+                    "risk_tier",
+                    "provider",
+                    "upstream_model",
+                    "version",
+                    "approved_by",
+                ]
+                .iter()
+                .map(|f| cell(&m[*f]))
+                .collect()
+            })
+            .collect();
+        Ok(table(
+            &[
+                "ID",
+                "STATUS",
+                "RISK",
+                "PROVIDER",
+                "UPSTREAM MODEL",
+                "VERSION",
+                "APPROVED BY",
+            ],
+            &rows,
+        ))
+    }
+
+    pub fn show(&self, id: &str) -> anyhow::Result<String> {
+        let m = self.call("GET", &format!("/admin/models/{id}"), None)?;
+        let mut out = String::new();
+        for f in [
+            "id",
+            "status",
+            "risk_tier",
+            "provider",
+            "upstream_model",
+            "version",
+            "approved_by",
+            "approved_at",
+        ] {
+            out.push_str(&format!("{f:<15} {}\n", cell(&m[f])));
+        }
+        let rows: Vec<Vec<String>> = m["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                vec![
+                    cell(&t["at"]),
+                    cell(&t["from"]),
+                    cell(&t["to"]),
+                    cell(&t["actor"]),
+                ]
+            })
+            .collect();
+        out.push_str("\nhistory\n");
+        out.push_str(&table(&["AT", "FROM", "TO", "ACTOR"], &rows));
+        Ok(out)
+    }
+
+    pub fn register(&self, body: Value) -> anyhow::Result<String> {
+        let m = self.call("POST", "/admin/models", Some(body))?;
+        Ok(format!(
+            "registered {} ({})\n",
+            cell(&m["id"]),
+            cell(&m["status"])
+        ))
+    }
+
+    pub fn lifecycle(&self, id: &str, action: &str) -> anyhow::Result<String> {
+        let m = self.call("POST", &format!("/admin/models/{id}/{action}"), None)?;
+        Ok(format!(
+            "{} is now {}\n",
+            cell(&m["id"]),
+            cell(&m["status"])
+        ))
+    }
+
+    pub fn freeze(&self, kind: &str, name: &str, frozen: bool) -> anyhow::Result<String> {
+        let action = if frozen { "freeze" } else { "unfreeze" };
+        let v = self.call("POST", &format!("/admin/{kind}/{name}/{action}"), None)?;
+        let state = if frozen { "frozen" } else { "not frozen" };
+        let note = if v["changed"] == Value::Bool(false) {
+            " (no change)"
+        } else {
+            ""
+        };
+        Ok(format!(
+            "{} {name} is {state}{note}\n",
+            kind.trim_end_matches('s')
+        ))
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                l.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tables_align() {
+        let t = super::table(
+            &["ID", "STATUS"],
+            &[
+                vec!["gpt-4o-mini".into(), "approved".into()],
+                vec!["m".into(), "-".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "ID           STATUS\ngpt-4o-mini  approved\nm            -\n"
+        );
+    }
+}
