@@ -532,6 +532,11 @@ Or with the OpenAI Python SDK (pip install openai):
         messages=[{{"role": "user", "content": "Hello, Portcullis"}}])
   print(r.choices[0].message.content)
 
+Admin (with PORTCULLIS_ADMIN_TOKEN set):
+  portcullis models list                      # the registry
+  portcullis models freeze mock-large         # now refused with 403 model_frozen
+  portcullis freeze --subject demo-user       # that caller refused with 403 subject_frozen
+
 Stop with Ctrl-C.
 "#,
         admin = cfg.admin_listen,
