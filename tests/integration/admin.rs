@@ -538,3 +538,34 @@ async fn the_cli_drives_the_admin_api() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rereads_the_rate_limit_policy() {
+    let (_mock, keys, gw) = start().await;
+    let root = keys.token("root", &["portcullis:admin"]);
+    let user = keys.token("rita", &["trial"]);
+    let r = post_as(&gw, &user, &ask("mock-small")).await;
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "3");
+    std::fs::write(
+        gw.dir.path().join("limits.yaml"),
+        TEST_LIMITS.replace(
+            "requests_per_minute: 3, burst: 3",
+            "requests_per_minute: 30, burst: 30",
+        ),
+    )
+    .unwrap();
+    let r = admin(&gw, Some(&root), "POST", "/admin/reload", None).await;
+    assert_eq!(r.status(), 200);
+    let r = post_as(&gw, &user, &ask("mock-small")).await;
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "30");
+    // A broken policy is refused and the running one kept.
+    std::fs::write(
+        gw.dir.path().join("limits.yaml"),
+        "tiers: []\ndefault_tier: gone\n",
+    )
+    .unwrap();
+    let r = admin(&gw, Some(&root), "POST", "/admin/reload", None).await;
+    expect_error(r, 400, "invalid_request").await;
+    let r = post_as(&gw, &user, &ask("mock-small")).await;
+    assert_eq!(r.headers()["x-ratelimit-limit-requests"], "30");
+}

@@ -132,3 +132,18 @@ def test_gate_refusals_are_permission_denied_errors(client, stack):
     assert e.value.code == "model_frozen"
     record = stack.record_for(e.value.response.headers["x-request-id"])
     assert record["blocked_by"] == "model_registry"
+
+
+def test_risk_and_freezes_are_permission_denied_errors(stack):
+    from openai import OpenAI
+
+    stack.admin("POST", "/admin/models", {"id": "sdk-risky", "provider": "mock", "risk_tier": "high"})
+    stack.admin("POST", "/admin/models/sdk-risky/approve")
+    client = OpenAI(base_url=stack.base_url, api_key=stack.token("sdk-frozen", "user"), max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        client.chat.completions.create(model="sdk-risky", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "forbidden"
+    stack.admin("POST", "/admin/subjects/sdk-frozen/freeze")
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        client.chat.completions.create(model="mock-small", messages=[{"role": "user", "content": "x"}])
+    assert e.value.code == "subject_frozen"
