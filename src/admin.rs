@@ -15,7 +15,7 @@ use crate::registry::{RegistryStore, UpdateError};
 use crate::respond::error_body;
 use async_trait::async_trait;
 use filters::jwt_auth::JwtAuth;
-use filters::model_registry::{FreezeTarget, Lifecycle, ModelEntry, RegistryError, RiskTier};
+use filters::model_registry::{FreezeTarget, Lifecycle, ModelEntry, NewModel, RegistryError};
 use filters::rate_limit::RateLimiter;
 use filters::{Chain, ErrorCode, Principal, Rejection, RequestView, Route};
 use http_body_util::BodyExt;
@@ -232,19 +232,6 @@ struct Done {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RegisterBody {
-    id: String,
-    provider: String,
-    #[serde(default)]
-    upstream_model: Option<String>,
-    #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
-    risk_tier: RiskTier,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct SimulateBody {
     principal: SimPrincipal,
     #[serde(default)]
@@ -413,23 +400,16 @@ impl AdminApi {
                 }
             }
             "/admin/models" => {
-                let r: RegisterBody =
+                let r: NewModel =
                     serde_json::from_slice(body).map_err(|e| bad(format!("bad model: {e}")))?;
                 if !self.providers.contains(&r.provider) {
                     return Err(bad(format!("no provider named `{}`", r.provider)));
                 }
                 rec.target = Some(r.id.clone());
                 let at = now();
-                let entry = ModelEntry::register(
-                    &r.id,
-                    &r.provider,
-                    r.upstream_model.as_deref(),
-                    r.version.as_deref(),
-                    r.risk_tier,
-                    &actor,
-                    &at,
-                )
-                .map_err(|e| registry_error(e.into()))?;
+                let entry = r
+                    .register(&actor, &at)
+                    .map_err(|e| registry_error(e.into()))?;
                 let change = move |s: &mut filters::model_registry::RegistryState| {
                     s.register(entry.clone())?;
                     Ok(json!(entry))

@@ -8,8 +8,7 @@ use crate::redis_limits::RedisLimits;
 use crate::registry::{FileStore, RedisStore, RegistryStore};
 use filters::jwt_auth::{ClaimPaths, JwtAuth, JwtSettings};
 use filters::model_registry::{
-    FreezeFilter, Lifecycle, ModelEntry, ModelGate, RegistryState, RegistryView, RiskPolicy,
-    RiskTier,
+    FreezeFilter, Lifecycle, ModelGate, NewModel, RegistryState, RegistryView, RiskPolicy,
 };
 use filters::rate_limit::{LimitStore, LimitsPolicy, MemoryStore, RateLimiter};
 use filters::{Chain, Clock, FilterSettings, RequestFilter, ResponseChain, SystemClock};
@@ -45,29 +44,16 @@ pub struct Pipeline {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SeedFile {
-    models: Vec<SeedModel>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SeedModel {
-    id: String,
-    provider: String,
-    #[serde(default)]
-    upstream_model: Option<String>,
-    #[serde(default)]
-    version: Option<String>,
-    #[serde(default)]
-    risk_tier: RiskTier,
+    models: Vec<NewModel>,
 }
 
 /// The registry a fresh install starts with: the config's `models:` and
 /// the seed file's, approved when `registry.approve_seed` says so.
 pub fn seed(cfg: &Config) -> Result<RegistryState, Vec<String>> {
-    let mut models: Vec<SeedModel> = cfg
+    let mut models: Vec<NewModel> = cfg
         .models
         .iter()
-        .map(|(id, m)| SeedModel {
+        .map(|(id, m)| NewModel {
             id: id.clone(),
             provider: m.provider.clone(),
             upstream_model: Some(m.upstream_model.clone()),
@@ -95,15 +81,7 @@ pub fn seed(cfg: &Config) -> Result<RegistryState, Vec<String>> {
             ));
             continue;
         }
-        let entry = ModelEntry::register(
-            &m.id,
-            &m.provider,
-            m.upstream_model.as_deref(),
-            m.version.as_deref(),
-            m.risk_tier,
-            "seed",
-            &at,
-        );
+        let entry = m.register("seed", &at);
         match entry.and_then(|e| state.register(e)) {
             Ok(()) if cfg.registry.approve_seed => {
                 if let Err(e) = state.transition(&m.id, Lifecycle::Approve, "seed", &at) {

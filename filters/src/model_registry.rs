@@ -167,6 +167,36 @@ impl ModelEntry {
     }
 }
 
+/// A model to register, as the admin API and the seed file give it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewModel {
+    pub id: String,
+    pub provider: String,
+    /// Defaults to `id`.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub risk_tier: RiskTier,
+}
+
+impl NewModel {
+    /// The registered entry, `actor` and `at` in its history.
+    pub fn register(&self, actor: &str, at: &str) -> Result<ModelEntry, RegistryError> {
+        ModelEntry::register(
+            &self.id,
+            &self.provider,
+            self.upstream_model.as_deref(),
+            self.version.as_deref(),
+            self.risk_tier,
+            actor,
+            at,
+        )
+    }
+}
+
 /// Who froze a subject or tenant, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FreezeRecord {
