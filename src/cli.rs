@@ -66,6 +66,17 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Precision and recall of the redaction rules on labelled corpora.
+    Eval {
+        /// JSON lines of {rule_id, kind: true_positive|false_positive, text}.
+        #[arg(long)]
+        secrets: Option<PathBuf>,
+        /// JSON array of {full_text, spans: [{entity_type, start_position, end_position}]}.
+        #[arg(long)]
+        pii: Option<PathBuf>,
+        #[arg(long, default_value = "policies/redaction.yaml")]
+        policy: PathBuf,
+    },
     /// Manage the model registry through the admin API.
     Models {
         #[command(flatten)]
@@ -294,6 +305,27 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Eval {
+            secrets,
+            pii,
+            policy,
+        } => {
+            let run = || -> anyhow::Result<String> {
+                let r = crate::eval::load_redactor(&policy)?;
+                let mut out = String::new();
+                if let Some(f) = &secrets {
+                    out += &crate::eval::secrets(&r, f)?;
+                }
+                if let Some(f) = &pii {
+                    out += &crate::eval::pii(&r, f)?;
+                }
+                if out.is_empty() {
+                    anyhow::bail!("give --secrets FILE and/or --pii FILE");
+                }
+                Ok(out)
+            };
+            print(run())
+        }
         Command::Models { admin, command } => {
             let client = match admin_client(admin) {
                 Ok(c) => c,

@@ -104,5 +104,30 @@ impl BenchNow for SystemClock {
     }
 }
 
-criterion_group!(benches, jwt, limits);
+fn redaction(c: &mut Criterion) {
+    use criterion::Throughput;
+    use filters::redact::{RedactionPolicy, Redactor};
+    let policy: RedactionPolicy =
+        serde_yaml::from_str(include_str!("../../policies/redaction.yaml")).unwrap();
+    let r = Redactor::build(&policy).unwrap();
+    // Ordinary prose, 64 KiB.
+    let sentence = "The quarterly report shows steady growth across all regions, and the team plans to ship the next release after review. ";
+    let clean: String = sentence.repeat(65536 / sentence.len() + 1)[..65536].to_string();
+    // The same with one secret per KiB.
+    let mut dirty = String::new();
+    for chunk in clean.as_bytes().chunks(1024) {
+        dirty.push_str(std::str::from_utf8(&chunk[..chunk.len() - 45]).unwrap());
+        dirty.push_str(" ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i ");
+    }
+    let mut g = c.benchmark_group("redaction");
+    g.throughput(Throughput::Bytes(clean.len() as u64));
+    g.bench_function("64 KiB, no secrets", |b| b.iter(|| r.redact(&clean)));
+    g.throughput(Throughput::Bytes(dirty.len() as u64));
+    g.bench_function("64 KiB, one secret per KiB", |b| {
+        b.iter(|| r.redact(&dirty))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, jwt, limits, redaction);
 criterion_main!(benches);

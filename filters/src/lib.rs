@@ -13,6 +13,7 @@ pub mod error;
 pub mod jwt_auth;
 pub mod model_registry;
 pub mod rate_limit;
+pub mod redact;
 pub mod request;
 pub mod response;
 pub mod sse;

@@ -140,3 +140,53 @@ fn serve_refuses_a_bad_config_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("models.m.provider"));
 }
+
+#[test]
+fn eval_reports_precision_and_recall_per_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets.jsonl");
+    std::fs::write(
+        &secrets,
+        [
+            r#"{"rule_id": "github-pat", "kind": "true_positive", "text": "token ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i"}"#,
+            r#"{"rule_id": "github-pat", "kind": "true_positive", "text": "nothing recognisable here"}"#,
+            r#"{"rule_id": "github-pat", "kind": "false_positive", "text": "ghp_xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let pii = dir.path().join("pii.json");
+    std::fs::write(
+        &pii,
+        r#"[{"full_text": "mail jo@corp.net or call 905-674-3793", "spans": [
+            {"entity_type": "EMAIL_ADDRESS", "entity_value": "jo@corp.net", "start_position": 5, "end_position": 16},
+            {"entity_type": "PHONE_NUMBER", "entity_value": "905-674-3793", "start_position": 25, "end_position": 37}]}]"#,
+    )
+    .unwrap();
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/redaction.yaml");
+    let out = Command::new(bin())
+        .args(["eval", "--secrets"])
+        .arg(&secrets)
+        .arg("--pii")
+        .arg(&pii)
+        .arg("--policy")
+        .arg(&policy)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("secrets overall: recall 50.0% (1/2 true positives redacted), precision 100.0% (0 of 1 false positives flagged)"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("github-pat") && l.contains("1/2") && l.contains("0/1")),
+        "{text}"
+    );
+    assert!(
+        text.contains("pii overall: precision 100.0%, recall 100.0% (2/2, 2 predicted)"),
+        "{text}"
+    );
+}

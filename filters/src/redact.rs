@@ -1,0 +1,419 @@
+//! Secret and PII detection and redaction over whole texts.
+//!
+//! Rules come from `policies/redaction.yaml`: each has an `id`, a kind
+//! (`secret` | `pii`), keywords, a pattern, an optional validator and a
+//! replacement. [`Redactor::build`] compiles them once into an immutable
+//! set: one case-insensitive Aho-Corasick automaton over every keyword, and
+//! one regex per rule. A rule with keywords runs its regex only when one of
+//! them occurs in the text, so most text is scanned once by the automaton
+//! and never by the secret regexes. Rules without keywords (numbers: cards,
+//! phones, SSNs) run on every text. Validators cut false positives: Luhn,
+//! IBAN mod-97, SSN ranges, IP parsing, Shannon entropy, and placeholders
+//! (`AKIAIOSFODNN7EXAMPLE`, `xxxx` runs, UUIDs and hashes for generic
+//! rules) survive.
+//!
+//! Not yet in the request path: streamed output needs the hold-back
+//! redactor, and the gateway will redact JSON and streams together.
+
+use aho_corasick::AhoCorasick;
+use regex::{Regex, RegexSet};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Secret,
+    Pii,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Validator {
+    /// Payment card: 13–19 digits passing the Luhn check.
+    Luhn,
+    /// IBAN: ISO 13616 mod-97 check.
+    Mod97,
+    /// US SSN: not area 000, 666 or 9xx; not group 00; not serial 0000.
+    Ssn,
+    /// A parseable IPv4 address.
+    Ipv4,
+    /// A parseable IPv6 address.
+    Ipv6,
+    /// 7–15 digits, and not a date.
+    Phone,
+}
+
+/// One rule as written in the policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub id: String,
+    pub kind: Kind,
+    /// Lower-case literals, one of which must occur for the rule to run.
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    pub pattern: String,
+    /// The capture group that is redacted (0: the whole match).
+    #[serde(default)]
+    pub group: usize,
+    #[serde(default)]
+    pub validator: Option<Validator>,
+    /// Shannon entropy (bits per character) the redacted span must reach.
+    #[serde(default)]
+    pub min_entropy: Option<f64>,
+    /// Generic rules also let UUIDs, hex hashes and version strings through.
+    #[serde(default)]
+    pub generic: bool,
+    /// `{id}` and `{kind}` are filled in; default `[REDACTED:{id}]`.
+    #[serde(default)]
+    pub replacement: Option<String>,
+}
+
+/// `policies/redaction.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionPolicy {
+    /// Case-insensitive substrings that mark a secret as a placeholder.
+    #[serde(default)]
+    pub placeholders: Vec<String>,
+    pub rules: Vec<RuleSpec>,
+}
+
+struct Rule {
+    spec: RuleSpec,
+    regex: Regex,
+    replacement: String,
+}
+
+/// A compiled, immutable rule set.
+pub struct Redactor {
+    rules: Vec<Rule>,
+    keywords: AhoCorasick,
+    /// Keyword index → rule index.
+    keyword_rule: Vec<usize>,
+    /// Rules without keywords, and one automaton over all of them that
+    /// says in a single pass which can match at all.
+    always: Vec<usize>,
+    always_set: RegexSet,
+    placeholders: Vec<String>,
+    uuid: Regex,
+    hex_hash: Regex,
+    version: Regex,
+    date: Regex,
+    ssn_shape: Regex,
+    dotted_quad: Regex,
+}
+
+/// One span to redact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub start: usize,
+    pub end: usize,
+    pub rule: String,
+    pub kind: Kind,
+}
+
+impl Redactor {
+    /// Compile every rule; reports every rule that does not compile.
+    pub fn build(policy: &RedactionPolicy) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut rules = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for spec in &policy.rules {
+            if !seen.insert(spec.id.clone()) {
+                errors.push(format!("rules: duplicate id '{}'", spec.id));
+            }
+            match Regex::new(&spec.pattern) {
+                Ok(regex) if spec.group < regex.captures_len() => {
+                    let replacement = spec
+                        .replacement
+                        .clone()
+                        .unwrap_or_else(|| "[REDACTED:{id}]".into())
+                        .replace("{id}", &spec.id)
+                        .replace(
+                            "{kind}",
+                            if spec.kind == Kind::Secret {
+                                "secret"
+                            } else {
+                                "pii"
+                            },
+                        );
+                    rules.push(Rule {
+                        spec: spec.clone(),
+                        regex,
+                        replacement,
+                    });
+                }
+                Ok(_) => errors.push(format!(
+                    "rule '{}': no capture group {}",
+                    spec.id, spec.group
+                )),
+                Err(e) => errors.push(format!("rule '{}': bad pattern: {e}", spec.id)),
+            }
+        }
+        let mut patterns = Vec::new();
+        let mut keyword_rule = Vec::new();
+        let mut always = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            if r.spec.keywords.is_empty() {
+                always.push(i);
+            }
+            for k in &r.spec.keywords {
+                patterns.push(k.to_ascii_lowercase());
+                keyword_rule.push(i);
+            }
+        }
+        let keywords = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(&patterns)
+            .map_err(|e| vec![format!("keywords: {e}")])?;
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let fixed = |p: &str| Regex::new(p).map_err(|e| vec![e.to_string()]);
+        let always_set = RegexSet::new(always.iter().map(|i| rules[*i].spec.pattern.as_str()))
+            .map_err(|e| vec![format!("rules without keywords: {e}")])?;
+        Ok(Self {
+            always_set,
+            rules,
+            keywords,
+            keyword_rule,
+            always,
+            placeholders: policy
+                .placeholders
+                .iter()
+                .map(|p| p.to_ascii_lowercase())
+                .collect(),
+            uuid: fixed(r"^(?i)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")?,
+            hex_hash: fixed(r"^(?i)(?:[0-9a-f]{32}|[0-9a-f]{40}|[0-9a-f]{64}|[0-9a-f]{128})$")?,
+            version: fixed(r"^v?\d+(?:\.\d+){1,3}(?:[-+][0-9A-Za-z.]+)?$")?,
+            dotted_quad: fixed(r"^\d{1,3}(?:\.\d{1,3}){3}$")?,
+            ssn_shape: fixed(r"^\d{3}[- ]\d{2}[- ]\d{4}$")?,
+            date: fixed(
+                r"^(?:\d{4}[-./ ]\d{1,2}[-./ ]\d{1,2}|\d{1,2}[-./ ]\d{1,2}[-./ ]\d{2,4})$",
+            )?,
+        })
+    }
+
+    pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.spec.id.as_str())
+    }
+
+    /// Every span to redact, in order, never overlapping.
+    pub fn find(&self, text: &str) -> Vec<Finding> {
+        let mut run = vec![false; self.rules.len()];
+        for k in self.always_set.matches(text).iter() {
+            run[self.always[k]] = true;
+        }
+        for m in self.keywords.find_overlapping_iter(text) {
+            run[self.keyword_rule[m.pattern().as_usize()]] = true;
+        }
+        let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate().filter(|(i, _)| run[*i]) {
+            for caps in rule.regex.captures_iter(text) {
+                let Some(span) = caps.get(rule.spec.group) else {
+                    continue;
+                };
+                if self.valid(rule, span.as_str()) {
+                    candidates.push((span.start(), span.end(), i));
+                }
+            }
+        }
+        // Earliest first; at the same start a secret before PII, then the
+        // longest; drop whatever overlaps a kept span.
+        let secret_first = |i: usize| self.rules[i].spec.kind != Kind::Secret;
+        candidates.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(secret_first(a.2).cmp(&secret_first(b.2)))
+                .then(b.1.cmp(&a.1))
+        });
+        let mut out: Vec<Finding> = Vec::new();
+        for (start, end, i) in candidates {
+            if out.last().is_some_and(|f| start < f.end) {
+                continue;
+            }
+            out.push(Finding {
+                start,
+                end,
+                rule: self.rules[i].spec.id.clone(),
+                kind: self.rules[i].spec.kind,
+            });
+        }
+        out
+    }
+
+    /// The text with every finding replaced, and counts per rule.
+    pub fn redact(&self, text: &str) -> (String, BTreeMap<String, usize>) {
+        let findings = self.find(text);
+        let mut counts = BTreeMap::new();
+        if findings.is_empty() {
+            return (text.to_string(), counts);
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for f in &findings {
+            out.push_str(&text[at..f.start]);
+            let rule = self.rules.iter().find(|r| r.spec.id == f.rule);
+            out.push_str(rule.map(|r| r.replacement.as_str()).unwrap_or("[REDACTED]"));
+            *counts.entry(f.rule.clone()).or_insert(0) += 1;
+            at = f.end;
+        }
+        out.push_str(&text[at..]);
+        (out, counts)
+    }
+
+    fn valid(&self, rule: &Rule, span: &str) -> bool {
+        let lower = span.to_ascii_lowercase();
+        if rule.spec.kind == Kind::Secret
+            && self.placeholders.iter().any(|p| lower.contains(p.as_str()))
+        {
+            return false;
+        }
+        if rule.spec.kind == Kind::Secret && looks_made_up(span) {
+            return false;
+        }
+        if rule.spec.generic
+            && (self.uuid.is_match(span)
+                || self.hex_hash.is_match(span)
+                || self.version.is_match(span))
+        {
+            return false;
+        }
+        if let Some(min) = rule.spec.min_entropy {
+            if entropy(span) < min {
+                return false;
+            }
+        }
+        match rule.spec.validator {
+            None => true,
+            Some(Validator::Luhn) => luhn(span),
+            Some(Validator::Mod97) => mod97(span),
+            Some(Validator::Ssn) => ssn(span),
+            Some(Validator::Ipv4) => span.parse::<std::net::Ipv4Addr>().is_ok(),
+            Some(Validator::Phone) => {
+                let n = digits(span).len();
+                (7..=15).contains(&n)
+                    && !self.date.is_match(span)
+                    && !self.ssn_shape.is_match(span)
+                    && !self.dotted_quad.is_match(span)
+            }
+            Some(Validator::Ipv6) => {
+                span.matches(':').count() >= 2
+                    && span.chars().filter(char::is_ascii_hexdigit).count() >= 3
+                    && span.parse::<std::net::Ipv6Addr>().is_ok()
+            }
+        }
+    }
+}
+
+/// A made-up value: eight identical characters in a row, or six
+/// consecutive ascending ones (`abcdef`, `123456`). Real keys are random.
+fn looks_made_up(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut same = 1;
+    let mut ascending = 1;
+    for w in b.windows(2) {
+        same = if w[1] == w[0] { same + 1 } else { 1 };
+        ascending = if w[1] == w[0].wrapping_add(1) && w[1].is_ascii_alphanumeric() {
+            ascending + 1
+        } else {
+            1
+        };
+        if same >= 8 || ascending >= 6 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Shannon entropy in bits per character.
+pub fn entropy(s: &str) -> f64 {
+    let mut counts = [0usize; 256];
+    let mut n = 0usize;
+    for b in s.bytes() {
+        counts[b as usize] += 1;
+        n += 1;
+    }
+    if n == 0 {
+        return 0.0;
+    }
+    counts
+        .iter()
+        .filter(|c| **c > 0)
+        .map(|&c| {
+            let p = c as f64 / n as f64;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+fn digits(s: &str) -> Vec<u32> {
+    s.chars().filter_map(|c| c.to_digit(10)).collect()
+}
+
+/// Payment card numbers: 13–19 digits, Luhn-valid.
+pub fn luhn(s: &str) -> bool {
+    let d = digits(s);
+    if !(13..=19).contains(&d.len())
+        || s.chars()
+            .any(|c| !(c.is_ascii_digit() || c == ' ' || c == '-'))
+    {
+        return false;
+    }
+    let sum: u32 = d
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &x)| {
+            if i % 2 == 1 {
+                if x * 2 > 9 {
+                    x * 2 - 9
+                } else {
+                    x * 2
+                }
+            } else {
+                x
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+/// IBAN check digits (ISO 13616).
+pub fn mod97(s: &str) -> bool {
+    let compact: String = s
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if !(15..=34).contains(&compact.len()) || !compact.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return false;
+    }
+    let (head, tail) = compact.split_at(4);
+    let mut rem: u32 = 0;
+    for c in tail.chars().chain(head.chars()) {
+        let v = match c.to_digit(36) {
+            Some(v) => v,
+            None => return false,
+        };
+        let digits = if v >= 10 { 100 } else { 10 };
+        rem = (rem * digits + v) % 97;
+    }
+    rem == 1
+}
+
+/// US SSN ranges.
+pub fn ssn(s: &str) -> bool {
+    let d = digits(s);
+    if d.len() != 9 {
+        return false;
+    }
+    let area = d[0] * 100 + d[1] * 10 + d[2];
+    let group = d[3] * 10 + d[4];
+    let serial = d[5] * 1000 + d[6] * 100 + d[7] * 10 + d[8];
+    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+#[cfg(test)]
+mod tests;

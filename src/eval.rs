@@ -1,0 +1,214 @@
+//! `portcullis eval`: precision and recall of the redaction rules on
+//! labelled corpora (gitleaks' rule examples for secrets; Presidio's
+//! synthetic sentences for PII, span-exact on the types a regex can find).
+
+use crate::admin_cli::table;
+use filters::redact::{Kind, RedactionPolicy, Redactor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub fn load_redactor(policy: &Path) -> anyhow::Result<Redactor> {
+    let text = std::fs::read_to_string(policy)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", policy.display()))?;
+    let policy: RedactionPolicy =
+        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", policy.display()))?;
+    Redactor::build(&policy).map_err(|e| anyhow::anyhow!(e.join("\n")))
+}
+
+#[derive(Deserialize)]
+struct SecretRow {
+    rule_id: String,
+    kind: String,
+    text: String,
+}
+
+#[derive(Default)]
+struct Tally {
+    positives: usize,
+    caught: usize,
+    negatives: usize,
+    flagged: usize,
+}
+
+fn pct(n: usize, d: usize) -> String {
+    if d == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", 100.0 * n as f64 / d as f64)
+    }
+}
+
+/// Secrets: a true positive must be redacted (by any rule), a false
+/// positive must survive untouched.
+pub fn secrets(r: &Redactor, file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)?;
+    let mut by_source: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut by_rule: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut all = Tally::default();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let row: SecretRow = serde_json::from_str(line)?;
+        let found = r.find(&row.text);
+        let hit = !found.is_empty();
+        let t = by_source.entry(row.rule_id.clone()).or_default();
+        if row.kind == "true_positive" {
+            t.positives += 1;
+            all.positives += 1;
+            t.caught += usize::from(hit);
+            all.caught += usize::from(hit);
+        } else {
+            t.negatives += 1;
+            all.negatives += 1;
+            t.flagged += usize::from(hit);
+            all.flagged += usize::from(hit);
+        }
+        for f in found {
+            let e = by_rule.entry(f.rule).or_default();
+            if row.kind == "true_positive" {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+            }
+        }
+    }
+    let rows: Vec<Vec<String>> = by_source
+        .iter()
+        .map(|(id, t)| {
+            vec![
+                id.clone(),
+                format!("{}/{}", t.caught, t.positives),
+                format!("{}/{}", t.flagged, t.negatives),
+            ]
+        })
+        .collect();
+    let mut out =
+        String::from("Secrets, by corpus rule (caught true positives, flagged false positives):\n");
+    out += &table(&["CORPUS RULE", "CAUGHT", "FALSE ALARMS"], &rows);
+    let rule_rows: Vec<Vec<String>> = by_rule
+        .iter()
+        .map(|(id, (tp, fp))| {
+            vec![
+                id.clone(),
+                tp.to_string(),
+                fp.to_string(),
+                pct(*tp, tp + fp),
+            ]
+        })
+        .collect();
+    out +=
+        "\nSecrets, by Portcullis rule (findings in true-positive rows, in false-positive rows):\n";
+    out += &table(
+        &["RULE", "IN TP ROWS", "IN FP ROWS", "PRECISION"],
+        &rule_rows,
+    );
+    out += &format!(
+        "\nsecrets overall: recall {} ({}/{} true positives redacted), precision {} ({} of {} false positives flagged)\n",
+        pct(all.caught, all.positives),
+        all.caught,
+        all.positives,
+        pct(all.caught, all.caught + all.flagged),
+        all.flagged,
+        all.negatives
+    );
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct PiiRow {
+    full_text: String,
+    spans: Vec<PiiSpan>,
+}
+
+#[derive(Deserialize)]
+struct PiiSpan {
+    entity_type: String,
+    start_position: usize,
+    end_position: usize,
+}
+
+/// The corpus entity type each PII rule finds.
+fn entity(rule: &str) -> Option<&'static str> {
+    Some(match rule {
+        "email" => "EMAIL_ADDRESS",
+        "phone" => "PHONE_NUMBER",
+        "credit-card" => "CREDIT_CARD",
+        "us-ssn" => "US_SSN",
+        "iban" => "IBAN_CODE",
+        "ipv4" | "ipv6" => "IP_ADDRESS",
+        _ => return None,
+    })
+}
+
+const PII_TYPES: [&str; 6] = [
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "US_SSN",
+    "IBAN_CODE",
+    "IP_ADDRESS",
+];
+
+/// PII: span-exact precision and recall per entity type.
+pub fn pii(r: &Redactor, file: &Path) -> anyhow::Result<String> {
+    let rows: Vec<PiiRow> = serde_json::from_str(&std::fs::read_to_string(file)?)?;
+    // type -> (true positives, predicted, gold)
+    let mut counts: BTreeMap<&str, (usize, usize, usize)> =
+        PII_TYPES.iter().map(|t| (*t, (0, 0, 0))).collect();
+    for row in rows {
+        let gold: Vec<(usize, usize, &str)> = row
+            .spans
+            .iter()
+            .filter_map(|s| {
+                PII_TYPES
+                    .iter()
+                    .find(|t| **t == s.entity_type)
+                    .map(|t| (s.start_position, s.end_position, *t))
+            })
+            .collect();
+        // Findings are byte offsets; the corpus counts characters.
+        let char_at = |byte: usize| row.full_text[..byte].chars().count();
+        let predicted: Vec<(usize, usize, &str)> = r
+            .find(&row.full_text)
+            .into_iter()
+            .filter(|f| f.kind == Kind::Pii)
+            .filter_map(|f| entity(&f.rule).map(|t| (char_at(f.start), char_at(f.end), t)))
+            .collect();
+        for g in &gold {
+            if let Some(c) = counts.get_mut(g.2) {
+                c.2 += 1;
+                c.0 += usize::from(predicted.contains(g));
+            }
+        }
+        for p in &predicted {
+            if let Some(c) = counts.get_mut(p.2) {
+                c.1 += 1;
+            }
+        }
+    }
+    let rows: Vec<Vec<String>> = counts
+        .iter()
+        .map(|(t, (tp, pred, gold))| {
+            vec![
+                t.to_string(),
+                pct(*tp, *pred),
+                pct(*tp, *gold),
+                format!("{tp}/{gold}"),
+                pred.to_string(),
+            ]
+        })
+        .collect();
+    let (tp, pred, gold) = counts
+        .values()
+        .fold((0, 0, 0), |a, c| (a.0 + c.0, a.1 + c.1, a.2 + c.2));
+    let mut out = String::from("PII, span-exact, by entity type:\n");
+    out += &table(
+        &["TYPE", "PRECISION", "RECALL", "FOUND/GOLD", "PREDICTED"],
+        &rows,
+    );
+    out += &format!(
+        "\npii overall: precision {}, recall {} ({tp}/{gold}, {pred} predicted)\n",
+        pct(tp, pred),
+        pct(tp, gold)
+    );
+    Ok(out)
+}
