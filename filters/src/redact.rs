@@ -105,6 +105,14 @@ pub struct Redactor {
     dotted_quad: Regex,
 }
 
+/// What [`Redactor::scan`] found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub findings: Vec<Finding>,
+    /// Every raw pattern match, validated or not.
+    pub raw: Vec<(usize, usize)>,
+}
+
 /// One span to redact.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
@@ -202,22 +210,44 @@ impl Redactor {
 
     /// Every span to redact, in order, never overlapping.
     pub fn find(&self, text: &str) -> Vec<Finding> {
+        self.scan(text, 0).findings
+    }
+
+    /// Findings that start at or after `from` (the text before it is only
+    /// context for `\b` and the like), and every raw pattern match there,
+    /// validated or not: the stream redactor never cuts inside one.
+    pub fn scan(&self, text: &str, from: usize) -> Scan {
+        let mut raw = Vec::new();
         let mut run = vec![false; self.rules.len()];
-        for k in self.always_set.matches(text).iter() {
+        let tail = &text[from..];
+        for k in self.always_set.matches(tail).iter() {
             run[self.always[k]] = true;
         }
-        for m in self.keywords.find_overlapping_iter(text) {
+        for m in self.keywords.find_overlapping_iter(tail) {
             run[self.keyword_rule[m.pattern().as_usize()]] = true;
         }
         let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
         for (i, rule) in self.rules.iter().enumerate().filter(|(i, _)| run[*i]) {
-            for caps in rule.regex.captures_iter(text) {
-                let Some(span) = caps.get(rule.spec.group) else {
-                    continue;
+            let mut at = from;
+            while at <= text.len() {
+                let Some(caps) = rule.regex.captures_at(text, at) else {
+                    break;
                 };
-                if self.valid(rule, span.as_str()) {
-                    candidates.push((span.start(), span.end(), i));
+                let Some(whole) = caps.get(0) else {
+                    break;
+                };
+                raw.push((whole.start(), whole.end()));
+                if let Some(span) = caps.get(rule.spec.group) {
+                    if let Some(len) = self.valid_prefix(rule, span.as_str()) {
+                        candidates.push((span.start(), span.start() + len, i));
+                    }
                 }
+                at = if whole.end() > whole.start() {
+                    whole.end()
+                } else {
+                    // An empty match: step over one character.
+                    whole.end() + text[whole.end()..].chars().next().map_or(1, char::len_utf8)
+                };
             }
         }
         // Earliest first; at the same start a secret before PII, then the
@@ -228,19 +258,28 @@ impl Redactor {
                 .then(secret_first(a.2).cmp(&secret_first(b.2)))
                 .then(b.1.cmp(&a.1))
         });
-        let mut out: Vec<Finding> = Vec::new();
+        let mut findings: Vec<Finding> = Vec::new();
         for (start, end, i) in candidates {
-            if out.last().is_some_and(|f| start < f.end) {
+            if findings.last().is_some_and(|f| start < f.end) {
                 continue;
             }
-            out.push(Finding {
+            findings.push(Finding {
                 start,
                 end,
                 rule: self.rules[i].spec.id.clone(),
                 kind: self.rules[i].spec.kind,
             });
         }
-        out
+        Scan { findings, raw }
+    }
+
+    /// The replacement text of a rule.
+    pub fn replacement(&self, rule: &str) -> &str {
+        self.rules
+            .iter()
+            .find(|r| r.spec.id == rule)
+            .map(|r| r.replacement.as_str())
+            .unwrap_or("[REDACTED]")
     }
 
     /// The text with every finding replaced, and counts per rule.
@@ -254,13 +293,30 @@ impl Redactor {
         let mut at = 0;
         for f in &findings {
             out.push_str(&text[at..f.start]);
-            let rule = self.rules.iter().find(|r| r.spec.id == f.rule);
-            out.push_str(rule.map(|r| r.replacement.as_str()).unwrap_or("[REDACTED]"));
+            out.push_str(self.replacement(&f.rule));
             *counts.entry(f.rule.clone()).or_insert(0) += 1;
             at = f.end;
         }
         out.push_str(&text[at..]);
         (out, counts)
+    }
+
+    /// The length of the span, or of its longest prefix that ends before a
+    /// separator, that passes validation. A greedy pattern can swallow a
+    /// neighbouring number ("IBAN … 32 12"): the check digits decide.
+    fn valid_prefix(&self, rule: &Rule, span: &str) -> Option<usize> {
+        if self.valid(rule, span) {
+            return Some(span.len());
+        }
+        // Only check digits can tell a true shorter match from a false one.
+        if !matches!(rule.spec.validator, Some(Validator::Luhn | Validator::Mod97)) {
+            return None;
+        }
+        span.char_indices()
+            .rev()
+            .filter(|(_, c)| matches!(c, ' ' | '-' | '.'))
+            .map(|(i, _)| i)
+            .find(|&i| self.valid(rule, &span[..i]))
     }
 
     fn valid(&self, rule: &Rule, span: &str) -> bool {
@@ -414,6 +470,8 @@ pub fn ssn(s: &str) -> bool {
     let serial = d[5] * 1000 + d[6] * 100 + d[7] * 10 + d[8];
     area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
 }
+
+pub mod stream;
 
 #[cfg(test)]
 mod tests;

@@ -1,10 +1,18 @@
 use super::*;
 
-fn redactor() -> Redactor {
+fn compile() -> Redactor {
     let policy: RedactionPolicy =
         serde_yaml::from_str(include_str!("../../../policies/redaction.yaml"))
             .expect("shipped policy parses");
     Redactor::build(&policy).expect("shipped policy compiles")
+}
+
+static SHIPPED: std::sync::LazyLock<std::sync::Arc<Redactor>> =
+    std::sync::LazyLock::new(|| std::sync::Arc::new(compile()));
+
+/// The shipped policy, compiled once for all tests.
+fn redactor() -> std::sync::Arc<Redactor> {
+    SHIPPED.clone()
 }
 
 /// Deterministic pseudo-random characters from `alphabet` (no real secrets
@@ -228,4 +236,110 @@ fn bad_rules_are_all_reported() {
     };
     let errors = Redactor::build(&policy).err().unwrap();
     assert_eq!(errors.len(), 2, "{errors:?}");
+}
+
+mod streaming {
+    use super::*;
+    use crate::redact::stream::{StreamRedactor, HOLD};
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn stream(r: &Arc<Redactor>, pieces: &[&str]) -> String {
+        let mut s = StreamRedactor::new(r.clone());
+        let mut out: String = pieces.iter().map(|p| s.push(p)).collect();
+        out.push_str(&s.finish());
+        out
+    }
+
+    /// Split `text` at the given fractions (on character boundaries).
+    fn split<'a>(text: &'a str, cuts: &[usize]) -> Vec<&'a str> {
+        let mut points: Vec<usize> = cuts
+            .iter()
+            .map(|c| {
+                let mut p = c % (text.len() + 1);
+                while !text.is_char_boundary(p) {
+                    p -= 1;
+                }
+                p
+            })
+            .collect();
+        points.push(0);
+        points.push(text.len());
+        points.sort_unstable();
+        points.dedup();
+        points.windows(2).map(|w| &text[w[0]..w[1]]).collect()
+    }
+
+    const WORDS: &[&str] = &["the", "key", "is", "café", "日本語", "🦀", "token:", "password", "call", "at", "\n", "=", "12", "ok."];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// However the text is split (multi-byte characters included), the
+        /// stream gives exactly the whole-text redaction, and no planted
+        /// secret survives.
+        #[test]
+        fn streamed_equals_whole_and_secrets_never_survive(
+            words in proptest::collection::vec(0..WORDS.len(), 0..60),
+            planted in proptest::collection::vec((0..27usize, 0..60usize), 1..4),
+            cuts in proptest::collection::vec(any::<usize>(), 0..40),
+        ) {
+            let r = redactor();
+            let examples = examples();
+            let mut parts: Vec<String> = words.iter().map(|w| WORDS[*w].to_string()).collect();
+            let mut secrets = Vec::new();
+            for (which, pos) in planted {
+                let (_, text) = &examples[which % examples.len()];
+                let at = pos.min(parts.len());
+                parts.insert(at, text.clone());
+                secrets.push(text.clone());
+            }
+            let text = parts.join(" ");
+            let (whole, _) = r.redact(&text);
+            let streamed = stream(&r, &split(&text, &cuts));
+            prop_assert_eq!(&streamed, &whole);
+            for s in &secrets {
+                prop_assert!(!streamed.contains(s.as_str()), "planted {:?} survived in {:?}", s, streamed);
+            }
+        }
+    }
+
+    #[test]
+    fn one_character_at_a_time() {
+        let r = redactor();
+        for (id, text) in examples() {
+            let pieces: Vec<String> = text.chars().map(String::from).collect();
+            let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            let out = stream(&r, &refs);
+            assert!(out.contains(&format!("[REDACTED:{id}]")), "{id}: {out}");
+            assert_eq!(out, r.redact(&text).0);
+        }
+    }
+
+    #[test]
+    fn hold_back_is_bounded_for_plain_text() {
+        let r = redactor();
+        let mut s = StreamRedactor::new(r);
+        let mut released = 0;
+        for _ in 0..200 {
+            released += s.push("plain words without anything sensitive in them ").len();
+            assert!(s.held() <= HOLD + 64, "held {}", s.held());
+        }
+        assert!(released > 8000);
+    }
+
+    #[test]
+    fn an_open_pem_block_is_held_until_it_ends() {
+        let r = redactor();
+        let mut s = StreamRedactor::new(r);
+        let mut out = s.push("here: -----BEGIN PRIVATE KEY-----\n");
+        for _ in 0..100 {
+            out += &s.push("MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n");
+        }
+        assert!(!out.contains("MIIEvQ"), "key material released before the block ended");
+        out += &s.push("-----END PRIVATE KEY-----\n done");
+        out += &s.finish();
+        assert!(out.contains("[REDACTED:private-key]") && out.ends_with("done"), "{out}");
+        assert!(!out.contains("MIIEvQ"));
+    }
 }
