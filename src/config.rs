@@ -320,6 +320,18 @@ pub struct RateLimitSection {
     pub policy: PathBuf,
 }
 
+/// `redaction:` — secrets and personal data removed from model output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionSection {
+    #[serde(default)]
+    pub mode: filters::Mode,
+    #[serde(default)]
+    pub on_error: filters::OnError,
+    /// Rules file, e.g. `../policies/redaction.yaml`.
+    pub policy: PathBuf,
+}
+
 /// `state:` — where shared state lives.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -340,6 +352,7 @@ const SECTIONS: &[&str] = &[
     "auth",
     "rate_limit",
     "registry",
+    "redaction",
     "admin",
     "audit",
 ];
@@ -369,6 +382,8 @@ pub struct Config {
     /// Seed file path already made absolute.
     pub registry: RegistrySection,
     pub admin: AdminSection,
+    /// Policy path already made absolute.
+    pub redaction: Option<RedactionSection>,
 }
 
 #[derive(Debug, Clone)]
@@ -452,6 +467,7 @@ impl Config {
         let mut registry: RegistrySection =
             section(&map, "registry", &mut errors).unwrap_or_default();
         let admin: AdminSection = section(&map, "admin", &mut errors).unwrap_or_default();
+        let redaction: Option<RedactionSection> = section(&map, "redaction", &mut errors);
         if let Some(url) = &state.redis_url {
             if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                 errors.push(
@@ -524,6 +540,10 @@ impl Config {
             r
         });
         registry.seed_file = registry.seed_file.map(|p| base.join(p));
+        let redaction = redaction.map(|mut r| {
+            r.policy = base.join(&r.policy);
+            r
+        });
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
         }
@@ -547,6 +567,7 @@ impl Config {
             state,
             registry,
             admin,
+            redaction,
         })
     }
 }

@@ -3,17 +3,13 @@
 //! synthetic sentences for PII, span-exact on the types a regex can find).
 
 use crate::admin_cli::table;
-use filters::redact::{Kind, RedactionPolicy, Redactor};
+use filters::redact::{Kind, Redactor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn load_redactor(policy: &Path) -> anyhow::Result<Redactor> {
-    let text = std::fs::read_to_string(policy)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", policy.display()))?;
-    let policy: RedactionPolicy =
-        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", policy.display()))?;
-    Redactor::build(&policy).map_err(|e| anyhow::anyhow!(e.join("\n")))
+    crate::pipeline::load_redactor(policy).map_err(|e| anyhow::anyhow!(e.join("\n")))
 }
 
 #[derive(Deserialize)]

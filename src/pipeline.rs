@@ -11,7 +11,11 @@ use filters::model_registry::{
     FreezeFilter, Lifecycle, ModelGate, NewModel, RegistryState, RegistryView, RiskPolicy,
 };
 use filters::rate_limit::{LimitStore, LimitsPolicy, MemoryStore, RateLimiter};
-use filters::{Chain, Clock, FilterSettings, RequestFilter, ResponseChain, SystemClock};
+use filters::redact::stage::RedactStage;
+use filters::redact::{RedactionPolicy, Redactor};
+use filters::{
+    Chain, Clock, FilterSettings, RequestFilter, ResponseChain, ResponseStage, SystemClock,
+};
 use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
@@ -145,6 +149,20 @@ pub fn load_limits(path: &Path) -> Result<LimitsPolicy, Vec<String>> {
     }
 }
 
+/// Read and compile a redaction policy.
+pub fn load_redactor(path: &Path) -> Result<Redactor, Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let policy: RedactionPolicy =
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
+            .map_err(|e| vec![format!("{}: {}: {}", path.display(), e.path(), e.inner())])?;
+    Redactor::build(&policy).map_err(|e| {
+        e.into_iter()
+            .map(|m| format!("{}: {m}", path.display()))
+            .collect()
+    })
+}
+
 /// Everything that can only be checked by loading the files a config
 /// names (keys, policies), for `check-config` and start-up alike.
 pub fn check(cfg: &Config) -> Vec<String> {
@@ -161,6 +179,11 @@ pub fn check(cfg: &Config) -> Vec<String> {
     }
     if let Err(e) = seed(cfg) {
         errors.extend(e);
+    }
+    if let Some(r) = &cfg.redaction {
+        if let Err(e) = load_redactor(&r.policy) {
+            errors.extend(e);
+        }
     }
     errors
 }
@@ -245,10 +268,21 @@ pub fn build(
     let gate = Arc::new(ModelGate::new(view.clone(), risk));
     request.push((Box::new(FreezeFilter::new(view)), registry_settings));
     request.push((Box::new(gate.clone()), registry_settings));
+    let mut response: Vec<(Box<dyn ResponseStage>, FilterSettings)> = Vec::new();
+    if let Some(r) = &cfg.redaction {
+        let redactor = Arc::new(load_redactor(&r.policy)?);
+        response.push((
+            Box::new(RedactStage::new(redactor)),
+            FilterSettings {
+                mode: r.mode,
+                on_error: r.on_error,
+            },
+        ));
+    }
     Ok(Pipeline {
         filters: Filters {
             chain: Arc::new(Chain::new(request)),
-            responses: ResponseChain::new(Vec::new()),
+            responses: ResponseChain::new(response),
             limiter,
             gate,
             registry,

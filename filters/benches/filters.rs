@@ -127,6 +127,19 @@ fn redaction(c: &mut Criterion) {
         b.iter(|| r.redact(&dirty))
     });
     g.finish();
+
+    // The hold-back's cost per streamed event: one 4-character delta into a
+    // stream redactor that already holds its 256-byte window.
+    let shared = std::sync::Arc::new(r);
+    let mut stream = filters::redact::stream::StreamRedactor::new(shared);
+    stream.push(&clean[..1024]);
+    let mut i = 0usize;
+    c.bench_function("stream redaction, per 4-char event", |b| {
+        b.iter(|| {
+            i = (i + 4) % 60_000;
+            stream.push(&clean[i..i + 4])
+        })
+    });
 }
 
 criterion_group!(benches, jwt, limits, redaction);

@@ -12,8 +12,7 @@
 //! (`AKIAIOSFODNN7EXAMPLE`, `xxxx` runs, UUIDs and hashes for generic
 //! rules) survive.
 //!
-//! Not yet in the request path: streamed output needs the hold-back
-//! redactor, and the gateway will redact JSON and streams together.
+//! [`stage::RedactStage`] applies it to responses, JSON and streamed.
 
 use aho_corasick::AhoCorasick;
 use regex::{Regex, RegexSet};
@@ -309,7 +308,10 @@ impl Redactor {
             return Some(span.len());
         }
         // Only check digits can tell a true shorter match from a false one.
-        if !matches!(rule.spec.validator, Some(Validator::Luhn | Validator::Mod97)) {
+        if !matches!(
+            rule.spec.validator,
+            Some(Validator::Luhn | Validator::Mod97)
+        ) {
             return None;
         }
         span.char_indices()
@@ -471,6 +473,7 @@ pub fn ssn(s: &str) -> bool {
     area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
 }
 
+pub mod stage;
 pub mod stream;
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod limits;
 mod proxy;
+mod redaction;
 mod redis;
 mod rejections;
 mod streaming;

@@ -94,6 +94,8 @@ auth:
   audience: [portcullis]
 rate_limit:
   policy: limits.yaml
+redaction:
+  policy: {ROOT / "policies" / "redaction.yaml"}
 audit:
   file: {self.audit}
 """

@@ -147,3 +147,14 @@ def test_risk_and_freezes_are_permission_denied_errors(stack):
     with pytest.raises(openai.PermissionDeniedError) as e:
         client.chat.completions.create(model="mock-small", messages=[{"role": "user", "content": "x"}])
     assert e.value.code == "subject_frozen"
+
+
+def test_secrets_are_redacted_in_a_stream_the_sdk_reads(client):
+    secret = "ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i"
+    stream = client.chat.completions.create(
+        model="mock-small",
+        messages=[{"role": "user", "content": f"the key is {secret}, keep it safe"}],
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "the key is [REDACTED:github-token], keep it safe"

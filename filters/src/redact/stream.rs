@@ -65,7 +65,11 @@ impl StreamRedactor {
     fn release(&mut self, done: bool) -> String {
         let end = self.buf.len();
         let scan = self.redactor.scan(&self.buf, self.from);
-        let mut cut = if done { end } else { end.saturating_sub(HOLD).max(self.from) };
+        let mut cut = if done {
+            end
+        } else {
+            end.saturating_sub(HOLD).max(self.from)
+        };
         if !done {
             if let Some(open) = open_block(&self.buf[self.from..]) {
                 cut = cut.min(self.from + open);

@@ -270,7 +270,22 @@ mod streaming {
         points.windows(2).map(|w| &text[w[0]..w[1]]).collect()
     }
 
-    const WORDS: &[&str] = &["the", "key", "is", "café", "日本語", "🦀", "token:", "password", "call", "at", "\n", "=", "12", "ok."];
+    const WORDS: &[&str] = &[
+        "the",
+        "key",
+        "is",
+        "café",
+        "日本語",
+        "🦀",
+        "token:",
+        "password",
+        "call",
+        "at",
+        "\n",
+        "=",
+        "12",
+        "ok.",
+    ];
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
@@ -322,7 +337,9 @@ mod streaming {
         let mut s = StreamRedactor::new(r);
         let mut released = 0;
         for _ in 0..200 {
-            released += s.push("plain words without anything sensitive in them ").len();
+            released += s
+                .push("plain words without anything sensitive in them ")
+                .len();
             assert!(s.held() <= HOLD + 64, "held {}", s.held());
         }
         assert!(released > 8000);
@@ -336,10 +353,16 @@ mod streaming {
         for _ in 0..100 {
             out += &s.push("MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n");
         }
-        assert!(!out.contains("MIIEvQ"), "key material released before the block ended");
+        assert!(
+            !out.contains("MIIEvQ"),
+            "key material released before the block ended"
+        );
         out += &s.push("-----END PRIVATE KEY-----\n done");
         out += &s.finish();
-        assert!(out.contains("[REDACTED:private-key]") && out.ends_with("done"), "{out}");
+        assert!(
+            out.contains("[REDACTED:private-key]") && out.ends_with("done"),
+            "{out}"
+        );
         assert!(!out.contains("MIIEvQ"));
     }
 }
