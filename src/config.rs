@@ -332,6 +332,18 @@ pub struct RedactionSection {
     pub policy: PathBuf,
 }
 
+/// `tools:` — which caller may use which tool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolsSection {
+    #[serde(default)]
+    pub mode: filters::Mode,
+    #[serde(default)]
+    pub on_error: filters::OnError,
+    /// Policy file, e.g. `../policies/tools.yaml`.
+    pub policy: PathBuf,
+}
+
 /// `state:` — where shared state lives.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -353,6 +365,7 @@ const SECTIONS: &[&str] = &[
     "rate_limit",
     "registry",
     "redaction",
+    "tools",
     "admin",
     "audit",
 ];
@@ -384,6 +397,8 @@ pub struct Config {
     pub admin: AdminSection,
     /// Policy path already made absolute.
     pub redaction: Option<RedactionSection>,
+    /// Policy path already made absolute.
+    pub tools: Option<ToolsSection>,
 }
 
 #[derive(Debug, Clone)]
@@ -468,6 +483,7 @@ impl Config {
             section(&map, "registry", &mut errors).unwrap_or_default();
         let admin: AdminSection = section(&map, "admin", &mut errors).unwrap_or_default();
         let redaction: Option<RedactionSection> = section(&map, "redaction", &mut errors);
+        let tools: Option<ToolsSection> = section(&map, "tools", &mut errors);
         if let Some(url) = &state.redis_url {
             if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                 errors.push(
@@ -544,6 +560,10 @@ impl Config {
             r.policy = base.join(&r.policy);
             r
         });
+        let tools = tools.map(|mut t| {
+            t.policy = base.join(&t.policy);
+            t
+        });
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
         }
@@ -568,6 +588,7 @@ impl Config {
             registry,
             admin,
             redaction,
+            tools,
         })
     }
 }

@@ -52,6 +52,8 @@ pub struct Ctx {
     reservations: Vec<Reservation>,
     /// The gateway asked for the stream's usage event; the client did not.
     strip_usage: bool,
+    /// The caller, once the chain identified it.
+    principal: Option<filters::Principal>,
     rec: RequestRecord,
 }
 
@@ -110,10 +112,12 @@ impl Gateway {
         }
         ctx.headers = report.headers;
         ctx.reservations = report.reservations;
+        ctx.principal = principal.clone();
         Screened {
             rejection: report.rejection.map(|(kind, r)| (kind.as_str(), r)),
             principal,
             upstream: report.upstream,
+            strip_tools: report.strip_tools,
         }
     }
 
@@ -249,13 +253,17 @@ impl Gateway {
         ctx.strip_usage = parsed.stream
             && !ctx.reservations.is_empty()
             && parsed.json["stream_options"]["include_usage"] != Value::Bool(true);
-        let out_body = if upstream_model == parsed.model && !ctx.strip_usage {
+        let strip = screened.strip_tools;
+        let out_body = if upstream_model == parsed.model && !ctx.strip_usage && strip.is_empty() {
             body
         } else {
             let mut json = parsed.json;
             json["model"] = Value::String(upstream_model.clone());
             if ctx.strip_usage {
                 json["stream_options"]["include_usage"] = Value::Bool(true);
+            }
+            if !strip.is_empty() {
+                strip_tools(&mut json, &strip);
             }
             Bytes::from(json.to_string())
         };
@@ -344,6 +352,7 @@ impl Gateway {
                 request_id: &ctx.rec.request_id,
                 route,
                 model: ctx.rec.model.as_deref(),
+                principal: ctx.principal.as_ref(),
             };
             let (outcomes, rejection) = self.responses.on_json(&rctx, &mut json);
             ctx.rec.filters.extend(outcomes);
@@ -392,6 +401,7 @@ impl Gateway {
             request_id: &ctx.rec.request_id,
             route,
             model: ctx.rec.model.as_deref(),
+            principal: ctx.principal.as_ref(),
         };
         let mut stages = self.responses.stream(&rctx);
         let mut framer = SseFramer::new();
@@ -564,6 +574,7 @@ impl ProxyHttp for Gateway {
             headers: Vec::new(),
             reservations: Vec::new(),
             strip_usage: false,
+            principal: None,
             rec: RequestRecord {
                 kind: "request",
                 ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -614,6 +625,8 @@ struct Screened {
     rejection: Option<(&'static str, Rejection)>,
     principal: Option<filters::Principal>,
     upstream: Option<(String, String)>,
+    /// Declared tools to remove before forwarding.
+    strip_tools: Vec<String>,
 }
 
 enum BodyError {
@@ -705,6 +718,24 @@ fn passes_through(status: u16) -> bool {
 
 fn model_object(id: &str, provider: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": provider})
+}
+
+/// Remove the named tools from a request's `tools`; without any left, the
+/// `tools` and `tool_choice` fields go too.
+fn strip_tools(body: &mut Value, names: &[String]) {
+    if let Some(tools) = body["tools"].as_array_mut() {
+        tools.retain(|t| {
+            !t["function"]["name"]
+                .as_str()
+                .is_some_and(|n| names.iter().any(|x| x == n))
+        });
+        if tools.is_empty() {
+            if let Some(o) = body.as_object_mut() {
+                o.remove("tools");
+                o.remove("tool_choice");
+            }
+        }
+    }
 }
 
 /// Tokens to settle a budget with: the provider's `usage.total_tokens`; 0

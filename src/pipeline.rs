@@ -13,6 +13,8 @@ use filters::model_registry::{
 use filters::rate_limit::{LimitStore, LimitsPolicy, MemoryStore, RateLimiter};
 use filters::redact::stage::RedactStage;
 use filters::redact::{RedactionPolicy, Redactor};
+use filters::tool_authz::response::ResponseToolAuthz;
+use filters::tool_authz::{ToolAuthz, ToolPolicy, ToolPolicySpec};
 use filters::{
     Chain, Clock, FilterSettings, RequestFilter, ResponseChain, ResponseStage, SystemClock,
 };
@@ -163,6 +165,20 @@ pub fn load_redactor(path: &Path) -> Result<Redactor, Vec<String>> {
     })
 }
 
+/// Read and compile a tool policy.
+pub fn load_tools(path: &Path) -> Result<ToolPolicy, Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+    let spec: ToolPolicySpec =
+        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
+            .map_err(|e| vec![format!("{}: {}: {}", path.display(), e.path(), e.inner())])?;
+    ToolPolicy::build(spec).map_err(|e| {
+        e.into_iter()
+            .map(|m| format!("{}: {m}", path.display()))
+            .collect()
+    })
+}
+
 /// Everything that can only be checked by loading the files a config
 /// names (keys, policies), for `check-config` and start-up alike.
 pub fn check(cfg: &Config) -> Vec<String> {
@@ -182,6 +198,11 @@ pub fn check(cfg: &Config) -> Vec<String> {
     }
     if let Some(r) = &cfg.redaction {
         if let Err(e) = load_redactor(&r.policy) {
+            errors.extend(e);
+        }
+    }
+    if let Some(t) = &cfg.tools {
+        if let Err(e) = load_tools(&t.policy) {
             errors.extend(e);
         }
     }
@@ -269,6 +290,15 @@ pub fn build(
     request.push((Box::new(FreezeFilter::new(view)), registry_settings));
     request.push((Box::new(gate.clone()), registry_settings));
     let mut response: Vec<(Box<dyn ResponseStage>, FilterSettings)> = Vec::new();
+    if let Some(t) = &cfg.tools {
+        let policy = Arc::new(load_tools(&t.policy)?);
+        let settings = FilterSettings {
+            mode: t.mode,
+            on_error: t.on_error,
+        };
+        request.push((Box::new(ToolAuthz::new(policy.clone())), settings));
+        response.push((Box::new(ResponseToolAuthz::new(policy)), settings));
+    }
     if let Some(r) = &cfg.redaction {
         let redactor = Arc::new(load_redactor(&r.policy)?);
         response.push((

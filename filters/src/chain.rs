@@ -106,6 +106,8 @@ pub enum Fact {
     Header(&'static str, String),
     /// Tokens reserved from a budget, to settle once usage is known.
     Reservation(Reservation),
+    /// Tools to remove from the request before it is forwarded.
+    StripTools(Vec<String>),
     /// Where the model is served: set by the model registry gate.
     Upstream {
         provider: String,
@@ -213,6 +215,8 @@ pub struct ChainReport {
     pub reservations: Vec<Reservation>,
     /// `(provider, upstream model)` from the registry gate.
     pub upstream: Option<(String, String)>,
+    /// Declared tools the caller may not use, to remove before forwarding.
+    pub strip_tools: Vec<String>,
 }
 
 /// The request chain.
@@ -253,6 +257,7 @@ impl Chain {
                         Fact::Principal(p) => report.principal = Some(p),
                         Fact::Header(name, value) => report.headers.push((name, value)),
                         Fact::Reservation(r) => report.reservations.push(r),
+                        Fact::StripTools(t) => report.strip_tools.extend(t),
                         Fact::Upstream {
                             provider,
                             upstream_model,

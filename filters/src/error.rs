@@ -21,6 +21,7 @@ pub enum ErrorCode {
     PromptInjection,
     ContentPolicy,
     ToolNotAllowed,
+    ToolApprovalRequired,
     InvalidToken,
     TokenExpired,
     SubjectFrozen,
@@ -42,7 +43,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 28] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
@@ -53,6 +54,7 @@ impl ErrorCode {
         Self::PromptInjection,
         Self::ContentPolicy,
         Self::ToolNotAllowed,
+        Self::ToolApprovalRequired,
         Self::InvalidToken,
         Self::TokenExpired,
         Self::SubjectFrozen,
@@ -84,6 +86,7 @@ impl ErrorCode {
             Self::PromptInjection => "prompt_injection",
             Self::ContentPolicy => "content_policy",
             Self::ToolNotAllowed => "tool_not_allowed",
+            Self::ToolApprovalRequired => "tool_approval_required",
             Self::InvalidToken => "invalid_token",
             Self::TokenExpired => "token_expired",
             Self::SubjectFrozen => "subject_frozen",
@@ -109,6 +112,7 @@ impl ErrorCode {
             Self::InvalidRequest | Self::PromptInjection | Self::ContentPolicy => 400,
             Self::InvalidToken | Self::TokenExpired => 401,
             Self::ToolNotAllowed
+            | Self::ToolApprovalRequired
             | Self::SubjectFrozen
             | Self::TenantFrozen
             | Self::ModelNotApproved
@@ -160,6 +164,7 @@ impl ErrorCode {
             }
             Self::ContentPolicy => "The request was refused by the content policy.",
             Self::ToolNotAllowed => "The request uses a tool you are not allowed to use.",
+            Self::ToolApprovalRequired => "That tool needs an approval before you may use it.",
             Self::InvalidToken => "The access token is missing or invalid.",
             Self::TokenExpired => "The access token has expired.",
             Self::SubjectFrozen => "Your access has been suspended.",

@@ -17,6 +17,7 @@ pub mod redact;
 pub mod request;
 pub mod response;
 pub mod sse;
+pub mod tool_authz;
 
 pub use chain::{
     Action, Annotation, Chain, ChainReport, Decision, Fact, FilterError, FilterKind, FilterOutcome,

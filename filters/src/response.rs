@@ -20,6 +20,8 @@ pub struct ResponseContext<'a> {
     pub request_id: &'a str,
     pub route: Route,
     pub model: Option<&'a str>,
+    /// The caller, when authenticated.
+    pub principal: Option<&'a crate::request::Principal>,
 }
 
 /// One response-side filter.
@@ -273,6 +275,7 @@ mod tests {
             request_id: "r",
             route: Route::ChatCompletions,
             model: None,
+            principal: None,
         }
     }
     fn chain(mode: Mode, on_error: OnError) -> ResponseChain {

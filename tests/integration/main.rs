@@ -12,3 +12,4 @@ mod rejections;
 mod streaming;
 mod support;
 mod tls;
+mod tools;

@@ -96,6 +96,8 @@ rate_limit:
   policy: limits.yaml
 redaction:
   policy: {ROOT / "policies" / "redaction.yaml"}
+tools:
+  policy: {ROOT / "policies" / "tools.yaml"}
 audit:
   file: {self.audit}
 """

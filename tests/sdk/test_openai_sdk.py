@@ -158,3 +158,32 @@ def test_secrets_are_redacted_in_a_stream_the_sdk_reads(client):
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "the key is [REDACTED:github-token], keep it safe"
+
+
+def _tool_stream(client, name, args):
+    import json
+
+    trigger = json.dumps({"mock_tool_call": {"name": name, "arguments": args}})
+    stream = client.chat.completions.create(
+        model="mock-small", messages=[{"role": "user", "content": trigger}], stream=True
+    )
+    names, arguments, text, finish = "", "", "", None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        c = chunk.choices[0]
+        for t in c.delta.tool_calls or []:
+            names += (t.function.name or "") if t.function else ""
+            arguments += (t.function.arguments or "") if t.function else ""
+        text += c.delta.content or ""
+        finish = c.finish_reason or finish
+    return names, arguments, text, finish
+
+
+def test_streamed_tool_calls_through_the_sdk(client):
+    names, arguments, text, finish = _tool_stream(client, "get_weather", {"city": "Oslo"})
+    assert (names, arguments, finish) == ("get_weather", '{"city":"Oslo"}', "tool_calls")
+    names, arguments, text, finish = _tool_stream(client, "send_email", {"to": "eve@evil.com"})
+    assert (names, arguments) == ("", "")
+    assert text == "[a tool call was blocked by policy]"
+    assert finish == "stop"

@@ -1,0 +1,253 @@
+use super::response::ResponseToolAuthz;
+use super::*;
+use crate::request::Route;
+use crate::response::{ResponseContext, ResponseStage};
+use crate::sse::SseEvent;
+use std::sync::Arc;
+
+fn policy(on_called: &str) -> Arc<ToolPolicy> {
+    let text = include_str!("../../../policies/tools.yaml")
+        .replace("on_called: remove", &format!("on_called: {on_called}"));
+    let spec: ToolPolicySpec = serde_yaml::from_str(&text).unwrap();
+    Arc::new(ToolPolicy::build(spec).unwrap())
+}
+
+fn who(roles: &[&str]) -> Principal {
+    Principal {
+        subject: "s".into(),
+        tenant: "t".into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+#[test]
+fn access_and_constraints() {
+    let p = policy("remove");
+    let user = who(&["user"]);
+    let ops = who(&["ops"]);
+    let nobody = who(&[]);
+    assert_eq!(
+        p.judge("get_weather", Some(&nobody), Some(&json!({"city": "Oslo"}))),
+        ToolVerdict::Allowed
+    );
+    assert!(matches!(
+        p.judge(
+            "get_weather",
+            Some(&nobody),
+            Some(&json!({"city": "x".repeat(101)}))
+        ),
+        ToolVerdict::Denied(_)
+    ));
+    assert_eq!(
+        p.judge(
+            "send_email",
+            Some(&user),
+            Some(&json!({"to": "bob@example.com"}))
+        ),
+        ToolVerdict::Allowed
+    );
+    assert!(matches!(
+        p.judge(
+            "send_email",
+            Some(&user),
+            Some(&json!({"to": "bob@evil.com"}))
+        ),
+        ToolVerdict::Denied(_)
+    ));
+    assert!(matches!(
+        p.judge("send_email", Some(&user), Some(&json!({}))),
+        ToolVerdict::Denied(_)
+    ));
+    assert!(matches!(
+        p.judge("send_email", Some(&nobody), None),
+        ToolVerdict::Denied(_)
+    ));
+    assert_eq!(
+        p.judge("run_shell", Some(&ops), Some(&json!({}))),
+        ToolVerdict::Allowed
+    );
+    assert_eq!(
+        p.judge("run_shell", Some(&user), None),
+        ToolVerdict::NeedsApproval
+    );
+    assert!(matches!(
+        p.judge("delete_records", Some(&ops), None),
+        ToolVerdict::Denied(_)
+    ));
+    assert!(
+        matches!(p.judge("mystery", Some(&ops), None), ToolVerdict::Denied(_)),
+        "unknown_default deny"
+    );
+}
+
+#[test]
+fn bad_constraint_regexes_are_reported() {
+    let spec: ToolPolicySpec = serde_yaml::from_str(
+        "tools:\n  - { id: a, access: {}, constraints: [ { pointer: /x, regex: '(' } ] }\n",
+    )
+    .unwrap();
+    assert_eq!(ToolPolicy::build(spec).err().unwrap().len(), 1);
+}
+
+fn ctx(p: &Principal) -> ResponseContext<'_> {
+    ResponseContext {
+        request_id: "r",
+        route: Route::ChatCompletions,
+        model: None,
+        principal: Some(p),
+    }
+}
+
+fn call(name: &str, args: Value) -> Value {
+    json!({"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": name, "arguments": args.to_string()}}]}}]})
+}
+
+#[test]
+fn json_calls_are_removed_or_refused() {
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let mut ok = call("get_weather", json!({"city": "Oslo"}));
+    let before = ok.clone();
+    stage.on_json(&ctx(&user), &mut ok).unwrap();
+    assert_eq!(ok, before);
+    let mut bad = call("run_shell", json!({"cmd": "rm -rf /"}));
+    let d = stage.on_json(&ctx(&user), &mut bad).unwrap();
+    assert!(matches!(d, Decision::Annotate(_)));
+    assert!(bad["choices"][0]["message"].get("tool_calls").is_none());
+    assert_eq!(bad["choices"][0]["finish_reason"], "stop");
+    assert!(!bad.to_string().contains("rm -rf"));
+    let strict = ResponseToolAuthz::new(policy("deny"));
+    let mut bad = call("delete_records", json!({}));
+    match strict.on_json(&ctx(&user), &mut bad).unwrap() {
+        Decision::Deny(r) => assert_eq!(r.code, ErrorCode::ToolNotAllowed),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn streamed_calls_are_held_then_released_or_replaced() {
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let events = |name: &str, args: &str| -> Vec<SseEvent> {
+        let mut v = vec![SseEvent::data(json!({"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": name, "arguments": ""}}]}, "finish_reason": null}]}).to_string())];
+        for piece in args.as_bytes().chunks(3) {
+            v.push(SseEvent::data(json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": std::str::from_utf8(piece).unwrap()}}]}, "finish_reason": null}]}).to_string()));
+        }
+        v.push(SseEvent::data(
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+                .to_string(),
+        ));
+        v.push(SseEvent::data("[DONE]"));
+        v
+    };
+    // Allowed: everything comes through, after the finish.
+    let mut s = stage.stream(&ctx(&user));
+    let mut out = Vec::new();
+    let input = events("send_email", r#"{"to":"bob@example.com"}"#);
+    let n = input.len();
+    for (i, e) in input.into_iter().enumerate() {
+        let before = out.len();
+        s.on_event(e, &mut out).unwrap();
+        if i < n - 2 {
+            assert_eq!(out.len(), before, "held until the call is complete");
+        }
+    }
+    let text: String = out.iter().map(|e| e.to_string()).collect();
+    let args: String = out
+        .iter()
+        .filter_map(|e| e.json())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(text.contains("send_email"));
+    assert_eq!(args, r#"{"to":"bob@example.com"}"#);
+    // Refused: not one byte of the name or the arguments.
+    let mut s = stage.stream(&ctx(&user));
+    let mut out = Vec::new();
+    for e in events("send_email", r#"{"to":"eve@evil.com"}"#) {
+        s.on_event(e, &mut out).unwrap();
+    }
+    let text: String = out.iter().map(|e| e.to_string()).collect();
+    assert!(
+        !text.contains("send_email") && !text.contains("evil.com"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tool call was blocked by policy")
+            && text.contains("\"finish_reason\":\"stop\""),
+        "{text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
+async fn request_declarations_and_tool_results() {
+    let p = policy("remove");
+    let user = who(&["user"]);
+    let f = ToolAuthz::new(p.clone());
+    let run = |body: Value| {
+        let f = &f;
+        let user = &user;
+        async move {
+            let view = RequestView {
+                request_id: "r",
+                authorization: None,
+                principal: Some(user),
+                dry_run: false,
+                route: Route::ChatCompletions,
+                body: &body,
+                model: None,
+                stream: false,
+                client_ip: None,
+            };
+            f.check(&view).await.unwrap()
+        }
+    };
+    let tools = |names: &[&str]| {
+        json!(names
+            .iter()
+            .map(|n| json!({"type": "function", "function": {"name": n}}))
+            .collect::<Vec<_>>())
+    };
+    let v = run(json!({"messages": [], "tools": tools(&["get_weather", "send_email"])})).await;
+    assert_eq!(v.decision, Decision::Allow);
+    let v = run(json!({"messages": [], "tools": tools(&["get_weather", "delete_records"])})).await;
+    assert!(matches!(v.decision, Decision::Deny(ref r) if r.code == ErrorCode::ToolNotAllowed));
+    let v = run(json!({"messages": [], "tools": tools(&["run_shell"])})).await;
+    assert!(
+        matches!(v.decision, Decision::Deny(ref r) if r.code == ErrorCode::ToolApprovalRequired && r.reason.contains("pending"))
+    );
+    let results = json!({"messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c9", "type": "function", "function": {"name": "delete_records", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c9", "content": "done"}]});
+    let v = run(results).await;
+    assert!(
+        matches!(v.decision, Decision::Deny(ref r) if r.code == ErrorCode::ToolNotAllowed && r.reason.contains("tool result"))
+    );
+    // Strip instead of deny.
+    let text = include_str!("../../../policies/tools.yaml")
+        .replace("on_declared: deny", "on_declared: strip");
+    let stripping = ToolAuthz::new(Arc::new(
+        ToolPolicy::build(serde_yaml::from_str(&text).unwrap()).unwrap(),
+    ));
+    let body = json!({"messages": [], "tools": tools(&["get_weather", "delete_records"])});
+    let view = RequestView {
+        request_id: "r",
+        authorization: None,
+        principal: Some(&user),
+        dry_run: false,
+        route: Route::ChatCompletions,
+        body: &body,
+        model: None,
+        stream: false,
+        client_ip: None,
+    };
+    let v = stripping.check(&view).await.unwrap();
+    assert!(v.facts.contains(&crate::chain::Fact::StripTools(vec![
+        "delete_records".into()
+    ])));
+}
