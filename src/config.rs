@@ -330,6 +330,10 @@ pub struct RedactionSection {
     pub on_error: filters::OnError,
     /// Rules file, e.g. `../policies/redaction.yaml`.
     pub policy: PathBuf,
+    /// Tenants whose `user` and `tool` messages are also redacted before
+    /// they reach the provider (`"*"`: every tenant). Default: none.
+    #[serde(default)]
+    pub request_tenants: Vec<String>,
 }
 
 /// `tools:` — which caller may use which tool.

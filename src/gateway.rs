@@ -118,6 +118,7 @@ impl Gateway {
             principal,
             upstream: report.upstream,
             strip_tools: report.strip_tools,
+            body: report.body,
         }
     }
 
@@ -254,10 +255,15 @@ impl Gateway {
             && !ctx.reservations.is_empty()
             && parsed.json["stream_options"]["include_usage"] != Value::Bool(true);
         let strip = screened.strip_tools;
-        let out_body = if upstream_model == parsed.model && !ctx.strip_usage && strip.is_empty() {
+        let rewritten = screened.body;
+        let out_body = if upstream_model == parsed.model
+            && !ctx.strip_usage
+            && strip.is_empty()
+            && rewritten.is_none()
+        {
             body
         } else {
-            let mut json = parsed.json;
+            let mut json = rewritten.unwrap_or(parsed.json);
             json["model"] = Value::String(upstream_model.clone());
             if ctx.strip_usage {
                 json["stream_options"]["include_usage"] = Value::Bool(true);
@@ -627,6 +633,8 @@ struct Screened {
     upstream: Option<(String, String)>,
     /// Declared tools to remove before forwarding.
     strip_tools: Vec<String>,
+    /// A rewritten body to forward (request-side redaction).
+    body: Option<Value>,
 }
 
 enum BodyError {

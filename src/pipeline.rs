@@ -11,6 +11,7 @@ use filters::model_registry::{
     FreezeFilter, Lifecycle, ModelGate, NewModel, RegistryState, RegistryView, RiskPolicy,
 };
 use filters::rate_limit::{LimitStore, LimitsPolicy, MemoryStore, RateLimiter};
+use filters::redact::request::RequestRedaction;
 use filters::redact::stage::RedactStage;
 use filters::redact::{RedactionPolicy, Redactor};
 use filters::tool_authz::response::ResponseToolAuthz;
@@ -301,13 +302,15 @@ pub fn build(
     }
     if let Some(r) = &cfg.redaction {
         let redactor = Arc::new(load_redactor(&r.policy)?);
-        response.push((
-            Box::new(RedactStage::new(redactor)),
-            FilterSettings {
-                mode: r.mode,
-                on_error: r.on_error,
-            },
-        ));
+        let settings = FilterSettings {
+            mode: r.mode,
+            on_error: r.on_error,
+        };
+        if !r.request_tenants.is_empty() {
+            let filter = RequestRedaction::new(redactor.clone(), r.request_tenants.clone());
+            request.push((Box::new(filter), settings));
+        }
+        response.push((Box::new(RedactStage::new(redactor)), settings));
     }
     Ok(Pipeline {
         filters: Filters {

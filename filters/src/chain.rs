@@ -108,6 +108,8 @@ pub enum Fact {
     Reservation(Reservation),
     /// Tools to remove from the request before it is forwarded.
     StripTools(Vec<String>),
+    /// The request body to forward instead (request-side redaction).
+    Body(serde_json::Value),
     /// Where the model is served: set by the model registry gate.
     Upstream {
         provider: String,
@@ -217,6 +219,8 @@ pub struct ChainReport {
     pub upstream: Option<(String, String)>,
     /// Declared tools the caller may not use, to remove before forwarding.
     pub strip_tools: Vec<String>,
+    /// A rewritten body to forward (request-side redaction).
+    pub body: Option<serde_json::Value>,
 }
 
 /// The request chain.
@@ -258,6 +262,7 @@ impl Chain {
                         Fact::Header(name, value) => report.headers.push((name, value)),
                         Fact::Reservation(r) => report.reservations.push(r),
                         Fact::StripTools(t) => report.strip_tools.extend(t),
+                        Fact::Body(b) => report.body = Some(b),
                         Fact::Upstream {
                             provider,
                             upstream_model,

@@ -69,10 +69,31 @@ pub struct RuleSpec {
     pub replacement: Option<String>,
 }
 
+/// How a finding is replaced, unless its rule has its own `replacement`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Style {
+    /// `[REDACTED:<rule-id>]`
+    #[default]
+    Rule,
+    /// `[REDACTED:secret]` or `[REDACTED:pii]`: the type only.
+    Kind,
+    /// The last four characters kept: `****1111`.
+    Mask,
+    /// `[REDACTED:<rule-id>:<12 hex of SHA-256(salt + value)>]`: the same
+    /// value always gives the same tag, so repeats can be correlated.
+    Hash,
+}
+
 /// `policies/redaction.yaml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedactionPolicy {
+    #[serde(default)]
+    pub style: Style,
+    /// Salt for `style: hash` (use `${ENV}` in a config; here a literal).
+    #[serde(default)]
+    pub salt: Option<String>,
     /// Case-insensitive substrings that mark a secret as a placeholder.
     #[serde(default)]
     pub placeholders: Vec<String>,
@@ -82,12 +103,15 @@ pub struct RedactionPolicy {
 struct Rule {
     spec: RuleSpec,
     regex: Regex,
-    replacement: String,
+    /// The rule's own template, if it has one.
+    replacement: Option<String>,
 }
 
 /// A compiled, immutable rule set.
 pub struct Redactor {
     rules: Vec<Rule>,
+    style: Style,
+    salt: String,
     keywords: AhoCorasick,
     /// Keyword index → rule index.
     keyword_rule: Vec<usize>,
@@ -133,19 +157,15 @@ impl Redactor {
             }
             match Regex::new(&spec.pattern) {
                 Ok(regex) if spec.group < regex.captures_len() => {
+                    let kind = if spec.kind == Kind::Secret {
+                        "secret"
+                    } else {
+                        "pii"
+                    };
                     let replacement = spec
                         .replacement
-                        .clone()
-                        .unwrap_or_else(|| "[REDACTED:{id}]".into())
-                        .replace("{id}", &spec.id)
-                        .replace(
-                            "{kind}",
-                            if spec.kind == Kind::Secret {
-                                "secret"
-                            } else {
-                                "pii"
-                            },
-                        );
+                        .as_ref()
+                        .map(|r| r.replace("{id}", &spec.id).replace("{kind}", kind));
                     rules.push(Rule {
                         spec: spec.clone(),
                         regex,
@@ -182,6 +202,8 @@ impl Redactor {
         let always_set = RegexSet::new(always.iter().map(|i| rules[*i].spec.pattern.as_str()))
             .map_err(|e| vec![format!("rules without keywords: {e}")])?;
         Ok(Self {
+            style: policy.style,
+            salt: policy.salt.clone().unwrap_or_default(),
             always_set,
             rules,
             keywords,
@@ -272,13 +294,33 @@ impl Redactor {
         Scan { findings, raw }
     }
 
-    /// The replacement text of a rule.
-    pub fn replacement(&self, rule: &str) -> &str {
-        self.rules
-            .iter()
-            .find(|r| r.spec.id == rule)
-            .map(|r| r.replacement.as_str())
-            .unwrap_or("[REDACTED]")
+    /// What replaces `value`, found by `rule`.
+    pub fn render(&self, rule: &str, value: &str) -> String {
+        let Some(r) = self.rules.iter().find(|r| r.spec.id == rule) else {
+            return "[REDACTED]".into();
+        };
+        if let Some(t) = &r.replacement {
+            return t.clone();
+        }
+        match self.style {
+            Style::Rule => format!("[REDACTED:{rule}]"),
+            Style::Kind => match r.spec.kind {
+                Kind::Secret => "[REDACTED:secret]".into(),
+                Kind::Pii => "[REDACTED:pii]".into(),
+            },
+            Style::Mask => {
+                let chars: Vec<char> = value.chars().collect();
+                let keep = if chars.len() > 8 { 4 } else { 0 };
+                let tail: String = chars[chars.len() - keep..].iter().collect();
+                format!("{}{tail}", "*".repeat(chars.len() - keep))
+            }
+            Style::Hash => {
+                use sha2::{Digest, Sha256};
+                let digest = Sha256::digest(format!("{}{value}", self.salt).as_bytes());
+                let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+                format!("[REDACTED:{rule}:{hex}]")
+            }
+        }
     }
 
     /// The text with every finding replaced, and counts per rule.
@@ -292,7 +334,7 @@ impl Redactor {
         let mut at = 0;
         for f in &findings {
             out.push_str(&text[at..f.start]);
-            out.push_str(self.replacement(&f.rule));
+            out.push_str(&self.render(&f.rule, &text[f.start..f.end]));
             *counts.entry(f.rule.clone()).or_insert(0) += 1;
             at = f.end;
         }
@@ -473,6 +515,7 @@ pub fn ssn(s: &str) -> bool {
     area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
 }
 
+pub mod request;
 pub mod stage;
 pub mod stream;
 

@@ -121,3 +121,47 @@ async fn tool_call_arguments_stay_valid_json() {
     assert_eq!(parsed["to"], "[REDACTED:email]");
     assert_eq!(parsed["body"], "use [REDACTED:github-token]");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_side_redaction_is_per_tenant() {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/redaction.yaml");
+    setup.extra_yaml += &format!(
+        "redaction:\n  policy: {}\n  request_tenants: [acme]\n",
+        policy.display()
+    );
+    let gw = Gateway::start(setup).await;
+    let body = chat(&format!("please store {SECRET} for me"));
+    let r = post_as(&gw, &keys.token("a", &["user"]), &body).await;
+    assert_eq!(r.status(), 200);
+    let sent: Value = serde_json::from_slice(&mock.state.last_request().unwrap().body).unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"],
+        "please store [REDACTED:github-token] for me"
+    );
+    let rec = gw.record_for(&request_id(&r)).await;
+    let outcome = rec["filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["filter"] == "request_redaction")
+        .unwrap();
+    assert_eq!(outcome["annotations"][0]["value"]["github-token"], 1);
+
+    // Another tenant's messages go as they are (output is still redacted).
+    let other = keys.sign(
+        "test",
+        &json!({"sub": "b", "tenant": "globex", "roles": ["user"], "iss": "test-issuer",
+        "aud": "portcullis", "exp": now_secs() + 600}),
+    );
+    let r = post_as(&gw, &other, &body).await;
+    let sent: Value = serde_json::from_slice(&mock.state.last_request().unwrap().body).unwrap();
+    assert!(sent["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .contains(SECRET));
+    let reply: Value = r.json().await.unwrap();
+    assert!(!reply.to_string().contains(SECRET));
+}

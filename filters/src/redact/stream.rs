@@ -100,7 +100,7 @@ impl StreamRedactor {
         let mut at = self.from;
         for f in scan.findings.iter().filter(|f| f.end <= cut) {
             out.push_str(&self.buf[at..f.start]);
-            out.push_str(self.redactor.replacement(&f.rule));
+            out.push_str(&self.redactor.render(&f.rule, &self.buf[f.start..f.end]));
             *self.counts.entry(f.rule.clone()).or_insert(0) += 1;
             at = f.end;
         }

@@ -194,6 +194,31 @@ fn placeholders_and_look_alikes_survive() {
 }
 
 #[test]
+fn replacement_styles() {
+    let text = "card 4111 1111 1111 1111 and ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i";
+    let with = |style: &str| {
+        let mut policy: RedactionPolicy =
+            serde_yaml::from_str(include_str!("../../../policies/redaction.yaml")).unwrap();
+        policy.style = serde_yaml::from_str(style).unwrap();
+        policy.salt = Some("pepper".into());
+        Redactor::build(&policy).unwrap().redact(text).0
+    };
+    assert_eq!(with("kind"), "card [REDACTED:pii] and [REDACTED:secret]");
+    assert_eq!(
+        with("mask"),
+        "card ***************1111 and ************************************Uo5i"
+    );
+    let hashed = with("hash");
+    assert!(
+        hashed.starts_with("card [REDACTED:credit-card:")
+            && hashed.contains("[REDACTED:github-token:"),
+        "{hashed}"
+    );
+    assert_eq!(hashed, with("hash"), "the same value gives the same tag");
+    assert!(!hashed.contains("4111") && !hashed.contains("ghp_"));
+}
+
+#[test]
 fn validators() {
     assert!(luhn("4111111111111111"));
     assert!(!luhn("4111111111111112"));
@@ -208,6 +233,8 @@ fn validators() {
 #[test]
 fn bad_rules_are_all_reported() {
     let policy = RedactionPolicy {
+        style: Style::Rule,
+        salt: None,
         placeholders: vec![],
         rules: vec![
             RuleSpec {
