@@ -17,6 +17,9 @@ use async_trait::async_trait;
 use filters::jwt_auth::JwtAuth;
 use filters::model_registry::{FreezeTarget, Lifecycle, ModelEntry, NewModel, RegistryError};
 use filters::rate_limit::RateLimiter;
+use filters::redact::Redactor;
+use filters::shared::Shared;
+use filters::tool_authz::ToolPolicy;
 use filters::{Chain, ErrorCode, Principal, Rejection, RequestView, Route};
 use http_body_util::BodyExt;
 use hyper::{Request, Response};
@@ -80,6 +83,8 @@ pub struct AdminApi {
     pub chain: Arc<Chain>,
     pub limiter: Option<Arc<RateLimiter>>,
     pub rate_limit_policy: Option<PathBuf>,
+    pub redactor: Option<(Arc<Shared<Redactor>>, PathBuf)>,
+    pub tools: Option<(Arc<Shared<ToolPolicy>>, PathBuf)>,
     pub providers: BTreeSet<String>,
     pub roles: AdminSection,
     pub audit: AuditLog,
@@ -272,16 +277,51 @@ fn registry_error(e: UpdateError) -> Rejection {
 }
 
 impl AdminApi {
-    /// Re-read the rate-limit policy. Returns what was reloaded.
+    /// Re-read every policy file: all are loaded and checked first, and
+    /// only if all are good are they swapped in. Returns what was reloaded.
     pub fn reload(&self) -> Result<String, String> {
-        match (&self.limiter, &self.rate_limit_policy) {
-            (Some(limiter), Some(path)) => {
-                let policy = pipeline::load_limits(path).map_err(|e| e.join("; "))?;
-                limiter.set_policy(policy);
-                Ok(format!("rate-limit policy {}", path.display()))
-            }
-            _ => Ok("nothing (no rate-limit policy configured)".into()),
+        let limits = match (&self.limiter, &self.rate_limit_policy) {
+            (Some(l), Some(path)) => Some((
+                l,
+                pipeline::load_limits(path).map_err(|e| e.join("; "))?,
+                path,
+            )),
+            _ => None,
+        };
+        let redaction = match &self.redactor {
+            Some((shared, path)) => Some((
+                shared,
+                pipeline::load_redactor(path).map_err(|e| e.join("; "))?,
+                path,
+            )),
+            None => None,
+        };
+        let tools = match &self.tools {
+            Some((shared, path)) => Some((
+                shared,
+                pipeline::load_tools(path).map_err(|e| e.join("; "))?,
+                path,
+            )),
+            None => None,
+        };
+        let mut done = Vec::new();
+        if let Some((l, policy, path)) = limits {
+            l.set_policy(policy);
+            done.push(path.display().to_string());
         }
+        if let Some((shared, r, path)) = redaction {
+            shared.set(r);
+            done.push(path.display().to_string());
+        }
+        if let Some((shared, t, path)) = tools {
+            shared.set(t);
+            done.push(path.display().to_string());
+        }
+        Ok(if done.is_empty() {
+            "nothing (no policy files configured)".into()
+        } else {
+            done.join(", ")
+        })
     }
 
     async fn call(

@@ -14,6 +14,7 @@ use filters::rate_limit::{LimitStore, LimitsPolicy, MemoryStore, RateLimiter};
 use filters::redact::request::RequestRedaction;
 use filters::redact::stage::RedactStage;
 use filters::redact::{RedactionPolicy, Redactor};
+use filters::shared::Shared;
 use filters::tool_authz::response::ResponseToolAuthz;
 use filters::tool_authz::{ToolAuthz, ToolPolicy, ToolPolicySpec};
 use filters::{
@@ -36,6 +37,10 @@ pub struct Filters {
     pub registry: Arc<dyn RegistryStore>,
     /// Verifies admin API callers too.
     pub jwt: Option<Arc<JwtAuth>>,
+    /// Replaced by `/admin/reload`.
+    pub redactor: Option<Arc<Shared<Redactor>>>,
+    /// Replaced by `/admin/reload`.
+    pub tools: Option<Arc<Shared<ToolPolicy>>>,
 }
 
 /// The filters and the background work they need.
@@ -291,8 +296,10 @@ pub fn build(
     request.push((Box::new(FreezeFilter::new(view)), registry_settings));
     request.push((Box::new(gate.clone()), registry_settings));
     let mut response: Vec<(Box<dyn ResponseStage>, FilterSettings)> = Vec::new();
+    let mut tools = None;
     if let Some(t) = &cfg.tools {
-        let policy = Arc::new(load_tools(&t.policy)?);
+        let policy = Shared::new(load_tools(&t.policy)?);
+        tools = Some(policy.clone());
         let settings = FilterSettings {
             mode: t.mode,
             on_error: t.on_error,
@@ -300,8 +307,10 @@ pub fn build(
         request.push((Box::new(ToolAuthz::new(policy.clone())), settings));
         response.push((Box::new(ResponseToolAuthz::new(policy)), settings));
     }
+    let mut shared_redactor = None;
     if let Some(r) = &cfg.redaction {
-        let redactor = Arc::new(load_redactor(&r.policy)?);
+        let redactor = Shared::new(load_redactor(&r.policy)?);
+        shared_redactor = Some(redactor.clone());
         let settings = FilterSettings {
             mode: r.mode,
             on_error: r.on_error,
@@ -320,6 +329,8 @@ pub fn build(
             gate,
             registry,
             jwt,
+            redactor: shared_redactor,
+            tools,
         },
         jwks,
         registry_follower,

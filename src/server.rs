@@ -86,6 +86,14 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
         chain: f.chain.clone(),
         limiter: f.limiter.clone(),
         rate_limit_policy: cfg.rate_limit.as_ref().map(|r| r.policy.clone()),
+        redactor: f
+            .redactor
+            .clone()
+            .zip(cfg.redaction.as_ref().map(|r| r.policy.clone())),
+        tools: f
+            .tools
+            .clone()
+            .zip(cfg.tools.as_ref().map(|t| t.policy.clone())),
         providers: cfg.providers.keys().cloned().collect(),
         roles: cfg.admin.clone(),
         audit: audit.clone(),

@@ -16,6 +16,7 @@ pub mod rate_limit;
 pub mod redact;
 pub mod request;
 pub mod response;
+pub mod shared;
 pub mod sse;
 pub mod tool_authz;
 

@@ -223,11 +223,11 @@ impl ToolPolicy {
 
 /// The request side: declared tools and `role: tool` messages.
 pub struct ToolAuthz {
-    policy: std::sync::Arc<ToolPolicy>,
+    policy: std::sync::Arc<crate::shared::Shared<ToolPolicy>>,
 }
 
 impl ToolAuthz {
-    pub fn new(policy: std::sync::Arc<ToolPolicy>) -> Self {
+    pub fn new(policy: std::sync::Arc<crate::shared::Shared<ToolPolicy>>) -> Self {
         Self { policy }
     }
 }
@@ -290,9 +290,10 @@ impl RequestFilter for ToolAuthz {
 
     async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError> {
         let p = request.principal;
+        let policy = self.policy.get();
         // A result of a tool the caller may not use: always refused.
         for tool in tool_results(request.body) {
-            let v = self.policy.judge(&tool, p, None);
+            let v = policy.judge(&tool, p, None);
             if v != ToolVerdict::Allowed {
                 let mut r = refusal(&v, &tool);
                 r.reason = format!("tool result message: {}", r.reason);
@@ -301,11 +302,11 @@ impl RequestFilter for ToolAuthz {
         }
         let mut stripped = Vec::new();
         for tool in declared(request.body) {
-            let v = self.policy.judge(&tool, p, None);
+            let v = policy.judge(&tool, p, None);
             if v == ToolVerdict::Allowed {
                 continue;
             }
-            if self.policy.on_declared == OnDeclared::Strip && matches!(v, ToolVerdict::Denied(_)) {
+            if policy.on_declared == OnDeclared::Strip && matches!(v, ToolVerdict::Denied(_)) {
                 stripped.push(tool);
                 continue;
             }

@@ -185,3 +185,34 @@ async fn streamed_tool_calls_are_held_then_released_or_replaced() {
     assert!(raw.contains("[a tool call was blocked by policy]"));
     assert!(raw.ends_with("data: [DONE]\n\n"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_the_tool_policy() {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let gw = Gateway::start(with_tools(&mock, &keys, "deny")).await;
+    let user = keys.token("u", &["user"]);
+    let root = keys.token("root", &["portcullis:admin"]);
+    assert_eq!(
+        post_as(&gw, &user, &declaring(&["get_weather"]))
+            .await
+            .status(),
+        200
+    );
+    let policy = include_str!("../../policies/tools.yaml")
+        .replace(r#"access: { "*": allow }"#, r#"access: { "*": deny }"#);
+    std::fs::write(gw.dir.path().join("tools.yaml"), policy).unwrap();
+    let r = admin(&gw, Some(&root), "POST", "/admin/reload", None).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["reloaded"].as_str().unwrap().contains("tools.yaml"),
+        "{v}"
+    );
+    expect_error(
+        post_as(&gw, &user, &declaring(&["get_weather"])).await,
+        403,
+        "tool_not_allowed",
+    )
+    .await;
+}

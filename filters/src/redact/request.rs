@@ -4,19 +4,20 @@
 use super::Redactor;
 use crate::chain::{Annotation, Decision, Fact, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::request::RequestView;
+use crate::shared::Shared;
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub struct RequestRedaction {
-    redactor: Arc<Redactor>,
+    redactor: Arc<Shared<Redactor>>,
     /// Tenants it applies to; `*` for all.
     tenants: Vec<String>,
 }
 
 impl RequestRedaction {
-    pub fn new(redactor: Arc<Redactor>, tenants: Vec<String>) -> Self {
+    pub fn new(redactor: Arc<Shared<Redactor>>, tenants: Vec<String>) -> Self {
         Self { redactor, tenants }
     }
 
@@ -26,8 +27,8 @@ impl RequestRedaction {
             .any(|t| t == "*" || Some(t.as_str()) == tenant)
     }
 
-    fn redact(&self, s: &mut String, counts: &mut BTreeMap<String, usize>) {
-        let (out, c) = self.redactor.redact(s);
+    fn redact(r: &Redactor, s: &mut String, counts: &mut BTreeMap<String, usize>) {
+        let (out, c) = r.redact(s);
         if c.is_empty() {
             return;
         }
@@ -48,6 +49,7 @@ impl RequestFilter for RequestRedaction {
         if !self.applies(request.principal.map(|p| p.tenant.as_str())) {
             return Ok(Decision::Allow.into());
         }
+        let r = self.redactor.get();
         let mut body = request.body.clone();
         let mut counts = BTreeMap::new();
         for m in body["messages"].as_array_mut().into_iter().flatten() {
@@ -55,11 +57,11 @@ impl RequestFilter for RequestRedaction {
                 continue;
             }
             match &mut m["content"] {
-                Value::String(s) => self.redact(s, &mut counts),
+                Value::String(s) => Self::redact(&r, s, &mut counts),
                 Value::Array(parts) => {
                     for p in parts {
                         if let Value::String(s) = &mut p["text"] {
-                            self.redact(s, &mut counts);
+                            Self::redact(&r, s, &mut counts);
                         }
                     }
                 }

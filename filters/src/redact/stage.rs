@@ -12,17 +12,18 @@ use super::stream::StreamRedactor;
 use super::Redactor;
 use crate::chain::{Annotation, Decision, FilterError, FilterKind};
 use crate::response::{ResponseContext, ResponseStage, StreamStage};
+use crate::shared::Shared;
 use crate::sse::SseEvent;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub struct RedactStage {
-    redactor: Arc<Redactor>,
+    redactor: Arc<Shared<Redactor>>,
 }
 
 impl RedactStage {
-    pub fn new(redactor: Arc<Redactor>) -> Self {
+    pub fn new(redactor: Arc<Shared<Redactor>>) -> Self {
         Self { redactor }
     }
 }
@@ -43,9 +44,12 @@ fn add(into: &mut BTreeMap<String, usize>, from: &BTreeMap<String, usize>) {
     }
 }
 
-impl RedactStage {
+/// One body's redaction, with the policy snapshot it started with.
+struct Pass(Arc<Redactor>);
+
+impl Pass {
     fn redact_string(&self, s: &mut String, counts: &mut BTreeMap<String, usize>) {
-        let (out, c) = self.redactor.redact(s);
+        let (out, c) = self.0.redact(s);
         if !c.is_empty() {
             *s = out;
             add(counts, &c);
@@ -69,11 +73,12 @@ impl ResponseStage for RedactStage {
     }
 
     fn on_json(&self, _: &ResponseContext<'_>, body: &mut Value) -> Result<Decision, FilterError> {
+        let pass = Pass(self.redactor.get());
         let mut counts = BTreeMap::new();
         for choice in body["choices"].as_array_mut().into_iter().flatten() {
             for pointer in ["/message/content", "/message/refusal", "/text"] {
                 if let Some(Value::String(s)) = choice.pointer_mut(pointer) {
-                    self.redact_string(s, &mut counts);
+                    pass.redact_string(s, &mut counts);
                 }
             }
             for call in choice
@@ -86,12 +91,12 @@ impl ResponseStage for RedactStage {
                     match serde_json::from_str::<Value>(args) {
                         Ok(mut parsed) => {
                             let before = counts.values().sum::<usize>();
-                            self.redact_value(&mut parsed, &mut counts);
+                            pass.redact_value(&mut parsed, &mut counts);
                             if counts.values().sum::<usize>() != before {
                                 *args = parsed.to_string();
                             }
                         }
-                        Err(_) => self.redact_string(args, &mut counts),
+                        Err(_) => pass.redact_string(args, &mut counts),
                     }
                 }
             }
@@ -104,7 +109,7 @@ impl ResponseStage for RedactStage {
 
     fn stream(&self, _: &ResponseContext<'_>) -> Box<dyn StreamStage> {
         Box::new(RedactStream {
-            redactor: self.redactor.clone(),
+            redactor: self.redactor.get(),
             choices: BTreeMap::new(),
             counts: BTreeMap::new(),
         })

@@ -8,17 +8,18 @@ use crate::chain::{Annotation, Decision, FilterError, FilterKind};
 use crate::error::{ErrorCode, Rejection};
 use crate::request::Principal;
 use crate::response::{ResponseContext, ResponseStage, StreamStage};
+use crate::shared::Shared;
 use crate::sse::SseEvent;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub struct ResponseToolAuthz {
-    policy: Arc<ToolPolicy>,
+    policy: Arc<Shared<ToolPolicy>>,
 }
 
 impl ResponseToolAuthz {
-    pub fn new(policy: Arc<ToolPolicy>) -> Self {
+    pub fn new(policy: Arc<Shared<ToolPolicy>>) -> Self {
         Self { policy }
     }
 }
@@ -98,6 +99,7 @@ impl ResponseStage for ResponseToolAuthz {
         ctx: &ResponseContext<'_>,
         body: &mut Value,
     ) -> Result<Decision, FilterError> {
+        let policy = self.policy.get();
         let mut called = Vec::new();
         let mut refused: Vec<(String, ToolVerdict)> = Vec::new();
         for choice in body["choices"].as_array_mut().into_iter().flatten() {
@@ -112,7 +114,7 @@ impl ResponseStage for ResponseToolAuthz {
                 let name = c["function"]["name"].as_str().unwrap_or("").to_string();
                 let args = c["function"]["arguments"].as_str().unwrap_or("{}");
                 called.push(name.clone());
-                match judge(&self.policy, ctx.principal, &name, args) {
+                match judge(&policy, ctx.principal, &name, args) {
                     ToolVerdict::Allowed => true,
                     v => {
                         removed.push(name.clone());
@@ -121,7 +123,7 @@ impl ResponseStage for ResponseToolAuthz {
                     }
                 }
             });
-            if !removed.is_empty() && self.policy.on_called == OnCalled::Deny {
+            if !removed.is_empty() && policy.on_called == OnCalled::Deny {
                 let (name, v) = &refused[0];
                 return Ok(Decision::Deny(rejection(name, v)));
             }
@@ -142,7 +144,7 @@ impl ResponseStage for ResponseToolAuthz {
 
     fn stream(&self, ctx: &ResponseContext<'_>) -> Box<dyn StreamStage> {
         Box::new(ToolStream {
-            policy: self.policy.clone(),
+            policy: self.policy.get(),
             principal: ctx.principal.cloned(),
             held: BTreeMap::new(),
             calls: BTreeMap::new(),

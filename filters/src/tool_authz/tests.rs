@@ -5,11 +5,11 @@ use crate::response::{ResponseContext, ResponseStage};
 use crate::sse::SseEvent;
 use std::sync::Arc;
 
-fn policy(on_called: &str) -> Arc<ToolPolicy> {
+fn policy(on_called: &str) -> Arc<crate::shared::Shared<ToolPolicy>> {
     let text = include_str!("../../../policies/tools.yaml")
         .replace("on_called: remove", &format!("on_called: {on_called}"));
     let spec: ToolPolicySpec = serde_yaml::from_str(&text).unwrap();
-    Arc::new(ToolPolicy::build(spec).unwrap())
+    crate::shared::Shared::new(ToolPolicy::build(spec).unwrap())
 }
 
 fn who(roles: &[&str]) -> Principal {
@@ -22,7 +22,7 @@ fn who(roles: &[&str]) -> Principal {
 
 #[test]
 fn access_and_constraints() {
-    let p = policy("remove");
+    let p = policy("remove").get();
     let user = who(&["user"]);
     let ops = who(&["ops"]);
     let nobody = who(&[]);
@@ -231,7 +231,7 @@ async fn request_declarations_and_tool_results() {
     // Strip instead of deny.
     let text = include_str!("../../../policies/tools.yaml")
         .replace("on_declared: deny", "on_declared: strip");
-    let stripping = ToolAuthz::new(Arc::new(
+    let stripping = ToolAuthz::new(crate::shared::Shared::new(
         ToolPolicy::build(serde_yaml::from_str(&text).unwrap()).unwrap(),
     ));
     let body = json!({"messages": [], "tools": tools(&["get_weather", "delete_records"])});
