@@ -167,6 +167,19 @@ fn the_secret_never_survives_only_the_span_is_replaced() {
 }
 
 #[test]
+fn gcp_service_account_json_key_is_redacted() {
+    let r = redactor();
+    let key_body = format!("{}\\n{}", chars(60, 64, ALNUM), chars(61, 64, ALNUM));
+    let json = format!(
+        r#"{{"type": "service_account", "project_id": "p", "private_key_id": "k",
+"private_key": "-----BEGIN PRIVATE KEY-----\\n{key_body}\\n-----END PRIVATE KEY-----\\n", "client_email": "svc@p.iam.gserviceaccount.com"}}"#
+    );
+    let (out, counts) = r.redact(&json);
+    assert_eq!(counts.get("private-key"), Some(&1), "{out}");
+    assert!(!out.contains(&key_body[..20]));
+}
+
+#[test]
 fn placeholders_and_look_alikes_survive() {
     let r = redactor();
     for text in [
