@@ -16,7 +16,7 @@ use filters::redact::stage::RedactStage;
 use filters::redact::{RedactionPolicy, Redactor};
 use filters::shared::Shared;
 use filters::tool_authz::response::ResponseToolAuthz;
-use filters::tool_authz::{ToolAuthz, ToolPolicy, ToolPolicySpec};
+use filters::tool_authz::{ToolAuthz, ToolPolicy};
 use filters::{
     Chain, Clock, FilterSettings, RequestFilter, ResponseChain, ResponseStage, SystemClock,
 };
@@ -138,51 +138,35 @@ fn open_registry(cfg: &Config) -> Result<OpenedRegistry, Vec<String>> {
     }
 }
 
+/// Read a policy file (YAML, unknown keys refused) and build it; every
+/// error is prefixed with the file.
+fn load_policy<S: serde::de::DeserializeOwned, T>(
+    path: &Path,
+    build: impl FnOnce(S) -> Result<T, Vec<String>>,
+) -> Result<T, Vec<String>> {
+    let at = |m: String| format!("{}: {m}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| vec![at(e.to_string())])?;
+    let spec: S = serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
+        .map_err(|e| vec![at(format!("{}: {}", e.path(), e.inner()))])?;
+    build(spec).map_err(|errors| errors.into_iter().map(at).collect())
+}
+
 /// Read and check a rate-limit policy file.
 pub fn load_limits(path: &Path) -> Result<LimitsPolicy, Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-    let policy: LimitsPolicy =
-        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-            .map_err(|e| vec![format!("{}: {}: {}", path.display(), e.path(), e.inner())])?;
-    let errors: Vec<String> = policy
-        .validate()
-        .into_iter()
-        .map(|e| format!("{}: {e}", path.display()))
-        .collect();
-    if errors.is_empty() {
-        Ok(policy)
-    } else {
-        Err(errors)
-    }
+    load_policy(path, |p: LimitsPolicy| match p.validate() {
+        errors if errors.is_empty() => Ok(p),
+        errors => Err(errors),
+    })
 }
 
 /// Read and compile a redaction policy.
 pub fn load_redactor(path: &Path) -> Result<Redactor, Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-    let policy: RedactionPolicy =
-        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-            .map_err(|e| vec![format!("{}: {}: {}", path.display(), e.path(), e.inner())])?;
-    Redactor::build(&policy).map_err(|e| {
-        e.into_iter()
-            .map(|m| format!("{}: {m}", path.display()))
-            .collect()
-    })
+    load_policy(path, |p: RedactionPolicy| Redactor::build(&p))
 }
 
 /// Read and compile a tool policy.
 pub fn load_tools(path: &Path) -> Result<ToolPolicy, Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-    let spec: ToolPolicySpec =
-        serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(&text))
-            .map_err(|e| vec![format!("{}: {}: {}", path.display(), e.path(), e.inner())])?;
-    ToolPolicy::build(spec).map_err(|e| {
-        e.into_iter()
-            .map(|m| format!("{}: {m}", path.display()))
-            .collect()
-    })
+    load_policy(path, ToolPolicy::build)
 }
 
 /// Everything that can only be checked by loading the files a config
