@@ -3,6 +3,18 @@
 
 use serde_json::Value;
 
+/// Model fields shown by `models list` (field, column header); `show`
+/// adds `approved_at`.
+const MODEL_COLUMNS: [(&str, &str); 7] = [
+    ("id", "ID"),
+    ("status", "STATUS"),
+    ("risk_tier", "RISK"),
+    ("provider", "PROVIDER"),
+    ("upstream_model", "UPSTREAM MODEL"),
+    ("version", "VERSION"),
+    ("approved_by", "APPROVED BY"),
+];
+
 /// Where the admin API is and who calls it.
 pub struct AdminClient {
     pub url: String,
@@ -52,48 +64,17 @@ impl AdminClient {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|m| {
-                [
-                    "id",
-                    "status",
-                    "risk_tier",
-                    "provider",
-                    "upstream_model",
-                    "version",
-                    "approved_by",
-                ]
-                .iter()
-                .map(|f| cell(&m[*f]))
-                .collect()
-            })
+            .map(|m| MODEL_COLUMNS.iter().map(|(f, _)| cell(&m[*f])).collect())
             .collect();
-        Ok(table(
-            &[
-                "ID",
-                "STATUS",
-                "RISK",
-                "PROVIDER",
-                "UPSTREAM MODEL",
-                "VERSION",
-                "APPROVED BY",
-            ],
-            &rows,
-        ))
+        let header: Vec<&str> = MODEL_COLUMNS.iter().map(|(_, h)| *h).collect();
+        Ok(table(&header, &rows))
     }
 
     pub fn show(&self, id: &str) -> anyhow::Result<String> {
         let m = self.call("GET", &format!("/admin/models/{id}"), None)?;
         let mut out = String::new();
-        for f in [
-            "id",
-            "status",
-            "risk_tier",
-            "provider",
-            "upstream_model",
-            "version",
-            "approved_by",
-            "approved_at",
-        ] {
+        let fields = MODEL_COLUMNS.iter().map(|(f, _)| *f).chain(["approved_at"]);
+        for f in fields {
             out.push_str(&format!("{f:<15} {}\n", cell(&m[f])));
         }
         let rows: Vec<Vec<String>> = m["history"]

@@ -86,12 +86,3 @@ impl Body for ChannelBody {
             .map(|item| item.map(|r| r.map(Frame::data)))
     }
 }
-
-/// Read a whole request body.
-pub async fn read_all(
-    req: Request<Incoming>,
-) -> Result<(http::request::Parts, Bytes), hyper::Error> {
-    let (parts, body) = req.into_parts();
-    let bytes = body.collect().await?.to_bytes();
-    Ok((parts, bytes))
-}

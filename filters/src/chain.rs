@@ -240,11 +240,6 @@ impl Chain {
         self.filters.is_empty()
     }
 
-    /// The kinds in the order they run.
-    pub fn order(&self) -> Vec<FilterKind> {
-        self.filters.iter().map(|(f, _)| f.kind()).collect()
-    }
-
     pub async fn run(&self, request: &RequestView<'_>) -> ChainReport {
         let mut report = ChainReport::default();
         for (filter, settings) in &self.filters {
