@@ -140,6 +140,9 @@ pub struct RedisStore {
     timeout: Duration,
     cache: RwLock<Option<(Instant, String, Arc<RegistryState>)>>,
     cas: redis::Script,
+    /// One connection, reused by reloads and updates; dropped on any error
+    /// so the next use reconnects.
+    conn: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 impl RedisStore {
@@ -156,6 +159,7 @@ impl RedisStore {
             timeout,
             cache: RwLock::new(None),
             cas: redis::Script::new(CAS_SCRIPT),
+            conn: tokio::sync::Mutex::new(None),
         });
         let mut conn = store.connection().await?;
         let seed_json = serde_json::to_string(&seed).map_err(|e| e.to_string())?;
@@ -167,24 +171,44 @@ impl RedisStore {
             .await
             .map_err(|e| format!("redis: {e}"))?;
         store.reload().await?;
+        // That connection belongs to the start-up runtime: do not keep it.
+        store.forget().await;
         Ok(store)
     }
 
+    async fn forget(&self) {
+        *self.conn.lock().await = None;
+    }
+
     async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        let mut cached = self.conn.lock().await;
+        if let Some(c) = cached.as_ref() {
+            return Ok(c.clone());
+        }
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        tokio::time::timeout(
+        let conn = tokio::time::timeout(
             self.timeout * 2,
             self.client
                 .get_multiplexed_async_connection_with_config(&config),
         )
         .await
         .map_err(|_| "redis connect timed out".to_string())?
-        .map_err(|e| format!("redis: {e}"))
+        .map_err(|e| format!("redis: {e}"))?;
+        *cached = Some(conn.clone());
+        Ok(conn)
     }
 
     async fn reload(&self) -> Result<(), String> {
+        let result = self.reload_once().await;
+        if result.is_err() {
+            self.forget().await;
+        }
+        result
+    }
+
+    async fn reload_once(&self) -> Result<(), String> {
         let mut conn = self.connection().await?;
         let raw: Option<String> = redis::cmd("GET")
             .arg(KEY)
@@ -302,6 +326,16 @@ impl RegistryView for RedisStore {
 #[async_trait]
 impl RegistryStore for RedisStore {
     async fn update(&self, change: Change<'_>) -> Result<Value, UpdateError> {
+        let result = self.update_once(change).await;
+        if matches!(result, Err(UpdateError::Store(_))) {
+            self.forget().await;
+        }
+        result
+    }
+}
+
+impl RedisStore {
+    async fn update_once(&self, change: Change<'_>) -> Result<Value, UpdateError> {
         let mut conn = self.connection().await.map_err(UpdateError::Store)?;
         for _ in 0..10 {
             let raw: Option<String> = redis::cmd("GET")
