@@ -189,3 +189,47 @@ async fn slow_provider_is_504() {
     let id = expect_error(r, 504, "upstream_timeout").await;
     audited(&gw, &id, "upstream_timeout", "error").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_arrives_is_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start(options()).await;
+    let mut setup = Setup::new(mock.addr);
+    setup.client_body_timeout_secs = 1;
+    let gw = Gateway::start(setup).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // 100 bytes announced, 10 sent, then silence.
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"model\":")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&reply).contains("\r\n\r\n{")
+        || !String::from_utf8_lossy(&reply).ends_with('}')
+    {
+        let n = tokio::time::timeout(PATIENCE, conn.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"code\":\"request_timeout\""), "{text}");
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("x-request-id")
+        .trim()
+        .to_string();
+    let rec = gw.record_for(&id).await;
+    assert_eq!(rec["decision"], "blocked");
+    assert_eq!(rec["reason_code"], "request_timeout");
+    assert_eq!(rec["blocked_by"], "intake");
+    assert!(mock.state.requests().is_empty());
+}

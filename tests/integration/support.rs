@@ -84,6 +84,7 @@ pub struct Setup {
     /// Extra environment for the gateway process.
     pub env: Vec<(String, String)>,
     pub max_body_bytes: usize,
+    pub client_body_timeout_secs: u64,
     pub read_ms: u64,
     pub record_content: bool,
     /// Appended to the generated config (auth, rate_limit, state sections).
@@ -101,6 +102,7 @@ impl Setup {
             provider_url: None,
             env: Vec::new(),
             max_body_bytes: 4 * 1024 * 1024,
+            client_body_timeout_secs: 30,
             read_ms: 10_000,
             record_content: false,
             extra_yaml: String::new(),
@@ -126,6 +128,7 @@ server:
   shutdown_grace_secs: 0
 limits:
   max_body_bytes: {max}
+  client_body_timeout_secs: {body_timeout}
 providers:
   mock:
     base_url: {provider_url}
@@ -143,6 +146,7 @@ audit:
             extra = setup.extra_yaml,
             registry = setup.registry_yaml,
             max = setup.max_body_bytes,
+            body_timeout = setup.client_body_timeout_secs,
             provider_url = setup
                 .provider_url
                 .clone()

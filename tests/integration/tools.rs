@@ -216,3 +216,27 @@ async fn reload_swaps_the_tool_policy() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_called_deny_refuses_the_whole_response() {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = with_tools(&mock, &keys, "deny");
+    let policy =
+        include_str!("../../policies/tools.yaml").replace("on_called: remove", "on_called: deny");
+    setup.files.retain(|(name, _)| name != "tools.yaml");
+    setup.files.push(("tools.yaml".into(), policy.into_bytes()));
+    let gw = Gateway::start(setup).await;
+    let user = keys.token("u", &["user"]);
+    let r = post_as(
+        &gw,
+        &user,
+        &tool_call("delete_records", json!({"table": "users"}), false),
+    )
+    .await;
+    let id = expect_error(r, 403, "tool_not_allowed").await;
+    let rec = gw.record_for(&id).await;
+    assert_eq!(rec["decision"], "blocked");
+    assert_eq!(rec["blocked_by"], "response_tool_authz");
+    assert_eq!(rec["reason_code"], "tool_not_allowed");
+}
