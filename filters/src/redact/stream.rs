@@ -2,15 +2,22 @@
 //! completion), with the same result as redacting the whole text at once,
 //! however it is split.
 //!
-//! Text is released once it can no longer be part of a match: everything
-//! but the last [`HOLD`] bytes, moved back to the start of any pattern match
-//! (validated or not) that crosses that point or reaches the end of what
-//! has arrived, and to the start of a PEM block (`-----BEGIN`) whose
-//! `-----END` has not arrived yet. Worst-case hold-back: [`HOLD`] bytes
-//! (256) for every rule whose shortest match is shorter than that, a token
-//! still growing at the end of the text for as long as it grows, and a PEM
-//! private key block until its end marker. A short [`CONTEXT`] of released
-//! text is kept so that `\b` and similar assertions see what precedes.
+//! Text is released once it can no longer be part of a match. The cut (the
+//! end of what is released) is the smallest of:
+//! - everything but the last [`HOLD`] bytes (every rule whose longest
+//!   prefix that cannot match yet is shorter than that);
+//! - the start of any pattern match (validated or not) that crosses the cut
+//!   or reaches the end of what has arrived (a match still growing);
+//! - the start of the last run of non-space characters when it reaches the
+//!   end (a token still growing: a long JWT or bearer token whose pattern
+//!   cannot match until its second part arrives), up to [`MAX_TOKEN`] bytes;
+//! - the start of a PEM block (`-----BEGIN`) whose end line
+//!   (`-----END ...-----`) has not arrived whole, up to [`MAX_BLOCK`] bytes.
+//!
+//! A block or token longer than its limit is released as ordinary text: no
+//! key or token format the rules know comes near either. A short
+//! [`CONTEXT`] of released text is kept so that `\b` and similar
+//! assertions see what precedes.
 
 use super::Redactor;
 use std::collections::BTreeMap;
@@ -20,6 +27,11 @@ use std::sync::Arc;
 pub const HOLD: usize = 256;
 /// Bytes of released text kept as left context.
 pub const CONTEXT: usize = 16;
+/// The longest run of non-space characters held while it grows.
+pub const MAX_TOKEN: usize = 16 * 1024;
+/// The longest PEM block held until its end line arrives (an RSA 16384-bit
+/// private key is about 12 KiB).
+pub const MAX_BLOCK: usize = 64 * 1024;
 const BLOCK_OPEN: &str = "-----BEGIN";
 const BLOCK_CLOSE: &str = "-----END";
 
@@ -71,8 +83,12 @@ impl StreamRedactor {
             end.saturating_sub(HOLD).max(self.from)
         };
         if !done {
-            if let Some(open) = open_block(&self.buf[self.from..]) {
+            let pending = &self.buf[self.from..];
+            if let Some(open) = open_block(pending) {
                 cut = cut.min(self.from + open);
+            }
+            if let Some(token) = growing_token(pending) {
+                cut = cut.min(self.from + token);
             }
             // Never inside a match, nor before the end of one still growing.
             let spans: Vec<(usize, usize)> = scan
@@ -116,8 +132,46 @@ impl StreamRedactor {
     }
 }
 
-/// Where an unterminated PEM block starts, if one does.
+/// Where the first PEM block that has not ended yet starts, if one does
+/// and it is not longer than [`MAX_BLOCK`]. A block has ended when its end
+/// line has arrived whole: `-----END`, a label, and the closing dashes (or
+/// a line break, for a malformed end line).
 fn open_block(text: &str) -> Option<usize> {
-    let open = text.rfind(BLOCK_OPEN)?;
-    (!text[open..].contains(BLOCK_CLOSE)).then_some(open)
+    let mut from = 0;
+    while let Some(found) = text[from..].find(BLOCK_OPEN) {
+        let open = from + found;
+        let body = &text[open + BLOCK_OPEN.len()..];
+        match body.find(BLOCK_CLOSE) {
+            None if text.len() - open <= MAX_BLOCK => return Some(open),
+            None => return None,
+            Some(close) => {
+                let tail = &body[close + BLOCK_CLOSE.len()..];
+                let dashes = tail.find("-----").map(|d| d + 5);
+                let line_break = tail.find(['\n', '\r']);
+                let end = match (dashes, line_break) {
+                    (Some(d), Some(b)) => Some(d.min(b)),
+                    (d, b) => d.or(b),
+                };
+                match end {
+                    Some(end) => from = open + BLOCK_OPEN.len() + close + BLOCK_CLOSE.len() + end,
+                    None => return Some(open),
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Where the last run of non-space characters starts, when it reaches the
+/// end of the text and is not longer than [`MAX_TOKEN`].
+fn growing_token(text: &str) -> Option<usize> {
+    if text.ends_with(char::is_whitespace) {
+        return None;
+    }
+    let start = text
+        .char_indices()
+        .rev()
+        .find(|(_, c)| c.is_whitespace())
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    (text.len() - start <= MAX_TOKEN).then_some(start)
 }

@@ -33,6 +33,8 @@ fn chars(seed: u64, n: usize, alphabet: &str) -> String {
 }
 
 const ALNUM: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+const BASE64: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const URL64: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 const UPPER32: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 const LETTERS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -134,6 +136,72 @@ fn examples() -> Vec<(&'static str, String)> {
         ("ipv4", "from 203.0.113.77 at noon".into()),
         ("ipv6", "host 2001:db8:85a3::8a2e:370:7334 up".into()),
         ("phone", "call +44 20 7946 0958 today".into()),
+    ]
+}
+
+/// A PEM block of `lines` full lines of 64 base64 characters (with `+`
+/// and `/`) and a short last line, as real keys are written.
+fn pem(label: &str, seed: u64, lines: usize) -> String {
+    let mut body: Vec<String> = (0..lines)
+        .map(|i| chars(seed + i as u64, 64, BASE64))
+        .collect();
+    body.push(format!("{}==", chars(seed + 999, 22, BASE64)));
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----",
+        body.join("\n")
+    )
+}
+
+/// Each rule's longest realistic value (longer than the stream redactor's
+/// hold-back wherever the format allows it).
+fn long_examples() -> Vec<(&'static str, String)> {
+    vec![
+        ("private-key", pem("RSA PRIVATE KEY", 100, 6)),
+        ("private-key", pem("PRIVATE KEY", 200, 50)),
+        ("private-key", pem("EC PRIVATE KEY", 300, 2)),
+        ("github-token", format!("gho_{}", chars(101, 255, ALNUM))),
+        ("gitlab-token", format!("glpat-{}", chars(102, 64, ALNUM))),
+        (
+            "slack-token",
+            format!("xoxe.xoxp-1-{}", chars(103, 200, ALNUM)),
+        ),
+        ("stripe-key", format!("sk_live_{}", chars(104, 99, ALNUM))),
+        (
+            "openai-api-key",
+            format!(
+                "sk-proj-{}T3BlbkFJ{}",
+                chars(105, 200, URL64),
+                chars(106, 200, URL64)
+            ),
+        ),
+        (
+            "jwt",
+            format!(
+                "eyJ{}.eyJ{}.{}",
+                chars(107, 400, ALNUM),
+                chars(108, 1500, ALNUM),
+                chars(109, 342, URL64)
+            ),
+        ),
+        (
+            "connection-string",
+            format!(
+                "mongodb+srv://svc:{}@cluster0.internal.example.net/db",
+                chars(110, 256, ALNUM)
+            ),
+        ),
+        (
+            "password-assignment",
+            format!("DB_PASSWORD={}", chars(111, 200, ALNUM)),
+        ),
+        (
+            "bearer-token",
+            format!("Authorization: Bearer {}", chars(112, 900, URL64)),
+        ),
+        (
+            "slack-webhook-url",
+            format!("https://hooks.slack.com/services/{}", chars(113, 56, ALNUM)),
+        ),
     ]
 }
 
@@ -327,36 +395,104 @@ mod streaming {
         "ok.",
     ];
 
+    /// Split `text` into pieces of `n` characters, as a provider streams
+    /// it one event per few characters.
+    fn chunks(text: &str, n: usize) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for (i, (at, _)) in text.char_indices().enumerate() {
+            if i > 0 && i % n == 0 {
+                out.push(&text[start..at]);
+                start = at;
+            }
+        }
+        out.push(&text[start..]);
+        out
+    }
+
+    /// How a planted text is split: at random points, or into pieces of a
+    /// fixed size from 1 to 64 characters.
+    #[derive(Debug, Clone)]
+    enum Split {
+        Cuts(Vec<usize>),
+        Every(usize),
+    }
+
+    fn splits() -> impl Strategy<Value = Split> {
+        prop_oneof![
+            proptest::collection::vec(any::<usize>(), 0..40).prop_map(Split::Cuts),
+            (1..=64usize).prop_map(Split::Every),
+        ]
+    }
+
+    fn pieces<'a>(text: &'a str, how: &Split) -> Vec<&'a str> {
+        match how {
+            Split::Cuts(cuts) => split(text, cuts),
+            Split::Every(n) => chunks(text, *n),
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
 
         /// However the text is split (multi-byte characters included), the
         /// stream gives exactly the whole-text redaction, and no planted
-        /// secret survives.
+        /// secret survives: short examples of every rule, and each rule's
+        /// longest realistic value (longer than the hold-back).
         #[test]
         fn streamed_equals_whole_and_secrets_never_survive(
             words in proptest::collection::vec(0..WORDS.len(), 0..60),
-            planted in proptest::collection::vec((0..27usize, 0..60usize), 1..4),
-            cuts in proptest::collection::vec(any::<usize>(), 0..40),
+            planted in proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>(), 0..60usize), 1..4),
+            how in splits(),
         ) {
             let r = redactor();
-            let examples = examples();
+            let short = examples();
+            let long = long_examples();
             let mut parts: Vec<String> = words.iter().map(|w| WORDS[*w].to_string()).collect();
             let mut secrets = Vec::new();
-            for (which, pos) in planted {
-                let (_, text) = &examples[which % examples.len()];
+            for (which, is_long, pos) in planted {
+                let list = if is_long { &long } else { &short };
+                let (_, text) = which.get(list);
                 let at = pos.min(parts.len());
                 parts.insert(at, text.clone());
                 secrets.push(text.clone());
             }
             let text = parts.join(" ");
             let (whole, _) = r.redact(&text);
-            let streamed = stream(&r, &split(&text, &cuts));
+            let streamed = stream(&r, &pieces(&text, &how));
             prop_assert_eq!(&streamed, &whole);
             for s in &secrets {
                 prop_assert!(!streamed.contains(s.as_str()), "planted {:?} survived in {:?}", s, streamed);
             }
         }
+    }
+
+    /// Every long value, every piece size from 1 to 64: the stream equals
+    /// the whole-text redaction and the value never survives.
+    #[test]
+    fn long_values_at_every_chunk_size() {
+        let r = redactor();
+        for (id, value) in long_examples() {
+            let text = format!("Here it is:\n{value}\nKeep it safe.");
+            let (whole, counts) = r.redact(&text);
+            assert_eq!(counts.get(id), Some(&1), "{id}: {whole}");
+            for n in 1..=64 {
+                let streamed = stream(&r, &chunks(&text, n));
+                assert_eq!(streamed, whole, "{id} in pieces of {n}");
+            }
+        }
+    }
+
+    /// Regression: the end of a first block must not hide a second block
+    /// that follows on the same line.
+    #[test]
+    fn a_closed_block_then_an_open_one() {
+        let r = redactor();
+        let long = long_examples();
+        let text = format!("a {} b {} c", long[2].1, long[0].1);
+        let (whole, counts) = r.redact(&text);
+        assert_eq!(counts.get("private-key"), Some(&2));
+        assert_eq!(stream(&r, &chunks(&text, 37)), whole);
     }
 
     #[test]
