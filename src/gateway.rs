@@ -20,6 +20,7 @@ use filters::rate_limit::{RateLimiter, Reservation};
 use filters::{
     ErrorCode, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent, SseFramer,
 };
+use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -253,7 +254,7 @@ impl Gateway {
         // ask for it when the client did not, and keep it from the client.
         ctx.strip_usage = parsed.stream
             && !ctx.reservations.is_empty()
-            && parsed.json["stream_options"]["include_usage"] != Value::Bool(true);
+            && parsed.json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true));
         let strip = screened.strip_tools;
         let rewritten = screened.body;
         let out_body = if upstream_model == parsed.model
@@ -264,9 +265,15 @@ impl Gateway {
             body
         } else {
             let mut json = rewritten.unwrap_or(parsed.json);
-            json["model"] = Value::String(upstream_model.clone());
+            // Intake checked that the body is an object and that
+            // `stream_options` is an object or null: both writes succeed.
+            filters::json::set(&mut json, &["model"], Value::String(upstream_model.clone()));
             if ctx.strip_usage {
-                json["stream_options"]["include_usage"] = Value::Bool(true);
+                filters::json::set(
+                    &mut json,
+                    &["stream_options", "include_usage"],
+                    Value::Bool(true),
+                );
             }
             if !strip.is_empty() {
                 strip_tools(&mut json, &strip);
@@ -590,7 +597,33 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
-        self.handle(session, ctx).await;
+        let handled = std::panic::AssertUnwindSafe(self.handle(session, ctx))
+            .catch_unwind()
+            .await;
+        if let Err(panic) = handled {
+            // A bug, not a client's fault: answer 500 (or end a stream that
+            // already started with an error event) and audit it.
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            log::error!("{}: request handling panicked: {what}", ctx.rec.request_id);
+            metrics::PANICS.inc();
+            let r = Rejection::new(ErrorCode::InternalError, format!("panic: {what}"));
+            if ctx.rec.status == 0 {
+                self.refuse(session, ctx, "gateway", r).await;
+            } else {
+                let mut wire = Vec::new();
+                error_event(&r).write_to(&mut wire);
+                let _ = session
+                    .write_response_body(Some(Bytes::from(wire)), true)
+                    .await;
+                ctx.rec.reason_code = Some(r.code);
+                ctx.rec.reason = Some(r.reason);
+            }
+            ctx.rec.decision = Verdict::Error;
+        }
         Ok(true)
     }
 

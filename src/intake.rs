@@ -84,7 +84,7 @@ pub struct CallBody {
 /// Parse and check the fields every route needs.
 pub fn parse_body(route: Route, bytes: &[u8]) -> Result<CallBody, Rejection> {
     let bad = |m: &str| Rejection::about_input(ErrorCode::InvalidRequest, m.to_string());
-    let json: Value = serde_json::from_slice(bytes).map_err(|e| {
+    let json: Value = filters::json::parse_strict(bytes).map_err(|e| {
         Rejection::about_input(
             ErrorCode::InvalidRequest,
             format!("The body is not valid JSON: {e}."),
@@ -102,6 +102,42 @@ pub fn parse_body(route: Route, bytes: &[u8]) -> Result<CallBody, Rejection> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("`stream` must be true or false.")),
     };
+    match obj.get("stream_options") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            if !matches!(
+                o.get("include_usage"),
+                None | Some(Value::Null | Value::Bool(_))
+            ) {
+                return Err(bad("`stream_options.include_usage` must be true or false."));
+            }
+        }
+        Some(_) => return Err(bad("`stream_options` must be an object.")),
+    }
+    // Fields the gateway reads to charge budgets and judge tools: a wrong
+    // type is refused here rather than misread later.
+    for (field, min, max) in [
+        ("n", 1, 128),
+        ("best_of", 1, 20),
+        ("max_tokens", 0, u64::MAX),
+        ("max_completion_tokens", 0, u64::MAX),
+    ] {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_u64().is_some_and(|n| (min..=max).contains(&n)) => {}
+            Some(_) if max == u64::MAX => {
+                return Err(bad(&format!("`{field}` must be a non-negative integer.")))
+            }
+            Some(_) => return Err(bad(&format!("`{field}` must be between {min} and {max}."))),
+        }
+    }
+    for field in ["tools", "functions"] {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) if list.iter().all(Value::is_object) => {}
+            Some(_) => return Err(bad(&format!("`{field}` must be an array of objects."))),
+        }
+    }
     match route {
         Route::ChatCompletions => match obj.get("messages") {
             Some(Value::Array(m)) if !m.is_empty() => {
@@ -197,6 +233,36 @@ mod tests {
                 "`stream`",
             ),
             (Route::Completions, br#"{"model":"m"}"#, "`prompt`"),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","model":"n","messages":[{}]}"#,
+                "duplicate key `model`",
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","stream":true,"stream_options":"x","messages":[{}]}"#,
+                "`stream_options`",
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","n":0,"messages":[{}]}"#,
+                "`n`",
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","max_tokens":-1,"messages":[{}]}"#,
+                "`max_tokens`",
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","max_tokens":"9","messages":[{}]}"#,
+                "`max_tokens`",
+            ),
+            (
+                Route::ChatCompletions,
+                br#"{"model":"m","functions":"x","messages":[{}]}"#,
+                "`functions`",
+            ),
             (Route::Embeddings, br#"{"model":"m","input":5}"#, "`input`"),
         ] {
             let e = parse_body(route, body).unwrap_err();

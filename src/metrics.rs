@@ -83,6 +83,15 @@ pub static AUDIT_WRITE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+pub static PANICS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "portcullis_panics_total",
+        "Requests whose handling panicked (answered 500 internal_error and audited).",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
 /// Make every metric appear in `/metrics` from the start, before it is used.
 pub fn init() {
     LazyLock::force(&REQUESTS);
@@ -92,6 +101,7 @@ pub fn init() {
     LazyLock::force(&AUDIT_QUEUE_DEPTH);
     LazyLock::force(&AUDIT_RECORDS_WRITTEN);
     LazyLock::force(&AUDIT_WRITE_ERRORS);
+    LazyLock::force(&PANICS);
 }
 
 /// The Prometheus text exposition of every metric.

@@ -518,6 +518,7 @@ pub fn ssn(s: &str) -> bool {
 pub mod request;
 pub mod stage;
 pub mod stream;
+pub mod tokens;
 
 #[cfg(test)]
 mod tests;

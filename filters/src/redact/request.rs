@@ -52,16 +52,25 @@ impl RequestFilter for RequestRedaction {
         let r = self.redactor.get();
         let mut body = request.body.clone();
         let mut counts = BTreeMap::new();
-        for m in body["messages"].as_array_mut().into_iter().flatten() {
+        for m in crate::json::array_mut(&mut body, "messages")
+            .into_iter()
+            .flatten()
+        {
             if !(m["role"] == "user" || m["role"] == "tool") {
                 continue;
             }
-            match &mut m["content"] {
-                Value::String(s) => Self::redact(&r, s, &mut counts),
-                Value::Array(parts) => {
+            match m.get_mut("content") {
+                Some(Value::String(s)) => Self::redact(&r, s, &mut counts),
+                Some(Value::Array(parts)) => {
                     for p in parts {
-                        if let Value::String(s) = &mut p["text"] {
-                            Self::redact(&r, s, &mut counts);
+                        match p {
+                            Value::String(s) => Self::redact(&r, s, &mut counts),
+                            Value::Object(o) => {
+                                if let Some(Value::String(s)) = o.get_mut("text") {
+                                    Self::redact(&r, s, &mut counts);
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }

@@ -1,20 +1,36 @@
-//! Redaction as a response stage: whole JSON bodies, and streamed events
-//! through one [`StreamRedactor`] per choice.
+//! Redaction as a response stage: whole JSON bodies, and streamed events.
 //!
-//! JSON: `choices[].message.content`, `refusal`, completions' `text`, and
-//! tool-call `arguments` (parsed, every string value redacted, serialized
-//! again, so the result stays valid JSON). Streams: `delta.content` and
-//! completions' `text` of every choice; held text is released with the
-//! choice's `finish_reason` event, or before `[DONE]`. Streamed tool-call
-//! argument fragments are not redacted here (tool-call gating holds them).
+//! Every string a reply carries under a choice is screened; nothing is
+//! passed because its field was not foreseen. Per field:
+//! - text that streams in pieces (`content`, content-part `text`,
+//!   `refusal`, `reasoning_content`, `reasoning`, `audio.transcript`, and
+//!   completions' `text`): one [`StreamRedactor`] per choice and field, so
+//!   a secret split across events, or across content parts, is caught;
+//! - tool-call `function.arguments`, `custom.input` and legacy
+//!   `function_call.arguments`: held until the choice finishes, then
+//!   redacted as JSON (every string value and key; the result stays valid
+//!   JSON) or, when they are not JSON, as text;
+//! - `logprobs` (`content`, `refusal`, and the legacy completions form):
+//!   the tokens are redacted as the text they spell (see [`super::tokens`]);
+//! - audio: `data` cannot be screened, so it is held until the choice
+//!   finishes and withheld (sent empty) when its transcript had a finding;
+//! - every other string (annotations, fields a provider adds) is redacted
+//!   whole, except structural keys (`role`, `type`, `id`, `name`, `index`,
+//!   `finish_reason`, ...).
+//!
+//! In a stream, what a choice still holds is released with its
+//! `finish_reason` event, or in an event of its own before `[DONE]`.
 
 use super::stream::StreamRedactor;
+use super::tokens::{legacy_arrays, legacy_entries, TokenRedactor};
 use super::Redactor;
 use crate::chain::{Annotation, Decision, FilterError, FilterKind};
+use crate::request::Route;
 use crate::response::{ResponseContext, ResponseStage, StreamStage};
 use crate::shared::Shared;
 use crate::sse::SseEvent;
-use serde_json::{json, Value};
+use base64::Engine;
+use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -28,42 +44,238 @@ impl RedactStage {
     }
 }
 
-fn report(counts: &BTreeMap<String, usize>) -> Vec<Annotation> {
-    if counts.is_empty() {
-        return Vec::new();
-    }
-    vec![Annotation {
-        key: "redactions",
-        value: json!(counts),
-    }]
-}
+/// Keys whose string values are structure the gateway and the SDKs rely
+/// on, never generated text.
+const STRUCTURAL: &[&str] = &[
+    "role",
+    "type",
+    "id",
+    "name",
+    "index",
+    "finish_reason",
+    "object",
+    "format",
+    "tool_call_id",
+];
 
-fn add(into: &mut BTreeMap<String, usize>, from: &BTreeMap<String, usize>) {
+/// Fields whose text streams in pieces, in a chat delta or message.
+const INCREMENTAL: &[&str] = &["content", "refusal", "reasoning_content", "reasoning"];
+
+type Counts = BTreeMap<String, usize>;
+
+fn add(into: &mut Counts, from: &Counts) {
     for (k, v) in from {
         *into.entry(k.clone()).or_insert(0) += v;
     }
 }
 
-/// One body's redaction, with the policy snapshot it started with.
-struct Pass(Arc<Redactor>);
+fn report(counts: &Counts, audio_withheld: usize) -> Vec<Annotation> {
+    let mut a = Vec::new();
+    if !counts.is_empty() {
+        a.push(Annotation {
+            key: "redactions",
+            value: json!(counts),
+        });
+    }
+    if audio_withheld > 0 {
+        a.push(Annotation {
+            key: "audio_withheld",
+            value: json!(audio_withheld),
+        });
+    }
+    a
+}
+
+/// Redaction of whole values with one policy snapshot.
+struct Pass {
+    redactor: Arc<Redactor>,
+    counts: Counts,
+}
 
 impl Pass {
-    fn redact_string(&self, s: &mut String, counts: &mut BTreeMap<String, usize>) {
-        let (out, c) = self.0.redact(s);
-        if !c.is_empty() {
-            *s = out;
-            add(counts, &c);
+    fn new(redactor: Arc<Redactor>) -> Self {
+        Self {
+            redactor,
+            counts: Counts::new(),
         }
     }
 
-    /// Every string inside a JSON value.
-    fn redact_value(&self, v: &mut Value, counts: &mut BTreeMap<String, usize>) {
+    fn found(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    fn string(&mut self, s: &mut String) {
+        let (out, c) = self.redactor.redact(s);
+        if !c.is_empty() {
+            *s = out;
+            add(&mut self.counts, &c);
+        }
+    }
+
+    /// Every string inside a value, but structural keys' strings.
+    fn generic(&mut self, v: &mut Value) {
         match v {
-            Value::String(s) => self.redact_string(s, counts),
-            Value::Array(items) => items.iter_mut().for_each(|i| self.redact_value(i, counts)),
-            Value::Object(map) => map.values_mut().for_each(|i| self.redact_value(i, counts)),
+            Value::String(s) => self.string(s),
+            Value::Array(items) => items.iter_mut().for_each(|i| self.generic(i)),
+            Value::Object(map) => {
+                for (k, v) in map.iter_mut() {
+                    if !(v.is_string() && STRUCTURAL.contains(&k.as_str())) {
+                        self.generic(v);
+                    }
+                }
+            }
             _ => {}
         }
+    }
+
+    /// Every string value and key of a JSON document.
+    fn json_value(&mut self, v: &mut Value) {
+        match v {
+            Value::String(s) => self.string(s),
+            Value::Array(items) => items.iter_mut().for_each(|i| self.json_value(i)),
+            Value::Object(map) => {
+                let entries = std::mem::take(map);
+                for (mut k, mut v) in entries {
+                    self.string(&mut k);
+                    self.json_value(&mut v);
+                    map.insert(k, v);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Tool-call arguments: redacted as JSON when they are JSON (still
+    /// valid afterwards), else as text.
+    fn arguments(&mut self, args: &mut String) {
+        match serde_json::from_str::<Value>(args) {
+            Ok(mut parsed) => {
+                let before = self.found();
+                self.json_value(&mut parsed);
+                if self.found() != before {
+                    *args = parsed.to_string();
+                }
+            }
+            Err(_) => self.string(args),
+        }
+    }
+
+    /// A whole token list.
+    fn tokens(&mut self, entries: Vec<Value>) -> Vec<Value> {
+        let mut t = TokenRedactor::new(self.redactor.clone());
+        let mut out = t.push(entries);
+        out.extend(t.finish());
+        out
+    }
+
+    fn logprobs(&mut self, logprobs: &mut Value) {
+        let Some(lp) = logprobs.as_object_mut() else {
+            return self.generic(logprobs);
+        };
+        if lp.get("tokens").is_some_and(Value::is_array) {
+            let entries = self.tokens(legacy_entries(&Value::Object(lp.clone())));
+            if let Value::Object(arrays) = legacy_arrays(&entries) {
+                lp.extend(arrays);
+            }
+            return;
+        }
+        for (key, v) in lp.iter_mut() {
+            match v {
+                Value::Array(list) if matches!(key.as_str(), "content" | "refusal") => {
+                    *list = self.tokens(std::mem::take(list));
+                }
+                other => self.generic(other),
+            }
+        }
+    }
+
+    fn tool_calls(&mut self, calls: &mut Value) {
+        for call in calls.as_array_mut().into_iter().flatten() {
+            let Some(call) = call.as_object_mut() else {
+                continue;
+            };
+            for (key, v) in call.iter_mut() {
+                match (key.as_str(), v) {
+                    ("function" | "custom", Value::Object(f)) => {
+                        for (k, v) in f.iter_mut() {
+                            match (k.as_str(), v) {
+                                ("arguments", Value::String(a)) => self.arguments(a),
+                                ("name", Value::String(_)) => {}
+                                (_, other) => self.generic(other),
+                            }
+                        }
+                    }
+                    (k, v) if v.is_string() && STRUCTURAL.contains(&k) => {}
+                    (_, other) => self.generic(other),
+                }
+            }
+        }
+    }
+
+    /// `message.content` as an array of parts: their texts are one text,
+    /// redacted as such, so a secret split across parts is caught.
+    fn parts(&mut self, parts: &mut [Value]) {
+        let mut r = StreamRedactor::new(self.redactor.clone());
+        let mut last_text: Option<&mut String> = None;
+        for part in parts.iter_mut() {
+            let text = match part {
+                Value::String(s) => Some(s),
+                Value::Object(o) => {
+                    for (k, v) in o.iter_mut() {
+                        if k != "text" && !(v.is_string() && STRUCTURAL.contains(&k.as_str())) {
+                            self.generic(v);
+                        }
+                    }
+                    match o.get_mut("text") {
+                        Some(Value::String(s)) => Some(s),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            if let Some(s) = text {
+                *s = r.push(s);
+                last_text = Some(s);
+            }
+        }
+        let rest = r.finish();
+        if let Some(s) = last_text {
+            s.push_str(&rest);
+        }
+        add(&mut self.counts, r.counts());
+    }
+
+    /// A chat `message`; returns how many audio clips were withheld.
+    fn message(&mut self, m: &mut Map<String, Value>) -> usize {
+        let mut withheld = 0;
+        for (key, v) in m.iter_mut() {
+            match (key.as_str(), v) {
+                ("content", Value::Array(parts)) => self.parts(parts),
+                ("tool_calls", calls) => self.tool_calls(calls),
+                ("function_call", Value::Object(f)) => {
+                    for (k, v) in f.iter_mut() {
+                        match (k.as_str(), v) {
+                            ("arguments", Value::String(a)) => self.arguments(a),
+                            ("name", Value::String(_)) => {}
+                            (_, other) => self.generic(other),
+                        }
+                    }
+                }
+                ("audio", Value::Object(audio)) => {
+                    let before = self.found();
+                    if let Some(t) = audio.get_mut("transcript") {
+                        self.generic(t);
+                    }
+                    if self.found() != before && audio.contains_key("data") {
+                        audio.insert("data".into(), Value::String(String::new()));
+                        withheld += 1;
+                    }
+                }
+                (k, v) if v.is_string() && STRUCTURAL.contains(&k) => {}
+                (_, other) => self.generic(other),
+            }
+        }
+        withheld
     }
 }
 
@@ -73,70 +285,362 @@ impl ResponseStage for RedactStage {
     }
 
     fn on_json(&self, _: &ResponseContext<'_>, body: &mut Value) -> Result<Decision, FilterError> {
-        let pass = Pass(self.redactor.get());
-        let mut counts = BTreeMap::new();
-        for choice in body["choices"].as_array_mut().into_iter().flatten() {
-            for pointer in ["/message/content", "/message/refusal", "/text"] {
-                if let Some(Value::String(s)) = choice.pointer_mut(pointer) {
-                    pass.redact_string(s, &mut counts);
-                }
-            }
-            for call in choice
-                .pointer_mut("/message/tool_calls")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(Value::String(args)) = call.pointer_mut("/function/arguments") {
-                    match serde_json::from_str::<Value>(args) {
-                        Ok(mut parsed) => {
-                            let before = counts.values().sum::<usize>();
-                            pass.redact_value(&mut parsed, &mut counts);
-                            if counts.values().sum::<usize>() != before {
-                                *args = parsed.to_string();
-                            }
-                        }
-                        Err(_) => pass.redact_string(args, &mut counts),
-                    }
+        let mut pass = Pass::new(self.redactor.get());
+        let mut withheld = 0;
+        for choice in crate::json::array_mut(body, "choices")
+            .into_iter()
+            .flatten()
+        {
+            let Some(c) = choice.as_object_mut() else {
+                pass.generic(choice);
+                continue;
+            };
+            for (key, v) in c.iter_mut() {
+                match (key.as_str(), v) {
+                    ("message", Value::Object(m)) => withheld += pass.message(m),
+                    ("logprobs", lp) => pass.logprobs(lp),
+                    ("index" | "finish_reason", _) => {}
+                    (_, other) => pass.generic(other),
                 }
             }
         }
-        Ok(match report(&counts) {
+        Ok(match report(&pass.counts, withheld) {
             a if a.is_empty() => Decision::Allow,
             a => Decision::Annotate(a),
         })
     }
 
-    fn stream(&self, _: &ResponseContext<'_>) -> Box<dyn StreamStage> {
+    fn stream(&self, ctx: &ResponseContext<'_>) -> Box<dyn StreamStage> {
         Box::new(RedactStream {
-            redactor: self.redactor.get(),
+            pass: Pass::new(self.redactor.get()),
+            completions: ctx.route == Route::Completions,
             choices: BTreeMap::new(),
-            counts: BTreeMap::new(),
+            meta: Map::new(),
+            audio_withheld: 0,
         })
     }
 }
 
+/// What one choice of a stream holds.
+#[derive(Default)]
+struct ChoiceState {
+    /// Incremental fields (`content`, `audio.transcript`, ...) → redactor.
+    texts: BTreeMap<&'static str, StreamRedactor>,
+    /// `content` came as an array of parts.
+    content_parts: bool,
+    /// Tool call index → (`function` or `custom`, arguments so far).
+    tool_args: BTreeMap<u64, (&'static str, String)>,
+    /// Legacy `function_call.arguments` so far.
+    function_args: Option<String>,
+    /// `logprobs.content` / `logprobs.refusal` / legacy (`tokens`).
+    tokens: BTreeMap<&'static str, TokenRedactor>,
+    /// Decoded audio held until the choice ends.
+    audio: Option<Vec<u8>>,
+}
+
 struct RedactStream {
-    redactor: Arc<Redactor>,
-    /// Choice index → its redactor and which field carries its text.
-    choices: BTreeMap<u64, (StreamRedactor, &'static str)>,
-    counts: BTreeMap<String, usize>,
+    pass: Pass,
+    completions: bool,
+    choices: BTreeMap<u64, ChoiceState>,
+    /// Top-level fields of the latest event, for events made here.
+    meta: Map<String, Value>,
+    audio_withheld: usize,
+}
+
+fn field_name(key: &str) -> Option<&'static str> {
+    INCREMENTAL.iter().copied().find(|f| *f == key)
+}
+
+/// Run `f` on the object at `key` of `map`, made when missing or not an
+/// object.
+fn with_object(map: &mut Map<String, Value>, key: &str, f: impl FnOnce(&mut Map<String, Value>)) {
+    let slot = map
+        .entry(key.to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !slot.is_object() {
+        *slot = Value::Object(Map::new());
+    }
+    if let Value::Object(o) = slot {
+        f(o);
+    }
+}
+
+/// Run `f` on the array at `key` of `map`, made when missing or not an
+/// array.
+fn with_array(map: &mut Map<String, Value>, key: &str, f: impl FnOnce(&mut Vec<Value>)) {
+    let slot = map
+        .entry(key.to_string())
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if !slot.is_array() {
+        *slot = Value::Array(Vec::new());
+    }
+    if let Value::Array(a) = slot {
+        f(a);
+    }
+}
+
+fn push_text(
+    state: &mut ChoiceState,
+    redactor: &Arc<Redactor>,
+    field: &'static str,
+    s: &mut String,
+) {
+    let r = state
+        .texts
+        .entry(field)
+        .or_insert_with(|| StreamRedactor::new(redactor.clone()));
+    *s = r.push(s);
 }
 
 impl RedactStream {
-    /// Release what every open choice still holds, as one event each.
-    fn flush_all(&mut self, out: &mut Vec<SseEvent>) {
-        for (index, (mut r, field)) in std::mem::take(&mut self.choices) {
-            let rest = r.finish();
-            add(&mut self.counts, r.counts());
-            if !rest.is_empty() {
-                let choice = if field == "text" {
-                    json!({"index": index, "text": rest, "finish_reason": null})
-                } else {
-                    json!({"index": index, "delta": {"content": rest}, "finish_reason": null})
-                };
-                out.push(SseEvent::data(json!({"choices": [choice]}).to_string()));
+    /// One streamed chat `delta`.
+    fn delta(&mut self, state: &mut ChoiceState, delta: &mut Map<String, Value>) {
+        let redactor = self.pass.redactor.clone();
+        for (key, v) in delta.iter_mut() {
+            match (key.as_str(), v) {
+                ("content", Value::Array(parts)) => {
+                    state.content_parts = true;
+                    for part in parts.iter_mut() {
+                        match part {
+                            Value::String(s) => push_text(state, &redactor, "content", s),
+                            Value::Object(o) => {
+                                for (k, v) in o.iter_mut() {
+                                    match (k.as_str(), v) {
+                                        ("text", Value::String(s)) => {
+                                            push_text(state, &redactor, "content", s)
+                                        }
+                                        (k, v) if v.is_string() && STRUCTURAL.contains(&k) => {}
+                                        (_, other) => self.pass.generic(other),
+                                    }
+                                }
+                            }
+                            other => self.pass.generic(other),
+                        }
+                    }
+                }
+                (k, Value::String(s)) if field_name(k).is_some() => {
+                    if let Some(field) = field_name(k) {
+                        push_text(state, &redactor, field, s);
+                    }
+                }
+                ("tool_calls", Value::Array(calls)) => {
+                    for (position, call) in calls.iter_mut().enumerate() {
+                        let Some(call) = call.as_object_mut() else {
+                            self.pass.generic(call);
+                            continue;
+                        };
+                        let index = call
+                            .get("index")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(position as u64);
+                        for (k, v) in call.iter_mut() {
+                            match (k.as_str(), v) {
+                                (kind @ ("function" | "custom"), Value::Object(f)) => {
+                                    let kind = if kind == "function" {
+                                        "function"
+                                    } else {
+                                        "custom"
+                                    };
+                                    let field = if kind == "function" {
+                                        "arguments"
+                                    } else {
+                                        "input"
+                                    };
+                                    for (fk, fv) in f.iter_mut() {
+                                        match (fk.as_str(), fv) {
+                                            (name, Value::String(piece)) if name == field => {
+                                                let held = state
+                                                    .tool_args
+                                                    .entry(index)
+                                                    .or_insert((kind, String::new()));
+                                                held.1.push_str(piece);
+                                                piece.clear();
+                                            }
+                                            ("name", Value::String(_)) => {}
+                                            (_, other) => self.pass.generic(other),
+                                        }
+                                    }
+                                }
+                                (k, v) if v.is_string() && STRUCTURAL.contains(&k) => {}
+                                (_, other) => self.pass.generic(other),
+                            }
+                        }
+                    }
+                }
+                ("function_call", Value::Object(f)) => {
+                    for (k, v) in f.iter_mut() {
+                        match (k.as_str(), v) {
+                            ("arguments", Value::String(piece)) => {
+                                state
+                                    .function_args
+                                    .get_or_insert_with(String::new)
+                                    .push_str(piece);
+                                piece.clear();
+                            }
+                            ("name", Value::String(_)) => {}
+                            (_, other) => self.pass.generic(other),
+                        }
+                    }
+                }
+                ("audio", Value::Object(audio)) => {
+                    for (k, v) in audio.iter_mut() {
+                        match (k.as_str(), v) {
+                            ("transcript", Value::String(s)) => {
+                                push_text(state, &redactor, "audio.transcript", s)
+                            }
+                            ("data", Value::String(data)) => {
+                                let held = state.audio.get_or_insert_with(Vec::new);
+                                // Undecodable audio is never released.
+                                if let Ok(bytes) =
+                                    base64::engine::general_purpose::STANDARD.decode(&*data)
+                                {
+                                    held.extend(bytes);
+                                }
+                                data.clear();
+                            }
+                            (k, v) if v.is_string() && STRUCTURAL.contains(&k) => {}
+                            ("expires_at", _) => {}
+                            (_, other) => self.pass.generic(other),
+                        }
+                    }
+                }
+                (k, v) if v.is_string() && STRUCTURAL.contains(&k) => {}
+                (_, other) => self.pass.generic(other),
             }
+        }
+    }
+
+    fn logprobs(&mut self, state: &mut ChoiceState, logprobs: &mut Value) {
+        let redactor = self.pass.redactor.clone();
+        let Some(lp) = logprobs.as_object_mut() else {
+            return self.pass.generic(logprobs);
+        };
+        if lp.get("tokens").is_some_and(Value::is_array) {
+            let t = state
+                .tokens
+                .entry("legacy")
+                .or_insert_with(|| TokenRedactor::new(redactor.clone()));
+            let released = t.push(legacy_entries(&Value::Object(lp.clone())));
+            if let Value::Object(arrays) = legacy_arrays(&released) {
+                lp.extend(arrays);
+            }
+            return;
+        }
+        for (key, v) in lp.iter_mut() {
+            match (key.as_str(), v) {
+                (k @ ("content" | "refusal"), Value::Array(list)) => {
+                    let field = if k == "content" { "content" } else { "refusal" };
+                    let t = state
+                        .tokens
+                        .entry(field)
+                        .or_insert_with(|| TokenRedactor::new(redactor.clone()));
+                    *list = t.push(std::mem::take(list));
+                }
+                (_, other) => self.pass.generic(other),
+            }
+        }
+    }
+
+    /// Release everything `state` holds into `choice` (its finish event,
+    /// or one made for it).
+    fn release(&mut self, mut state: ChoiceState, choice: &mut Map<String, Value>) {
+        let mut transcript_found = false;
+        for (field, mut r) in std::mem::take(&mut state.texts) {
+            let rest = r.finish();
+            add(&mut self.pass.counts, r.counts());
+            transcript_found |= field == "audio.transcript" && !r.counts().is_empty();
+            if rest.is_empty() {
+                continue;
+            }
+            if self.completions && field == "text" {
+                match choice.get_mut("text") {
+                    Some(Value::String(s)) => s.push_str(&rest),
+                    _ => {
+                        choice.insert("text".into(), Value::String(rest));
+                    }
+                }
+                continue;
+            }
+            let parts = state.content_parts;
+            with_object(choice, "delta", |delta| match field {
+                "content" if parts => with_array(delta, "content", |a| {
+                    a.push(json!({"type": "text", "text": rest}));
+                }),
+                "audio.transcript" => with_object(delta, "audio", |a| {
+                    a.insert("transcript".into(), Value::String(rest));
+                }),
+                _ => match delta.get_mut(field) {
+                    Some(Value::String(s)) => s.push_str(&rest),
+                    _ => {
+                        delta.insert(field.into(), Value::String(rest));
+                    }
+                },
+            });
+        }
+        for (index, (kind, mut args)) in std::mem::take(&mut state.tool_args) {
+            self.pass.arguments(&mut args);
+            let field = if kind == "function" {
+                "arguments"
+            } else {
+                "input"
+            };
+            with_object(choice, "delta", |delta| {
+                with_array(delta, "tool_calls", |calls| {
+                    calls.push(json!({"index": index, kind: {field: args}}));
+                })
+            });
+        }
+        if let Some(mut args) = state.function_args.take() {
+            self.pass.arguments(&mut args);
+            with_object(choice, "delta", |delta| {
+                with_object(delta, "function_call", |f| {
+                    f.insert("arguments".into(), Value::String(args));
+                })
+            });
+        }
+        for (field, mut t) in std::mem::take(&mut state.tokens) {
+            let rest = t.finish();
+            if rest.is_empty() {
+                continue;
+            }
+            with_object(choice, "logprobs", |lp| {
+                if field == "legacy" {
+                    if let Value::Object(arrays) = legacy_arrays(&rest) {
+                        lp.extend(arrays);
+                    }
+                } else {
+                    with_array(lp, field, |list| list.extend(rest));
+                }
+            });
+        }
+        if let Some(audio) = state.audio.take() {
+            if transcript_found {
+                self.audio_withheld += 1;
+            } else if !audio.is_empty() {
+                let data = base64::engine::general_purpose::STANDARD.encode(audio);
+                with_object(choice, "delta", |delta| {
+                    with_object(delta, "audio", |a| {
+                        a.insert("data".into(), Value::String(data));
+                    })
+                });
+            }
+        }
+    }
+
+    /// Release what every open choice holds, as one event each.
+    fn flush_all(&mut self, out: &mut Vec<SseEvent>) {
+        for (index, state) in std::mem::take(&mut self.choices) {
+            let mut choice = Map::new();
+            choice.insert("index".into(), json!(index));
+            choice.insert("finish_reason".into(), Value::Null);
+            let empty = choice.len();
+            self.release(state, &mut choice);
+            if choice.len() == empty {
+                continue;
+            }
+            let mut event = self.meta.clone();
+            event.insert("choices".into(), json!([choice]));
+            out.push(SseEvent::data(Value::Object(event).to_string()));
         }
     }
 }
@@ -153,49 +657,62 @@ impl StreamStage for RedactStream {
             return Ok(());
         }
         let Some(mut v) = event.json() else {
+            // The gateway refuses a stream whose data is not JSON before
+            // any stage sees it; an event without data carries no text.
             out.push(event);
             return Ok(());
         };
-        let mut changed = false;
-        for choice in v["choices"].as_array_mut().into_iter().flatten() {
-            let index = choice["index"].as_u64().unwrap_or(0);
-            let field = if choice.get("text").is_some() {
-                "text"
-            } else {
-                "content"
-            };
-            let piece = match field {
-                "text" => choice.get("text").and_then(Value::as_str),
-                _ => choice.pointer("/delta/content").and_then(Value::as_str),
-            }
-            .map(str::to_string);
-            let finished = !choice["finish_reason"].is_null();
-            if piece.is_none() && !finished {
+        let Some(obj) = v.as_object_mut() else {
+            self.pass.generic(&mut v);
+            event.data = Some(v.to_string());
+            out.push(event);
+            return Ok(());
+        };
+        self.meta = obj
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "choices" | "usage"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (key, v) in obj.iter_mut() {
+            if key != "choices" {
+                if !matches!(
+                    key.as_str(),
+                    "usage" | "created" | "object" | "model" | "id"
+                ) {
+                    self.pass.generic(v);
+                }
                 continue;
             }
-            let redactor = &self.redactor;
-            let (r, _) = self
-                .choices
-                .entry(index)
-                .or_insert_with(|| (StreamRedactor::new(redactor.clone()), field));
-            let mut text = piece.as_deref().map(|p| r.push(p)).unwrap_or_default();
-            if finished {
-                if let Some((mut r, _)) = self.choices.remove(&index) {
-                    text.push_str(&r.finish());
-                    add(&mut self.counts, r.counts());
+            for (position, choice) in v.as_array_mut().into_iter().flatten().enumerate() {
+                let Some(c) = choice.as_object_mut() else {
+                    self.pass.generic(choice);
+                    continue;
+                };
+                let index = c
+                    .get("index")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(position as u64);
+                let mut state = self.choices.remove(&index).unwrap_or_default();
+                let redactor = self.pass.redactor.clone();
+                for (k, v) in c.iter_mut() {
+                    match (k.as_str(), v) {
+                        ("delta", Value::Object(d)) => self.delta(&mut state, d),
+                        ("text", Value::String(s)) if self.completions => {
+                            push_text(&mut state, &redactor, "text", s)
+                        }
+                        ("logprobs", lp) => self.logprobs(&mut state, lp),
+                        ("index" | "finish_reason", _) => {}
+                        (_, other) => self.pass.generic(other),
+                    }
+                }
+                if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                    self.release(state, c);
+                } else {
+                    self.choices.insert(index, state);
                 }
             }
-            if piece.is_some() || !text.is_empty() {
-                match field {
-                    "text" => choice["text"] = Value::String(text),
-                    _ => choice["delta"]["content"] = Value::String(text),
-                }
-                changed = true;
-            }
         }
-        if changed {
-            event.data = Some(v.to_string());
-        }
+        event.data = Some(v.to_string());
         out.push(event);
         Ok(())
     }
@@ -206,10 +723,12 @@ impl StreamStage for RedactStream {
     }
 
     fn report(&self) -> Vec<Annotation> {
-        let mut counts = self.counts.clone();
-        for (r, _) in self.choices.values() {
-            add(&mut counts, r.counts());
+        let mut counts = self.pass.counts.clone();
+        for state in self.choices.values() {
+            for r in state.texts.values() {
+                add(&mut counts, r.counts());
+            }
         }
-        report(&counts)
+        report(&counts, self.audio_withheld)
     }
 }

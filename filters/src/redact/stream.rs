@@ -40,7 +40,19 @@ pub struct StreamRedactor {
     buf: String,
     /// `buf[..from]` was released already (context only).
     from: usize,
+    /// Bytes of the text dropped from the front of `buf`.
+    drained: usize,
     counts: BTreeMap<String, usize>,
+    /// Released findings in whole-text byte offsets, kept when tracking.
+    track: Option<Vec<Released>>,
+}
+
+/// A finding that was released, in byte offsets of the whole text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    pub start: usize,
+    pub end: usize,
+    pub replacement: String,
 }
 
 impl StreamRedactor {
@@ -49,8 +61,29 @@ impl StreamRedactor {
             redactor,
             buf: String::new(),
             from: 0,
+            drained: 0,
             counts: BTreeMap::new(),
+            track: None,
         }
+    }
+
+    /// A redactor that also remembers where its findings were (see
+    /// [`StreamRedactor::take_released`]).
+    pub fn tracking(redactor: Arc<Redactor>) -> Self {
+        Self {
+            track: Some(Vec::new()),
+            ..Self::new(redactor)
+        }
+    }
+
+    /// Bytes of the whole text released so far.
+    pub fn released_to(&self) -> usize {
+        self.drained + self.from
+    }
+
+    /// Findings released since the last call (tracking redactors only).
+    pub fn take_released(&mut self) -> Vec<Released> {
+        self.track.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Add a piece; returns the redacted text that can be released now.
@@ -116,7 +149,15 @@ impl StreamRedactor {
         let mut at = self.from;
         for f in scan.findings.iter().filter(|f| f.end <= cut) {
             out.push_str(&self.buf[at..f.start]);
-            out.push_str(&self.redactor.render(&f.rule, &self.buf[f.start..f.end]));
+            let replacement = self.redactor.render(&f.rule, &self.buf[f.start..f.end]);
+            out.push_str(&replacement);
+            if let Some(track) = self.track.as_mut() {
+                track.push(Released {
+                    start: self.drained + f.start,
+                    end: self.drained + f.end,
+                    replacement,
+                });
+            }
             *self.counts.entry(f.rule.clone()).or_insert(0) += 1;
             at = f.end;
         }
@@ -127,6 +168,7 @@ impl StreamRedactor {
             keep -= 1;
         }
         self.buf.drain(..keep);
+        self.drained += keep;
         self.from = cut - keep;
         out
     }

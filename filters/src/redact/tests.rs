@@ -542,3 +542,308 @@ mod streaming {
         assert!(!out.contains("MIIEvQ"));
     }
 }
+
+/// The response stage over every field of the chat and completions reply
+/// schemas that can carry generated text, JSON and streamed.
+mod stage {
+    use super::*;
+    use crate::chain::Decision;
+    use crate::redact::stage::RedactStage;
+    use crate::request::Route;
+    use crate::response::{ResponseContext, ResponseStage};
+    use crate::shared::Shared;
+    use crate::sse::SseEvent;
+    use serde_json::{json, Value};
+
+    const SECRET: &str = "ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i";
+
+    fn stage() -> RedactStage {
+        RedactStage::new(Shared::new(compile()))
+    }
+
+    fn ctx(route: Route) -> ResponseContext<'static> {
+        ResponseContext {
+            request_id: "t",
+            route,
+            model: None,
+            principal: None,
+        }
+    }
+
+    fn pieces(text: &str, n: usize) -> Vec<String> {
+        let chars: Vec<char> = text.chars().collect();
+        chars.chunks(n).map(|c| c.iter().collect()).collect()
+    }
+
+    fn logprob(token: &str) -> Value {
+        json!({"token": token, "logprob": -0.5, "bytes": token.as_bytes(),
+            "top_logprobs": [{"token": token, "logprob": -0.5, "bytes": token.as_bytes()}]})
+    }
+
+    /// Every token string of a JSON value, joined.
+    fn tokens_of(v: &Value) -> String {
+        let mut out = String::new();
+        if let Some(list) = v.pointer("/logprobs/content").and_then(Value::as_array) {
+            for e in list {
+                out.push_str(e["token"].as_str().unwrap_or(""));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn json_every_text_field_is_redacted() {
+        let half = SECRET.len() / 2;
+        let toks: Vec<Value> = pieces(&format!("key {SECRET} ok"), 3)
+            .iter()
+            .map(|t| logprob(t))
+            .collect();
+        let mut body = json!({"choices": [
+            {"index": 0, "finish_reason": "stop", "logprobs": {"content": toks, "refusal": null},
+             "message": {
+                "role": "assistant",
+                "content": [{"type": "text", "text": format!("part one {}", &SECRET[..half])},
+                            {"type": "text", "text": format!("{} part two", &SECRET[half..])}],
+                "refusal": format!("no: {SECRET}"),
+                "reasoning_content": format!("thinking {SECRET}"),
+                "reasoning": format!("also {SECRET}"),
+                "function_call": {"name": "f", "arguments": json!({"k": SECRET}).to_string()},
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "g", "arguments": json!({"a": [SECRET]}).to_string()}},
+                    {"id": "c2", "type": "custom", "custom": {"name": "h", "input": format!("raw {SECRET}")}}],
+                "audio": {"id": "a1", "data": "UklGRg==", "transcript": format!("say {SECRET}"), "expires_at": 1},
+                "annotations": [{"type": "url_citation", "url_citation": {"url": format!("https://x/{SECRET}"), "title": "t"}}],
+                "vendor_extra": {"note": SECRET}
+             }},
+            {"index": 1, "finish_reason": "stop", "message": {"role": "assistant", "content": SECRET}},
+            "not an object", 5
+        ]});
+        let outcome = stage()
+            .on_json(&ctx(Route::ChatCompletions), &mut body)
+            .unwrap();
+        let text = body.to_string();
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(
+            !text.contains(&SECRET[..half]),
+            "split across parts: {text}"
+        );
+        assert!(!tokens_of(&body["choices"][0]).contains(SECRET));
+        assert!(tokens_of(&body["choices"][0]).contains("[REDACTED:github-token]"));
+        let args: Value = serde_json::from_str(
+            body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap(),
+        )
+        .expect("arguments stay JSON");
+        assert_eq!(args["a"][0], "[REDACTED:github-token]");
+        assert_eq!(body["choices"][0]["message"]["audio"]["data"], "");
+        assert_eq!(
+            body["choices"][0]["message"]["tool_calls"][1]["custom"]["name"],
+            "h"
+        );
+        let Decision::Annotate(a) = outcome else {
+            panic!("expected annotations")
+        };
+        assert_eq!(a[0].value["github-token"], 11, "{:?}", a);
+        assert_eq!(a[1].key, "audio_withheld");
+    }
+
+    #[test]
+    fn json_completions_text_and_legacy_logprobs() {
+        let toks = pieces(&format!("a {SECRET} b"), 2);
+        let mut body = json!({"choices": [{"index": 0, "text": format!("a {SECRET} b"),
+            "logprobs": {"tokens": toks, "token_logprobs": vec![-1.0; toks.len()],
+                "top_logprobs": toks.iter().map(|t| json!({t.as_str(): -1.0})).collect::<Vec<_>>(),
+                "text_offset": (0..toks.len()).collect::<Vec<_>>()}}]});
+        stage()
+            .on_json(&ctx(Route::Completions), &mut body)
+            .unwrap();
+        assert!(!body.to_string().contains("Zq8X"), "{body}");
+        let joined: String = body["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(joined, "a [REDACTED:github-token] b");
+    }
+
+    fn event(choices: Value) -> SseEvent {
+        SseEvent::data(
+            json!({"id": "c", "object": "chat.completion.chunk", "choices": choices}).to_string(),
+        )
+    }
+
+    /// Run events through a stream stage; return every output event's JSON.
+    fn run(route: Route, events: Vec<SseEvent>) -> Vec<Value> {
+        let mut s = stage().stream(&ctx(route));
+        let mut out = Vec::new();
+        for e in events {
+            s.on_event(e, &mut out).unwrap();
+        }
+        s.on_event(SseEvent::data("[DONE]"), &mut out).unwrap();
+        s.finish(&mut out).unwrap();
+        out.iter().filter_map(SseEvent::json).collect()
+    }
+
+    /// A field of every choice `index` across events, joined.
+    fn joined(events: &[Value], index: u64, pointer: &str) -> String {
+        let mut out = String::new();
+        for e in events {
+            for c in e["choices"].as_array().into_iter().flatten() {
+                if c["index"].as_u64() == Some(index) {
+                    if let Some(s) = c.pointer(pointer).and_then(Value::as_str) {
+                        out.push_str(s);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn stream_several_choices_per_event_and_every_field() {
+        let text = format!("the key {SECRET} is here");
+        let args = json!({"city": SECRET}).to_string();
+        let p = pieces(&text, 3);
+        let a = pieces(&args, 3);
+        let mut events = vec![event(json!([
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null},
+            {"index": 1, "delta": {"role": "assistant", "content": null, "tool_calls": [
+                {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+             "finish_reason": null},
+            {"index": 2, "delta": {"role": "assistant"}, "finish_reason": null}
+        ]))];
+        for i in 0..p.len().max(a.len()) {
+            let mut choices = Vec::new();
+            if let Some(piece) = p.get(i) {
+                choices.push(json!({"index": 0, "delta": {"content": piece}, "logprobs": {"content": [logprob(piece)]}, "finish_reason": null}));
+                choices.push(
+                    json!({"index": 2, "delta": {"reasoning_content": piece, "refusal": piece,
+                    "audio": {"transcript": piece}}, "finish_reason": null}),
+                );
+            }
+            if let Some(piece) = a.get(i) {
+                choices.push(json!({"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, "finish_reason": null}));
+            }
+            events.push(event(Value::Array(choices)));
+        }
+        events.push(event(json!([
+            {"index": 0, "delta": {}, "finish_reason": "stop"},
+            {"index": 1, "delta": {}, "finish_reason": "tool_calls"}
+        ])));
+        // Choice 2 never finishes: released before [DONE].
+        let out = run(Route::ChatCompletions, events);
+        let all = serde_json::to_string(&out).unwrap();
+        assert!(!all.contains(SECRET), "{all}");
+        let redacted = "the key [REDACTED:github-token] is here";
+        assert_eq!(joined(&out, 0, "/delta/content"), redacted);
+        assert_eq!(joined(&out, 2, "/delta/reasoning_content"), redacted);
+        assert_eq!(joined(&out, 2, "/delta/refusal"), redacted);
+        assert_eq!(joined(&out, 2, "/delta/audio/transcript"), redacted);
+        let mut toks = String::new();
+        for e in &out {
+            for c in e["choices"].as_array().into_iter().flatten() {
+                if c["index"] == 0 {
+                    toks.push_str(&tokens_of(c));
+                }
+            }
+        }
+        assert_eq!(toks, redacted);
+        let mut args_out = String::new();
+        for e in &out {
+            for c in e["choices"].as_array().into_iter().flatten() {
+                for t in c
+                    .pointer("/delta/tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    args_out.push_str(
+                        t.pointer("/function/arguments")
+                            .and_then(Value::as_str)
+                            .unwrap_or(""),
+                    );
+                }
+            }
+        }
+        let parsed: Value = serde_json::from_str(&args_out).expect("streamed arguments are JSON");
+        assert_eq!(parsed["city"], "[REDACTED:github-token]");
+    }
+
+    #[test]
+    fn stream_content_parts_and_legacy_function_call() {
+        let p = pieces(SECRET, 5);
+        let mut events: Vec<SseEvent> = p
+            .iter()
+            .map(|piece| {
+                event(
+                    json!([{"index": 0, "delta": {"content": [{"type": "text", "text": piece}],
+                "function_call": {"arguments": piece}}, "finish_reason": null}]),
+                )
+            })
+            .collect();
+        events.push(event(
+            json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        ));
+        let out = run(Route::ChatCompletions, events);
+        let all = serde_json::to_string(&out).unwrap();
+        assert!(!all.contains("Zq8XvT2"), "{all}");
+        assert!(all.contains("[REDACTED:github-token]"));
+    }
+
+    #[test]
+    fn stream_completions_text() {
+        let events: Vec<SseEvent> = pieces(&format!("x {SECRET} y"), 2)
+            .iter()
+            .map(|piece| {
+                SseEvent::data(
+                    json!({"choices": [{"index": 0, "text": piece, "finish_reason": null}]})
+                        .to_string(),
+                )
+            })
+            .collect();
+        let out = run(Route::Completions, events);
+        assert_eq!(joined(&out, 0, "/text"), "x [REDACTED:github-token] y");
+    }
+
+    #[test]
+    fn stream_audio_is_withheld_when_its_transcript_had_a_secret() {
+        let clip = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"pcm bytes");
+        let run_with = |transcript: &str| {
+            let events = vec![
+                event(
+                    json!([{"index": 0, "delta": {"audio": {"id": "a", "data": clip, "transcript": transcript}}, "finish_reason": null}]),
+                ),
+                event(json!([{"index": 0, "delta": {}, "finish_reason": "stop"}])),
+            ];
+            run(Route::ChatCompletions, events)
+        };
+        let clean = run_with("hello there");
+        assert_eq!(joined(&clean, 0, "/delta/audio/data"), clip);
+        let leaky = run_with(&format!("the key is {SECRET}"));
+        assert_eq!(joined(&leaky, 0, "/delta/audio/data"), "");
+    }
+
+    #[test]
+    fn odd_shapes_never_panic() {
+        for data in [
+            json!(5),
+            json!({"choices": 5}),
+            json!({"choices": [5, "x", null, {"delta": 5}, {"delta": {"content": 5}}]}),
+            json!({"choices": [{"delta": {"tool_calls": "x", "function_call": 1, "audio": [1]}}]}),
+            json!({"choices": [{"logprobs": {"content": "x", "tokens": 5}}]}),
+            json!({"choices": [{"index": "x", "finish_reason": "stop", "delta": {"content": SECRET}}]}),
+        ] {
+            let out = run(
+                Route::ChatCompletions,
+                vec![SseEvent::data(data.to_string())],
+            );
+            assert!(!serde_json::to_string(&out).unwrap().contains(SECRET));
+            let mut body = data.clone();
+            stage()
+                .on_json(&ctx(Route::ChatCompletions), &mut body)
+                .unwrap();
+        }
+    }
+}
