@@ -276,7 +276,7 @@ impl Gateway {
                 );
             }
             if !strip.is_empty() {
-                strip_tools(&mut json, &strip);
+                filters::tool_authz::strip(&mut json, &strip);
             }
             Bytes::from(json.to_string())
         };
@@ -759,24 +759,6 @@ fn passes_through(status: u16) -> bool {
 
 fn model_object(id: &str, provider: &str) -> Value {
     json!({"id": id, "object": "model", "created": 0, "owned_by": provider})
-}
-
-/// Remove the named tools from a request's `tools`; without any left, the
-/// `tools` and `tool_choice` fields go too.
-fn strip_tools(body: &mut Value, names: &[String]) {
-    if let Some(tools) = body["tools"].as_array_mut() {
-        tools.retain(|t| {
-            !t["function"]["name"]
-                .as_str()
-                .is_some_and(|n| names.iter().any(|x| x == n))
-        });
-        if tools.is_empty() {
-            if let Some(o) = body.as_object_mut() {
-                o.remove("tools");
-                o.remove("tool_choice");
-            }
-        }
-    }
 }
 
 /// Tokens to settle a budget with: the provider's `usage.total_tokens`; 0

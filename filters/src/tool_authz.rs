@@ -232,43 +232,164 @@ impl ToolAuthz {
     }
 }
 
-/// The tool names a request declares.
-pub fn declared(body: &Value) -> Vec<String> {
-    body["tools"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["function"]["name"].as_str().map(str::to_string))
-        .collect()
+/// The name a declared tool is judged by: `function.name` (`type:
+/// function`, and legacy `functions` entries), `custom.name` (`type:
+/// custom`), and for a built-in tool (`web_search`, `file_search`, ...)
+/// its type. `None` when a declaration names nothing usable.
+fn declared_name(tool: &Value) -> Option<String> {
+    let kind = tool
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("function");
+    let name = match kind {
+        "function" => tool.pointer("/function/name").or_else(|| tool.get("name")),
+        "custom" => tool.pointer("/custom/name").or_else(|| tool.get("name")),
+        other => return Some(other.to_string()),
+    };
+    name.and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
 }
 
-/// Names of the tools whose results `role: tool` messages carry, found
-/// through the assistant messages' tool calls.
+/// The tool names a request declares, through `tools` and the legacy
+/// `functions`. A declaration without a usable name is an error.
+pub fn declared(body: &Value) -> Result<Vec<String>, Rejection> {
+    let tools = body.get("tools").and_then(Value::as_array);
+    // A legacy `functions` entry is `{name, parameters}`.
+    let functions = body.get("functions").and_then(Value::as_array);
+    let mut names = Vec::new();
+    for t in tools.into_iter().flatten() {
+        names.push(declared_name(t).ok_or_else(unnamed)?);
+    }
+    for f in functions.into_iter().flatten() {
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty());
+        names.push(name.ok_or_else(unnamed)?.to_string());
+    }
+    Ok(names)
+}
+
+fn unnamed() -> Rejection {
+    Rejection::about_input(
+        ErrorCode::InvalidRequest,
+        "Every entry of `tools` and `functions` must name its tool.",
+    )
+}
+
+/// The tool a request forces the model to call (`tool_choice` naming a
+/// function or custom tool, legacy `function_call: {"name": ...}`).
+fn forced(body: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(choice) = body.get("tool_choice").filter(|c| c.is_object()) {
+        if let Some(name) = declared_name(choice) {
+            names.push(name);
+        }
+    }
+    if let Some(name) = body.pointer("/function_call/name").and_then(Value::as_str) {
+        names.push(name.to_string());
+    }
+    names
+}
+
+/// The name and arguments of one call: a `tool_calls` entry (`function`
+/// or `custom`) or a legacy `function_call` object.
+pub fn call_parts(call: &Value) -> (String, String) {
+    let inner = call
+        .get("function")
+        .or_else(|| call.get("custom"))
+        .unwrap_or(call);
+    let name = inner.get("name").and_then(Value::as_str).unwrap_or("");
+    let args = inner
+        .get("arguments")
+        .or_else(|| inner.get("input"))
+        .and_then(Value::as_str)
+        .unwrap_or("{}");
+    (name.to_string(), args.to_string())
+}
+
+/// Names of the tools whose results `role: tool` (and legacy `role:
+/// function`) messages carry, found through the assistant messages' tool
+/// calls, and the calls those assistant messages replay.
 fn tool_results(body: &Value) -> Vec<String> {
-    let messages = body["messages"]
-        .as_array()
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or(&[]);
     let mut names = BTreeMap::new();
+    let mut used = Vec::new();
     for m in messages {
-        for call in m["tool_calls"].as_array().into_iter().flatten() {
-            if let (Some(id), Some(name)) = (call["id"].as_str(), call["function"]["name"].as_str())
-            {
-                names.insert(id.to_string(), name.to_string());
+        for call in m
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (name, _) = call_parts(call);
+            if let Some(id) = call.get("id").and_then(Value::as_str) {
+                names.insert(id.to_string(), name.clone());
             }
+            used.push(name);
+        }
+        if let Some(call) = m.get("function_call").filter(|c| c.is_object()) {
+            used.push(call_parts(call).0);
         }
     }
-    messages
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| {
-            m["tool_call_id"]
-                .as_str()
+    for m in messages {
+        let role = m.get("role").and_then(Value::as_str);
+        if !matches!(role, Some("tool" | "function")) {
+            continue;
+        }
+        used.push(
+            m.get("tool_call_id")
+                .and_then(Value::as_str)
                 .and_then(|id| names.get(id).cloned())
-                .or_else(|| m["name"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "<unknown tool>".into())
-        })
-        .collect()
+                .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| "<unknown tool>".into()),
+        );
+    }
+    used
+}
+
+/// Remove the named tools from a request's `tools` and `functions`; a list
+/// left empty goes, and so does a `tool_choice` / `function_call` that
+/// names a removed tool or has nothing left to choose from.
+pub fn strip(body: &mut Value, names: &[String]) {
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    let gone = |n: Option<String>| n.is_some_and(|n| names.contains(&n));
+    if let Some(Value::Array(tools)) = obj.get_mut("tools") {
+        tools.retain(|t| !gone(declared_name(t)));
+        if tools.is_empty() {
+            obj.remove("tools");
+            obj.remove("tool_choice");
+        }
+    }
+    if let Some(Value::Array(functions)) = obj.get_mut("functions") {
+        functions.retain(|f| !gone(f.get("name").and_then(Value::as_str).map(str::to_string)));
+        if functions.is_empty() {
+            obj.remove("functions");
+            obj.remove("function_call");
+        }
+    }
+    if obj
+        .get("tool_choice")
+        .filter(|c| c.is_object())
+        .is_some_and(|c| gone(declared_name(c)))
+    {
+        obj.remove("tool_choice");
+    }
+    if gone(
+        obj.get("function_call")
+            .and_then(|c| c.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    ) {
+        obj.remove("function_call");
+    }
 }
 
 fn refusal(verdict: &ToolVerdict, tool: &str) -> Rejection {
@@ -300,8 +421,18 @@ impl RequestFilter for ToolAuthz {
                 return Ok(Decision::Deny(r).into());
             }
         }
+        let declared = match declared(request.body) {
+            Ok(d) => d,
+            Err(r) => return Ok(Decision::Deny(r).into()),
+        };
+        // A forced tool must be declared: a name forced but not declared
+        // is judged too.
         let mut stripped = Vec::new();
-        for tool in declared(request.body) {
+        let forced = forced(request.body)
+            .into_iter()
+            .filter(|f| !declared.contains(f))
+            .collect::<Vec<_>>();
+        for tool in declared.into_iter().chain(forced) {
             let v = policy.judge(&tool, p, None);
             if v == ToolVerdict::Allowed {
                 continue;

@@ -1,9 +1,12 @@
 //! Tool calls in responses: removed (or refused) when the caller may not
-//! use the tool or the arguments break its constraints. In a stream, a
-//! call's events are held until the choice finishes, so no byte of a
-//! refused call's name or arguments reaches the client.
+//! use the tool or the arguments break its constraints. Calls are
+//! `tool_calls` entries (`function` and `custom`) and the legacy
+//! `function_call`, in every choice. In a stream, the events that carry a
+//! choice's calls are held until the choice finishes, so no byte of a
+//! refused call's name or arguments reaches the client; an event that
+//! carries several choices is split, one event per held choice.
 
-use super::{OnCalled, ToolPolicy, ToolVerdict};
+use super::{call_parts, OnCalled, ToolPolicy, ToolVerdict};
 use crate::chain::{Annotation, Decision, FilterError, FilterKind};
 use crate::error::{ErrorCode, Rejection};
 use crate::request::Principal;
@@ -89,6 +92,9 @@ fn rejection(name: &str, v: &ToolVerdict) -> Rejection {
     }
 }
 
+/// The key of the legacy `function_call` among a choice's calls.
+const FUNCTION_CALL: u64 = u64::MAX;
+
 impl ResponseStage for ResponseToolAuthz {
     fn kind(&self) -> FilterKind {
         FilterKind::ResponseToolAuthz
@@ -102,19 +108,18 @@ impl ResponseStage for ResponseToolAuthz {
         let policy = self.policy.get();
         let mut called = Vec::new();
         let mut refused: Vec<(String, ToolVerdict)> = Vec::new();
-        for choice in body["choices"].as_array_mut().into_iter().flatten() {
-            let Some(calls) = choice
-                .pointer_mut("/message/tool_calls")
-                .and_then(Value::as_array_mut)
-            else {
+        for choice in crate::json::array_mut(body, "choices")
+            .into_iter()
+            .flatten()
+        {
+            let Some(message) = choice.get_mut("message").and_then(Value::as_object_mut) else {
                 continue;
             };
             let mut removed = Vec::new();
-            calls.retain(|c| {
-                let name = c["function"]["name"].as_str().unwrap_or("").to_string();
-                let args = c["function"]["arguments"].as_str().unwrap_or("{}");
+            let mut judge_call = |call: &Value| {
+                let (name, args) = call_parts(call);
                 called.push(name.clone());
-                match judge(&policy, ctx.principal, &name, args) {
+                match judge(&policy, ctx.principal, &name, &args) {
                     ToolVerdict::Allowed => true,
                     v => {
                         removed.push(name.clone());
@@ -122,18 +127,31 @@ impl ResponseStage for ResponseToolAuthz {
                         false
                     }
                 }
-            });
+            };
+            let mut calls_left = 0;
+            if let Some(Value::Array(calls)) = message.get_mut("tool_calls") {
+                calls.retain(&mut judge_call);
+                calls_left = calls.len();
+                if calls.is_empty() {
+                    message.remove("tool_calls");
+                }
+            }
+            if let Some(call) = message.get("function_call").filter(|c| c.is_object()) {
+                if judge_call(call) {
+                    calls_left += 1;
+                } else {
+                    message.remove("function_call");
+                }
+            }
             if !removed.is_empty() && policy.on_called == OnCalled::Deny {
                 let (name, v) = &refused[0];
                 return Ok(Decision::Deny(rejection(name, v)));
             }
-            if !removed.is_empty() && calls.is_empty() {
-                let message = &mut choice["message"];
-                if let Some(m) = message.as_object_mut() {
-                    m.remove("tool_calls");
+            if !removed.is_empty() && calls_left == 0 {
+                message.insert("content".into(), Value::String(notice(&removed)));
+                if let Some(c) = choice.as_object_mut() {
+                    c.insert("finish_reason".into(), Value::String("stop".into()));
                 }
-                message["content"] = Value::String(notice(&removed));
-                choice["finish_reason"] = Value::String("stop".into());
             }
         }
         Ok(match annotations(&called, &refused) {
@@ -157,15 +175,81 @@ impl ResponseStage for ResponseToolAuthz {
 struct ToolStream {
     policy: Arc<ToolPolicy>,
     principal: Option<Principal>,
-    /// Choice index → its held events (each carrying tool-call deltas).
+    /// Choice index → its held events, each carrying that choice only.
     held: BTreeMap<u64, Vec<Value>>,
-    /// (choice, tool index) → (name, arguments so far).
+    /// (choice, tool index or [`FUNCTION_CALL`]) → (name, arguments so far).
     calls: BTreeMap<(u64, u64), (String, String)>,
     called: Vec<String>,
     refused: Vec<(String, ToolVerdict)>,
 }
 
+/// The index of a choice object (its position when it has none).
+fn choice_index(choice: &Value, position: usize) -> u64 {
+    choice
+        .get("index")
+        .and_then(Value::as_u64)
+        .unwrap_or(position as u64)
+}
+
+fn is_finished(choice: &Value) -> bool {
+    choice.get("finish_reason").is_some_and(|f| !f.is_null())
+}
+
+/// Whether a choice's delta carries tool calls (new or legacy).
+fn carries_calls(choice: &Value) -> bool {
+    let Some(delta) = choice.get("delta") else {
+        return false;
+    };
+    delta
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty())
+        || delta.get("function_call").is_some_and(Value::is_object)
+}
+
 impl ToolStream {
+    /// Add a choice's call fragments to the calls being assembled.
+    fn collect(&mut self, index: u64, choice: &Value) {
+        let Some(delta) = choice.get("delta") else {
+            return;
+        };
+        let fragments = delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, t)| {
+                (
+                    t.get("index").and_then(Value::as_u64).unwrap_or(i as u64),
+                    t,
+                )
+            })
+            .chain(
+                delta
+                    .get("function_call")
+                    .filter(|f| f.is_object())
+                    .map(|f| (FUNCTION_CALL, f)),
+            );
+        for (key, fragment) in fragments {
+            let inner = fragment
+                .get("function")
+                .or_else(|| fragment.get("custom"))
+                .unwrap_or(fragment);
+            let entry = self.calls.entry((index, key)).or_default();
+            if let Some(name) = inner.get("name").and_then(Value::as_str) {
+                entry.0.push_str(name);
+            }
+            if let Some(args) = inner
+                .get("arguments")
+                .or_else(|| inner.get("input"))
+                .and_then(Value::as_str)
+            {
+                entry.1.push_str(args);
+            }
+        }
+    }
+
     /// Judge every call of a finished choice; release what may pass.
     fn settle(
         &mut self,
@@ -177,9 +261,8 @@ impl ToolStream {
         let mut refused_here = Vec::new();
         let keys: Vec<(u64, u64)> = self
             .calls
-            .keys()
-            .filter(|(c, _)| *c == choice)
-            .copied()
+            .range((choice, 0)..=(choice, u64::MAX))
+            .map(|(k, _)| *k)
             .collect();
         for key in &keys {
             if let Some((name, args)) = self.calls.remove(key) {
@@ -195,36 +278,54 @@ impl ToolStream {
                 }
             }
         }
-        let refused_indexes: Vec<u64> = refused_here.iter().map(|(i, _)| *i).collect();
+        let refused_keys: Vec<u64> = refused_here.iter().map(|(i, _)| *i).collect();
         let mut kept_any = false;
         for mut ev in events {
             let mut empty = false;
-            if let Some(c) = ev["choices"].as_array_mut().and_then(|cs| {
-                cs.iter_mut()
-                    .find(|c| c["index"].as_u64().unwrap_or(0) == choice)
-            }) {
-                if let Some(tc) = c
-                    .pointer_mut("/delta/tool_calls")
-                    .and_then(Value::as_array_mut)
-                {
-                    tc.retain(|t| !refused_indexes.contains(&t["index"].as_u64().unwrap_or(0)));
-                    empty = tc.is_empty();
-                    kept_any |= !empty;
+            let delta = ev
+                .pointer_mut("/choices/0/delta")
+                .and_then(Value::as_object_mut);
+            if let Some(delta) = delta {
+                if let Some(Value::Array(tc)) = delta.get_mut("tool_calls") {
+                    let mut position = 0u64;
+                    tc.retain(|t| {
+                        let key = t.get("index").and_then(Value::as_u64).unwrap_or(position);
+                        position += 1;
+                        !refused_keys.contains(&key)
+                    });
+                    if tc.is_empty() {
+                        delta.remove("tool_calls");
+                    }
                 }
+                if refused_keys.contains(&FUNCTION_CALL) {
+                    delta.remove("function_call");
+                }
+                let calls = delta.contains_key("tool_calls") || delta.contains_key("function_call");
+                kept_any |= calls;
+                // An event left with no call and nothing else to say goes.
+                empty = !calls
+                    && !delta
+                        .iter()
+                        .any(|(k, v)| k != "role" && !v.is_null() && v != "");
             }
-            if !empty {
+            let finished = ev.pointer("/choices/0").is_some_and(is_finished);
+            if !empty || finished {
                 out.push(SseEvent::data(ev.to_string()));
             }
         }
         if let Some(mut finish) = finish {
             if !refused_here.is_empty() && !kept_any {
                 let names: Vec<String> = refused_here.into_iter().map(|(_, n)| n).collect();
-                if let Some(c) = finish["choices"].as_array_mut().and_then(|cs| {
-                    cs.iter_mut()
-                        .find(|c| c["index"].as_u64().unwrap_or(0) == choice)
-                }) {
-                    c["delta"]["content"] = Value::String(notice(&names));
-                    c["finish_reason"] = Value::String("stop".into());
+                if let Some(c) = finish
+                    .pointer_mut("/choices/0")
+                    .and_then(Value::as_object_mut)
+                {
+                    if let Some(delta) = c.get_mut("delta").and_then(Value::as_object_mut) {
+                        delta.insert("content".into(), Value::String(notice(&names)));
+                    } else {
+                        c.insert("delta".into(), json!({"content": notice(&names)}));
+                    }
+                    c.insert("finish_reason".into(), Value::String("stop".into()));
                 }
             }
             out.push(SseEvent::data(finish.to_string()));
@@ -242,43 +343,61 @@ impl StreamStage for ToolStream {
             out.push(event);
             return Ok(());
         }
-        let Some(v) = event.json() else {
+        let Some(mut v) = event.json() else {
             out.push(event);
             return Ok(());
         };
-        let Some(choices) = v["choices"].as_array() else {
+        let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) else {
             out.push(event);
             return Ok(());
         };
-        // Events of one choice: tool-call deltas are held; the finish
-        // event settles the choice.
-        let Some(c) = choices.first() else {
-            out.push(event);
-            return Ok(());
-        };
-        let index = c["index"].as_u64().unwrap_or(0);
-        if let Some(tc) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
-            for t in tc {
-                let key = (index, t["index"].as_u64().unwrap_or(0));
-                let entry = self.calls.entry(key).or_default();
-                if let Some(name) = t["function"]["name"].as_str() {
-                    entry.0.push_str(name);
-                }
-                if let Some(args) = t["function"]["arguments"].as_str() {
-                    entry.1.push_str(args);
-                }
+        // Take out every choice that carries calls or finishes a held one;
+        // the rest of the event goes on as it came.
+        let mut taken = Vec::new();
+        let mut position = 0;
+        choices.retain(|c| {
+            let index = choice_index(c, position);
+            position += 1;
+            let take = carries_calls(c) || (is_finished(c) && self.held.contains_key(&index));
+            if take {
+                taken.push((index, c.clone()));
             }
-            let finished = !c["finish_reason"].is_null();
-            self.held.entry(index).or_default().push(v.clone());
-            if finished {
-                self.settle(index, None, out)?;
+            !take
+        });
+        let any_taken = !taken.is_empty();
+        let passthrough =
+            !choices.is_empty() || !any_taken || v.get("usage").is_some_and(|u| !u.is_null());
+        let single = |choice: Value| {
+            let mut one = v.clone();
+            if let Some(o) = one.as_object_mut() {
+                o.insert("choices".into(), Value::Array(vec![choice]));
+                o.remove("usage");
             }
-            return Ok(());
+            one
+        };
+        let mut settled = Vec::new();
+        for (index, choice) in taken {
+            let finished = is_finished(&choice);
+            if carries_calls(&choice) {
+                self.collect(index, &choice);
+                self.held.entry(index).or_default().push(single(choice));
+                if finished {
+                    settled.push((index, None));
+                }
+            } else {
+                settled.push((index, Some(single(choice))));
+            }
         }
-        if !c["finish_reason"].is_null() && self.held.contains_key(&index) {
-            return self.settle(index, Some(v), out);
+        if passthrough {
+            out.push(if any_taken {
+                SseEvent::data(v.to_string())
+            } else {
+                event
+            });
         }
-        out.push(event);
+        for (index, finish) in settled {
+            self.settle(index, finish, out)?;
+        }
         Ok(())
     }
 

@@ -251,3 +251,146 @@ async fn request_declarations_and_tool_results() {
         "delete_records".into()
     ])));
 }
+
+fn denied(v: &Verdict, code: ErrorCode) -> bool {
+    matches!(&v.decision, Decision::Deny(r) if r.code == code)
+}
+
+#[tokio::test]
+async fn legacy_functions_custom_tools_and_forced_choices_are_judged() {
+    let p = policy("remove");
+    let user = who(&["user"]);
+    let f = ToolAuthz::new(p);
+    let check = |body: Value| {
+        let f = &f;
+        let user = &user;
+        async move {
+            let view = RequestView {
+                request_id: "r",
+                authorization: None,
+                principal: Some(user),
+                dry_run: false,
+                route: Route::ChatCompletions,
+                body: &body,
+                model: None,
+                stream: false,
+                client_ip: None,
+            };
+            f.check(&view).await.unwrap()
+        }
+    };
+    let legacy =
+        json!({"messages": [], "functions": [{"name": "delete_records", "parameters": {}}]});
+    assert!(denied(&check(legacy).await, ErrorCode::ToolNotAllowed));
+    let legacy_ok = json!({"messages": [], "functions": [{"name": "get_weather"}], "function_call": {"name": "get_weather"}});
+    assert_eq!(check(legacy_ok).await.decision, Decision::Allow);
+    let forced = json!({"messages": [], "function_call": {"name": "delete_records"}});
+    assert!(denied(&check(forced).await, ErrorCode::ToolNotAllowed));
+    let forced = json!({"messages": [], "tool_choice": {"type": "function", "function": {"name": "delete_records"}}});
+    assert!(denied(&check(forced).await, ErrorCode::ToolNotAllowed));
+    let custom = json!({"messages": [], "tools": [{"type": "custom", "custom": {"name": "delete_records"}}]});
+    assert!(denied(&check(custom).await, ErrorCode::ToolNotAllowed));
+    let builtin = json!({"messages": [], "tools": [{"type": "web_search"}]});
+    assert!(
+        denied(&check(builtin).await, ErrorCode::ToolNotAllowed),
+        "unknown_default: deny"
+    );
+    let unnamed =
+        json!({"messages": [], "tools": [{"type": "function", "function": {"parameters": {}}}]});
+    assert!(denied(&check(unnamed).await, ErrorCode::InvalidRequest));
+    let result = json!({"messages": [
+        {"role": "assistant", "function_call": {"name": "get_weather", "arguments": "{}"}},
+        {"role": "function", "name": "delete_records", "content": "done"}]});
+    assert!(denied(&check(result).await, ErrorCode::ToolNotAllowed));
+    let replayed = json!({"messages": [
+        {"role": "assistant", "function_call": {"name": "delete_records", "arguments": "{}"}}]});
+    assert!(denied(&check(replayed).await, ErrorCode::ToolNotAllowed));
+}
+
+#[test]
+fn strip_covers_functions_and_forced_choices() {
+    let mut body = json!({"tools": [{"type": "function", "function": {"name": "a"}}, {"type": "custom", "custom": {"name": "b"}}],
+        "tool_choice": {"type": "custom", "custom": {"name": "b"}},
+        "functions": [{"name": "b"}], "function_call": {"name": "b"}});
+    strip(&mut body, &["b".to_string()]);
+    assert_eq!(
+        body,
+        json!({"tools": [{"type": "function", "function": {"name": "a"}}]})
+    );
+}
+
+#[test]
+fn json_legacy_function_call_and_custom_calls_are_judged() {
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let mut body = json!({"choices": [
+        {"index": 0, "finish_reason": "function_call", "message": {"role": "assistant", "content": null,
+            "function_call": {"name": "delete_records", "arguments": "{\"all\":true}"}}},
+        {"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "delete_records", "input": "all"}}]}},
+        {"index": 2, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "d", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]}}]});
+    stage.on_json(&ctx(&user), &mut body).unwrap();
+    assert!(!body.to_string().contains("delete_records"), "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["choices"][1]["finish_reason"], "stop");
+    assert_eq!(
+        body["choices"][2]["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+}
+
+#[test]
+fn streamed_calls_in_several_choices_per_event() {
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let ev = |choices: Value| SseEvent::data(json!({"id": "x", "choices": choices}).to_string());
+    let input = vec![
+        ev(json!([
+            {"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": null},
+            {"index": 1, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "b", "type": "function", "function": {"name": "delete_records", "arguments": ""}}]}, "finish_reason": null},
+            {"index": 2, "delta": {"role": "assistant", "function_call": {"name": "delete_records", "arguments": ""}}, "finish_reason": null},
+            {"index": 3, "delta": {"role": "assistant", "content": "plain"}, "finish_reason": null}])),
+        ev(json!([
+            {"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":\"Oslo\"}"}}]}, "finish_reason": null},
+            {"index": 1, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"table\":\"users\"}"}}]}, "finish_reason": null},
+            {"index": 2, "delta": {"function_call": {"arguments": "{\"table\":\"orders\"}"}}, "finish_reason": null}])),
+        ev(json!([
+            {"index": 0, "delta": {}, "finish_reason": "tool_calls"},
+            {"index": 1, "delta": {}, "finish_reason": "tool_calls"},
+            {"index": 2, "delta": {}, "finish_reason": "function_call"},
+            {"index": 3, "delta": {}, "finish_reason": "stop"}])),
+        SseEvent::data("[DONE]"),
+    ];
+    let mut s = stage.stream(&ctx(&user));
+    let mut out = Vec::new();
+    for e in input {
+        s.on_event(e, &mut out).unwrap();
+    }
+    let text: String = out.iter().map(|e| e.to_string()).collect();
+    assert!(
+        !text.contains("delete_records") && !text.contains("users") && !text.contains("orders"),
+        "{text}"
+    );
+    assert!(
+        text.contains("get_weather") && text.contains("Oslo") && text.contains("plain"),
+        "{text}"
+    );
+    let finishes: Vec<(u64, String)> = out
+        .iter()
+        .filter_map(SseEvent::json)
+        .flat_map(|v| v["choices"].as_array().cloned().unwrap_or_default())
+        .filter(|c| !c["finish_reason"].is_null())
+        .map(|c| {
+            (
+                c["index"].as_u64().unwrap(),
+                c["finish_reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        finishes.contains(&(1, "stop".into())) && finishes.contains(&(2, "stop".into())),
+        "{finishes:?}"
+    );
+    assert!(finishes.contains(&(0, "tool_calls".into())) && finishes.contains(&(3, "stop".into())));
+}
