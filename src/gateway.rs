@@ -53,6 +53,8 @@ pub struct Ctx {
     reservations: Vec<Reservation>,
     /// The gateway asked for the stream's usage event; the client did not.
     strip_usage: bool,
+    /// Characters a streamed reply generated, once the stream ended.
+    generated_chars: Option<u64>,
     /// The caller, once the chain identified it.
     principal: Option<filters::Principal>,
     rec: RequestRecord,
@@ -338,6 +340,9 @@ impl Gateway {
 
     async fn relay_json(&self, s: &mut Session, ctx: &mut Ctx, mut ex: Exchange<'_>, route: Route) {
         let status = ex.status();
+        if passes_through(status) {
+            keep_retry_headers(&ex, &mut ctx.headers);
+        }
         let body = ex.body(self.cfg.limits.max_response_bytes).await;
         ex.finish().await;
         let body = match body {
@@ -347,7 +352,8 @@ impl Gateway {
         if !(200..300).contains(&status) {
             if passes_through(status) {
                 // The provider refused the request itself (a bad parameter,
-                // its own rate limit): the client gets the provider's answer.
+                // its own rate limit): the client gets the provider's answer,
+                // with when to retry.
                 return self.reply_json(s, ctx, status, body).await;
             }
             let e = UpstreamError::Failed(format!("provider answered {status}"));
@@ -419,10 +425,10 @@ impl Gateway {
         let mut stages = self.responses.stream(&rctx);
         let mut framer = SseFramer::new();
         let mut wire = Vec::with_capacity(4096);
-        let mut usage = None;
-        let mut done = false;
+        let mut seen = Seen::default();
         let mut failure: Option<Rejection> = None;
-        loop {
+        let broken = |why: String| Rejection::new(ErrorCode::UpstreamError, why);
+        'read: loop {
             let chunk = match ex.chunk().await {
                 Ok(Some(c)) => c,
                 Ok(None) => break,
@@ -434,16 +440,17 @@ impl Gateway {
             let events = match framer.push(&chunk) {
                 Ok(ev) => ev,
                 Err(e) => {
-                    failure = Some(Rejection::new(
-                        ErrorCode::UpstreamError,
-                        format!("broken SSE from provider: {e}"),
-                    ));
+                    failure = Some(broken(format!("broken SSE from provider: {e}")));
                     break;
                 }
             };
             wire.clear();
             for event in events {
-                note_event(&event, &mut usage, &mut done);
+                if let Err(why) = seen.note(&event) {
+                    // Fail closed: nothing unscreened reaches the client.
+                    failure = Some(broken(why));
+                    break 'read;
+                }
                 if ctx.strip_usage && is_usage_only(&event) {
                     continue;
                 }
@@ -469,34 +476,31 @@ impl Gateway {
         wire.clear();
         if !ctx.rec.client_gone && failure.is_none() {
             match framer.finish() {
-                Ok(Some(event)) => {
-                    note_event(&event, &mut usage, &mut done);
-                    for out in stages.push(event) {
-                        out.write_to(&mut wire);
+                Ok(Some(event)) => match seen.note(&event) {
+                    Ok(()) => {
+                        for out in stages.push(event) {
+                            out.write_to(&mut wire);
+                        }
                     }
-                }
+                    Err(why) => failure = Some(broken(why)),
+                },
                 Ok(None) => {}
-                Err(e) => {
-                    failure = Some(Rejection::new(
-                        ErrorCode::UpstreamError,
-                        format!("broken SSE from provider: {e}"),
-                    ))
-                }
+                Err(e) => failure = Some(broken(format!("broken SSE from provider: {e}"))),
             }
-            for out in stages.finish() {
-                out.write_to(&mut wire);
+            if failure.is_none() {
+                for out in stages.finish() {
+                    out.write_to(&mut wire);
+                }
             }
             if let Some((_, r)) = stages.stopped() {
                 failure = Some(r.clone());
-            } else if failure.is_none() && !done {
-                failure = Some(Rejection::new(
-                    ErrorCode::UpstreamError,
-                    "provider stream ended without [DONE]",
-                ));
+            } else if failure.is_none() && !seen.done {
+                failure = Some(broken("provider stream ended without [DONE]".into()));
             }
         }
         ex.finish().await;
-        ctx.rec.usage = usage;
+        ctx.rec.usage = seen.usage;
+        ctx.generated_chars = Some(seen.generated_chars);
         ctx.rec.filters.extend(stages.outcomes());
         if ctx.rec.client_gone {
             ctx.rec.decision = Verdict::Error;
@@ -587,6 +591,7 @@ impl ProxyHttp for Gateway {
             headers: Vec::new(),
             reservations: Vec::new(),
             strip_usage: false,
+            generated_chars: None,
             principal: None,
             rec: RequestRecord {
                 kind: "request",
@@ -750,6 +755,34 @@ fn upstream_rejection(e: &UpstreamError) -> Rejection {
     }
 }
 
+/// Headers of a provider's refusal that tell the client when to retry.
+const RETRY_HEADERS: [&str; 8] = [
+    "retry-after",
+    "retry-after-ms",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+];
+
+/// Keep the provider's `Retry-After`, and its `x-ratelimit-*` when the
+/// gateway sends none of its own (its own limits are what the caller
+/// hits first).
+fn keep_retry_headers(ex: &Exchange<'_>, headers: &mut Vec<(&'static str, String)>) {
+    let own_limits = headers.iter().any(|(n, _)| n.starts_with("x-ratelimit-"));
+    for name in RETRY_HEADERS {
+        if name.starts_with("x-ratelimit-") && own_limits {
+            continue;
+        }
+        if let Some(v) = ex.header_str(name) {
+            headers.retain(|(n, _)| *n != name);
+            headers.push((name, v.to_string()));
+        }
+    }
+}
+
 /// Provider errors about the request itself are passed to the client as
 /// they are; errors about the gateway's own credentials (401, 403, 407) and
 /// server errors become 502 `upstream_error`.
@@ -762,8 +795,10 @@ fn model_object(id: &str, provider: &str) -> Value {
 }
 
 /// Tokens to settle a budget with: the provider's `usage.total_tokens`; 0
-/// when the provider refused or failed (nothing was generated); unknown
-/// (keep the reservation) when the exchange broke off without usage.
+/// when the provider refused or failed (nothing was generated); for a
+/// stream that ended without usage (the client left, the provider broke
+/// off), the prompt estimate plus what was generated; otherwise unknown
+/// (keep the reservation).
 fn total_tokens(ctx: &Ctx) -> Option<u64> {
     let provider_ok = ctx
         .rec
@@ -771,15 +806,20 @@ fn total_tokens(ctx: &Ctx) -> Option<u64> {
         .as_ref()
         .and_then(|u| u.status)
         .is_some_and(|st| (200..300).contains(&st));
-    match ctx
+    let reported = ctx
         .rec
         .usage
         .as_ref()
-        .and_then(|u| u["total_tokens"].as_u64())
-    {
-        Some(n) => Some(n),
-        None if !provider_ok => Some(0),
-        None => None,
+        .and_then(|u| u.get("total_tokens"))
+        .and_then(Value::as_u64);
+    match (reported, ctx.generated_chars) {
+        (Some(n), _) => Some(n),
+        (None, _) if !provider_ok => Some(0),
+        (None, Some(chars)) => ctx
+            .reservations
+            .first()
+            .map(|r| r.used_without_usage(chars)),
+        (None, None) => None,
     }
 }
 
@@ -794,21 +834,62 @@ fn is_usage_only(event: &SseEvent) -> bool {
         })
 }
 
-/// Track what the gateway itself needs from a stream: `usage` and `[DONE]`.
-fn note_event(event: &SseEvent, usage: &mut Option<Value>, done: &mut bool) {
-    if event.is_done() {
-        *done = true;
-    } else if event
-        .data
-        .as_deref()
-        .is_some_and(|d| d.contains("\"usage\""))
-    {
-        if let Some(u) = event
-            .json()
-            .and_then(|v| v.get("usage").filter(|u| !u.is_null()).cloned())
-        {
-            *usage = Some(u);
+/// What the gateway itself needs from a stream: `usage`, `[DONE]`, and
+/// how much text was generated (to settle a budget when no usage comes).
+#[derive(Default)]
+struct Seen {
+    usage: Option<Value>,
+    done: bool,
+    generated_chars: u64,
+}
+
+impl Seen {
+    /// Note one upstream event. An event whose data is neither `[DONE]`
+    /// nor a JSON object is an error: the stream is ended, not relayed.
+    fn note(&mut self, event: &SseEvent) -> Result<(), String> {
+        let Some(data) = event.data.as_deref() else {
+            return Ok(());
+        };
+        if event.is_done() {
+            self.done = true;
+            return Ok(());
         }
+        let Some(Value::Object(v)) = event.json() else {
+            return Err("provider sent an SSE event whose data is not a JSON object".into());
+        };
+        if data.contains("\"usage\"") {
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                self.usage = Some(u.clone());
+            }
+        }
+        for choice in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(t) = choice.get("text") {
+                self.generated_chars += text_chars(t);
+            }
+            if let Some(d) = choice.get("delta") {
+                self.generated_chars += text_chars(d);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Characters of every string in a value (a delta's text, arguments).
+fn text_chars(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.chars().count() as u64,
+        Value::Array(items) => items.iter().map(text_chars).sum(),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "role" | "type" | "id" | "index"))
+            .map(|(_, v)| text_chars(v))
+            .sum(),
+        _ => 0,
     }
 }
 

@@ -11,10 +11,25 @@
 //! behaviour instead of the echo:
 //! - `{"mock_tool_call": {"name": N, "arguments": {...}}}`: a tool call
 //!   (streamed as the name, then argument fragments);
-//! - `{"mock_error": STATUS}`: an OpenAI-shaped error with that status;
+//! - `{"mock_message": {...}}`: this assistant message, as it is (JSON) or
+//!   streamed field by field: `content` (a string or text parts),
+//!   `refusal`, `reasoning_content`, `reasoning`, `audio.transcript`,
+//!   `function_call.arguments` and each `tool_calls[].function.arguments`
+//!   (or `custom.input`) in pieces of `chunk_bytes` characters, every other
+//!   field whole;
+//! - `{"mock_raw": VALUE}`: a 200 whose JSON body is VALUE;
+//! - `{"mock_raw_events": [...]}`: an SSE stream of these events (a string
+//!   is sent as the `data:` line as it is, anything else as JSON), then
+//!   `[DONE]`;
+//! - `{"mock_error": STATUS}`: an OpenAI-shaped error with that status (a
+//!   429 carries `Retry-After: 7` and `x-ratelimit-*`);
 //! - `{"mock_broken_stream": true}`: a stream cut off mid-way (connection
 //!   aborted, no `[DONE]`);
 //! - `{"mock_not_json": true}`: a 200 whose body is not JSON.
+//!
+//! `n` asks for that many identical choices (streamed: all of them in each
+//! event); `logprobs: true` adds a token list for `content` and `refusal`,
+//! one token per piece (completions: legacy `logprobs` when it is a number).
 
 use crate::http_server::{self, full, json, ChannelBody, ResponseBody};
 use base64::Engine;
@@ -170,9 +185,11 @@ async fn handle(
     };
     let model = req["model"].as_str().unwrap_or("mock-model").to_string();
     let stream = req["stream"].as_bool().unwrap_or(false);
-    let include_usage = req["stream_options"]["include_usage"]
-        .as_bool()
+    let include_usage = req
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
         .unwrap_or(false);
+    let n = req["n"].as_u64().unwrap_or(1).clamp(1, 16) as usize;
     match path {
         "/v1/chat/completions" => {
             let prompt = chat_prompt(&req);
@@ -183,21 +200,33 @@ async fn handle(
                     let mut r = Response::new(full("this is not json"));
                     r.headers_mut().insert(
                         hyper::header::CONTENT_TYPE,
-                        "application/json"
-                            .parse()
-                            .unwrap_or(hyper::header::HeaderValue::from_static("application/json")),
+                        hyper::header::HeaderValue::from_static("application/json"),
                     );
                     return r;
+                }
+                Trigger::Raw(v) => return json(200, &v),
+                Trigger::RawEvents(events) => {
+                    let frames = events
+                        .iter()
+                        .map(|e| match e {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        })
+                        .collect();
+                    return sse(frames, false, opts, state);
                 }
                 other => other,
             };
             let chat = Chat {
                 model,
                 prompt_tokens,
+                n,
+                logprobs: req["logprobs"].as_bool().unwrap_or(false),
             };
             if stream {
                 let events = chat.stream_events(&reply, opts.chunk_bytes, include_usage);
-                sse(events, matches!(reply, Trigger::Broken(_)), opts, state)
+                let frames = events.iter().map(Value::to_string).collect();
+                sse(frames, matches!(reply, Trigger::Broken(_)), opts, state)
             } else {
                 json(200, &chat.completion(&reply))
             }
@@ -210,6 +239,7 @@ async fn handle(
             };
             let usage = usage(tokens(&prompt), tokens(&prompt));
             let id = "cmpl-mock";
+            let legacy_logprobs = req["logprobs"].as_u64();
             if stream {
                 let mut events: Vec<Value> = pieces(&prompt, opts.chunk_bytes)
                     .into_iter()
@@ -222,12 +252,36 @@ async fn handle(
                     events.push(json!({"id": id, "object": "text_completion", "created": now(), "model": model,
                         "choices": [], "usage": usage}));
                 }
-                sse(events, false, opts, state)
+                if let Some(top) = legacy_logprobs {
+                    for e in events.iter_mut() {
+                        if let Some(c) = e.pointer_mut("/choices/0").and_then(Value::as_object_mut)
+                        {
+                            let piece = c
+                                .get("text")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_string();
+                            if !piece.is_empty() {
+                                c.insert("logprobs".into(), legacy(&[piece], top));
+                            }
+                        }
+                    }
+                }
+                sse(
+                    events.iter().map(Value::to_string).collect(),
+                    false,
+                    opts,
+                    state,
+                )
             } else {
+                let logprobs = match legacy_logprobs {
+                    Some(top) => legacy(&pieces(&prompt, opts.chunk_bytes), top),
+                    None => Value::Null,
+                };
                 json(
                     200,
                     &json!({"id": id, "object": "text_completion", "created": now(), "model": model,
-                    "choices": [{"text": prompt, "index": 0, "finish_reason": "stop", "logprobs": null}],
+                    "choices": [{"text": prompt, "index": 0, "finish_reason": "stop", "logprobs": logprobs}],
                     "usage": usage}),
                 )
             }
@@ -274,27 +328,44 @@ async fn handle(
 
 /// What the last user message asks the mock to do.
 enum Trigger {
-    Echo(String),
-    ToolCall { name: String, arguments: String },
+    /// Answer with this assistant message.
+    Message(Value),
     Error(u16),
     Broken(String),
     NotJson,
+    Raw(Value),
+    RawEvents(Vec<Value>),
 }
 
 impl Trigger {
     fn of(prompt: &str) -> Self {
-        let echo = || Trigger::Echo(prompt.to_string());
-        let Ok(Value::Object(obj)) = serde_json::from_str::<Value>(prompt) else {
+        let echo =
+            || Trigger::Message(json!({"role": "assistant", "content": prompt, "refusal": null}));
+        let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(prompt) else {
             return echo();
         };
         if let Some(call) = obj.get("mock_tool_call") {
-            return Trigger::ToolCall {
-                name: call["name"].as_str().unwrap_or("unnamed").to_string(),
-                arguments: call
-                    .get("arguments")
-                    .map(Value::to_string)
-                    .unwrap_or_else(|| "{}".into()),
-            };
+            let name = call["name"].as_str().unwrap_or("unnamed");
+            let arguments = call
+                .get("arguments")
+                .map(Value::to_string)
+                .unwrap_or_else(|| "{}".into());
+            return Trigger::Message(
+                json!({"role": "assistant", "content": null, "refusal": null,
+                "tool_calls": [{"id": "call_mock_0", "type": "function",
+                    "function": {"name": name, "arguments": arguments}}]}),
+            );
+        }
+        if let Some(Value::Object(m)) = obj.remove("mock_message") {
+            let mut m = m;
+            m.entry("role").or_insert_with(|| json!("assistant"));
+            return Trigger::Message(Value::Object(m));
+        }
+        if let Some(v) = obj.remove("mock_raw") {
+            return Trigger::Raw(v);
+        }
+        if let Some(Value::Array(events)) = obj.remove("mock_raw_events") {
+            return Trigger::RawEvents(events);
         }
         if let Some(status) = obj.get("mock_error").and_then(Value::as_u64) {
             return Trigger::Error(u16::try_from(status).unwrap_or(500));
@@ -307,11 +378,158 @@ impl Trigger {
         }
         echo()
     }
+
+    fn message(&self) -> Value {
+        match self {
+            Trigger::Message(m) => m.clone(),
+            Trigger::Broken(text) => json!({"role": "assistant", "content": text, "refusal": null}),
+            _ => json!({"role": "assistant", "content": ""}),
+        }
+    }
+}
+
+/// Fields whose text streams in pieces.
+const PIECEWISE: [&str; 4] = ["content", "refusal", "reasoning_content", "reasoning"];
+
+/// One token entry of a chat `logprobs` list.
+fn token(piece: &str) -> Value {
+    json!({"token": piece, "logprob": -0.25, "bytes": piece.as_bytes(),
+        "top_logprobs": [{"token": piece, "logprob": -0.25, "bytes": piece.as_bytes()}]})
+}
+
+/// The legacy completions `logprobs` of these tokens.
+fn legacy(pieces: &[String], top: u64) -> Value {
+    let mut offset = 0;
+    let offsets: Vec<usize> = pieces
+        .iter()
+        .map(|p| {
+            let at = offset;
+            offset += p.len();
+            at
+        })
+        .collect();
+    json!({"tokens": pieces, "token_logprobs": vec![-0.25; pieces.len()],
+        "top_logprobs": pieces.iter().map(|p| if top > 0 { json!({p.as_str(): -0.25}) } else { Value::Null }).collect::<Vec<_>>(),
+        "text_offset": offsets})
 }
 
 struct Chat {
     model: String,
     prompt_tokens: u64,
+    n: usize,
+    logprobs: bool,
+}
+
+/// A message as a list of stream deltas.
+fn deltas(message: &Value, chunk: usize) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    let Some(m) = message.as_object() else {
+        return out;
+    };
+    for (key, v) in m {
+        match (key.as_str(), v) {
+            ("role", _) => {}
+            (k, Value::String(text)) if PIECEWISE.contains(&k) => {
+                if k == "content" {
+                    out.push(json!({"content": ""}));
+                }
+                out.extend(pieces(text, chunk).into_iter().map(|p| json!({k: p})));
+            }
+            ("content", Value::Array(parts)) => {
+                for part in parts {
+                    match part["text"].as_str() {
+                        Some(text) => out.extend(
+                            pieces(text, chunk)
+                                .into_iter()
+                                .map(|p| json!({"content": [{"type": "text", "text": p}]})),
+                        ),
+                        None => out.push(json!({"content": [part]})),
+                    }
+                }
+            }
+            ("function_call", f) => {
+                out.push(json!({"function_call": {"name": f["name"], "arguments": ""}}));
+                let args = f["arguments"].as_str().unwrap_or("");
+                out.extend(
+                    pieces(args, chunk)
+                        .into_iter()
+                        .map(|p| json!({"function_call": {"arguments": p}})),
+                );
+            }
+            ("tool_calls", Value::Array(calls)) => {
+                for (i, call) in calls.iter().enumerate() {
+                    let kind = if call.get("custom").is_some() {
+                        "custom"
+                    } else {
+                        "function"
+                    };
+                    let field = if kind == "custom" {
+                        "input"
+                    } else {
+                        "arguments"
+                    };
+                    let inner = &call[kind];
+                    out.push(
+                        json!({"tool_calls": [{"index": i, "id": call["id"], "type": kind,
+                        kind: {"name": inner["name"], field: ""}}]}),
+                    );
+                    let args = inner[field].as_str().unwrap_or("");
+                    out.extend(
+                        pieces(args, chunk)
+                            .into_iter()
+                            .map(|p| json!({"tool_calls": [{"index": i, kind: {field: p}}]})),
+                    );
+                }
+            }
+            ("audio", a) => {
+                out.push(json!({"audio": {"id": a["id"], "data": a["data"], "expires_at": a["expires_at"]}}));
+                let transcript = a["transcript"].as_str().unwrap_or("");
+                out.extend(
+                    pieces(transcript, chunk)
+                        .into_iter()
+                        .map(|p| json!({"audio": {"transcript": p}})),
+                );
+            }
+            (_, Value::Null) => {}
+            (k, other) => out.push(json!({k: other})),
+        }
+    }
+    match out.first_mut().and_then(Value::as_object_mut) {
+        Some(first) => {
+            first.insert("role".into(), json!("assistant"));
+        }
+        None => out.push(json!({"role": "assistant"})),
+    }
+    out
+}
+
+/// Every text a message generates, for its token count.
+fn generated_text(message: &Value) -> String {
+    let mut out = String::new();
+    collect_text(message, &mut out);
+    out
+}
+
+fn collect_text(v: &Value, out: &mut String) {
+    match v {
+        Value::String(s) => out.push_str(s),
+        Value::Array(items) => items.iter().for_each(|i| collect_text(i, out)),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "role" | "type" | "id" | "data"))
+            .for_each(|(_, v)| collect_text(v, out)),
+        _ => {}
+    }
+}
+
+fn finish_reason(message: &Value) -> &'static str {
+    if message.get("tool_calls").is_some_and(|c| c.is_array()) {
+        "tool_calls"
+    } else if message.get("function_call").is_some_and(|c| c.is_object()) {
+        "function_call"
+    } else {
+        "stop"
+    }
 }
 
 impl Chat {
@@ -320,62 +538,60 @@ impl Chat {
             "model": self.model, "system_fingerprint": null, "choices": choices})
     }
 
-    fn completion(&self, reply: &Trigger) -> Value {
-        let (message, finish, completion_tokens) = match reply {
-            Trigger::ToolCall { name, arguments } => (
-                json!({"role": "assistant", "content": null, "refusal": null, "tool_calls": [
-                    {"id": "call_mock_0", "type": "function", "function": {"name": name, "arguments": arguments}}]}),
-                "tool_calls",
-                tokens(arguments),
-            ),
-            Trigger::Echo(text) | Trigger::Broken(text) => (
-                json!({"role": "assistant", "content": text, "refusal": null}),
-                "stop",
-                tokens(text),
-            ),
-            Trigger::Error(_) | Trigger::NotJson => (json!({}), "stop", 0),
+    /// The choice's `logprobs` for a message or delta: one token per piece
+    /// of `content` and `refusal`.
+    fn logprobs_of(&self, m: &Value, chunk: usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let list = |field: &str| match m[field].as_str() {
+            Some(t) if !t.is_empty() => json!(pieces(t, chunk)
+                .iter()
+                .map(|p| token(p))
+                .collect::<Vec<_>>()),
+            _ => Value::Null,
         };
+        json!({"content": list("content"), "refusal": list("refusal")})
+    }
+
+    fn completion(&self, reply: &Trigger) -> Value {
+        let message = reply.message();
+        let completion_tokens = tokens(&generated_text(&message));
+        let logprobs = self.logprobs_of(&message, 4);
+        let choices: Vec<Value> = (0..self.n)
+            .map(|i| json!({"index": i, "message": message, "finish_reason": finish_reason(&message), "logprobs": logprobs}))
+            .collect();
         json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": now(), "model": self.model,
-            "system_fingerprint": null,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": null}],
-            "usage": usage(self.prompt_tokens, completion_tokens)})
+            "system_fingerprint": null, "choices": choices,
+            "usage": usage(self.prompt_tokens, completion_tokens * self.n as u64)})
     }
 
     fn stream_events(&self, reply: &Trigger, chunk: usize, include_usage: bool) -> Vec<Value> {
-        let mut events = Vec::new();
-        let (finish, completion_tokens) = match reply {
-            Trigger::ToolCall { name, arguments } => {
-                events.push(self.chunk(
-                    json!([{"index": 0, "delta": {"role": "assistant", "content": null,
-                    "tool_calls": [{"index": 0, "id": "call_mock_0", "type": "function",
-                        "function": {"name": name, "arguments": ""}}]}, "finish_reason": null}]),
-                ));
-                for piece in pieces(arguments, chunk) {
-                    events.push(
-                        self.chunk(json!([{"index": 0, "delta": {"tool_calls": [
-                        {"index": 0, "function": {"arguments": piece}}]}, "finish_reason": null}])),
-                    );
-                }
-                ("tool_calls", tokens(arguments))
-            }
-            Trigger::Echo(text) | Trigger::Broken(text) => {
-                events.push(self.chunk(
-                    json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                    "finish_reason": null}]),
-                ));
-                for piece in pieces(text, chunk) {
-                    events.push(self.chunk(
-                        json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}]),
-                    ));
-                }
-                ("stop", tokens(text))
-            }
-            Trigger::Error(_) | Trigger::NotJson => ("stop", 0),
-        };
-        events.push(self.chunk(json!([{"index": 0, "delta": {}, "finish_reason": finish}])));
+        let message = reply.message();
+        let completion_tokens = tokens(&generated_text(&message));
+        let mut events: Vec<Value> = deltas(&message, chunk)
+            .into_iter()
+            .map(|delta| {
+                let logprobs = self.logprobs_of(&delta, usize::MAX);
+                let choices: Vec<Value> = (0..self.n)
+                    .map(|i| json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": null}))
+                    .collect();
+                self.chunk(Value::Array(choices))
+            })
+            .collect();
+        let finish = finish_reason(&message);
+        let choices: Vec<Value> = (0..self.n)
+            .map(|i| json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}))
+            .collect();
+        events.push(self.chunk(Value::Array(choices)));
         if include_usage {
             let mut last = self.chunk(json!([]));
-            last["usage"] = usage(self.prompt_tokens, completion_tokens);
+            if let Some(o) = last.as_object_mut() {
+                o.insert(
+                    "usage".into(),
+                    usage(self.prompt_tokens, completion_tokens * self.n as u64),
+                );
+            }
             events.push(last);
         }
         events
@@ -385,7 +601,7 @@ impl Chat {
 /// Send `events` as SSE, then `[DONE]`; with `broken`, abort the
 /// connection half-way instead.
 fn sse(
-    events: Vec<Value>,
+    events: Vec<String>,
     broken: bool,
     opts: MockOptions,
     state: Arc<MockState>,
@@ -433,10 +649,22 @@ fn sse(
 }
 
 fn error(status: u16, message: &str) -> Response<ResponseBody> {
-    json(
+    let mut r = json(
         status,
         &json!({"error": {"message": message, "type": "mock_error", "code": "mock_error", "param": null}}),
-    )
+    );
+    if status == 429 {
+        for (name, value) in [
+            ("retry-after", "7"),
+            ("x-ratelimit-limit-requests", "100"),
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "7s"),
+        ] {
+            r.headers_mut()
+                .insert(name, hyper::header::HeaderValue::from_static(value));
+        }
+    }
+    r
 }
 
 /// The text of the last user message (string or content parts).
@@ -522,14 +750,15 @@ mod tests {
 
     #[test]
     fn triggers() {
-        assert!(matches!(Trigger::of("hi"), Trigger::Echo(t) if t == "hi"));
+        assert!(matches!(Trigger::of("hi"), Trigger::Message(m) if m["content"] == "hi"));
         assert!(matches!(
             Trigger::of(r#"{"mock_error": 503}"#),
             Trigger::Error(503)
         ));
         assert!(matches!(
             Trigger::of(r#"{"mock_tool_call": {"name": "get_weather", "arguments": {"city": "Oslo"}}}"#),
-            Trigger::ToolCall { name, arguments } if name == "get_weather" && arguments == r#"{"city":"Oslo"}"#
+            Trigger::Message(m) if m["tool_calls"][0]["function"]["name"] == "get_weather"
+                && m["tool_calls"][0]["function"]["arguments"] == r#"{"city":"Oslo"}"#
         ));
     }
 

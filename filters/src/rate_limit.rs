@@ -13,10 +13,17 @@
 //! be charged atomically, and the shared Redis store must make exactly the
 //! same decisions; one small GCRA serves all three.
 //!
-//! Token budgets reserve an estimate before forwarding (prompt characters /
-//! `chars_per_token` + `max_tokens`, or `default_max_tokens`) and settle
-//! with the provider's `usage` afterwards: the difference is charged or
-//! refunded. Time is in milliseconds from the injected [`Clock`].
+//! Token budgets reserve an estimate before forwarding and settle with the
+//! provider's `usage` afterwards: the difference is charged or refunded.
+//! The estimate is the prompt (every string a message carries, tool-call
+//! arguments included, plus the declared `tools`/`functions` schemas, at
+//! `chars_per_token`; each image, audio or file part at `media_tokens`)
+//! plus the completion (`max_completion_tokens`, `max_tokens` or
+//! `default_max_tokens`) for every choice asked for (`n`, or `best_of` when
+//! larger). All arithmetic saturates at [`MAX_ESTIMATE`]. A stream that
+//! ends without `usage` (the client left, the provider broke off) is
+//! settled with the prompt estimate plus what was generated, counted in
+//! characters. Time is in milliseconds from the injected [`Clock`].
 
 use crate::chain::{Decision, Fact, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::clock::Clock;
@@ -78,6 +85,8 @@ pub struct Estimate {
     pub default_max_tokens: u64,
     /// Prompt characters per token for the estimate.
     pub chars_per_token: u64,
+    /// Tokens assumed for each image, audio or file part of a prompt.
+    pub media_tokens: u64,
 }
 
 impl Default for Estimate {
@@ -85,9 +94,14 @@ impl Default for Estimate {
         Self {
             default_max_tokens: 1024,
             chars_per_token: 4,
+            media_tokens: 765,
         }
     }
 }
+
+/// The largest estimate: far above any real budget, and exact as an `f64`
+/// (the GCRA arithmetic, in process and in Redis, is in doubles).
+pub const MAX_ESTIMATE: u64 = 1 << 50;
 
 impl LimitsPolicy {
     /// Every problem, each as `key: message`.
@@ -245,7 +259,36 @@ impl LimitStore for MemoryStore {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
     pub estimate: u64,
+    /// The prompt's part of the estimate.
+    pub prompt: u64,
+    /// Characters per token, to count what a stream generated.
+    chars_per_token: u64,
     charges: Vec<Charge>,
+}
+
+impl Reservation {
+    /// Tokens used by an exchange that ended without `usage`: the prompt
+    /// estimate plus `generated_chars` of output.
+    pub fn used_without_usage(&self, generated_chars: u64) -> u64 {
+        self.prompt
+            .saturating_add(generated_chars.div_ceil(self.chars_per_token.max(1)))
+            .min(MAX_ESTIMATE)
+    }
+}
+
+/// The parts of an estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimated {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Estimated {
+    pub fn total(self) -> u64 {
+        self.prompt
+            .saturating_add(self.completion)
+            .min(MAX_ESTIMATE)
+    }
 }
 
 pub struct RateLimiter {
@@ -300,32 +343,61 @@ impl RateLimiter {
         }
     }
 
-    /// Tokens a request may use: prompt characters / `chars_per_token`,
-    /// plus `max_tokens` (or the default) where the route completes.
+    /// Tokens a request may use (see the module documentation).
     pub fn estimate(&self, route: Route, body: &Value) -> u64 {
+        self.estimate_parts(route, body).total()
+    }
+
+    /// The estimate, as prompt and completion.
+    pub fn estimate_parts(&self, route: Route, body: &Value) -> Estimated {
         let policy = self.policy();
         let e = &policy.estimate;
-        let mut chars = 0usize;
-        let mut count = |v: &Value| count_chars(v, &mut chars);
+        let mut count = Count::default();
         match route {
-            Route::ChatCompletions => body["messages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .for_each(|m| count(&m["content"])),
-            Route::Completions => count(&body["prompt"]),
-            Route::Embeddings => count(&body["input"]),
+            Route::ChatCompletions => {
+                for m in body
+                    .get("messages")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    count.value(m);
+                }
+                for schema in ["tools", "functions"] {
+                    if let Some(t) = body.get(schema).filter(|t| !t.is_null()) {
+                        count.chars = count.chars.saturating_add(t.to_string().len() as u64);
+                    }
+                }
+            }
+            Route::Completions => count.value(body.get("prompt").unwrap_or(&Value::Null)),
+            Route::Embeddings => count.value(body.get("input").unwrap_or(&Value::Null)),
             Route::Models => {}
         }
-        let prompt = (chars as u64).div_ceil(e.chars_per_token.max(1));
+        let prompt = count
+            .chars
+            .div_ceil(e.chars_per_token.max(1))
+            .saturating_add(count.media.saturating_mul(e.media_tokens));
         let completion = match route {
-            Route::ChatCompletions | Route::Completions => body["max_completion_tokens"]
-                .as_u64()
-                .or_else(|| body["max_tokens"].as_u64())
-                .unwrap_or(e.default_max_tokens),
+            Route::ChatCompletions | Route::Completions => {
+                let per_choice = body
+                    .get("max_completion_tokens")
+                    .and_then(Value::as_u64)
+                    .or_else(|| body.get("max_tokens").and_then(Value::as_u64))
+                    .unwrap_or(e.default_max_tokens);
+                let choices = ["n", "best_of"]
+                    .iter()
+                    .filter_map(|k| body.get(*k).and_then(Value::as_u64))
+                    .max()
+                    .unwrap_or(1)
+                    .max(1);
+                per_choice.saturating_mul(choices)
+            }
             _ => 0,
         };
-        prompt + completion
+        Estimated {
+            prompt: prompt.min(MAX_ESTIMATE),
+            completion: completion.min(MAX_ESTIMATE),
+        }
     }
 
     /// Charge or refund the difference between the reservation and the real
@@ -354,16 +426,40 @@ impl RateLimiter {
     }
 }
 
-fn count_chars(v: &Value, chars: &mut usize) {
-    match v {
-        Value::String(s) => *chars += s.chars().count(),
-        Value::Array(items) => items.iter().for_each(|i| count_chars(i, chars)),
-        // Content parts: only their text counts (not `type`, not image URLs).
-        Value::Object(o) => o
-            .get("text")
-            .into_iter()
-            .for_each(|i| count_chars(i, chars)),
-        _ => {}
+/// What a prompt holds: characters of text, and media parts.
+#[derive(Default)]
+struct Count {
+    chars: u64,
+    media: u64,
+}
+
+impl Count {
+    /// Every string counts (content, parts' text, names, tool-call
+    /// arguments); an image, audio or file part counts as one medium, its
+    /// data not as text. Token-id prompts count one character per id.
+    fn value(&mut self, v: &Value) {
+        match v {
+            Value::String(s) => self.chars = self.chars.saturating_add(s.chars().count() as u64),
+            Value::Number(_) => self.chars = self.chars.saturating_add(1),
+            Value::Array(items) => items.iter().for_each(|i| self.value(i)),
+            Value::Object(o) => {
+                let media = o
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| matches!(t, "image_url" | "input_audio" | "file" | "image"));
+                if media {
+                    self.media = self.media.saturating_add(1);
+                    return;
+                }
+                for (k, v) in o {
+                    // Structure, not prompt text.
+                    if !matches!(k.as_str(), "type" | "role" | "id" | "tool_call_id") {
+                        self.value(v);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -419,7 +515,8 @@ impl RequestFilter for RateLimiter {
             ));
         }
         let requests = charges.len();
-        let estimate = self.estimate(request.route, request.body);
+        let parts = self.estimate_parts(request.route, request.body);
+        let estimate = parts.total();
         if let Some(tpm) = tier.tokens_per_minute {
             charges.push(charge(format!("tok:{scope}"), estimate as f64, tpm, None));
         }
@@ -496,6 +593,8 @@ impl RequestFilter for RateLimiter {
         if !token_charges.is_empty() {
             facts.push(Fact::Reservation(Reservation {
                 estimate,
+                prompt: parts.prompt,
+                chars_per_token: policy.estimate.chars_per_token,
                 charges: token_charges,
             }));
         }

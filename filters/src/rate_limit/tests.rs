@@ -233,6 +233,41 @@ fn estimates() {
             .estimate(Route::Embeddings, &json!({"input": ["abcd", "efgh"]})),
         2
     );
+    // n choices cost n completions; best_of as many as it generates.
+    let body = json!({"messages": [{"role": "user", "content": "abcd"}], "max_tokens": 10, "n": 3});
+    assert_eq!(f.limiter.estimate(Route::ChatCompletions, &body), 1 + 30);
+    let body = json!({"prompt": "abcd", "max_tokens": 10, "n": 2, "best_of": 5});
+    assert_eq!(f.limiter.estimate(Route::Completions, &body), 1 + 50);
+    // Tool schemas and tool-call arguments count; an image is a fixed cost,
+    // whatever the size of its data URL.
+    let tools =
+        json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+    let body = json!({"messages": [
+        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "12345678"}}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(100_000))}}]}],
+        "tools": tools, "max_tokens": 0});
+    let schema = tools.to_string().len() as u64;
+    assert_eq!(
+        f.limiter.estimate(Route::ChatCompletions, &body),
+        (8 + 1 + schema).div_ceil(4) + 765
+    );
+    // Saturates instead of overflowing.
+    let body = json!({"messages": [], "max_tokens": u64::MAX, "n": 128});
+    assert_eq!(
+        f.limiter.estimate(Route::ChatCompletions, &body),
+        MAX_ESTIMATE
+    );
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_is_settled_with_what_was_generated() {
+    let f = fixture();
+    let body = json!({"messages": [{"role": "user", "content": "12345678"}], "max_tokens": 50});
+    let v = ask(&f, &who("t", &["trial"]), &body).await;
+    let r = reservation_of(&v);
+    assert_eq!((r.estimate, r.prompt), (52, 2));
+    assert_eq!(r.used_without_usage(0), 2);
+    assert_eq!(r.used_without_usage(41), 2 + 11);
 }
 
 #[test]
