@@ -172,6 +172,14 @@ impl Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_string());
+        // Tests of the unwind path need a request that panics; only a debug
+        // build with this variable set has one.
+        #[cfg(debug_assertions)]
+        if std::env::var_os("PORTCULLIS_TEST_PANIC").is_some()
+            && header.headers.contains_key("x-portcullis-test-panic")
+        {
+            panic!("test panic requested");
+        }
         match intake::resolve(&ctx.rec.method, &ctx.rec.path) {
             Err(r) => self.refuse(s, ctx, "intake", r).await,
             Ok(Endpoint::ListModels) => self.models(s, ctx, None).await,

@@ -11,5 +11,6 @@ mod redis;
 mod rejections;
 mod streaming;
 mod support;
+mod sweep;
 mod tls;
 mod tools;
