@@ -51,6 +51,18 @@ fn tools_yaml(setup: &mut Setup) {
     setup.extra_yaml += "tools:\n  policy: tools.yaml\n";
 }
 
+/// A gateway with auth, limits and the shipped tool policy, and a token of
+/// role `user`.
+async fn with_tools() -> (Mock, Gateway, String) {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
+    tools_yaml(&mut setup);
+    let gw = Gateway::start(setup).await;
+    let user = keys.token("u", &["user"]);
+    (mock, gw, user)
+}
+
 async fn redacting(options: MockOptions) -> (Mock, Gateway) {
     let mock = Mock::start(options).await;
     let mut setup = Setup::new(mock.addr);
@@ -366,12 +378,7 @@ async fn issue8_05_request_redaction_covers_prompts_and_embedding_inputs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue8_06_legacy_functions_are_authorized_like_tools() {
-    let mock = Mock::start(options()).await;
-    let keys = TestKeys::new();
-    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
-    tools_yaml(&mut setup);
-    let gw = Gateway::start(setup).await;
-    let user = keys.token("u", &["user"]);
+    let (mock, gw, user) = with_tools().await;
     for body in [
         json!({"model": "mock-small", "functions": [{"name": "delete_records", "parameters": {}}],
             "messages": [{"role": "user", "content": "hi"}]}),
@@ -412,12 +419,7 @@ async fn issue8_06_legacy_functions_are_authorized_like_tools() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue8_07_every_choice_of_a_stream_event_is_checked() {
-    let mock = Mock::start(options()).await;
-    let keys = TestKeys::new();
-    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
-    tools_yaml(&mut setup);
-    let gw = Gateway::start(setup).await;
-    let user = keys.token("u", &["user"]);
+    let (_mock, gw, user) = with_tools().await;
     let trigger =
         json!({"mock_tool_call": {"name": "delete_records", "arguments": {"table": "users"}}});
     let body = json!({"model": "mock-small", "stream": true, "n": 3,
@@ -506,12 +508,7 @@ async fn issue8_08_token_budgets_cannot_be_dodged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue8_09_duplicate_json_keys_are_refused() {
-    let mock = Mock::start(options()).await;
-    let keys = TestKeys::new();
-    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
-    tools_yaml(&mut setup);
-    let gw = Gateway::start(setup).await;
-    let user = keys.token("u", &["user"]);
+    let (mock, gw, user) = with_tools().await;
     for raw in [
         r#"{"model":"mock-small","model":"mock-large","messages":[{"role":"user","content":"hi"}]}"#,
         r#"{"model":"mock-small","tools":[{"type":"function","function":{"name":"delete_records"}}],"messages":[{"role":"user","content":"hi"}],"tools":[]}"#,

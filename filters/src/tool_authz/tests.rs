@@ -184,29 +184,28 @@ fn streamed_calls_are_held_then_released_or_replaced() {
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
 
+/// Run the request filter over a body for `user`.
+async fn check(f: &ToolAuthz, user: &Principal, body: Value) -> Verdict {
+    let view = RequestView {
+        request_id: "r",
+        authorization: None,
+        principal: Some(user),
+        dry_run: false,
+        route: Route::ChatCompletions,
+        body: &body,
+        model: None,
+        stream: false,
+        client_ip: None,
+    };
+    f.check(&view).await.unwrap()
+}
+
 #[tokio::test]
 async fn request_declarations_and_tool_results() {
     let p = policy("remove");
     let user = who(&["user"]);
     let f = ToolAuthz::new(p.clone());
-    let run = |body: Value| {
-        let f = &f;
-        let user = &user;
-        async move {
-            let view = RequestView {
-                request_id: "r",
-                authorization: None,
-                principal: Some(user),
-                dry_run: false,
-                route: Route::ChatCompletions,
-                body: &body,
-                model: None,
-                stream: false,
-                client_ip: None,
-            };
-            f.check(&view).await.unwrap()
-        }
-    };
+    let run = |body: Value| check(&f, &user, body);
     let tools = |names: &[&str]| {
         json!(names
             .iter()
@@ -261,24 +260,7 @@ async fn legacy_functions_custom_tools_and_forced_choices_are_judged() {
     let p = policy("remove");
     let user = who(&["user"]);
     let f = ToolAuthz::new(p);
-    let check = |body: Value| {
-        let f = &f;
-        let user = &user;
-        async move {
-            let view = RequestView {
-                request_id: "r",
-                authorization: None,
-                principal: Some(user),
-                dry_run: false,
-                route: Route::ChatCompletions,
-                body: &body,
-                model: None,
-                stream: false,
-                client_ip: None,
-            };
-            f.check(&view).await.unwrap()
-        }
-    };
+    let check = |body: Value| check(&f, &user, body);
     let legacy =
         json!({"messages": [], "functions": [{"name": "delete_records", "parameters": {}}]});
     assert!(denied(&check(legacy).await, ErrorCode::ToolNotAllowed));
