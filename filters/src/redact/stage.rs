@@ -58,9 +58,6 @@ const STRUCTURAL: &[&str] = &[
     "tool_call_id",
 ];
 
-/// Fields whose text streams in pieces, in a chat delta or message.
-const INCREMENTAL: &[&str] = &["content", "refusal", "reasoning_content", "reasoning"];
-
 type Counts = BTreeMap<String, usize>;
 
 fn add(into: &mut Counts, from: &Counts) {
@@ -324,8 +321,8 @@ impl ResponseStage for RedactStage {
 /// What one choice of a stream holds.
 #[derive(Default)]
 struct ChoiceState {
-    /// Incremental fields (`content`, `audio.transcript`, ...) → redactor.
-    texts: BTreeMap<&'static str, StreamRedactor>,
+    /// Text fields that stream in pieces → their redactor.
+    texts: BTreeMap<Field, StreamRedactor>,
     /// `content` came as an array of parts.
     content_parts: bool,
     /// Tool call index → (`function` or `custom`, arguments so far).
@@ -347,8 +344,17 @@ struct RedactStream {
     audio_withheld: usize,
 }
 
-fn field_name(key: &str) -> Option<&'static str> {
-    INCREMENTAL.iter().copied().find(|f| *f == key)
+/// A text that streams in pieces.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Field {
+    /// Completions' `text`.
+    Text,
+    /// `delta.audio.transcript`.
+    Transcript,
+    /// A string directly under `delta` (`content`, its parts' `text`,
+    /// `refusal`, `reasoning_content`, `reasoning`, or any field a
+    /// provider streams that way).
+    Delta(String),
 }
 
 /// Run `f` on the object at `key` of `map`, made when missing or not an
@@ -379,17 +385,16 @@ fn with_array(map: &mut Map<String, Value>, key: &str, f: impl FnOnce(&mut Vec<V
     }
 }
 
-fn push_text(
-    state: &mut ChoiceState,
-    redactor: &Arc<Redactor>,
-    field: &'static str,
-    s: &mut String,
-) {
+fn push_text(state: &mut ChoiceState, redactor: &Arc<Redactor>, field: Field, s: &mut String) {
     let r = state
         .texts
         .entry(field)
         .or_insert_with(|| StreamRedactor::new(redactor.clone()));
     *s = r.push(s);
+}
+
+fn content() -> Field {
+    Field::Delta("content".into())
 }
 
 impl RedactStream {
@@ -402,12 +407,12 @@ impl RedactStream {
                     state.content_parts = true;
                     for part in parts.iter_mut() {
                         match part {
-                            Value::String(s) => push_text(state, &redactor, "content", s),
+                            Value::String(s) => push_text(state, &redactor, content(), s),
                             Value::Object(o) => {
                                 for (k, v) in o.iter_mut() {
                                     match (k.as_str(), v) {
                                         ("text", Value::String(s)) => {
-                                            push_text(state, &redactor, "content", s)
+                                            push_text(state, &redactor, content(), s)
                                         }
                                         (k, v) if v.is_string() && STRUCTURAL.contains(&k) => {}
                                         (_, other) => self.pass.generic(other),
@@ -418,10 +423,8 @@ impl RedactStream {
                         }
                     }
                 }
-                (k, Value::String(s)) if field_name(k).is_some() => {
-                    if let Some(field) = field_name(k) {
-                        push_text(state, &redactor, field, s);
-                    }
+                (k, Value::String(s)) if !STRUCTURAL.contains(&k) => {
+                    push_text(state, &redactor, Field::Delta(k.to_string()), s)
                 }
                 ("tool_calls", Value::Array(calls)) => {
                     for (position, call) in calls.iter_mut().enumerate() {
@@ -486,7 +489,7 @@ impl RedactStream {
                     for (k, v) in audio.iter_mut() {
                         match (k.as_str(), v) {
                             ("transcript", Value::String(s)) => {
-                                push_text(state, &redactor, "audio.transcript", s)
+                                push_text(state, &redactor, Field::Transcript, s)
                             }
                             ("data", Value::String(data)) => {
                                 let held = state.audio.get_or_insert_with(Vec::new);
@@ -548,11 +551,11 @@ impl RedactStream {
         for (field, mut r) in std::mem::take(&mut state.texts) {
             let rest = r.finish();
             add(&mut self.pass.counts, r.counts());
-            transcript_found |= field == "audio.transcript" && !r.counts().is_empty();
+            transcript_found |= field == Field::Transcript && !r.counts().is_empty();
             if rest.is_empty() {
                 continue;
             }
-            if self.completions && field == "text" {
+            if field == Field::Text {
                 match choice.get_mut("text") {
                     Some(Value::String(s)) => s.push_str(&rest),
                     _ => {
@@ -563,18 +566,21 @@ impl RedactStream {
             }
             let parts = state.content_parts;
             with_object(choice, "delta", |delta| match field {
-                "content" if parts => with_array(delta, "content", |a| {
-                    a.push(json!({"type": "text", "text": rest}));
-                }),
-                "audio.transcript" => with_object(delta, "audio", |a| {
+                Field::Transcript => with_object(delta, "audio", |a| {
                     a.insert("transcript".into(), Value::String(rest));
                 }),
-                _ => match delta.get_mut(field) {
+                Field::Delta(name) if name == "content" && parts => {
+                    with_array(delta, "content", |a| {
+                        a.push(json!({"type": "text", "text": rest}));
+                    })
+                }
+                Field::Delta(name) => match delta.get_mut(&name) {
                     Some(Value::String(s)) => s.push_str(&rest),
                     _ => {
-                        delta.insert(field.into(), Value::String(rest));
+                        delta.insert(name, Value::String(rest));
                     }
                 },
+                Field::Text => {}
             });
         }
         for (index, (kind, mut args)) in std::mem::take(&mut state.tool_args) {
@@ -698,7 +704,7 @@ impl StreamStage for RedactStream {
                     match (k.as_str(), v) {
                         ("delta", Value::Object(d)) => self.delta(&mut state, d),
                         ("text", Value::String(s)) if self.completions => {
-                            push_text(&mut state, &redactor, "text", s)
+                            push_text(&mut state, &redactor, Field::Text, s)
                         }
                         ("logprobs", lp) => self.logprobs(&mut state, lp),
                         ("index" | "finish_reason", _) => {}

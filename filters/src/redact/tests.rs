@@ -792,6 +792,26 @@ mod stage {
         assert!(all.contains("[REDACTED:github-token]"));
     }
 
+    /// A text field no schema here names, streamed in pieces by some
+    /// provider, is reassembled like `content`.
+    #[test]
+    fn stream_unknown_text_fields_are_reassembled() {
+        let mut events: Vec<SseEvent> = pieces(&format!("hmm {SECRET} ok"), 3)
+            .iter()
+            .map(|piece| {
+                event(json!([{"index": 0, "delta": {"thinking": piece}, "finish_reason": null}]))
+            })
+            .collect();
+        events.push(event(
+            json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        ));
+        let out = run(Route::ChatCompletions, events);
+        assert_eq!(
+            joined(&out, 0, "/delta/thinking"),
+            "hmm [REDACTED:github-token] ok"
+        );
+    }
+
     #[test]
     fn stream_completions_text() {
         let events: Vec<SseEvent> = pieces(&format!("x {SECRET} y"), 2)
