@@ -142,5 +142,49 @@ fn redaction(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, jwt, limits, redaction);
+/// The whole response stage over one streamed chat event (parse, redact
+/// every field, serialize), as the gateway runs it per event.
+fn redact_stage(c: &mut Criterion) {
+    use filters::redact::stage::RedactStage;
+    use filters::redact::{RedactionPolicy, Redactor};
+    use filters::{ResponseContext, ResponseStage, SseEvent};
+    let policy: RedactionPolicy =
+        serde_yaml::from_str(include_str!("../../policies/redaction.yaml")).unwrap();
+    let stage = RedactStage::new(filters::shared::Shared::new(
+        Redactor::build(&policy).unwrap(),
+    ));
+    let ctx = ResponseContext {
+        request_id: "bench",
+        route: Route::ChatCompletions,
+        model: None,
+        principal: None,
+    };
+    let mut s = stage.stream(&ctx);
+    let words = [
+        "The ", "quar", "terl", "y re", "port", " sho", "ws s", "tead",
+    ];
+    let event = |piece: &str| {
+        SseEvent::data(
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}]})
+            .to_string(),
+        )
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    c.bench_function("redact stage, per streamed chat event", |b| {
+        b.iter(|| {
+            i = (i + 1) % words.len();
+            out.clear();
+            s.on_event(event(words[i]), &mut out).unwrap();
+        })
+    });
+    let mut body = json!({"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0,
+        "message": {"role": "assistant", "content": words.concat().repeat(64)}, "finish_reason": "stop"}]});
+    c.bench_function("redact stage, 2 KiB JSON reply", |b| {
+        b.iter(|| stage.on_json(&ctx, &mut body).unwrap())
+    });
+}
+
+criterion_group!(benches, jwt, limits, redaction, redact_stage);
 criterion_main!(benches);

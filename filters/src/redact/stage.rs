@@ -339,7 +339,7 @@ struct RedactStream {
     pass: Pass,
     completions: bool,
     choices: BTreeMap<u64, ChoiceState>,
-    /// Top-level fields of the latest event, for events made here.
+    /// Top-level fields of the first event, for events made here.
     meta: Map<String, Value>,
     audio_withheld: usize,
 }
@@ -674,11 +674,14 @@ impl StreamStage for RedactStream {
             out.push(event);
             return Ok(());
         };
-        self.meta = obj
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "choices" | "usage"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        if self.meta.is_empty() {
+            // `id`, `object`, `model` are the same in every event.
+            self.meta = obj
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "choices" | "usage"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
         for (key, v) in obj.iter_mut() {
             if key != "choices" {
                 if !matches!(
