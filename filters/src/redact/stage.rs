@@ -187,7 +187,10 @@ impl Pass {
     }
 
     fn tool_calls(&mut self, calls: &mut Value) {
-        for call in calls.as_array_mut().into_iter().flatten() {
+        let Some(calls) = calls.as_array_mut() else {
+            return self.generic(calls);
+        };
+        for call in calls {
             let Some(call) = call.as_object_mut() else {
                 continue;
             };

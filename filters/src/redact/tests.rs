@@ -854,6 +854,8 @@ mod stage {
             json!({"choices": [{"delta": {"tool_calls": "x", "function_call": 1, "audio": [1]}}]}),
             json!({"choices": [{"logprobs": {"content": "x", "tokens": 5}}]}),
             json!({"choices": [{"index": "x", "finish_reason": "stop", "delta": {"content": SECRET}}]}),
+            json!({"choices": [{"message": {"tool_calls": {"a": SECRET}, "function_call": SECRET}}]}),
+            json!({"choices": [{"delta": {"tool_calls": {"a": SECRET}, "function_call": SECRET}}]}),
         ] {
             let out = run(
                 Route::ChatCompletions,
@@ -864,6 +866,7 @@ mod stage {
             stage()
                 .on_json(&ctx(Route::ChatCompletions), &mut body)
                 .unwrap();
+            assert!(!body.to_string().contains(SECRET), "{body}");
         }
     }
 }
