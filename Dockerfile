@@ -13,12 +13,15 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/portcullis /usr/local/bin/portcullis
 COPY config /etc/portcullis/config
 COPY policies /etc/portcullis/policies
-COPY keys /etc/portcullis/keys
+# No keys in the image: mount your identity provider's public keys at
+# /etc/portcullis/keys (or set a jwks_url) and set PORTCULLIS_JWT_ISSUER.
+RUN mkdir -p /etc/portcullis/keys
 USER portcullis
 WORKDIR /var/lib/portcullis
 ENV PORTCULLIS_LISTEN=0.0.0.0:8080 \
     PORTCULLIS_ADMIN_LISTEN=0.0.0.0:8081 \
     PORTCULLIS_STATE_DIR=/var/lib/portcullis \
+    PORTCULLIS_KEYS_DIR=/etc/portcullis/keys \
     PORTCULLIS_AUDIT_FILE=/var/lib/portcullis/audit.jsonl
 EXPOSE 8080 8081
 ENTRYPOINT ["portcullis"]

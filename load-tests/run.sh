@@ -42,6 +42,7 @@ auth:
   keys: [ { dir: $work/keys } ]
   issuer: portcullis-dev
   audience: [portcullis]
+  allow_dev_issuer: true
 rate_limit:
   policy: $work/limits.yaml
 registry:

@@ -203,9 +203,10 @@ fn print(result: anyhow::Result<String>) -> ExitCode {
     }
 }
 
-/// The issuer and audience of dev tokens, as `config/demo.yaml` expects.
-pub const DEV_ISSUER: &str = "portcullis-dev";
+/// The audience of dev tokens, as `config/demo.yaml` expects (the issuer
+/// is [`DEV_ISSUER`]).
 pub const DEV_AUDIENCE: &str = "portcullis";
+pub use crate::config::DEV_ISSUER;
 
 #[derive(Subcommand)]
 enum KeysCommand {

@@ -245,7 +245,19 @@ pub struct AuthSection {
     /// Verified tokens kept in memory.
     #[serde(default = "default_cache_size")]
     pub cache_size: usize,
+    /// Trust the dev issuer `portcullis-dev` and the dev key (`dev.pem`,
+    /// kid `dev`, written by `portcullis keys generate`). Anyone who can run
+    /// `portcullis token` with that key can mint any token, admin included,
+    /// so the gateway refuses to start with either unless this says it is
+    /// a demo. Default false; `config/demo.yaml` sets it.
+    #[serde(default)]
+    pub allow_dev_issuer: bool,
 }
+
+/// The issuer of tokens minted by `portcullis token` with the dev key.
+pub const DEV_ISSUER: &str = "portcullis-dev";
+/// The kid of the dev key pair (`keys/dev.pem`).
+pub const DEV_KID: &str = "dev";
 
 fn default_leeway() -> u64 {
     30
@@ -638,6 +650,16 @@ fn section<T: DeserializeOwned>(
 fn check_auth(a: &AuthSection, errors: &mut Errors) {
     if a.keys.is_empty() {
         errors.push("auth.keys", "at least one key source is required");
+    }
+    if a.issuer.as_deref() == Some(DEV_ISSUER) && !a.allow_dev_issuer {
+        errors.push(
+            "auth.issuer",
+            format!(
+                "'{DEV_ISSUER}' is the dev issuer: tokens minted with the dev key would be \
+                 trusted. Set your identity provider's issuer, or `auth.allow_dev_issuer: true` \
+                 for a demo"
+            ),
+        );
     }
     for (i, k) in a.keys.iter().enumerate() {
         let key = format!("auth.keys[{i}]");

@@ -122,6 +122,14 @@ pub fn load(auth: &AuthSection) -> Result<(Arc<GatewayKeys>, JwksUrls), Vec<Stri
             _ => errors.push(format!("auth.keys[{i}]: no key source")),
         }
     }
+    if !auth.allow_dev_issuer && keys.iter().any(|k| k.kid == crate::config::DEV_KID) {
+        errors.push(format!(
+            "auth.keys: a key with kid '{}' is loaded: that is the dev key `portcullis keys \
+             generate` writes, and whoever holds its private half can mint any token. Remove \
+             it, or set `auth.allow_dev_issuer: true` for a demo",
+            crate::config::DEV_KID
+        ));
+    }
     if !errors.is_empty() {
         return Err(errors);
     }

@@ -38,19 +38,95 @@ fn shipped_tree() -> tempfile::TempDir {
     tmp
 }
 
+/// The operator's keys for `config/portcullis.yaml`: a folder with one
+/// public key that is not the dev key.
+fn operator_keys(tree: &tempfile::TempDir) -> String {
+    let dir = tree.path().join("operator-keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(tree.path().join("keys/dev.pem"), dir.join("idp-2026.pem")).unwrap();
+    dir.display().to_string()
+}
+
 #[test]
 fn every_shipped_config_and_policy_loads() {
     let tree = shipped_tree();
+    let keys = operator_keys(&tree);
+    let env = [
+        ("OPENAI_API_KEY", "sk-test"),
+        (
+            "PORTCULLIS_JWT_ISSUER",
+            "https://idp.example.com/realms/acme",
+        ),
+        ("PORTCULLIS_KEYS_DIR", keys.as_str()),
+    ];
     let mut seen = 0;
     for entry in std::fs::read_dir(tree.path().join("config")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let (ok, out) = check(&path, &[("OPENAI_API_KEY", "sk-test")]);
+            let (ok, out) = check(&path, &env);
             assert!(ok, "{}: {out}", path.display());
             seen += 1;
         }
     }
     assert_eq!(seen, 3, "portcullis.yaml, demo.yaml, cluster.yaml");
+}
+
+/// Issue 8, item 10: the production config trusts neither the dev issuer
+/// nor the dev key pair unless the config says it is a demo.
+#[test]
+fn the_production_config_refuses_the_dev_issuer_and_the_dev_key() {
+    let tree = shipped_tree();
+    let config = tree.path().join("config/portcullis.yaml");
+    let keys = operator_keys(&tree);
+    let (ok, out) = check(
+        &config,
+        &[
+            ("OPENAI_API_KEY", "sk-test"),
+            ("PORTCULLIS_KEYS_DIR", &keys),
+        ],
+    );
+    assert!(!ok);
+    assert!(out.contains("PORTCULLIS_JWT_ISSUER is not set"), "{out}");
+    let (ok, out) = check(
+        &config,
+        &[
+            ("OPENAI_API_KEY", "sk-test"),
+            ("PORTCULLIS_KEYS_DIR", &keys),
+            ("PORTCULLIS_JWT_ISSUER", "portcullis-dev"),
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("auth.issuer: 'portcullis-dev' is the dev issuer"),
+        "{out}"
+    );
+    // The default keys folder holds the dev key pair: refused too.
+    let (ok, out) = check(
+        &config,
+        &[
+            ("OPENAI_API_KEY", "sk-test"),
+            (
+                "PORTCULLIS_JWT_ISSUER",
+                "https://idp.example.com/realms/acme",
+            ),
+        ],
+    );
+    assert!(!ok);
+    assert!(out.contains("kid 'dev' is loaded"), "{out}");
+    // `serve` refuses to start the same way.
+    let serve = Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("PORTCULLIS_JWT_ISSUER", "portcullis-dev")
+        .env("PORTCULLIS_KEYS_DIR", &keys)
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    assert!(String::from_utf8_lossy(&serve.stderr).contains("dev issuer"));
+    // The demo config says it is a demo.
+    let (ok, out) = check(&tree.path().join("config/demo.yaml"), &[]);
+    assert!(ok, "{out}");
 }
 
 #[test]

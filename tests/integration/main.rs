@@ -4,6 +4,7 @@ mod admin;
 mod audit;
 mod auth;
 mod cli;
+mod image;
 mod limits;
 mod proxy;
 mod redaction;

@@ -92,6 +92,7 @@ auth:
     - dir: keys
   issuer: portcullis-dev
   audience: [portcullis]
+  allow_dev_issuer: true
 rate_limit:
   policy: limits.yaml
 redaction:
