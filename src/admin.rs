@@ -128,7 +128,8 @@ impl BackgroundService for AdminService {
             let api = api.clone();
             async move { handle(req, proxy, &api).await }
         };
-        http_server::serve(listener, handler, async move {
+        let header_timeout = Duration::from_secs(self.api.roles.header_read_timeout_secs);
+        http_server::serve(listener, handler, header_timeout, async move {
             let _ = shutdown.changed().await;
         })
         .await;
@@ -182,7 +183,7 @@ async fn handle(
             );
             r
         }
-        Ok((pattern, params)) => api.call(req, pattern, params).await,
+        Ok((pattern, raw)) => api.call(req, pattern, raw).await,
         Err(404) => error(&Rejection::about_input(
             ErrorCode::UnknownRoute,
             format!("No route {method} {path}."),
@@ -339,19 +340,30 @@ impl AdminApi {
             path: req.uri().path().to_string(),
             ..Default::default()
         };
-        let authorization = req
-            .headers()
+        let (parts, body) = req.into_parts();
+        let authorization = parts
+            .headers
             .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let declared_len = parts
+            .headers
+            .get("content-length")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = req.into_body().collect().await.map(|b| b.to_bytes());
-        let result = match body {
-            Err(e) => Err(bad(format!("cannot read the body: {e}"))),
-            Ok(body) => {
-                self.act(&mut rec, authorization.as_deref(), pattern, &params, &body)
-                    .await
-            }
-        };
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let result = async {
+            // Split first, then decode: `meta-llama%2FLlama-3` is one id.
+            let params = params
+                .iter()
+                .map(|p| http_server::percent_decode(p).filter(|p| !p.is_empty()))
+                .collect::<Option<Vec<String>>>()
+                .ok_or_else(|| bad("a path segment is not valid percent-encoded UTF-8"))?;
+            // Who is asking is settled from the headers alone, before a
+            // byte of the body is read.
+            let who = self.authorize(&mut rec, authorization, pattern, &params)?;
+            let body = read_body(body, declared_len).await?;
+            self.act(&mut rec, who, pattern, &params, &body).await
+        }
+        .await;
         let (status, reply) = match result {
             Ok(done) => {
                 rec.before = done.before;
@@ -384,15 +396,16 @@ impl AdminApi {
         resp
     }
 
-    /// Authenticate, authorize, and do what the route says.
-    async fn act(
+    /// Authenticate and authorize: an admin role to change things, an
+    /// auditor role to read, and neither subject nor tenant frozen (frozen
+    /// means frozen, for admins too: another admin unfreezes).
+    fn authorize(
         &self,
         rec: &mut AdminRecord,
         authorization: Option<&str>,
         pattern: &str,
         params: &[String],
-        body: &[u8],
-    ) -> Result<Done, Rejection> {
+    ) -> Result<Principal, Rejection> {
         let writes = rec.method != "GET";
         rec.action = action_name(pattern, params);
         rec.target = params.first().cloned();
@@ -417,6 +430,26 @@ impl AdminApi {
                 format!("{need} role required; caller has {:?}", who.roles),
             ));
         }
+        let state = self
+            .registry
+            .snapshot()
+            .map_err(|e| Rejection::new(ErrorCode::RegistryUnavailable, e))?;
+        if let Some(r) = filters::model_registry::frozen(&state, &who) {
+            return Err(r);
+        }
+        Ok(who)
+    }
+
+    /// Do what the route says, for an authorized caller.
+    async fn act(
+        &self,
+        rec: &mut AdminRecord,
+        who: Principal,
+        pattern: &str,
+        params: &[String],
+        body: &[u8],
+    ) -> Result<Done, Rejection> {
+        let writes = rec.method != "GET";
         let actor = who.subject.clone();
         match pattern {
             "/admin/models" if !writes => {
@@ -505,6 +538,18 @@ impl AdminApi {
                     }
                 };
                 let name = params[0].clone();
+                let own = match target {
+                    FreezeTarget::Subject => who.subject == name,
+                    FreezeTarget::Tenant => who.tenant == name,
+                };
+                if frozen && own {
+                    // A frozen admin can do nothing, unfreezing included:
+                    // freezing oneself would lock the caller out.
+                    return Err(Rejection::about_input(
+                        ErrorCode::InvalidTransition,
+                        "An admin cannot freeze itself or its own tenant; another admin can.",
+                    ));
+                }
                 let at = now();
                 let change = move |s: &mut filters::model_registry::RegistryState| {
                     let changed = s.set_frozen(target, &name, frozen, &actor, &at);
@@ -579,6 +624,38 @@ impl AdminApi {
             "filters": report.outcomes,
             "upstream": report.upstream.map(|(p, m)| json!({"provider": p, "upstream_model": m})),
         }))
+    }
+}
+
+/// The largest admin request body.
+pub const MAX_ADMIN_BODY: usize = 1 << 20;
+/// How long an admin client may take to send its body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Read an admin request body: at most [`MAX_ADMIN_BODY`] bytes (a larger
+/// declared length is refused unread), within [`BODY_TIMEOUT`].
+async fn read_body(
+    body: hyper::body::Incoming,
+    declared_len: Option<u64>,
+) -> Result<bytes::Bytes, Rejection> {
+    let too_large = || {
+        Rejection::about_input(
+            ErrorCode::RequestTooLarge,
+            format!("The request body is larger than the limit of {MAX_ADMIN_BODY} bytes."),
+        )
+    };
+    if declared_len.is_some_and(|n| n > MAX_ADMIN_BODY as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(body, MAX_ADMIN_BODY);
+    match tokio::time::timeout(BODY_TIMEOUT, limited.collect()).await {
+        Err(_) => Err(Rejection::about_input(
+            ErrorCode::RequestTimeout,
+            "The request body was not received in time.",
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(bad(format!("cannot read the body: {e}"))),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
     }
 }
 

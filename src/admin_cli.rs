@@ -1,6 +1,7 @@
 //! `portcullis models …`, `portcullis freeze|unfreeze …`: the admin API
 //! from the command line, printed as tables.
 
+use crate::http_server::percent_encode;
 use serde_json::Value;
 
 /// Model fields shown by `models list` (field, column header); `show`
@@ -71,7 +72,11 @@ impl AdminClient {
     }
 
     pub fn show(&self, id: &str) -> anyhow::Result<String> {
-        let m = self.call("GET", &format!("/admin/models/{id}"), None)?;
+        let m = self.call(
+            "GET",
+            &format!("/admin/models/{}", percent_encode(id)),
+            None,
+        )?;
         let mut out = String::new();
         let fields = MODEL_COLUMNS.iter().map(|(f, _)| *f).chain(["approved_at"]);
         for f in fields {
@@ -105,7 +110,11 @@ impl AdminClient {
     }
 
     pub fn lifecycle(&self, id: &str, action: &str) -> anyhow::Result<String> {
-        let m = self.call("POST", &format!("/admin/models/{id}/{action}"), None)?;
+        let m = self.call(
+            "POST",
+            &format!("/admin/models/{}/{action}", percent_encode(id)),
+            None,
+        )?;
         Ok(format!(
             "{} is now {}\n",
             cell(&m["id"]),
@@ -115,7 +124,11 @@ impl AdminClient {
 
     pub fn freeze(&self, kind: &str, name: &str, frozen: bool) -> anyhow::Result<String> {
         let action = if frozen { "freeze" } else { "unfreeze" };
-        let v = self.call("POST", &format!("/admin/{kind}/{name}/{action}"), None)?;
+        let v = self.call(
+            "POST",
+            &format!("/admin/{kind}/{}/{action}", percent_encode(name)),
+            None,
+        )?;
         let state = if frozen { "frozen" } else { "not frozen" };
         let note = if v["changed"] == Value::Bool(false) {
             " (no change)"

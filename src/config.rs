@@ -195,6 +195,9 @@ pub struct AdminSection {
     pub admin_role: String,
     /// May read only.
     pub auditor_role: String,
+    /// Seconds a client of the admin listener has to send its request
+    /// headers before it is disconnected.
+    pub header_read_timeout_secs: u64,
 }
 
 impl Default for AdminSection {
@@ -202,6 +205,7 @@ impl Default for AdminSection {
         Self {
             admin_role: "portcullis:admin".into(),
             auditor_role: "portcullis:auditor".into(),
+            header_read_timeout_secs: 10,
         }
     }
 }
@@ -522,6 +526,9 @@ impl Config {
         }
         if limits.max_response_bytes == 0 {
             errors.push("limits.max_response_bytes", "must be greater than 0");
+        }
+        if admin.header_read_timeout_secs == 0 {
+            errors.push("admin.header_read_timeout_secs", "must be greater than 0");
         }
         if limits.client_body_timeout_secs == 0 {
             errors.push("limits.client_body_timeout_secs", "must be greater than 0");

@@ -24,7 +24,15 @@ pub fn resolve(method: &str, path: &str) -> Result<Endpoint, Rejection> {
         "/v1/embeddings" => (Endpoint::Call(Route::Embeddings), "POST"),
         "/v1/models" => (Endpoint::ListModels, "GET"),
         _ => match path.strip_prefix("/v1/models/") {
-            Some(id) if !id.is_empty() => (Endpoint::GetModel(percent_decode(id)), "GET"),
+            Some(id) if !id.is_empty() => match crate::http_server::percent_decode(id) {
+                Some(id) => (Endpoint::GetModel(id), "GET"),
+                None => {
+                    return Err(Rejection::about_input(
+                        ErrorCode::InvalidRequest,
+                        "The model id in the path is not valid percent-encoded UTF-8.",
+                    ))
+                }
+            },
             _ => {
                 return Err(Rejection::about_input(
                     ErrorCode::UnknownRoute,
@@ -40,14 +48,6 @@ pub fn resolve(method: &str, path: &str) -> Result<Endpoint, Rejection> {
         ));
     }
     Ok(endpoint)
-}
-
-fn percent_decode(s: &str) -> String {
-    // Model ids with '/' (e.g. `meta-llama/Llama-3`) arrive as %2F.
-    url::form_urlencoded::parse(format!("x={s}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_else(|| s.to_string())
 }
 
 /// `Content-Type` must be JSON when given. A missing one is accepted: the

@@ -136,7 +136,13 @@ pub async fn serve(
         let state = state.clone();
         async move { handle(req, options, state).await }
     };
-    http_server::serve(listener, handler, shutdown).await
+    http_server::serve(
+        listener,
+        handler,
+        http_server::HEADER_READ_TIMEOUT,
+        shutdown,
+    )
+    .await
 }
 
 async fn handle(

@@ -334,16 +334,24 @@ impl RequestFilter for FreezeFilter {
         let Some(p) = request.principal else {
             return Ok(Decision::Allow.into());
         };
-        if let Some(f) = state.frozen_subjects.get(&p.subject) {
-            let reason = format!("subject '{}' frozen by {} at {}", p.subject, f.actor, f.at);
-            return Ok(Decision::Deny(Rejection::new(ErrorCode::SubjectFrozen, reason)).into());
+        Ok(match frozen(&state, p) {
+            Some(r) => Decision::Deny(r),
+            None => Decision::Allow,
         }
-        if let Some(f) = state.frozen_tenants.get(&p.tenant) {
-            let reason = format!("tenant '{}' frozen by {} at {}", p.tenant, f.actor, f.at);
-            return Ok(Decision::Deny(Rejection::new(ErrorCode::TenantFrozen, reason)).into());
-        }
-        Ok(Decision::Allow.into())
+        .into())
     }
+}
+
+/// Why a caller may do nothing at all, if its subject or tenant is frozen:
+/// for the proxy and the admin API alike.
+pub fn frozen(state: &RegistryState, p: &Principal) -> Option<Rejection> {
+    if let Some(f) = state.frozen_subjects.get(&p.subject) {
+        let reason = format!("subject '{}' frozen by {} at {}", p.subject, f.actor, f.at);
+        return Some(Rejection::new(ErrorCode::SubjectFrozen, reason));
+    }
+    let f = state.frozen_tenants.get(&p.tenant)?;
+    let reason = format!("tenant '{}' frozen by {} at {}", p.tenant, f.actor, f.at);
+    Some(Rejection::new(ErrorCode::TenantFrozen, reason))
 }
 
 /// Only approved models, within the caller's risk allowance, are served;

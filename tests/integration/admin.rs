@@ -230,7 +230,12 @@ async fn lifecycle_through_the_api_gates_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freezes_risk_tiers_and_the_model_list() {
     let (_mock, keys, gw) = start().await;
-    let root = keys.token("root", &["portcullis:admin"]);
+    // An admin of another tenant: it may freeze tenant acme.
+    let root = keys.sign(
+        "test",
+        &json!({"sub": "root", "tenant": "platform", "roles": ["portcullis:admin"],
+            "iss": "test-issuer", "aud": "portcullis", "exp": now_secs() + 600}),
+    );
     let eve = keys.token("eve", &["user"]);
     assert_eq!(post_as(&gw, &eve, &ask("mock-small")).await.status(), 200);
     assert_eq!(
@@ -529,8 +534,11 @@ async fn the_cli_drives_the_admin_api() {
     let (ok, out) = run(&["unfreeze", "--subject", "eve"]);
     assert!(ok, "{out}");
     assert_eq!(post_as(&gw, &eve, &ask("cli-model")).await.status(), 200);
-    let (ok, out) = run(&["freeze", "--tenant", "acme"]);
-    assert!(ok && out.contains("tenant acme is frozen"), "{out}");
+    let (ok, out) = run(&["freeze", "--tenant", "globex"]);
+    assert!(ok && out.contains("tenant globex is frozen"), "{out}");
+    // Names are percent-encoded into the path.
+    let (ok, out) = run(&["freeze", "--subject", "a b/c"]);
+    assert!(ok && out.contains("subject a b/c is frozen"), "{out}");
     let out = std::process::Command::new(bin())
         .args(["models", "list", "--admin-url", &gw.admin])
         .env_remove("PORTCULLIS_ADMIN_TOKEN")

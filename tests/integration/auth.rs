@@ -196,6 +196,7 @@ async fn jwks_server(doc: Arc<Mutex<Value>>) -> std::net::SocketAddr {
     tokio::spawn(portcullis::http_server::serve(
         listener,
         handler,
+        portcullis::http_server::HEADER_READ_TIMEOUT,
         std::future::pending(),
     ));
     addr

@@ -663,3 +663,242 @@ fn untrusted_json_is_never_written_through_index_mut() {
     }
     assert!(found.is_empty(), "IndexMut on JSON:\n{}", found.join("\n"));
 }
+
+/// The admin records, newest last.
+fn admin_records(gw: &Gateway) -> Vec<Value> {
+    read_records(&gw.audit_path)
+        .into_iter()
+        .filter(|r| r["kind"] == "admin")
+        .collect()
+}
+
+/// The admin record of a response (by its `x-request-id`).
+async fn admin_record(gw: &Gateway, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(r) = admin_records(gw)
+            .into_iter()
+            .find(|r| r["request_id"] == id)
+        {
+            return r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no admin record {id}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn admin_gateway(extra: &str) -> (Mock, TestKeys, Gateway) {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
+    setup.extra_yaml += extra;
+    let gw = Gateway::start(setup).await;
+    (mock, keys, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue8_11_a_frozen_admin_can_do_nothing() {
+    let (_mock, keys, gw) = admin_gateway("").await;
+    let root = keys.token("root", &["portcullis:admin"]);
+    let mallory = keys.token("mallory", &["portcullis:admin"]);
+    let path = |who: &str, action: &str| format!("/admin/subjects/{who}/{action}");
+    let r = admin(&gw, Some(&root), "POST", &path("mallory", "freeze"), None).await;
+    assert_eq!(r.status(), 200);
+    // Nobody freezes itself or its own tenant by mistake.
+    let id = expect_error(
+        admin(&gw, Some(&root), "POST", &path("root", "freeze"), None).await,
+        409,
+        "invalid_transition",
+    )
+    .await;
+    assert!(admin_record(&gw, &id).await["reason"]
+        .as_str()
+        .unwrap()
+        .contains("itself"));
+    expect_error(
+        admin(&gw, Some(&root), "POST", "/admin/tenants/acme/freeze", None).await,
+        409,
+        "invalid_transition",
+    )
+    .await;
+    for (method, p) in [
+        ("POST", path("mallory", "unfreeze")),
+        ("POST", path("root", "freeze")),
+        ("GET", "/admin/models".to_string()),
+    ] {
+        let id = expect_error(
+            admin(&gw, Some(&mallory), method, &p, None).await,
+            403,
+            "subject_frozen",
+        )
+        .await;
+        let rec = admin_record(&gw, &id).await;
+        assert_eq!(rec["decision"], "blocked");
+        assert_eq!(rec["reason_code"], "subject_frozen");
+        assert!(rec["reason"].as_str().unwrap().contains("frozen by root"));
+    }
+    // Another admin can lift it.
+    let r = admin(&gw, Some(&root), "POST", &path("mallory", "unfreeze"), None).await;
+    assert_eq!(r.status(), 200);
+    let r = admin(&gw, Some(&mallory), "GET", "/admin/models", None).await;
+    assert_eq!(r.status(), 200);
+    // A frozen tenant freezes its admins too.
+    let other = keys.sign(
+        "test",
+        &json!({"sub": "ops1", "tenant": "globex", "roles": ["portcullis:admin"], "iss": "test-issuer",
+            "aud": "portcullis", "exp": now_secs() + 600}),
+    );
+    let r = admin(
+        &gw,
+        Some(&root),
+        "POST",
+        "/admin/tenants/globex/freeze",
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    expect_error(
+        admin(&gw, Some(&other), "GET", "/admin/models", None).await,
+        403,
+        "tenant_frozen",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue8_11_path_parameters_are_percent_decoded() {
+    let (_mock, keys, gw) = admin_gateway("").await;
+    let root = keys.token("root", &["portcullis:admin"]);
+    let id = "meta-llama/Llama-3";
+    let new = json!({"id": id, "provider": "mock", "risk_tier": "low"});
+    let r = admin(&gw, Some(&root), "POST", "/admin/models", Some(&new)).await;
+    assert_eq!(r.status(), 201);
+    let r = admin(
+        &gw,
+        Some(&root),
+        "GET",
+        "/admin/models/meta-llama%2FLlama-3",
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], id);
+    for action in ["approve", "freeze"] {
+        let p = format!("/admin/models/meta-llama%2FLlama-3/{action}");
+        assert_eq!(
+            admin(&gw, Some(&root), "POST", &p, None).await.status(),
+            200,
+            "{action}"
+        );
+    }
+    let user = keys.token("u", &["user"]);
+    let body = json!({"model": id, "messages": [{"role": "user", "content": "hi"}]});
+    expect_error(post_as(&gw, &user, &body).await, 403, "model_frozen").await;
+    // `a%20b` freezes subject "a b", not "a%20b".
+    let r = admin(
+        &gw,
+        Some(&root),
+        "POST",
+        "/admin/subjects/a%20b/freeze",
+        None,
+    )
+    .await;
+    assert_eq!(r.json::<Value>().await.unwrap()["name"], "a b");
+    let ab = keys.token("a b", &["user"]);
+    expect_error(post_as(&gw, &ab, &chat("hi")).await, 403, "subject_frozen").await;
+    // A broken escape is a clear 400.
+    let r = admin(&gw, Some(&root), "POST", "/admin/subjects/%ZZ/freeze", None).await;
+    let id = expect_error(r, 400, "invalid_request").await;
+    assert!(admin_record(&gw, &id).await["reason"]
+        .as_str()
+        .unwrap()
+        .contains("percent-encoded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue8_11_admin_bodies_are_capped_and_read_only_after_auth() {
+    let (_mock, keys, gw) = admin_gateway("admin:\n  header_read_timeout_secs: 1\n").await;
+    let root = keys.token("root", &["portcullis:admin"]);
+    let big = portcullis::admin::MAX_ADMIN_BODY + 1;
+    // Headers that announce a body over the cap, and no body at all: the
+    // answer comes without the gateway waiting for a byte of it.
+    let head = |token: Option<&str>| {
+        let auth = token
+            .map(|t| format!("authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        format!("POST /admin/simulate HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {big}\r\n\r\n")
+    };
+    let addr = gw.admin.trim_start_matches("http://").to_string();
+    let answer = |request: String| {
+        let addr = addr.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(request.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = tokio::time::timeout(PATIENCE, c.read(&mut buf))
+                .await
+                .expect("an answer before the body")
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        }
+    };
+    let no_token = answer(head(None)).await;
+    assert!(no_token.starts_with("HTTP/1.1 401"), "{no_token}");
+    let declared = answer(head(Some(&root))).await;
+    assert!(declared.starts_with("HTTP/1.1 413"), "{declared}");
+    assert!(declared.contains("request_too_large"), "{declared}");
+    let id = declared
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(
+        admin_record(&gw, &id).await["reason_code"],
+        "request_too_large"
+    );
+    // A chunked body that grows past the cap: 413 too. The body is sent
+    // from its own task: the gateway stops reading at the cap.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let c = tokio::net::TcpStream::connect(addr.clone()).await.unwrap();
+        let (mut rd, mut wr) = c.into_split();
+        let head = format!("POST /admin/simulate HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {root}\r\ntransfer-encoding: chunked\r\n\r\n");
+        tokio::spawn(async move {
+            let _ = wr.write_all(head.as_bytes()).await;
+            let chunk = vec![b' '; 64 * 1024];
+            for _ in 0..20 {
+                let frame = [
+                    format!("{:x}\r\n", chunk.len()).into_bytes(),
+                    chunk.clone(),
+                    b"\r\n".to_vec(),
+                ]
+                .concat();
+                if wr.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        });
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, rd.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    }
+    // A client that never finishes its headers is disconnected.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /admin/models HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(PATIENCE, slow.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "the admin listener kept a slow client forever"
+    );
+}
