@@ -322,6 +322,34 @@ pub struct KeyEntry {
     /// Seconds between JWKS refreshes (default 300).
     #[serde(default)]
     pub refresh_secs: Option<u64>,
+    /// Accept a `jwks_url` over plain `http://` (a key document anyone on
+    /// the path could replace). Default false: `https://` only.
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Required `iss` for tokens verified with keys from this source,
+    /// instead of `auth.issuer`.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Accepted `aud` values for tokens verified with keys from this
+    /// source, instead of `auth.audience`.
+    #[serde(default)]
+    pub audience: Option<Vec<String>>,
+    /// Every token verified with keys from this source belongs to this
+    /// tenant, whatever its tenant claim says (a service holding a shared
+    /// HMAC secret cannot mint tokens for another tenant).
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+impl KeyEntry {
+    /// What tokens verified with this source's keys may claim.
+    pub fn scope(&self) -> filters::jwt_auth::KeyScope {
+        filters::jwt_auth::KeyScope {
+            issuer: self.issuer.clone(),
+            audience: self.audience.clone(),
+            tenant: self.tenant.clone(),
+        }
+    }
 }
 
 /// `rate_limit:` — request limits and token budgets.
@@ -698,15 +726,27 @@ fn check_auth(a: &AuthSection, errors: &mut Errors) {
             );
         }
         if let Some(url) = &k.jwks_url {
-            if url::Url::parse(url)
-                .map(|u| !matches!(u.scheme(), "http" | "https"))
-                .unwrap_or(true)
-            {
-                errors.push(
+            match url::Url::parse(url).map(|u| u.scheme().to_string()) {
+                Ok(s) if s == "https" => {}
+                Ok(s) if s == "http" && k.allow_http => {}
+                Ok(s) if s == "http" => errors.push(
                     &format!("{key}.jwks_url"),
-                    format!("'{url}' is not an http(s) URL"),
-                );
+                    format!(
+                        "'{url}' is plain http: anyone on the path could replace the keys. \
+                         Use https, or set `allow_http: true` on this entry"
+                    ),
+                ),
+                _ => errors.push(
+                    &format!("{key}.jwks_url"),
+                    format!("'{url}' is not an https URL"),
+                ),
             }
+        }
+        if k.issuer.as_deref() == Some(DEV_ISSUER) && !a.allow_dev_issuer {
+            errors.push(
+                &format!("{key}.issuer"),
+                format!("'{DEV_ISSUER}' is the dev issuer (see auth.allow_dev_issuer)"),
+            );
         }
     }
 }

@@ -5,7 +5,7 @@
 use crate::config::{AuthSection, KeyEntry};
 use crate::upstream;
 use async_trait::async_trait;
-use filters::jwt_auth::{KeySet, KeySource, VerifyKey};
+use filters::jwt_auth::{KeyScope, KeySet, KeySource, VerifyKey};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use std::path::{Path, PathBuf};
@@ -52,8 +52,9 @@ impl KeySource for GatewayKeys {
     }
 }
 
-/// JWKS URLs to follow, each with its refresh interval.
-pub type JwksUrls = Vec<(String, Duration)>;
+/// JWKS URLs to follow, each with its refresh interval and the scope of
+/// its keys.
+pub type JwksUrls = Vec<(String, Duration, KeyScope)>;
 
 /// Load every fixed key source; JWKS URLs are returned to be followed.
 /// Reports every problem at once.
@@ -63,8 +64,9 @@ pub fn load(auth: &AuthSection) -> Result<(Arc<GatewayKeys>, JwksUrls), Vec<Stri
     let mut errors = Vec::new();
     for (i, entry) in auth.keys.iter().enumerate() {
         let alg = entry.alg.as_deref().and_then(|a| a.parse().ok());
+        let scope = entry.scope();
         let mut push = |r: Result<VerifyKey, String>, what: &Path| match r {
-            Ok(k) => keys.push(k),
+            Ok(k) => keys.push(k.scoped(scope.clone())),
             Err(e) => errors.push(format!("auth.keys[{i}]: {}: {e}", what.display())),
         };
         match entry {
@@ -96,7 +98,12 @@ pub fn load(auth: &AuthSection) -> Result<(Arc<GatewayKeys>, JwksUrls), Vec<Stri
                 jwks_file: Some(path),
                 ..
             } => match read(path).and_then(|b| VerifyKey::from_jwks(&b)) {
-                Ok(list) => keys.extend(list),
+                Ok((list, skipped)) => {
+                    for why in skipped {
+                        log::warn!("auth.keys[{i}]: {}: skipped {why}", path.display());
+                    }
+                    keys.extend(list.into_iter().map(|k| k.scoped(entry.scope())));
+                }
                 Err(e) => errors.push(format!("auth.keys[{i}]: {}: {e}", path.display())),
             },
             KeyEntry {
@@ -106,6 +113,7 @@ pub fn load(auth: &AuthSection) -> Result<(Arc<GatewayKeys>, JwksUrls), Vec<Stri
                 urls.push((
                     url.clone(),
                     Duration::from_secs(entry.refresh_secs.unwrap_or(300).max(1)),
+                    entry.scope(),
                 ));
             }
             KeyEntry {
@@ -114,7 +122,7 @@ pub fn load(auth: &AuthSection) -> Result<(Arc<GatewayKeys>, JwksUrls), Vec<Stri
                 ..
             } => match alg {
                 Some(alg) => match VerifyKey::hmac(kid, secret.as_bytes(), alg) {
-                    Ok(k) => keys.push(k),
+                    Ok(k) => keys.push(k.scoped(entry.scope())),
                     Err(e) => errors.push(format!("auth.keys[{i}]: {e}")),
                 },
                 None => errors.push(format!("auth.keys[{i}]: an hmac_secret needs an alg")),
@@ -174,10 +182,15 @@ pub struct JwksRefresher {
 impl JwksRefresher {
     async fn refresh(&self) {
         let mut all = Vec::new();
-        for (url, _) in &self.urls {
+        for (url, _, scope) in &self.urls {
             match upstream::get(&self.connector, url, Duration::from_secs(5)).await {
                 Ok(body) => match VerifyKey::from_jwks(&body) {
-                    Ok(keys) => all.extend(keys),
+                    Ok((keys, skipped)) => {
+                        for why in skipped {
+                            log::warn!("JWKS {url}: skipped {why}");
+                        }
+                        all.extend(keys.into_iter().map(|k| k.scoped(scope.clone())));
+                    }
                     Err(e) => {
                         log::warn!("JWKS {url}: {e}; keeping the previous keys");
                         return;
@@ -200,7 +213,7 @@ impl BackgroundService for JwksRefresher {
         let interval = self
             .urls
             .iter()
-            .map(|(_, d)| *d)
+            .map(|(_, d, _)| *d)
             .min()
             .unwrap_or(Duration::from_secs(300));
         let last = Mutex::new(Instant::now() - MIN_REFRESH_GAP);

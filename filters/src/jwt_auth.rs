@@ -18,7 +18,7 @@ use crate::error::{ErrorCode, Rejection};
 use crate::request::{Principal, RequestView};
 use async_trait::async_trait;
 use base64::Engine;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -31,6 +31,19 @@ pub struct VerifyKey {
     pub kid: String,
     pub alg: Algorithm,
     key: DecodingKey,
+    /// What tokens verified with this key may claim, when its source says.
+    pub scope: KeyScope,
+}
+
+/// Per key source (an `auth.keys` entry): overrides of the section-wide
+/// `issuer` and `audience`, and a tenant every token of the source gets
+/// whatever it claims. A service given an HMAC secret can then only mint
+/// tokens for its own issuer, audience and tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyScope {
+    pub issuer: Option<String>,
+    pub audience: Option<Vec<String>>,
+    pub tenant: Option<String>,
 }
 
 impl std::fmt::Debug for VerifyKey {
@@ -97,7 +110,14 @@ impl VerifyKey {
             kid: kid.to_string(),
             alg,
             key,
+            scope: KeyScope::default(),
         })
+    }
+
+    /// The same key, scoped.
+    pub fn scoped(mut self, scope: KeyScope) -> Self {
+        self.scope = scope;
+        self
     }
 
     /// A shared HMAC secret, only ever from explicit configuration.
@@ -112,15 +132,64 @@ impl VerifyKey {
             kid: kid.to_string(),
             alg,
             key: DecodingKey::from_secret(secret),
+            scope: KeyScope::default(),
         })
     }
 
-    /// Every usable signing key of a JWKS document. Symmetric (`oct`) keys
-    /// and keys without a `kid` are refused.
-    pub fn from_jwks(json: &[u8]) -> Result<Vec<Self>, String> {
-        let set: JwkSet =
+    /// Every usable signing key of a JWKS document, and why each other key
+    /// was skipped: an encryption key (`use: enc`, or `key_ops` without
+    /// `verify`), an algorithm the gateway does not verify with (such as
+    /// `RSA-OAEP`), a symmetric (`oct`) key, a key without `kid`, an
+    /// unsupported curve, or an entry that is not a JWK. Identity
+    /// providers publish such keys beside their signing keys; one of them
+    /// must not make the whole document unusable. A document without any
+    /// usable key is an error.
+    pub fn from_jwks(json: &[u8]) -> Result<(Vec<Self>, Vec<String>), String> {
+        let doc: serde_json::Value =
             serde_json::from_slice(json).map_err(|e| format!("not a JWKS document: {e}"))?;
-        set.keys.iter().map(Self::from_jwk).collect()
+        let entries = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or("not a JWKS document: no `keys` array")?;
+        let mut keys = Vec::new();
+        let mut skipped = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let kid = entry
+                .get("kid")
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("#{i}"), str::to_string);
+            let usage = entry.get("use").and_then(Value::as_str);
+            let verifies = entry
+                .get("key_ops")
+                .and_then(Value::as_array)
+                .is_none_or(|ops| ops.iter().any(|o| o == "verify"));
+            if usage.is_some_and(|u| u != "sig") || !verifies {
+                skipped.push(format!("key {kid}: not a signing key"));
+                continue;
+            }
+            match serde_json::from_value::<Jwk>(entry.clone())
+                .map_err(|e| format!("key {kid}: {e}"))
+                .and_then(|jwk| {
+                    Self::from_jwk(&jwk).map_err(|e| match e.starts_with("key ") {
+                        true => e,
+                        false => format!("key {kid}: {e}"),
+                    })
+                }) {
+                Ok(k) => keys.push(k),
+                Err(e) => skipped.push(e),
+            }
+        }
+        if keys.is_empty() {
+            return Err(format!(
+                "no usable signing key in the JWKS document ({})",
+                if skipped.is_empty() {
+                    "it has no keys".to_string()
+                } else {
+                    skipped.join("; ")
+                }
+            ));
+        }
+        Ok((keys, skipped))
     }
 
     fn from_jwk(jwk: &Jwk) -> Result<Self, String> {
@@ -153,7 +222,12 @@ impl VerifyKey {
             Some(other) => return Err(format!("key {kid}: algorithm {other:?} not accepted")),
         };
         let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {kid}: {e}"))?;
-        Ok(Self { kid, alg, key })
+        Ok(Self {
+            kid,
+            alg,
+            key,
+            scope: KeyScope::default(),
+        })
     }
 }
 
@@ -377,7 +451,8 @@ impl JwtAuth {
                 )));
             }
         }
-        if let Some(issuer) = &self.settings.issuer {
+        let issuer = key.scope.issuer.as_ref().or(self.settings.issuer.as_ref());
+        if let Some(issuer) = issuer {
             if claims.get("iss").and_then(Value::as_str) != Some(issuer.as_str()) {
                 return Err(refuse(format!(
                     "wrong issuer {}",
@@ -385,13 +460,18 @@ impl JwtAuth {
                 )));
             }
         }
-        if !self.settings.audience.is_empty() {
+        let audience = key
+            .scope
+            .audience
+            .as_ref()
+            .unwrap_or(&self.settings.audience);
+        if !audience.is_empty() {
             let ok = match claims.get("aud") {
-                Some(Value::String(a)) => self.settings.audience.contains(a),
+                Some(Value::String(a)) => audience.contains(a),
                 Some(Value::Array(list)) => list
                     .iter()
                     .filter_map(Value::as_str)
-                    .any(|a| self.settings.audience.iter().any(|x| x == a)),
+                    .any(|a| audience.iter().any(|x| x == a)),
                 _ => false,
             };
             if !ok {
@@ -406,8 +486,9 @@ impl JwtAuth {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             _ => return Err(refuse(format!("subject claim '{}' missing", paths.subject))),
         };
-        let tenant = match claim(&claims, &paths.tenant) {
-            Some(Value::String(t)) if !t.is_empty() => t.clone(),
+        let tenant = match (&key.scope.tenant, claim(&claims, &paths.tenant)) {
+            (Some(pinned), _) => pinned.clone(),
+            (None, Some(Value::String(t))) if !t.is_empty() => t.clone(),
             _ => self.settings.default_tenant.clone(),
         };
         let roles = match claim(&claims, &paths.roles) {

@@ -231,7 +231,7 @@ async fn jwks_url_keys_are_followed_added_and_removed() {
     let addr = jwks_server(doc.clone()).await;
     let mut setup = Setup::new(mock.addr);
     setup.extra_yaml = format!(
-        "auth:\n  keys:\n    - jwks_url: http://{addr}/jwks.json\n      refresh_secs: 1\n  issuer: test-issuer\n  audience: [portcullis]\n"
+        "auth:\n  keys:\n    - jwks_url: http://{addr}/jwks.json\n      allow_http: true\n      refresh_secs: 1\n  issuer: test-issuer\n  audience: [portcullis]\n"
     );
     let gw = Gateway::start(setup).await;
     let t1 = k1.sign("k1", &claims("alice", &["user"]));
@@ -252,4 +252,82 @@ async fn jwks_url_keys_are_followed_added_and_removed() {
         .as_str()
         .unwrap()
         .contains("unknown kid 'k1'"));
+}
+
+/// Issue 8, item 12: a JWKS document with an encryption key beside the
+/// signing key (as Keycloak publishes) still gives the signing key; a plain
+/// http JWKS URL is refused unless allowed; an HMAC source scoped to its
+/// own issuer and tenant cannot mint tokens for anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_with_an_encryption_key_http_urls_and_scoped_sources() {
+    let mock = Mock::start(options()).await;
+    let k1 = TestKeys::new();
+    let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let doc = Arc::new(Mutex::new(json!({"keys": [
+        {"kty": "RSA", "kid": "enc-1", "use": "enc", "alg": "RSA-OAEP", "n": enc(&[0xc3; 256]), "e": "AQAB"},
+        jwk("k1", &k1)]})));
+    let addr = jwks_server(doc).await;
+    let secret = "0123456789abcdef0123456789abcdef-billing";
+    let auth = format!(
+        "auth:\n  keys:\n    - jwks_url: http://{addr}/jwks.json\n      allow_http: true\n      refresh_secs: 1\n    - hmac_secret: {secret}\n      kid: billing\n      alg: HS256\n      issuer: svc-billing\n      tenant: billing\n  issuer: test-issuer\n  audience: [portcullis]\n"
+    );
+    let mut setup = Setup::new(mock.addr);
+    setup.extra_yaml = auth.clone();
+    let gw = Gateway::start(setup).await;
+    eventually(&gw, &k1.sign("k1", &claims("alice", &["user"])), 200).await;
+
+    let hmac = |claims: Value| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        h.kid = Some("billing".into());
+        jsonwebtoken::encode(
+            &h,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    // The section-wide issuer is not this source's: refused, and why.
+    let forged = hmac(claims("svc", &["user"]));
+    let id = expect_error(
+        post_as(&gw, &forged, &chat("x")).await,
+        401,
+        "invalid_token",
+    )
+    .await;
+    assert!(gw.record_for(&id).await["reason"]
+        .as_str()
+        .unwrap()
+        .contains("wrong issuer"));
+    // Its own issuer: accepted, in its own tenant whatever it claims.
+    let mut own = claims("svc", &["user"]);
+    own["iss"] = json!("svc-billing");
+    own["tenant"] = json!("acme");
+    let r = post_as(&gw, &hmac(own), &chat("x")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.record_for(&request_id(&r)).await["tenant"], "billing");
+
+    // Without allow_http, a plain http JWKS URL stops start-up.
+    let mut setup = Setup::new(mock.addr);
+    setup.extra_yaml = auth.replace("      allow_http: true\n", "");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "providers:\n  mock:\n    base_url: http://{}/v1\n{}",
+            mock.addr, setup.extra_yaml
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("auth.keys[0].jwks_url") && text.contains("plain http"),
+        "{text}"
+    );
 }

@@ -389,11 +389,12 @@ fn jwks_documents() {
     let (x, y) = (&raw[1..33], &raw[33..65]);
     let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
     let doc = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig", "x": enc(x), "y": enc(y)}]});
-    let keys = VerifyKey::from_jwks(doc.to_string().as_bytes()).unwrap();
+    let (keys, skipped) = VerifyKey::from_jwks(doc.to_string().as_bytes()).unwrap();
     assert_eq!(
         (keys[0].kid.as_str(), keys[0].alg),
         ("k1", Algorithm::ES256)
     );
+    assert!(skipped.is_empty());
     let oct = json!({"keys": [{"kty": "oct", "kid": "s", "k": enc(&[1; 32])}]});
     assert!(VerifyKey::from_jwks(oct.to_string().as_bytes())
         .unwrap_err()
@@ -402,4 +403,92 @@ fn jwks_documents() {
     assert!(VerifyKey::from_jwks(nokid.to_string().as_bytes())
         .unwrap_err()
         .contains("kid"));
+}
+
+/// Issue 8, item 12: keys the gateway cannot verify with (Keycloak
+/// publishes an `RSA-OAEP` encryption key beside its signing keys) are
+/// skipped, each with its reason; the usable ones stay.
+#[test]
+fn unusable_jwks_keys_are_skipped_not_fatal() {
+    let es = rcgen::KeyPair::generate().unwrap();
+    let raw = es.public_key_raw();
+    let (x, y) = (&raw[1..33], &raw[33..65]);
+    let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let sig = json!({"kty": "EC", "crv": "P-256", "kid": "sig1", "use": "sig", "alg": "ES256", "x": enc(x), "y": enc(y)});
+    let doc = json!({"keys": [
+        {"kty": "RSA", "kid": "enc1", "use": "enc", "alg": "RSA-OAEP", "n": enc(&[0xc3; 256]), "e": "AQAB"},
+        {"kty": "RSA", "kid": "enc2", "alg": "RSA-OAEP-256", "n": enc(&[0xc3; 256]), "e": "AQAB"},
+        {"kty": "EC", "crv": "P-256", "kid": "ops", "key_ops": ["encrypt"], "x": enc(x), "y": enc(y)},
+        {"kty": "EC", "crv": "P-256", "kid": "ecdh", "alg": "ECDH-ES", "x": enc(x), "y": enc(y)},
+        {"kty": "oct", "kid": "s", "k": enc(&[1; 32])},
+        {"kty": "EC", "crv": "P-256", "x": enc(x), "y": enc(y)},
+        "not a key",
+        sig,
+    ]});
+    let (keys, skipped) = VerifyKey::from_jwks(doc.to_string().as_bytes()).unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].kid, "sig1");
+    assert_eq!(skipped.len(), 7, "{skipped:?}");
+    for kid in ["enc1", "enc2", "ops", "ecdh", "key s", "#5", "#6"] {
+        assert!(
+            skipped.iter().any(|s| s.contains(kid)),
+            "{kid}: {skipped:?}"
+        );
+    }
+    // Nothing usable at all is an error.
+    let none = json!({"keys": [doc["keys"][0].clone()]});
+    assert!(VerifyKey::from_jwks(none.to_string().as_bytes())
+        .unwrap_err()
+        .contains("no usable signing key"));
+}
+
+/// A key source's own issuer, audience and tenant win over the section's.
+#[test]
+fn a_key_source_scopes_its_tokens() {
+    let scope = KeyScope {
+        issuer: Some("svc-billing".into()),
+        audience: Some(vec!["billing-gw".into()]),
+        tenant: Some("billing".into()),
+    };
+    let key = VerifyKey::hmac("svc", &[9; 32], Algorithm::HS256)
+        .unwrap()
+        .scoped(scope);
+    let settings = JwtSettings {
+        issuer: Some("corp-idp".into()),
+        audience: vec!["portcullis".into()],
+        ..JwtSettings::default()
+    };
+    let auth = JwtAuth::new(
+        settings,
+        Arc::new(KeySet::new([key])),
+        Arc::new(ManualClock::at_ms(1_000_000)),
+    );
+    let sign = |claims: Value| {
+        let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+        h.kid = Some("svc".into());
+        jsonwebtoken::encode(
+            &h,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(&[9; 32]),
+        )
+        .unwrap()
+    };
+    // The section's issuer is not enough for this source.
+    let corp = sign(
+        json!({"sub": "x", "iss": "corp-idp", "aud": "portcullis", "exp": 2000, "tenant": "acme"}),
+    );
+    assert!(auth.verify(&corp).unwrap_err().1.contains("wrong issuer"));
+    let wrong_aud =
+        sign(json!({"sub": "x", "iss": "svc-billing", "aud": "portcullis", "exp": 2000}));
+    assert!(auth
+        .verify(&wrong_aud)
+        .unwrap_err()
+        .1
+        .contains("wrong audience"));
+    // Its own: accepted, and the tenant claim cannot escape the pinned one.
+    let own = sign(
+        json!({"sub": "x", "iss": "svc-billing", "aud": "billing-gw", "exp": 2000, "tenant": "acme"}),
+    );
+    let (p, ..) = auth.verify(&own).unwrap();
+    assert_eq!(p.tenant, "billing");
 }
