@@ -76,6 +76,9 @@ enum Command {
         pii: Option<PathBuf>,
         #[arg(long, default_value = "policies/redaction.yaml")]
         policy: PathBuf,
+        /// Also list every miss and false alarm.
+        #[arg(long)]
+        misses: bool,
     },
     /// Manage the model registry through the admin API.
     Models {
@@ -310,15 +313,16 @@ pub fn main() -> ExitCode {
             secrets,
             pii,
             policy,
+            misses,
         } => {
             let run = || -> anyhow::Result<String> {
                 let r = crate::eval::load_redactor(&policy)?;
                 let mut out = String::new();
                 if let Some(f) = &secrets {
-                    out += &crate::eval::secrets(&r, f)?;
+                    out += &crate::eval::secrets(&r, f, misses)?;
                 }
                 if let Some(f) = &pii {
-                    out += &crate::eval::pii(&r, f)?;
+                    out += &crate::eval::pii(&r, f, misses)?;
                 }
                 if out.is_empty() {
                     anyhow::bail!("give --secrets FILE and/or --pii FILE");

@@ -37,15 +37,24 @@ fn pct(n: usize, d: usize) -> String {
 
 /// Secrets: a true positive must be redacted (by any rule), a false
 /// positive must survive untouched.
-pub fn secrets(r: &Redactor, file: &Path) -> anyhow::Result<String> {
+pub fn secrets(r: &Redactor, file: &Path, misses: bool) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(file)?;
     let mut by_source: BTreeMap<String, Tally> = BTreeMap::new();
     let mut by_rule: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let mut all = Tally::default();
+    let mut listed = String::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let row: SecretRow = serde_json::from_str(line)?;
         let found = r.find(&row.text);
         let hit = !found.is_empty();
+        if misses && hit != (row.kind == "true_positive") {
+            let what = if hit {
+                format!("false alarm ({})", rules_of(&found))
+            } else {
+                "missed".into()
+            };
+            listed += &format!("{}: {what}: {:?}\n", row.rule_id, row.text);
+        }
         let t = by_source.entry(row.rule_id.clone()).or_default();
         if row.kind == "true_positive" {
             t.positives += 1;
@@ -106,7 +115,13 @@ pub fn secrets(r: &Redactor, file: &Path) -> anyhow::Result<String> {
         all.flagged,
         all.negatives
     );
-    Ok(out)
+    Ok(listed + &out)
+}
+
+fn rules_of(found: &[filters::redact::Finding]) -> String {
+    let mut ids: Vec<&str> = found.iter().map(|f| f.rule.as_str()).collect();
+    ids.dedup();
+    ids.join(", ")
 }
 
 #[derive(Deserialize)]
@@ -145,11 +160,12 @@ const PII_TYPES: [&str; 6] = [
 ];
 
 /// PII: span-exact precision and recall per entity type.
-pub fn pii(r: &Redactor, file: &Path) -> anyhow::Result<String> {
+pub fn pii(r: &Redactor, file: &Path, misses: bool) -> anyhow::Result<String> {
     let rows: Vec<PiiRow> = serde_json::from_str(&std::fs::read_to_string(file)?)?;
     // type -> (true positives, predicted, gold)
     let mut counts: BTreeMap<&str, (usize, usize, usize)> =
         PII_TYPES.iter().map(|t| (*t, (0, 0, 0))).collect();
+    let mut listed = String::new();
     for row in rows {
         let gold: Vec<(usize, usize, &str)> = row
             .spans
@@ -167,17 +183,33 @@ pub fn pii(r: &Redactor, file: &Path) -> anyhow::Result<String> {
             .find(&row.full_text)
             .into_iter()
             .filter(|f| f.kind == Kind::Pii)
-            .filter_map(|f| entity(&f.rule).map(|t| (char_at(f.start), char_at(f.end), t)))
+            .filter_map(|f| {
+                entity(r.entity(&f.rule)).map(|t| (char_at(f.start), char_at(f.end), t))
+            })
             .collect();
+        let span = |s: &(usize, usize, &str)| -> String {
+            row.full_text.chars().skip(s.0).take(s.1 - s.0).collect()
+        };
         for g in &gold {
             if let Some(c) = counts.get_mut(g.2) {
                 c.2 += 1;
                 c.0 += usize::from(predicted.contains(g));
             }
+            if misses && !predicted.contains(g) {
+                listed += &format!("{}: missed {:?} in {:?}\n", g.2, span(g), row.full_text);
+            }
         }
         for p in &predicted {
             if let Some(c) = counts.get_mut(p.2) {
                 c.1 += 1;
+            }
+            if misses && !gold.contains(p) {
+                listed += &format!(
+                    "{}: false alarm {:?} in {:?}\n",
+                    p.2,
+                    span(p),
+                    row.full_text
+                );
             }
         }
     }
@@ -206,5 +238,5 @@ pub fn pii(r: &Redactor, file: &Path) -> anyhow::Result<String> {
         pct(tp, pred),
         pct(tp, gold)
     );
-    Ok(out)
+    Ok(listed + &out)
 }

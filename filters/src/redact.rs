@@ -35,12 +35,22 @@ pub enum Validator {
     Mod97,
     /// US SSN: not area 000, 666 or 9xx; not group 00; not serial 0000.
     Ssn,
-    /// A parseable IPv4 address.
+    /// A parseable IPv4 address, not loopback (127/8), 0.0.0.0 or the
+    /// broadcast address: those name no one.
     Ipv4,
     /// A parseable IPv6 address.
     Ipv6,
-    /// 7–15 digits, and not a date.
+    /// Payment card without a label: Luhn, 13–19 digits, an issuer's
+    /// first digit (2–6), and the grouping cards are printed with (none,
+    /// fours, or 4-6-5 / 4-6-4), one separator throughout.
+    Card,
+    /// 7–15 digits, and not a date, an SSN or a dotted quad.
     Phone,
+    /// North American number: area code and exchange start with 2–9.
+    Nanp,
+    /// Looks generated: a digit and a letter, and both letter cases
+    /// unless it is 32 characters or longer.
+    Random,
 }
 
 /// One rule as written in the policy file.
@@ -61,12 +71,118 @@ pub struct RuleSpec {
     /// Shannon entropy (bits per character) the redacted span must reach.
     #[serde(default)]
     pub min_entropy: Option<f64>,
-    /// Generic rules also let UUIDs, hex hashes and version strings through.
+    /// Generic rules also let UUIDs, hex hashes and version strings
+    /// through, and what `references` lets through.
     #[serde(default)]
     pub generic: bool,
-    /// `{id}` and `{kind}` are filled in; default `[REDACTED:{id}]`.
+    /// A value that names a secret instead of being one is not a finding:
+    /// `${DB_PASSWORD}`, `$TOKEN`, `$(vault read …)`, `<token>`,
+    /// `process.env.API_KEY`, `settings.SECRET`, a file name or a URL.
+    #[serde(default)]
+    pub references: bool,
+    /// `{id}` and `{kind}` are filled in; default `[REDACTED:{entity}]`.
     #[serde(default)]
     pub replacement: Option<String>,
+    /// Names a value is assigned to (`datadog_api_key = …`, `"token":
+    /// "…"`, `export COHERE_API_KEY=…`, `password: …`): `pattern` is then
+    /// the value's pattern, and the rule matches it only as the value of
+    /// a name that contains one of these (case-insensitive literals).
+    /// Keywords default to the names.
+    #[serde(default)]
+    pub assigned_to: Vec<String>,
+    /// A regex over the whole match: when it matches, the match is not a
+    /// finding (`public_key = …` for a rule about keys).
+    #[serde(default)]
+    pub exclude: Option<String>,
+    /// What the rule finds (default: its id): the name in
+    /// `[REDACTED:…]`, and what profiles turn on and off. Several rules
+    /// can find one entity (`phone` in its international, North American,
+    /// national and labelled forms).
+    #[serde(default)]
+    pub entity: Option<String>,
+    /// `false`: off unless a profile enables it.
+    #[serde(default = "on")]
+    pub enabled: bool,
+}
+
+fn on() -> bool {
+    true
+}
+
+impl RuleSpec {
+    /// The entity this rule finds.
+    pub fn entity(&self) -> &str {
+        self.entity.as_deref().unwrap_or(&self.id)
+    }
+
+    /// The regex actually compiled: `pattern`, or for an assignment rule
+    /// the name, an operator and `pattern` as capture group 1.
+    fn full_pattern(&self) -> String {
+        if self.assigned_to.is_empty() {
+            return self.pattern.clone();
+        }
+        // A name contains one of `assigned_to` as a word of its own:
+        // after separators (`DD_API_KEY`, `x-api-key`, `db.password`) or
+        // as a camel-case word (`cohereApiKey`, `myOktaToken`), not inside
+        // another word (`rookTable` has no Okta in it).
+        let names: Vec<String> = self.assigned_to.iter().map(|n| regex::escape(n)).collect();
+        let camel: Vec<String> = self
+            .assigned_to
+            .iter()
+            .filter_map(|n| {
+                let mut c = n.chars();
+                let first = c.next().filter(char::is_ascii_alphabetic)?;
+                Some(format!(
+                    "{}(?i:{})",
+                    first.to_ascii_uppercase(),
+                    regex::escape(c.as_str())
+                ))
+            })
+            .collect();
+        // Then an operator (`=`, `:`, `:=`, `=>`, `?=`) on the same line,
+        // an optional quote, the value, and no value character after it.
+        format!(
+            r#"(?:\b(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b[A-Za-z0-9]{{0,30}}[a-z0-9](?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]*(?:=|:=|=>|\?=|:)[ \t]*["'`]?({})(?:[^A-Za-z0-9_+/=-]|$)"#,
+            names.join("|"),
+            camel.join("|"),
+            self.pattern
+        )
+    }
+
+    fn keywords(&self) -> Vec<String> {
+        let from = if self.keywords.is_empty() {
+            &self.assigned_to
+        } else {
+            &self.keywords
+        };
+        from.iter().map(|k| k.to_ascii_lowercase()).collect()
+    }
+}
+
+/// A tenant's redaction: which rules apply, and how findings read.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Kinds that apply (default: both).
+    #[serde(default)]
+    pub kinds: Option<Vec<Kind>>,
+    /// Rules or entities turned on beyond the defaults.
+    #[serde(default)]
+    pub enable: Vec<String>,
+    /// Rules or entities turned off.
+    #[serde(default)]
+    pub disable: Vec<String>,
+    /// The replacement style (default: the policy's).
+    #[serde(default)]
+    pub style: Option<Style>,
+}
+
+impl Profile {
+    fn applies(&self, spec: &RuleSpec) -> bool {
+        let named = |list: &[String]| list.iter().any(|n| n == &spec.id || n == spec.entity());
+        let kind = self.kinds.as_ref().is_none_or(|k| k.contains(&spec.kind));
+        kind && !named(&self.disable) && (spec.enabled || named(&self.enable))
+    }
 }
 
 /// How a finding is replaced, unless its rule has its own `replacement`.
@@ -98,11 +214,19 @@ pub struct RedactionPolicy {
     #[serde(default)]
     pub placeholders: Vec<String>,
     pub rules: Vec<RuleSpec>,
+    /// Named profiles (`support` keeps phone numbers, `health` redacts
+    /// more); the rules' own `enabled` flags make the default profile.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Profile>,
+    /// Tenant → profile name. Tenants not listed get the default.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, String>,
 }
 
 struct Rule {
     spec: RuleSpec,
     regex: Regex,
+    exclude: Option<Regex>,
     /// The rule's own template, if it has one.
     replacement: Option<String>,
 }
@@ -120,12 +244,16 @@ pub struct Redactor {
     always: Vec<usize>,
     always_set: RegexSet,
     placeholders: Vec<String>,
+    /// Tenant → its profile's rule set (tenants without one use `self`).
+    tenants: std::collections::HashMap<String, std::sync::Arc<Redactor>>,
     uuid: Regex,
     hex_hash: Regex,
     version: Regex,
     date: Regex,
     ssn_shape: Regex,
     dotted_quad: Regex,
+    /// Generic rules: a value that names a secret instead of being one.
+    reference: Regex,
 }
 
 /// What [`Redactor::scan`] found.
@@ -146,8 +274,46 @@ pub struct Finding {
 }
 
 impl Redactor {
-    /// Compile every rule; reports every rule that does not compile.
+    /// Compile the policy: the default rule set, and one per profile a
+    /// tenant uses. Reports every rule and profile that is wrong.
     pub fn build(policy: &RedactionPolicy) -> Result<Self, Vec<String>> {
+        let mut errors = check_profiles(policy);
+        let mut default = match Self::build_one(policy, &Profile::default()) {
+            Ok(r) => r,
+            Err(mut e) => {
+                e.append(&mut errors);
+                return Err(e);
+            }
+        };
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let mut compiled: BTreeMap<&str, std::sync::Arc<Redactor>> = BTreeMap::new();
+        for (tenant, name) in &policy.tenants {
+            let r = match compiled.get(name.as_str()) {
+                Some(r) => r.clone(),
+                None => {
+                    let profile = &policy.profiles[name];
+                    let r = std::sync::Arc::new(Self::build_one(policy, profile)?);
+                    compiled.insert(name, r.clone());
+                    r
+                }
+            };
+            default.tenants.insert(tenant.clone(), r);
+        }
+        Ok(default)
+    }
+
+    /// The rule set for a tenant (its profile's, or the default).
+    pub fn for_tenant(self: &std::sync::Arc<Self>, tenant: Option<&str>) -> std::sync::Arc<Self> {
+        tenant
+            .and_then(|t| self.tenants.get(t))
+            .unwrap_or(self)
+            .clone()
+    }
+
+    /// Compile the rules a profile applies.
+    fn build_one(policy: &RedactionPolicy, profile: &Profile) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();
         let mut rules = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -155,20 +321,38 @@ impl Redactor {
             if !seen.insert(spec.id.clone()) {
                 errors.push(format!("rules: duplicate id '{}'", spec.id));
             }
-            match Regex::new(&spec.pattern) {
+            let exclude = match spec.exclude.as_deref().map(Regex::new).transpose() {
+                Ok(x) => x,
+                Err(e) => {
+                    errors.push(format!("rule '{}': bad exclude: {e}", spec.id));
+                    None
+                }
+            };
+            match Regex::new(&spec.full_pattern()) {
+                Ok(_) if !profile.applies(spec) => {}
+                Ok(_) if !spec.assigned_to.is_empty() && spec.group != 0 => errors.push(format!(
+                    "rule '{}': an assignment rule redacts its value (no group)",
+                    spec.id
+                )),
                 Ok(regex) if spec.group < regex.captures_len() => {
                     let kind = if spec.kind == Kind::Secret {
                         "secret"
                     } else {
                         "pii"
                     };
-                    let replacement = spec
-                        .replacement
-                        .as_ref()
-                        .map(|r| r.replace("{id}", &spec.id).replace("{kind}", kind));
+                    let replacement = spec.replacement.as_ref().map(|r| {
+                        r.replace("{id}", &spec.id)
+                            .replace("{entity}", spec.entity())
+                            .replace("{kind}", kind)
+                    });
+                    let mut spec = spec.clone();
+                    if !spec.assigned_to.is_empty() {
+                        spec.group = 1;
+                    }
                     rules.push(Rule {
-                        spec: spec.clone(),
+                        spec,
                         regex,
+                        exclude,
                         replacement,
                     });
                 }
@@ -183,11 +367,12 @@ impl Redactor {
         let mut keyword_rule = Vec::new();
         let mut always = Vec::new();
         for (i, r) in rules.iter().enumerate() {
-            if r.spec.keywords.is_empty() {
+            let keywords = r.spec.keywords();
+            if keywords.is_empty() {
                 always.push(i);
             }
-            for k in &r.spec.keywords {
-                patterns.push(k.to_ascii_lowercase());
+            for k in keywords {
+                patterns.push(k);
                 keyword_rule.push(i);
             }
         }
@@ -199,10 +384,10 @@ impl Redactor {
             return Err(errors);
         }
         let fixed = |p: &str| Regex::new(p).map_err(|e| vec![e.to_string()]);
-        let always_set = RegexSet::new(always.iter().map(|i| rules[*i].spec.pattern.as_str()))
+        let always_set = RegexSet::new(always.iter().map(|i| rules[*i].regex.as_str()))
             .map_err(|e| vec![format!("rules without keywords: {e}")])?;
         Ok(Self {
-            style: policy.style,
+            style: profile.style.unwrap_or(policy.style),
             salt: policy.salt.clone().unwrap_or_default(),
             always_set,
             rules,
@@ -214,19 +399,29 @@ impl Redactor {
                 .iter()
                 .map(|p| p.to_ascii_lowercase())
                 .collect(),
+            tenants: std::collections::HashMap::new(),
             uuid: fixed(r"^(?i)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")?,
             hex_hash: fixed(r"^(?i)(?:[0-9a-f]{32}|[0-9a-f]{40}|[0-9a-f]{64}|[0-9a-f]{128})$")?,
             version: fixed(r"^v?\d+(?:\.\d+){1,3}(?:[-+][0-9A-Za-z.]+)?$")?,
             dotted_quad: fixed(r"^\d{1,3}(?:\.\d{1,3}){3}$")?,
             ssn_shape: fixed(r"^\d{3}[- ]\d{2}[- ]\d{4}$")?,
             date: fixed(
-                r"^(?:\d{4}[-./ ]\d{1,2}[-./ ]\d{1,2}|\d{1,2}[-./ ]\d{1,2}[-./ ]\d{2,4})$",
+                r"^(?:(?:19|20)\d{2}(?:-\d{1,2}-|\.\d{1,2}\.|/\d{1,2}/)\d{1,2}|\d{1,2}(?:-\d{1,2}-|\.\d{1,2}\.|/\d{1,2}/)(?:19|20)?\d{2})(?:$|[ T])",
             )?,
+            reference: fixed(REFERENCE)?,
         })
     }
 
     pub fn rule_ids(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.spec.id.as_str())
+    }
+
+    /// The entity a rule finds (the rule id when it names none).
+    pub fn entity<'a>(&'a self, rule: &'a str) -> &'a str {
+        self.rules
+            .iter()
+            .find(|r| r.spec.id == rule)
+            .map_or(rule, |r| r.spec.entity())
     }
 
     /// Every span to redact, in order, never overlapping.
@@ -258,7 +453,11 @@ impl Redactor {
                     break;
                 };
                 raw.push((whole.start(), whole.end()));
-                if let Some(span) = caps.get(rule.spec.group) {
+                let excluded = rule
+                    .exclude
+                    .as_ref()
+                    .is_some_and(|x| x.is_match(whole.as_str()));
+                if let Some(span) = caps.get(rule.spec.group).filter(|_| !excluded) {
                     if let Some(len) = self.valid_prefix(rule, span.as_str()) {
                         candidates.push((span.start(), span.start() + len, i));
                     }
@@ -303,7 +502,7 @@ impl Redactor {
             return t.clone();
         }
         match self.style {
-            Style::Rule => format!("[REDACTED:{rule}]"),
+            Style::Rule => format!("[REDACTED:{}]", r.spec.entity()),
             Style::Kind => match r.spec.kind {
                 Kind::Secret => "[REDACTED:secret]".into(),
                 Kind::Pii => "[REDACTED:pii]".into(),
@@ -318,7 +517,7 @@ impl Redactor {
                 use sha2::{Digest, Sha256};
                 let digest = Sha256::digest(format!("{}{value}", self.salt).as_bytes());
                 let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-                format!("[REDACTED:{rule}:{hex}]")
+                format!("[REDACTED:{}:{hex}]", r.spec.entity())
             }
         }
     }
@@ -352,7 +551,7 @@ impl Redactor {
         // Only check digits can tell a true shorter match from a false one.
         if !matches!(
             rule.spec.validator,
-            Some(Validator::Luhn | Validator::Mod97)
+            Some(Validator::Luhn | Validator::Card | Validator::Mod97 | Validator::Phone)
         ) {
             return None;
         }
@@ -380,6 +579,9 @@ impl Redactor {
         {
             return false;
         }
+        if (rule.spec.generic || rule.spec.references) && self.reference.is_match(span) {
+            return false;
+        }
         if let Some(min) = rule.spec.min_entropy {
             if entropy(span) < min {
                 return false;
@@ -388,11 +590,17 @@ impl Redactor {
         match rule.spec.validator {
             None => true,
             Some(Validator::Luhn) => luhn(span),
+            Some(Validator::Card) => card(span),
+            Some(Validator::Random) => random(span),
+            Some(Validator::Nanp) => nanp(span) && !self.date.is_match(span),
             Some(Validator::Mod97) => mod97(span),
             Some(Validator::Ssn) => ssn(span),
-            Some(Validator::Ipv4) => span.parse::<std::net::Ipv4Addr>().is_ok(),
+            Some(Validator::Ipv4) => span
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !(ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast())),
             Some(Validator::Phone) => {
-                let n = digits(span).len();
+                let main = span.split(['x', 'X', 'e']).next().unwrap_or(span);
+                let n = digits(main).len();
                 (7..=15).contains(&n)
                     && !self.date.is_match(span)
                     && !self.ssn_shape.is_match(span)
@@ -406,6 +614,25 @@ impl Redactor {
         }
     }
 }
+
+/// A value that names a secret instead of being one: a variable or
+/// template reference (`${DB_PASSWORD}`, `$TOKEN`, `%KEY%`, `{{ … }}`,
+/// `<YOUR_KEY>`, `[PASSWORD]`), a lookup (`process.env.API_KEY`,
+/// `os.environ["TOKEN"]`, `getenv(…)`, `settings.SECRET_KEY`), a
+/// constant's or identifier's name (`DB_PASSWORD`, `key_length`), a URL, a
+/// host name, a path or a file name (`cert.p12`).
+const REFERENCE: &str = concat!(
+    r"^(?:",
+    r"[$%@&*\[{(<#].*",
+    r"|.*(?:\$\{|\{\{|\}\}|process\.env|environ|getenv|\benv\.|secrets\.|vault:|\(\)|\([\x22']).*",
+    r"|[A-Za-z_][A-Za-z0-9_]*(?:(?:\.|::|->)[A-Za-z_][A-Za-z0-9_]*)+(?:\(.*)?",
+    r"|[A-Z][A-Z0-9]*(?:[_-][A-Z0-9]+)+|[a-z]+(?:_[a-z]+)+",
+    r"|.*://.*",
+    r"|[a-z0-9-]+(?:\.[a-z0-9-]+)+(?::\d+)?",
+    r"|(?:[~.]{0,2}/|[A-Za-z]:\\).*",
+    r"|.*\.(?i:pem|p12|pfx|key|crt|cer|der|jks|keystore|keytab|json|ya?ml|txt|env|properties|xml|conf|cfg|ini|toml)",
+    r")$"
+);
 
 /// A made-up value: eight identical characters in a row, or six
 /// consecutive ascending ones (`abcdef`, `123456`). Real keys are random.
@@ -452,10 +679,49 @@ fn digits(s: &str) -> Vec<u32> {
     s.chars().filter_map(|c| c.to_digit(10)).collect()
 }
 
-/// Payment card numbers: 13–19 digits, Luhn-valid.
+/// See [`Validator::Random`].
+fn random(s: &str) -> bool {
+    let has = |f: fn(&char) -> bool| s.chars().any(|c| f(&c));
+    has(char::is_ascii_digit)
+        && has(char::is_ascii_alphabetic)
+        && (s.len() >= 32 || (has(char::is_ascii_uppercase) && has(char::is_ascii_lowercase)))
+}
+
+/// A card number as printed: see [`Validator::Card`].
+pub fn card(s: &str) -> bool {
+    let d = digits(s);
+    if !(13..=19).contains(&d.len()) || !matches!(d[0], 2..=6) || !luhn(s) {
+        return false;
+    }
+    let mut seps = s.chars().filter(|c| !c.is_ascii_digit());
+    let Some(sep) = seps.next() else {
+        return true;
+    };
+    if seps.any(|c| c != sep) {
+        return false;
+    }
+    let groups: Vec<usize> = s.split(sep).map(str::len).collect();
+    let (last, fours) = groups.split_last().unwrap_or((&0, &[]));
+    fours.iter().all(|g| *g == 4) && (1..=4).contains(last)
+        || groups == [4, 6, 5]
+        || groups == [4, 6, 4]
+}
+
+/// A North American number: 10 digits (11 with a leading 1), area code
+/// and exchange starting with 2–9, the exchange not N11.
+pub fn nanp(s: &str) -> bool {
+    let main = s.split(['x', 'X', 'e']).next().unwrap_or(s);
+    let mut d = digits(main);
+    if d.len() == 11 && d[0] == 1 {
+        d.remove(0);
+    }
+    d.len() == 10 && d[0] >= 2 && d[3] >= 2 && !(d[4] == 1 && d[5] == 1)
+}
+
+/// Payment card numbers: 12–19 digits, Luhn-valid.
 pub fn luhn(s: &str) -> bool {
     let d = digits(s);
-    if !(13..=19).contains(&d.len())
+    if !(12..=19).contains(&d.len())
         || s.chars()
             .any(|c| !(c.is_ascii_digit() || c == ' ' || c == '-'))
     {
@@ -513,6 +779,24 @@ pub fn ssn(s: &str) -> bool {
     let group = d[3] * 10 + d[4];
     let serial = d[5] * 1000 + d[6] * 100 + d[7] * 10 + d[8];
     area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+/// Profiles name rules and entities that exist; tenants name profiles that
+/// exist.
+fn check_profiles(policy: &RedactionPolicy) -> Vec<String> {
+    let mut errors = Vec::new();
+    let known = |n: &String| policy.rules.iter().any(|r| &r.id == n || r.entity() == n);
+    for (name, p) in &policy.profiles {
+        for n in p.enable.iter().chain(&p.disable).filter(|n| !known(n)) {
+            errors.push(format!("profile '{name}': no rule or entity '{n}'"));
+        }
+    }
+    for (tenant, name) in &policy.tenants {
+        if !policy.profiles.contains_key(name) {
+            errors.push(format!("tenant '{tenant}': no profile '{name}'"));
+        }
+    }
+    errors
 }
 
 pub mod request;

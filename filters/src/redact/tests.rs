@@ -37,6 +37,11 @@ const BASE64: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 const URL64: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 const UPPER32: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 const LETTERS: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const HEX: &str = "0123456789abcdef";
+const DIGITS: &str = "0123456789";
+const LOWER36: &str = "abcdefghijklmnopqrstuvwxyz0123456789";
+const UPPER36: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+const BECH32: &str = "QPZRY9X8GF2TVDW0S3JN54KHCE6MUA7L";
 
 /// One example per rule, embedded in ordinary text.
 fn examples() -> Vec<(&'static str, String)> {
@@ -135,7 +140,449 @@ fn examples() -> Vec<(&'static str, String)> {
         ("iban", "IBAN GB82 WEST 1234 5698 7654 32".into()),
         ("ipv4", "from 203.0.113.77 at noon".into()),
         ("ipv6", "host 2001:db8:85a3::8a2e:370:7334 up".into()),
-        ("phone", "call +44 20 7946 0958 today".into()),
+        ("phone", "reach me on +44 20 7946 0958 today".into()),
+        ("phone-nanp", "the office is (415) 555-0132 during the day".into()),
+        ("phone-national", "Büro: 030 12345678 (Berlin)".into()),
+        ("phone-labelled", "Phone: 612 34 56 78".into()),
+        ("phone-labelled-after", "72 12 88 27 (mobile)".into()),
+        (
+            "credit-card-labelled",
+            "charge the card ending in full 501864667909 please".into(),
+        ),
+        (
+            "aws-bedrock-api-key",
+            format!("ABSK{}=", chars(200, 131, BASE64)),
+        ),
+        (
+            "gcp-service-account-key-id",
+            format!(r#"{{"private_key_id": "{}"}}"#, chars(201, 40, HEX)),
+        ),
+        (
+            "google-oauth-client-secret",
+            format!("GOCSPX-{}", chars(202, 28, URL64)),
+        ),
+        (
+            "google-oauth-access-token",
+            format!("ya29.a0{}", chars(203, 120, URL64)),
+        ),
+        (
+            "age-secret-key",
+            format!("AGE-SECRET-KEY-1{}", chars(204, 58, BECH32)),
+        ),
+        (
+            "azure-shared-access-key",
+            format!(
+                "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=root;SharedAccessKey={}=",
+                chars(205, 43, BASE64)
+            ),
+        ),
+        (
+            "azure-sas-signature",
+            format!(
+                "https://acct.blob.core.windows.net/c/f?sv=2022-11-02&sp=r&sig={}%3D",
+                chars(206, 43, ALNUM)
+            ),
+        ),
+        (
+            "azure-openai-key",
+            format!("AZURE_OPENAI_API_KEY={}", chars(207, 32, HEX)),
+        ),
+        (
+            "azure-devops-pat",
+            format!("azure_devops_pat: {}", chars(208, 52, "abcdefghijklmnopqrstuvwxyz234567")),
+        ),
+        ("alibaba-access-key-id", format!("LTAI{}", chars(209, 20, ALNUM))),
+        ("tencent-secret-id", format!("AKID{}", chars(210, 32, ALNUM))),
+        ("digitalocean-token", format!("dop_v1_{}", chars(211, 64, HEX))),
+        ("heroku-api-key", format!("HRKU-AA{}", chars(212, 58, URL64))),
+        (
+            "heroku-api-key-uuid",
+            format!(
+                "HEROKU_API_KEY={}-{}-4{}-a{}-{}",
+                chars(213, 8, HEX),
+                chars(214, 4, HEX),
+                chars(215, 3, HEX),
+                chars(216, 3, HEX),
+                chars(217, 12, HEX)
+            ),
+        ),
+        (
+            "cloudflare-api-token",
+            format!("CLOUDFLARE_API_TOKEN=\"{}\"", chars(218, 40, URL64)),
+        ),
+        (
+            "cloudflare-origin-ca-key",
+            format!("v1.0-{}-{}", chars(219, 24, HEX), chars(220, 146, HEX)),
+        ),
+        ("fly-io-token", format!("fo1_{}", chars(221, 43, URL64))),
+        ("netlify-token", format!("nfp_{}", chars(222, 36, ALNUM))),
+        ("supabase-token", format!("sbp_{}", chars(223, 40, HEX))),
+        ("planetscale-token", format!("pscale_tkn_{}", chars(224, 43, URL64))),
+        ("bitbucket-app-password", format!("ATBB{}", chars(225, 32, ALNUM))),
+        (
+            "atlassian-api-token",
+            format!("ATATT3xFfGF0{}", chars(226, 180, URL64)),
+        ),
+        (
+            "circleci-token",
+            format!("CCIPAT_{}_{}", chars(227, 22, ALNUM), chars(228, 40, HEX)),
+        ),
+        ("sourcegraph-token", format!("sgp_{}", chars(229, 40, HEX))),
+        (
+            "sourcegraph-token-assigned",
+            format!("sourcegraph_token: {}", chars(230, 40, HEX)),
+        ),
+        ("clojars-token", format!("CLOJARS_{}", chars(231, 60, LOWER36))),
+        ("linear-api-key", format!("lin_api_{}", chars(232, 40, ALNUM))),
+        (
+            "notion-token",
+            format!("ntn_{}{}", chars(233, 11, DIGITS), chars(234, 35, ALNUM)),
+        ),
+        (
+            "postman-api-key",
+            format!("PMAK-{}-{}", chars(235, 24, HEX), chars(236, 34, HEX)),
+        ),
+        ("docker-hub-token", format!("dckr_pat_{}", chars(237, 27, URL64))),
+        (
+            "pypi-token",
+            format!("pypi-AgEIcHlwaS5vcmc{}", chars(238, 120, URL64)),
+        ),
+        ("rubygems-token", format!("rubygems_{}", chars(239, 48, HEX))),
+        ("nuget-api-key", format!("oy2{}", chars(240, 43, LOWER36))),
+        ("jfrog-token", format!("AKCp{}", chars(241, 69, ALNUM))),
+        ("sonarqube-token", format!("squ_{}", chars(242, 40, HEX))),
+        ("octopus-deploy-api-key", format!("API-{}", chars(243, 26, UPPER36))),
+        (
+            "terraform-cloud-token",
+            format!("{}.atlasv1.{}", chars(244, 14, ALNUM), chars(245, 67, URL64)),
+        ),
+        ("vault-token", format!("hvs.{}", chars(246, 95, URL64))),
+        (
+            "vault-token-legacy",
+            format!("VAULT_TOKEN=s.{}", chars(247, 24, ALNUM)),
+        ),
+        ("pulumi-token", format!("pul-{}", chars(248, 40, HEX))),
+        ("doppler-token", format!("dp.st.prd.{}", chars(249, 43, ALNUM)).replacen("prd.", "", 1)),
+        (
+            "1password-service-account-token",
+            format!("ops_eyJ{}", chars(250, 300, BASE64)),
+        ),
+        (
+            "1password-secret-key",
+            format!(
+                "A3-{}-{}-{}-{}-{}",
+                chars(251, 6, UPPER36),
+                chars(252, 11, UPPER36),
+                chars(253, 5, UPPER36),
+                chars(254, 5, UPPER36),
+                chars(255, 5, UPPER36)
+            ),
+        ),
+        (
+            "kubernetes-client-key",
+            format!("    client-key-data: LS0t{}=", chars(256, 200, BASE64)),
+        ),
+        (
+            "discord-bot-token",
+            format!(
+                "client.run('MT{}.{}.{}')",
+                chars(257, 24, ALNUM),
+                chars(258, 6, URL64),
+                chars(259, 38, URL64)
+            ),
+        ),
+        (
+            "discord-webhook-url",
+            format!(
+                "https://discord.com/api/webhooks/{}/{}",
+                chars(260, 19, DIGITS),
+                chars(261, 68, URL64)
+            ),
+        ),
+        (
+            "teams-webhook-url",
+            format!(
+                "https://contoso.webhook.office.com/webhookb2/{}@{}/IncomingWebhook/{}/{}",
+                chars(262, 36, HEX),
+                chars(263, 36, HEX),
+                chars(264, 32, HEX),
+                chars(265, 36, HEX)
+            ),
+        ),
+        (
+            "telegram-bot-token",
+            format!("{}:AA{}", chars(266, 10, DIGITS), chars(267, 33, URL64)),
+        ),
+        ("twilio-api-key", format!("SK{}", chars(268, 32, HEX))),
+        (
+            "twilio-auth-token",
+            format!("TWILIO_AUTH_TOKEN={}", chars(269, 32, HEX)),
+        ),
+        (
+            "sendgrid-api-key",
+            format!("SG.{}.{}", chars(270, 22, URL64), chars(271, 43, URL64)),
+        ),
+        ("mailgun-api-key", format!("key-{}", chars(272, 32, HEX))),
+        (
+            "mailchimp-api-key",
+            format!("{}-us14", chars(273, 32, HEX)),
+        ),
+        (
+            "brevo-api-key",
+            format!("xkeysib-{}-{}", chars(274, 64, HEX), chars(275, 16, ALNUM)),
+        ),
+        ("stripe-webhook-secret", format!("whsec_{}", chars(276, 32, ALNUM))),
+        ("square-token", format!("EAAA{}", chars(277, 60, URL64))),
+        (
+            "braintree-access-token",
+            format!(
+                "access_token$production${}${}",
+                chars(278, 16, LOWER36),
+                chars(279, 32, HEX)
+            ),
+        ),
+        ("shopify-token", format!("shpat_{}", chars(280, 32, HEX))),
+        (
+            "plaid-access-token",
+            format!(
+                "access-production-{}-{}-{}-{}-{}",
+                chars(281, 8, HEX),
+                chars(282, 4, HEX),
+                chars(283, 4, HEX),
+                chars(284, 4, HEX),
+                chars(285, 12, HEX)
+            ),
+        ),
+        ("facebook-access-token", format!("EAAG{}", chars(286, 180, ALNUM))),
+        ("sk-style-api-key", format!("sk-{}", chars(287, 32, HEX))),
+        ("groq-api-key", format!("gsk_{}", chars(288, 52, ALNUM))),
+        ("replicate-api-token", format!("r8_{}", chars(289, 37, ALNUM))),
+        ("perplexity-api-key", format!("pplx-{}", chars(290, 48, ALNUM))),
+        ("xai-api-key", format!("xai-{}", chars(291, 80, ALNUM))),
+        (
+            "cohere-api-key",
+            format!("co = cohere.Client(api_key=\"{}\")", chars(292, 40, ALNUM)).replace("co = cohere.Client(api_key", "COHERE_API_KEY"),
+        ),
+        (
+            "mistral-api-key",
+            format!("export MISTRAL_API_KEY={}", chars(293, 32, ALNUM)),
+        ),
+        (
+            "langsmith-api-key",
+            format!("lsv2_pt_{}_{}", chars(294, 32, HEX), chars(295, 10, HEX)),
+        ),
+        (
+            "pinecone-api-key",
+            format!("pcsk_{}_{}", chars(296, 6, ALNUM), chars(297, 64, ALNUM)),
+        ),
+        ("databricks-token", format!("dapi{}", chars(298, 32, HEX))),
+        (
+            "datadog-api-key",
+            format!("DD_API_KEY={}", chars(299, 32, HEX)),
+        ),
+        ("new-relic-key", format!("NRAK-{}", chars(300, 27, UPPER36))),
+        ("sentry-token", format!("sntryu_{}", chars(301, 64, HEX))),
+        (
+            "grafana-token",
+            format!("glsa_{}_{}", chars(302, 32, ALNUM), chars(303, 8, HEX)),
+        ),
+        (
+            "dynatrace-token",
+            format!("dt0c01.{}.{}", chars(304, 24, UPPER36), chars(305, 64, UPPER36)),
+        ),
+        (
+            "okta-api-token",
+            format!("OKTA_API_TOKEN=00{}", chars(306, 40, URL64)),
+        ),
+        (
+            "snyk-token",
+            format!(
+                "SNYK_TOKEN={}-{}-{}-{}-{}",
+                chars(307, 8, HEX),
+                chars(308, 4, HEX),
+                chars(309, 4, HEX),
+                chars(310, 4, HEX),
+                chars(311, 12, HEX)
+            ),
+        ),
+        (
+            "mapbox-secret-token",
+            format!("sk.eyJ{}.{}", chars(312, 60, URL64), chars(313, 22, URL64)),
+        ),
+        (
+            "airtable-token",
+            format!("pat{}.{}", chars(314, 14, ALNUM), chars(315, 64, HEX)),
+        ),
+        ("contentful-token", format!("CFPAT-{}", chars(316, 43, URL64))),
+        ("figma-token", format!("figd_{}", chars(317, 40, URL64))),
+        ("clickhouse-cloud-key", format!("4b1d{}", chars(318, 38, ALNUM))),
+        (
+            "intra42-client-secret",
+            format!("s-s4t2ud-{}", chars(319, 64, HEX)),
+        ),
+        (
+            "maxmind-license-key",
+            format!("{}_{}_mmk", chars(320, 6, ALNUM), chars(321, 29, ALNUM)),
+        ),
+        ("prefect-token", format!("pnu_{}", chars(322, 36, ALNUM))),
+        ("readme-token", format!("rdme_{}", chars(323, 70, LOWER36))),
+        ("infracost-token", format!("ico-{}", chars(324, 32, ALNUM))),
+        (
+            "secret-assignment",
+            format!("  client_secret: \"{}\"", chars(325, 24, URL64)),
+        ),
+        (
+            "key-assignment",
+            format!("STRIPE_KEY={}", chars(326, 32, ALNUM)),
+        ),
+        (
+            "http-header-credential",
+            format!("curl -H \"Authorization: Token {}\" https://api", chars(327, 24, ALNUM)),
+        ),
+        (
+            "curl-basic-auth",
+            format!("curl -u admin:{} https://db.internal:9200", chars(328, 14, ALNUM)),
+        ),
+    ]
+}
+
+/// Rules a profile turns on, each with an example.
+fn profile_examples() -> Vec<(&'static str, String)> {
+    vec![
+        ("date-of-birth", "DOB: 04/07/1981, admitted Tuesday".into()),
+        ("us-medicare-mbi", "MBI 1EG4-TE5-MK73 on file".into()),
+    ]
+}
+
+/// One look-alike per rule: text that resembles what the rule finds and
+/// must survive untouched (nothing in it is a finding).
+fn look_alikes() -> Vec<(&'static str, String)> {
+    vec![
+        ("aws-access-key-id", "AKIAIOSFODNN7EXAMPLE is AWS's documented example".into()),
+        ("aws-secret-access-key", "aws_secret_access_key = ${AWS_SECRET_ACCESS_KEY}".into()),
+        ("aws-bedrock-api-key", format!("ABSK{} is too short", chars(400, 40, ALNUM))),
+        ("gcp-api-key", "AIzaSyabcdefghijklmnopqrstuvwxyz1234567 is made up".into()),
+        ("gcp-service-account-key-id", r#"{"private_key_id": "k"}"#.into()),
+        ("google-oauth-client-secret", "GOCSPX-<client-secret>".into()),
+        ("google-oauth-access-token", "ya29.<access-token>".into()),
+        ("private-key", "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----".into()),
+        ("age-secret-key", format!("age1{} is a public recipient", chars(401, 58, "qpzry9x8gf2tvdw0s3jn54khce6mua7l"))),
+        ("azure-storage-key", "AccountKey=<storage-account-key>;".into()),
+        ("azure-shared-access-key", "SharedAccessKeyName=RootManageSharedAccessKey;".into()),
+        ("azure-sas-signature", "append ?sig=<signature> to the URL".into()),
+        ("azure-ad-client-secret", "the value looks like abc8Q~ followed by 34 characters".into()),
+        ("azure-openai-key", "AZURE_OPENAI_ENDPOINT=https://contoso.openai.azure.com/".into()),
+        ("azure-devops-pat", "azure_devops_pat: $(System.AccessToken)".into()),
+        ("alibaba-access-key-id", "LTAI is the prefix of Alibaba access key ids".into()),
+        ("tencent-secret-id", "AKIDz8krbsJ5yKBZQpn74WFkmLPx3EXAMPLE".into()),
+        ("digitalocean-token", "dop_v1_ followed by 64 hex characters".into()),
+        ("heroku-api-key", "HRKU-AA<token>".into()),
+        ("heroku-api-key-uuid", "heroku_app_name: my-app-staging".into()),
+        ("cloudflare-api-token", "CLOUDFLARE_ZONE=example-zone".into()),
+        ("cloudflare-origin-ca-key", format!("v1.0-{} is truncated", chars(402, 24, HEX))),
+        ("fly-io-token", "fly tokens start with fo1_ or fm2_".into()),
+        ("netlify-token", "nfp_ then 36 characters".into()),
+        ("supabase-token", format!("sbp_{}", chars(403, 12, HEX))),
+        ("planetscale-token", "pscale_tkn_ is the prefix".into()),
+        ("bitbucket-app-password", "ATBB then the rest".into()),
+        ("atlassian-api-token", "ATATT3xFfGF0 then about 180 characters".into()),
+        ("circleci-token", "CCIPAT_ prefixed tokens".into()),
+        ("sourcegraph-token", "sgp_local_ is the prefix".into()),
+        ("sourcegraph-token-assigned", "sourcegraph_url: https://sourcegraph.com".into()),
+        ("clojars-token", "CLOJARS_USERNAME=builder".into()),
+        ("linear-api-key", "lin_api_ keys are 40 characters".into()),
+        ("notion-token", "ntn_12345 is not a token".into()),
+        ("postman-api-key", "PMAK-<your-key>".into()),
+        ("docker-hub-token", "dckr_pat_ then 27 characters".into()),
+        ("npm-token", "npm_config_registry=https://registry.npmjs.org".into()),
+        ("pypi-token", "pypi-AgEIcHlwaS5vcmc then the rest".into()),
+        ("rubygems-token", "rubygems_api_key: ${RUBYGEMS_KEY}".into()),
+        ("nuget-api-key", "oy2 is the prefix of NuGet keys".into()),
+        ("jfrog-token", "AKCp then 69 characters".into()),
+        ("sonarqube-token", "squ_ then 40 hex characters".into()),
+        ("octopus-deploy-api-key", "API-KEY-REQUIRED is the error".into()),
+        ("terraform-cloud-token", "token = \"xxxxxxxxxxxxxx.atlasv1.xxxxxxxx\"".into()),
+        ("vault-token", "hvs. tokens are long".into()),
+        ("vault-token-legacy", "VAULT_TOKEN=s.xxxxxxxxxxxxxxxxxxxxxxxx".into()),
+        ("pulumi-token", "pul- then 40 hex characters".into()),
+        ("doppler-token", "dp.st. then 43 characters".into()),
+        ("1password-service-account-token", "export OP_SERVICE_ACCOUNT_TOKEN=ops_eyJ...".into()),
+        ("1password-secret-key", "A3-XXXXXX-XXXXXXXXXXX-XXXXX-XXXXX-XXXXX".into()),
+        ("kubernetes-client-key", "    client-key-data: REDACTED".into()),
+        ("discord-bot-token", "see docs.discord.com/developers.html.example for the token".into()),
+        ("discord-webhook-url", "https://discord.com/api/webhooks/<id>/<token>".into()),
+        ("teams-webhook-url", "https://contoso.webhook.office.com/webhookb2/...".into()),
+        ("telegram-bot-token", "at 12:30:AA the bot 123456789 started".into()),
+        ("twilio-api-key", format!("SK{} is too short", chars(404, 16, HEX))),
+        ("twilio-auth-token", format!("TWILIO_ACCOUNT_SID=AC{}", chars(405, 32, HEX))),
+        ("sendgrid-api-key", "SG.xxxxxxxx.yyyyyyyy".into()),
+        ("mailgun-api-key", "key-value stores such as key-0123".into()),
+        ("mailchimp-api-key", "the us-east-1 region".into()),
+        ("brevo-api-key", "xkeysib- then the key".into()),
+        ("stripe-key", "sk_live_xxxxxxxxxxxxxxxxxxxxxxxx".into()),
+        ("stripe-webhook-secret", "whsec_... from the dashboard".into()),
+        ("square-token", "EAAA then 60 characters".into()),
+        ("braintree-access-token", "access_token$production$<merchant>$<key>".into()),
+        ("shopify-token", "shpat_ then 32 hex characters".into()),
+        ("plaid-access-token", "access-production- then a UUID".into()),
+        ("facebook-access-token", "EAAB tokens are long; 100 | 200 is a table".into()),
+        ("openai-api-key", "sk-proj-... from the OpenAI dashboard".into()),
+        ("anthropic-api-key", "sk-ant-api03-... from the console".into()),
+        ("sk-style-api-key", "the sk-learn package".into()),
+        ("groq-api-key", "gsk_ then 52 characters".into()),
+        ("replicate-api-token", "r8_ then 37 characters".into()),
+        ("perplexity-api-key", "pplx-<key>".into()),
+        ("xai-api-key", "xai-grok is a model family".into()),
+        ("cohere-api-key", "COHERE_API_KEY=os.environ[\"COHERE_API_KEY\"]".into()),
+        ("mistral-api-key", "mistral_model: mistral-large-latest".into()),
+        ("huggingface-token", "hf_hub_download(repo_id=\"x\")".into()),
+        ("langsmith-api-key", "lsv2_pt_ then the key".into()),
+        ("pinecone-api-key", "pcsk_ then the key".into()),
+        ("databricks-token", "dapi then 32 hex characters".into()),
+        ("datadog-api-key", "DD_API_KEY=${DD_API_KEY}".into()),
+        ("new-relic-key", "NRAK-<key>".into()),
+        ("sentry-token", "sntryu_ then 64 hex characters".into()),
+        ("grafana-token", "glsa_ then the key".into()),
+        ("dynatrace-token", "dt0c01.<id>.<secret>".into()),
+        ("okta-api-token", format!("rookTable = 00{}", chars(406, 40, ALNUM))),
+        ("snyk-token", "SNYK_ORG=my-org".into()),
+        ("mapbox-secret-token", "sk.eyJ... from the account page".into()),
+        ("airtable-token", "the path.to.file".into()),
+        ("contentful-token", "CFPAT- then 43 characters".into()),
+        ("figma-token", "figd_ then the key".into()),
+        ("clickhouse-cloud-key", "4b1d is a hex word".into()),
+        ("intra42-client-secret", "s-s4t2ud- then 64 hex characters".into()),
+        ("maxmind-license-key", "the file GeoLite2_mmk".into()),
+        ("prefect-token", "pnu_ then 36 characters".into()),
+        ("readme-token", "rdme_ then 70 characters".into()),
+        ("infracost-token", format!("video_box.ico-{}.png", chars(407, 32, ALNUM))),
+        ("github-token", "ghp_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".into()),
+        ("github-fine-grained-pat", "github_pat_<token>".into()),
+        ("gitlab-token", "glpat-xxxxxxxxxxxxxxxxxxxx".into()),
+        ("slack-token", "xoxb-12345-abcd234".into()),
+        ("slack-webhook-url", "https://hooks.slack.com/services/T000/B000/XXXX".into()),
+        ("jwt", "eyJhbGciOiJIUzI1NiJ9 alone is only a header".into()),
+        ("connection-string", "postgres://app:${DB_PASSWORD}@db:5432/app".into()),
+        ("password-assignment", "password: ${DB_PASSWORD}".into()),
+        ("secret-assignment", "max_tokens: 4096, token_count = 1234567890123".into()),
+        ("key-assignment", "public_key = \"9Cnzj4p4WGeKLs1Pt8QuKUpRKfFLfRYC9AIKjbJTWit\"".into()),
+        ("bearer-token", "Authorization: Bearer $API_KEY".into()),
+        ("http-header-credential", "-H \"Authorization: Bearer <token>\"".into()),
+        ("curl-basic-auth", "curl -u \"$USERNAME:$PASSWORD\" https://api".into()),
+        ("email", "write to support at example dot com".into()),
+        ("credit-card", "order 2024 1234 5678 9012 shipped".into()),
+        ("credit-card-labelled", "card 4111 1111 1111 1112 fails Luhn".into()),
+        ("us-ssn", "SSN 666-12-3456 is invalid".into()),
+        ("iban", "IBAN GB82WEST12345698765431 fails mod-97".into()),
+        ("ipv4", "listen on 127.0.0.1 and 0.0.0.0".into()),
+        ("ipv6", "a::b is Rust, not IPv6".into()),
+        ("phone", "version +1.2.3 and 2+2=4".into()),
+        ("phone-nanp", "invoice 123-456-7890 (area code 123 is not assigned)".into()),
+        ("phone-national", "it was 2000-04-16 11:34:35 then".into()),
+        ("phone-labelled", "call me in 2 days".into()),
+        ("phone-labelled-after", "3747 3911 fourth avenue, home of the team".into()),
+        ("date-of-birth", "born to run, 1975".into()),
+        ("us-medicare-mbi", "order 1EG4-TE5 shipped".into()),
     ]
 }
 
@@ -205,21 +652,149 @@ fn long_examples() -> Vec<(&'static str, String)> {
     ]
 }
 
+fn shipped_policy() -> RedactionPolicy {
+    serde_yaml::from_str(include_str!("../../../policies/redaction.yaml")).unwrap()
+}
+
+/// The shipped rules with every rule on.
+fn everything() -> Redactor {
+    let mut policy = shipped_policy();
+    policy.rules.iter_mut().for_each(|r| r.enabled = true);
+    Redactor::build(&policy).unwrap()
+}
+
 #[test]
-fn every_rule_has_an_example_and_catches_it() {
-    let r = redactor();
-    let covered: BTreeMap<&str, ()> = examples().iter().map(|(id, _)| (*id, ())).collect();
-    for id in r.rule_ids() {
-        assert!(covered.contains_key(id), "no example for rule {id}");
-    }
-    for (id, text) in examples() {
-        let (out, counts) = r.redact(&text);
-        assert_eq!(
-            counts.get(id),
-            Some(&1),
-            "{id}: {text:?} -> {out:?} ({counts:?})"
+fn every_rule_has_an_example_and_a_look_alike() {
+    let policy = shipped_policy();
+    let examples: Vec<_> = examples().into_iter().chain(profile_examples()).collect();
+    let look_alikes = look_alikes();
+    for rule in &policy.rules {
+        assert!(
+            examples.iter().any(|(id, _)| *id == rule.id),
+            "no example for rule {}",
+            rule.id
         );
-        assert!(out.contains(&format!("[REDACTED:{id}]")), "{out}");
+        assert!(
+            look_alikes.iter().any(|(id, _)| *id == rule.id),
+            "no look-alike for rule {}",
+            rule.id
+        );
+    }
+    let every = everything();
+    let mut wrong = Vec::new();
+    for (id, text) in &examples {
+        let (out, counts) = every.redact(text);
+        let tag = format!("[REDACTED:{}]", every.entity(id));
+        if counts.get(*id) != Some(&1) || !out.contains(&tag) {
+            wrong.push(format!("{id}: {text:?} -> {out:?} ({counts:?})"));
+        }
+    }
+    for (id, text) in &look_alikes {
+        let (out, counts) = every.redact(text);
+        if !counts.is_empty() {
+            wrong.push(format!("{id} look-alike: {text:?} -> {out:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// What an assistant writes when it shows how to configure a credential
+/// without one: references, lookups, templates, masks and stock
+/// placeholders, in every syntax a reply uses. None is redacted.
+#[test]
+fn placeholders_and_references_survive() {
+    let values = [
+        "${DB_PASSWORD}",
+        "${DB_PASSWORD:-}",
+        "$PASSWORD",
+        "$API_KEY",
+        "%API_KEY%",
+        "<YOUR_API_KEY>",
+        "<your-token-here>",
+        "{{ secrets.TOKEN }}",
+        "{{ .Values.password }}",
+        "${{ secrets.GITHUB_TOKEN }}",
+        "process.env.API_KEY",
+        "os.environ[\"TOKEN\"]",
+        "os.getenv(\"OPENAI_API_KEY\")",
+        "ENV[\"STRIPE_SECRET_KEY\"]",
+        "settings.SECRET_KEY",
+        "config.get('auth.token')",
+        "$(vault kv get -field=password secret/db)",
+        "********",
+        "••••••••",
+        "changeme",
+        "change-me-please",
+        "your-api-key-here",
+        "YOUR_API_KEY_HERE",
+        "replace_me_with_a_real_key",
+        "sk-...",
+        "xxxxxxxxxxxxxxxxxxxxxxxx",
+        "AKIAIOSFODNN7EXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "DB_PASSWORD",
+        "/run/secrets/db_password",
+        "./certs/client.key",
+        "https://vault.internal/v1/secret/data/app",
+    ];
+    let templates = [
+        "password: {}",
+        "DB_PASSWORD={}",
+        "export API_TOKEN={}",
+        "\"api_key\": \"{}\"",
+        "client_secret = \"{}\"",
+        "const apiKey = {};",
+        "STRIPE_KEY={}",
+        "Authorization: Bearer {}",
+        "curl -u admin:{} https://api",
+        "aws_secret_access_key = {}",
+    ];
+    let r = redactor();
+    let mut wrong = Vec::new();
+    for t in templates {
+        for v in values {
+            let text = t.replace("{}", v);
+            let (out, counts) = r.redact(&text);
+            if !counts.is_empty() {
+                wrong.push(format!("{text:?} -> {out:?}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+/// The same syntaxes with a real-looking value are redacted.
+#[test]
+fn assignments_in_every_syntax_are_redacted() {
+    let value = chars(500, 28, ALNUM);
+    let r = redactor();
+    for text in [
+        format!("password: {value}"),
+        format!("  db_password: \"{value}\""),
+        format!("DB_PASSWORD={value}"),
+        format!("export API_TOKEN={value}"),
+        format!("export API_TOKEN=\"{value}\""),
+        format!("{{\"api_key\": \"{value}\"}}"),
+        format!("client_secret = '{value}'"),
+        format!("const apiKey = \"{value}\";"),
+        format!("apiToken := \"{value}\""),
+        format!("'secret' => '{value}',"),
+        format!("STRIPE_KEY={value}"),
+        format!("<add key=\"x\" value=\"y\" /> token: {value}"),
+    ] {
+        let (out, counts) = r.redact(&text);
+        assert!(
+            !counts.is_empty() && !out.contains(&value),
+            "{text:?} -> {out:?}"
+        );
+    }
+}
+
+#[test]
+fn rules_off_by_default_stay_off() {
+    let r = redactor();
+    for (id, text) in profile_examples() {
+        assert!(r.find(&text).is_empty(), "{id} is on by default: {text}");
     }
 }
 
@@ -312,38 +887,23 @@ fn validators() {
 }
 
 #[test]
-fn bad_rules_are_all_reported() {
-    let policy = RedactionPolicy {
-        style: Style::Rule,
-        salt: None,
-        placeholders: vec![],
-        rules: vec![
-            RuleSpec {
-                id: "a".into(),
-                kind: Kind::Secret,
-                keywords: vec![],
-                pattern: "(".into(),
-                group: 0,
-                validator: None,
-                min_entropy: None,
-                generic: false,
-                replacement: None,
-            },
-            RuleSpec {
-                id: "b".into(),
-                kind: Kind::Pii,
-                keywords: vec![],
-                pattern: "x".into(),
-                group: 2,
-                validator: None,
-                min_entropy: None,
-                generic: false,
-                replacement: None,
-            },
-        ],
-    };
+fn bad_rules_and_profiles_are_all_reported() {
+    let policy: RedactionPolicy = serde_yaml::from_str(
+        r#"
+rules:
+  - { id: a, kind: secret, pattern: "(" }
+  - { id: b, kind: pii, pattern: "x", group: 2 }
+  - { id: c, kind: secret, pattern: "x", exclude: "[" }
+  - { id: d, kind: secret, assigned_to: [token], pattern: "x", group: 1 }
+  - { id: d, kind: secret, pattern: "y" }
+profiles:
+  p: { disable: [no-such-rule] }
+tenants: { t1: p, t2: missing }
+"#,
+    )
+    .unwrap();
     let errors = Redactor::build(&policy).err().unwrap();
-    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors.len(), 7, "{errors:#?}");
 }
 
 mod streaming {
@@ -502,7 +1062,10 @@ mod streaming {
             let pieces: Vec<String> = text.chars().map(String::from).collect();
             let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
             let out = stream(&r, &refs);
-            assert!(out.contains(&format!("[REDACTED:{id}]")), "{id}: {out}");
+            assert!(
+                out.contains(&format!("[REDACTED:{}]", r.entity(id))),
+                "{id}: {out}"
+            );
             assert_eq!(out, r.redact(&text).0);
         }
     }
