@@ -15,7 +15,8 @@
 //! [`stage::RedactStage`] applies it to responses, JSON and streamed.
 
 use aho_corasick::AhoCorasick;
-use regex::{Regex, RegexSet};
+use regex::Regex;
+use regex_automata::{meta, Input};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -142,7 +143,7 @@ impl RuleSpec {
         // Then an operator (`=`, `:`, `:=`, `=>`, `?=`) on the same line,
         // an optional quote, the value, and no value character after it.
         format!(
-            r#"(?:\b(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b[A-Za-z0-9]{{0,30}}[a-z0-9](?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]*(?:=|:=|=>|\?=|:)[ \t]*["'`]?({})(?:[^A-Za-z0-9_+/=-]|$)"#,
+            r#"(?:\b(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b[A-Za-z0-9]{{0,30}}[a-z0-9](?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]{{0,8}}(?:=|:=|=>|\?=|:)[ \t]{{0,8}}["'`]?({})(?:[^A-Za-z0-9_+/=-]|$)"#,
             names.join("|"),
             camel.join("|"),
             self.pattern
@@ -225,7 +226,10 @@ pub struct RedactionPolicy {
 
 struct Rule {
     spec: RuleSpec,
-    regex: Regex,
+    regex: meta::Regex,
+    /// The longest match in bytes, when the pattern bounds it: the rule
+    /// then runs only in windows this wide around where it can match.
+    max_len: Option<usize>,
     exclude: Option<Regex>,
     /// The rule's own template, if it has one.
     replacement: Option<String>,
@@ -240,9 +244,9 @@ pub struct Redactor {
     /// Keyword index → rule index.
     keyword_rule: Vec<usize>,
     /// Rules without keywords, and one automaton over all of them that
-    /// says in a single pass which can match at all.
+    /// finds in a single pass where any of them can match.
     always: Vec<usize>,
-    always_set: RegexSet,
+    always_any: Option<meta::Regex>,
     placeholders: Vec<String>,
     /// Tenant → its profile's rule set (tenants without one use `self`).
     tenants: std::collections::HashMap<String, std::sync::Arc<Redactor>>,
@@ -328,7 +332,8 @@ impl Redactor {
                     None
                 }
             };
-            match Regex::new(&spec.full_pattern()) {
+            let pattern = spec.full_pattern();
+            match meta::Regex::new(&pattern) {
                 Ok(_) if !profile.applies(spec) => {}
                 Ok(_) if !spec.assigned_to.is_empty() && spec.group != 0 => errors.push(format!(
                     "rule '{}': an assignment rule redacts its value (no group)",
@@ -349,9 +354,13 @@ impl Redactor {
                     if !spec.assigned_to.is_empty() {
                         spec.group = 1;
                     }
+                    let max_len = regex_syntax::parse(&pattern)
+                        .ok()
+                        .and_then(|h| h.properties().maximum_len());
                     rules.push(Rule {
                         spec,
                         regex,
+                        max_len,
                         exclude,
                         replacement,
                     });
@@ -378,18 +387,29 @@ impl Redactor {
         }
         let keywords = AhoCorasick::builder()
             .ascii_case_insensitive(true)
+            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
             .build(&patterns)
             .map_err(|e| vec![format!("keywords: {e}")])?;
         if !errors.is_empty() {
             return Err(errors);
         }
         let fixed = |p: &str| Regex::new(p).map_err(|e| vec![e.to_string()]);
-        let always_set = RegexSet::new(always.iter().map(|i| rules[*i].regex.as_str()))
-            .map_err(|e| vec![format!("rules without keywords: {e}")])?;
+        let always_any = if always.is_empty() {
+            None
+        } else {
+            let patterns: Vec<String> = always
+                .iter()
+                .map(|i| rules[*i].spec.full_pattern())
+                .collect();
+            Some(
+                meta::Regex::new_many(&patterns)
+                    .map_err(|e| vec![format!("rules without keywords: {e}")])?,
+            )
+        };
         Ok(Self {
             style: profile.style.unwrap_or(policy.style),
             salt: policy.salt.clone().unwrap_or_default(),
-            always_set,
+            always_any,
             rules,
             keywords,
             keyword_rule,
@@ -433,41 +453,44 @@ impl Redactor {
     /// context for `\b` and the like), and every raw pattern match there,
     /// validated or not: the stream redactor never cuts inside one.
     pub fn scan(&self, text: &str, from: usize) -> Scan {
+        self.scan_in(text, &self.windows(text, from))
+    }
+
+    /// [`Self::scan`] with each rule searched only in its windows.
+    fn scan_in(&self, text: &str, windows: &[Vec<(usize, usize)>]) -> Scan {
         let mut raw = Vec::new();
-        let mut run = vec![false; self.rules.len()];
-        let tail = &text[from..];
-        for k in self.always_set.matches(tail).iter() {
-            run[self.always[k]] = true;
-        }
-        for m in self.keywords.find_overlapping_iter(tail) {
-            run[self.keyword_rule[m.pattern().as_usize()]] = true;
-        }
         let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
-        for (i, rule) in self.rules.iter().enumerate().filter(|(i, _)| run[*i]) {
-            let mut at = from;
-            while at <= text.len() {
-                let Some(caps) = rule.regex.captures_at(text, at) else {
-                    break;
-                };
-                let Some(whole) = caps.get(0) else {
-                    break;
-                };
-                raw.push((whole.start(), whole.end()));
-                let excluded = rule
-                    .exclude
-                    .as_ref()
-                    .is_some_and(|x| x.is_match(whole.as_str()));
-                if let Some(span) = caps.get(rule.spec.group).filter(|_| !excluded) {
-                    if let Some(len) = self.valid_prefix(rule, span.as_str()) {
-                        candidates.push((span.start(), span.start() + len, i));
+        for (i, rule) in self.rules.iter().enumerate() {
+            if windows[i].is_empty() {
+                continue;
+            }
+            let mut caps = rule.regex.create_captures();
+            for &(lo, hi) in &windows[i] {
+                let mut at = lo;
+                while at <= hi {
+                    rule.regex
+                        .search_captures(&Input::new(text).range(at..hi), &mut caps);
+                    let Some(whole) = caps.get_match() else {
+                        break;
+                    };
+                    let (start, end) = (whole.start(), whole.end());
+                    raw.push((start, end));
+                    let excluded = rule
+                        .exclude
+                        .as_ref()
+                        .is_some_and(|x| x.is_match(&text[start..end]));
+                    if let Some(span) = caps.get_group(rule.spec.group).filter(|_| !excluded) {
+                        if let Some(len) = self.valid_prefix(rule, &text[span.start..span.end]) {
+                            candidates.push((span.start, span.start + len, i));
+                        }
                     }
+                    at = if end > start {
+                        end
+                    } else {
+                        // An empty match: step over one character.
+                        end + text[end..].chars().next().map_or(1, char::len_utf8)
+                    };
                 }
-                at = if whole.end() > whole.start() {
-                    whole.end()
-                } else {
-                    // An empty match: step over one character.
-                    whole.end() + text[whole.end()..].chars().next().map_or(1, char::len_utf8)
-                };
             }
         }
         // Earliest first; at the same start a secret before PII, then the
@@ -491,6 +514,72 @@ impl Redactor {
             });
         }
         Scan { findings, raw }
+    }
+
+    /// Where each rule can match at all, as disjoint byte ranges of `text`
+    /// from `from` on. Every match of a rule with keywords contains one of
+    /// them, so it lies within its longest match's length of a keyword
+    /// hit. Every match of a rule without keywords overlaps or starts at a
+    /// match of the combined automaton over all of them (it finds the
+    /// leftmost match of any), so it lies between that match's start and
+    /// its end plus the rule's longest match. A rule whose matches have no
+    /// bound runs over the whole text. Cost per byte then depends on how
+    /// often keywords occur, not on how many rules there are.
+    fn windows(&self, text: &str, from: usize) -> Vec<Vec<(usize, usize)>> {
+        let mut windows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.rules.len()];
+        let n = text.len();
+        let floor = |mut x: usize| {
+            while !text.is_char_boundary(x) {
+                x -= 1;
+            }
+            x
+        };
+        let ceil = |mut x: usize| {
+            while !text.is_char_boundary(x) {
+                x += 1;
+            }
+            x
+        };
+        let mut add = |i: usize, lo: usize, hi: usize| {
+            let (lo, hi) = (floor(lo.max(from)), ceil(hi.min(n)));
+            let w = &mut windows[i];
+            match w.last_mut() {
+                Some(last) if lo <= last.1 && lo >= last.0 => last.1 = last.1.max(hi),
+                _ => w.push((lo, hi)),
+            }
+        };
+        for m in self.keywords.find_overlapping_iter(&text[from..]) {
+            let i = self.keyword_rule[m.pattern().as_usize()];
+            let (s, e) = (from + m.start(), from + m.end());
+            match self.rules[i].max_len {
+                Some(max) => add(i, e.saturating_sub(max), s.saturating_add(max)),
+                None => add(i, from, n),
+            }
+        }
+        if let Some(any) = &self.always_any {
+            for m in any.find_iter(Input::new(text).range(from..)) {
+                for &i in &self.always {
+                    let hi = self.rules[i]
+                        .max_len
+                        .map_or(n, |max| m.end().saturating_add(max));
+                    add(i, m.start(), hi);
+                }
+            }
+        }
+        for w in &mut windows {
+            // Hits arrive in order, but a window can start before the
+            // previous one's start (keywords of different lengths): merge.
+            w.sort_unstable();
+            let mut merged: Vec<(usize, usize)> = Vec::with_capacity(w.len());
+            for &(lo, hi) in w.iter() {
+                match merged.last_mut() {
+                    Some(last) if lo <= last.1 => last.1 = last.1.max(hi),
+                    _ => merged.push((lo, hi)),
+                }
+            }
+            *w = merged;
+        }
+        windows
     }
 
     /// What replaces `value`, found by `rule`.

@@ -656,11 +656,15 @@ fn shipped_policy() -> RedactionPolicy {
     serde_yaml::from_str(include_str!("../../../policies/redaction.yaml")).unwrap()
 }
 
-/// The shipped rules with every rule on.
-fn everything() -> Redactor {
+static EVERYTHING: std::sync::LazyLock<Redactor> = std::sync::LazyLock::new(|| {
     let mut policy = shipped_policy();
     policy.rules.iter_mut().for_each(|r| r.enabled = true);
     Redactor::build(&policy).unwrap()
+});
+
+/// The shipped rules with every rule on, compiled once.
+fn everything() -> &'static Redactor {
+    &EVERYTHING
 }
 
 #[test]
@@ -904,6 +908,61 @@ tenants: { t1: p, t2: missing }
     .unwrap();
     let errors = Redactor::build(&policy).err().unwrap();
     assert_eq!(errors.len(), 7, "{errors:#?}");
+}
+
+/// Searching each rule only near its keywords (or near a match of the
+/// keyword-less automaton) finds exactly what searching every rule over
+/// the whole text finds, on texts mixing every example, look-alike and
+/// filler in any order.
+mod windows {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pieces() -> Vec<String> {
+        let mut p: Vec<String> = examples().into_iter().map(|(_, t)| t).collect();
+        p.extend(look_alikes().into_iter().map(|(_, t)| t));
+        p.extend(profile_examples().into_iter().map(|(_, t)| t));
+        p.extend(
+            [
+                "plain words ",
+                "key: ",
+                "token = ",
+                "password:",
+                " 2024-11-22 ",
+                "+",
+                "@",
+                ":",
+                "\n",
+                "call ",
+                "0",
+                "4111",
+                "é",
+                "日本",
+            ]
+            .map(String::from),
+        );
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn same_as_a_whole_text_scan(picks in prop::collection::vec((0usize..1000, 0usize..4), 1..12)) {
+            let r = everything();
+            let p = pieces();
+            let seps = ["", " ", "\n", "="];
+            let text: String = picks.iter().map(|(i, s)| format!("{}{}", p[i % p.len()], seps[*s])).collect();
+            let whole = vec![vec![(0, text.len())]; r.rules.len()];
+            let full = r.scan_in(&text, &whole);
+            let windowed = r.scan(&text, 0);
+            prop_assert_eq!(windowed.findings, full.findings, "{:?}", text);
+            let mut a = windowed.raw.clone();
+            let mut b = full.raw.clone();
+            a.sort_unstable();
+            b.sort_unstable();
+            prop_assert_eq!(a, b, "{:?}", text);
+        }
+    }
 }
 
 mod streaming {
