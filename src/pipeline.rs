@@ -303,7 +303,11 @@ pub fn build(
             let filter = RequestRedaction::new(redactor.clone(), r.request_tenants.clone());
             request.push((Box::new(filter), settings));
         }
-        response.push((Box::new(RedactStage::new(redactor)), settings));
+        let mut stage = RedactStage::new(redactor);
+        if let Some(t) = &tools {
+            stage = stage.with_tools(t.clone());
+        }
+        response.push((Box::new(stage), settings));
     }
     Ok(Pipeline {
         filters: Filters {

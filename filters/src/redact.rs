@@ -613,7 +613,15 @@ impl Redactor {
 
     /// The text with every finding replaced, and counts per rule.
     pub fn redact(&self, text: &str) -> (String, BTreeMap<String, usize>) {
-        let findings = self.find(text);
+        self.redact_kinds(text, true)
+    }
+
+    /// [`Self::redact`], personal data left alone unless `pii`.
+    pub fn redact_kinds(&self, text: &str, pii: bool) -> (String, BTreeMap<String, usize>) {
+        let mut findings = self.find(text);
+        if !pii {
+            findings.retain(|f| f.kind == Kind::Secret);
+        }
         let mut counts = BTreeMap::new();
         if findings.is_empty() {
             return (text.to_string(), counts);

@@ -77,6 +77,27 @@ pub struct ToolSpec {
     pub access: BTreeMap<String, Access>,
     #[serde(default)]
     pub constraints: Vec<Constraint>,
+    /// What redaction does to this tool's call arguments.
+    #[serde(default)]
+    pub redact_arguments: RedactArguments,
+}
+
+/// What redaction does to a tool call's arguments (`redact_arguments:`).
+/// Secrets are redacted unless the tool says `none`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedactArguments {
+    /// Secrets and personal data, except personal data in an argument
+    /// whose value a `regex` or `enum` constraint vets: the policy has
+    /// already said which values may go there (`send_email.to` matching
+    /// `@example.com`), and rewriting them would break the call.
+    #[default]
+    All,
+    /// Secrets only: personal data is what the tool is for (a CRM lookup).
+    Secrets,
+    /// Nothing: the arguments reach the client as the model wrote them
+    /// (a tool that stores a credential in a vault).
+    None,
 }
 
 /// `policies/tools.yaml`.
@@ -118,6 +139,23 @@ pub enum ToolVerdict {
 }
 
 impl ToolPolicy {
+    /// How redaction treats `tool`'s call arguments, and the JSON pointers
+    /// whose values the policy vets (kept unless they hold a secret).
+    pub fn argument_redaction(&self, tool: &str) -> (RedactArguments, Vec<&str>) {
+        match self.tools.get(tool) {
+            Some(t) => (
+                t.spec.redact_arguments,
+                t.spec
+                    .constraints
+                    .iter()
+                    .filter(|c| c.regex.is_some() || c.one_of.is_some())
+                    .map(|c| c.pointer.as_str())
+                    .collect(),
+            ),
+            None => (RedactArguments::All, Vec::new()),
+        }
+    }
+
     /// Compile; reports every bad regex or duplicate at once.
     pub fn build(spec: ToolPolicySpec) -> Result<Self, Vec<String>> {
         let mut errors = Vec::new();

@@ -47,10 +47,10 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def token(self, sub: str, roles: str) -> str:
+    def token(self, sub: str, roles: str, tenant: str = "sdk") -> str:
         out = subprocess.run(
             [BIN, "token", "--key", str(self.tmp / "keys" / "private" / "dev.key"),
-             "--sub", sub, "--tenant", "sdk", "--roles", roles],
+             "--sub", sub, "--tenant", tenant, "--roles", roles],
             check=True, capture_output=True, text=True,
         )
         return out.stdout.strip()

@@ -9,7 +9,11 @@
 //! - tool-call `function.arguments`, `custom.input` and legacy
 //!   `function_call.arguments`: held until the choice finishes, then
 //!   redacted as JSON (every string value and key; the result stays valid
-//!   JSON) or, when they are not JSON, as text;
+//!   JSON) or, when they are not JSON, as text, as the tool policy's
+//!   `redact_arguments` says for that tool (see
+//!   [`crate::tool_authz::RedactArguments`]): by default personal data in
+//!   an argument a `regex`/`enum` constraint vets is kept, so a call the
+//!   policy allows is not broken;
 //! - `logprobs` (`content`, `refusal`, and the legacy completions form):
 //!   the tokens are redacted as the text they spell (see [`super::tokens`]);
 //! - audio: `data` cannot be screened, so it is held until the choice
@@ -29,6 +33,7 @@ use crate::request::Route;
 use crate::response::{ResponseContext, ResponseStage, StreamStage};
 use crate::shared::Shared;
 use crate::sse::SseEvent;
+use crate::tool_authz::{RedactArguments, ToolPolicy};
 use base64::Engine;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -36,11 +41,30 @@ use std::sync::Arc;
 
 pub struct RedactStage {
     redactor: Arc<Shared<Redactor>>,
+    tools: Option<Arc<Shared<ToolPolicy>>>,
 }
 
 impl RedactStage {
     pub fn new(redactor: Arc<Shared<Redactor>>) -> Self {
-        Self { redactor }
+        Self {
+            redactor,
+            tools: None,
+        }
+    }
+
+    /// Tool-call arguments redacted as this tool policy says.
+    pub fn with_tools(mut self, tools: Arc<Shared<ToolPolicy>>) -> Self {
+        self.tools = Some(tools);
+        self
+    }
+
+    /// One snapshot of the policies, with the caller's tenant's profile.
+    fn pass(&self, ctx: &ResponseContext<'_>) -> Pass {
+        let tenant = ctx.principal.map(|p| p.tenant.as_str());
+        Pass::new(
+            self.redactor.get().for_tenant(tenant),
+            self.tools.as_ref().map(|t| t.get()),
+        )
     }
 }
 
@@ -86,13 +110,15 @@ fn report(counts: &Counts, audio_withheld: usize) -> Vec<Annotation> {
 /// Redaction of whole values with one policy snapshot.
 struct Pass {
     redactor: Arc<Redactor>,
+    tools: Option<Arc<ToolPolicy>>,
     counts: Counts,
 }
 
 impl Pass {
-    fn new(redactor: Arc<Redactor>) -> Self {
+    fn new(redactor: Arc<Redactor>, tools: Option<Arc<ToolPolicy>>) -> Self {
         Self {
             redactor,
+            tools,
             counts: Counts::new(),
         }
     }
@@ -125,35 +151,73 @@ impl Pass {
         }
     }
 
-    /// Every string value and key of a JSON document.
-    fn json_value(&mut self, v: &mut Value) {
-        match v {
-            Value::String(s) => self.string(s),
-            Value::Array(items) => items.iter_mut().for_each(|i| self.json_value(i)),
-            Value::Object(map) => {
-                let entries = std::mem::take(map);
-                for (mut k, mut v) in entries {
-                    self.string(&mut k);
-                    self.json_value(&mut v);
-                    map.insert(k, v);
-                }
-            }
-            _ => {}
+    /// Only the secrets in a string.
+    fn secrets(&mut self, s: &mut String) {
+        let (out, c) = self.redactor.redact_kinds(s, false);
+        if !c.is_empty() {
+            *s = out;
+            add(&mut self.counts, &c);
         }
     }
 
     /// Tool-call arguments: redacted as JSON when they are JSON (still
-    /// valid afterwards), else as text.
-    fn arguments(&mut self, args: &mut String) {
-        match serde_json::from_str::<Value>(args) {
-            Ok(mut parsed) => {
+    /// valid afterwards), else as text, as the tool policy says for
+    /// `tool` (everything, when there is no policy or no name).
+    fn arguments(&mut self, tool: Option<&str>, args: &mut String) {
+        let (mode, vetted) = match (&self.tools, tool) {
+            (Some(t), Some(name)) => {
+                let (mode, vetted) = t.argument_redaction(name);
+                (mode, vetted.into_iter().map(String::from).collect())
+            }
+            _ => (RedactArguments::All, Vec::new()),
+        };
+        let pii = mode == RedactArguments::All;
+        match (mode, serde_json::from_str::<Value>(args)) {
+            (RedactArguments::None, _) => {}
+            (_, Ok(mut parsed)) => {
                 let before = self.found();
-                self.json_value(&mut parsed);
+                self.argument_value(&mut parsed, &mut String::new(), pii, &vetted);
                 if self.found() != before {
                     *args = parsed.to_string();
                 }
             }
-            Err(_) => self.string(args),
+            (_, Err(_)) if pii => self.string(args),
+            (_, Err(_)) => self.secrets(args),
+        }
+    }
+
+    /// Every string value and key of parsed arguments; `path` is the JSON
+    /// pointer of `v`. Personal data is redacted when `pii`, except at a
+    /// vetted pointer.
+    fn argument_value(&mut self, v: &mut Value, path: &mut String, pii: bool, vetted: &[String]) {
+        match v {
+            Value::String(s) if pii && !vetted.iter().any(|p| p == path) => self.string(s),
+            Value::String(s) => self.secrets(s),
+            Value::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("/{i}"));
+                    self.argument_value(item, path, pii, vetted);
+                    path.truncate(len);
+                }
+            }
+            Value::Object(map) => {
+                let entries = std::mem::take(map);
+                for (mut k, mut v) in entries {
+                    let len = path.len();
+                    path.push('/');
+                    path.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                    self.argument_value(&mut v, path, pii, vetted);
+                    path.truncate(len);
+                    if pii {
+                        self.string(&mut k);
+                    } else {
+                        self.secrets(&mut k);
+                    }
+                    map.insert(k, v);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -197,9 +261,12 @@ impl Pass {
             for (key, v) in call.iter_mut() {
                 match (key.as_str(), v) {
                     ("function" | "custom", Value::Object(f)) => {
+                        let name = f.get("name").and_then(Value::as_str).map(String::from);
                         for (k, v) in f.iter_mut() {
                             match (k.as_str(), v) {
-                                ("arguments", Value::String(a)) => self.arguments(a),
+                                ("arguments" | "input", Value::String(a)) => {
+                                    self.arguments(name.as_deref(), a)
+                                }
                                 ("name", Value::String(_)) => {}
                                 (_, other) => self.generic(other),
                             }
@@ -253,9 +320,10 @@ impl Pass {
                 ("content", Value::Array(parts)) => self.parts(parts),
                 ("tool_calls", calls) => self.tool_calls(calls),
                 ("function_call", Value::Object(f)) => {
+                    let name = f.get("name").and_then(Value::as_str).map(String::from);
                     for (k, v) in f.iter_mut() {
                         match (k.as_str(), v) {
-                            ("arguments", Value::String(a)) => self.arguments(a),
+                            ("arguments", Value::String(a)) => self.arguments(name.as_deref(), a),
                             ("name", Value::String(_)) => {}
                             (_, other) => self.generic(other),
                         }
@@ -284,8 +352,12 @@ impl ResponseStage for RedactStage {
         FilterKind::Redact
     }
 
-    fn on_json(&self, _: &ResponseContext<'_>, body: &mut Value) -> Result<Decision, FilterError> {
-        let mut pass = Pass::new(self.redactor.get());
+    fn on_json(
+        &self,
+        ctx: &ResponseContext<'_>,
+        body: &mut Value,
+    ) -> Result<Decision, FilterError> {
+        let mut pass = self.pass(ctx);
         let mut withheld = 0;
         for choice in crate::json::array_mut(body, "choices")
             .into_iter()
@@ -312,7 +384,7 @@ impl ResponseStage for RedactStage {
 
     fn stream(&self, ctx: &ResponseContext<'_>) -> Box<dyn StreamStage> {
         Box::new(RedactStream {
-            pass: Pass::new(self.redactor.get()),
+            pass: self.pass(ctx),
             completions: ctx.route == Route::Completions,
             choices: BTreeMap::new(),
             meta: Map::new(),
@@ -328,10 +400,11 @@ struct ChoiceState {
     texts: BTreeMap<Field, StreamRedactor>,
     /// `content` came as an array of parts.
     content_parts: bool,
-    /// Tool call index → (`function` or `custom`, arguments so far).
-    tool_args: BTreeMap<u64, (&'static str, String)>,
-    /// Legacy `function_call.arguments` so far.
-    function_args: Option<String>,
+    /// Tool call index → (`function` or `custom`, arguments so far, the
+    /// tool's name).
+    tool_args: BTreeMap<u64, (&'static str, String, String)>,
+    /// Legacy `function_call.arguments` so far, and its name.
+    function_args: Option<(String, String)>,
     /// `logprobs.content` / `logprobs.refusal` / legacy (`tokens`).
     tokens: BTreeMap<&'static str, TokenRedactor>,
     /// Decoded audio held until the choice ends.
@@ -455,14 +528,20 @@ impl RedactStream {
                                     for (fk, fv) in f.iter_mut() {
                                         match (fk.as_str(), fv) {
                                             (name, Value::String(piece)) if name == field => {
-                                                let held = state
-                                                    .tool_args
-                                                    .entry(index)
-                                                    .or_insert((kind, String::new()));
+                                                let held = state.tool_args.entry(index).or_insert(
+                                                    (kind, String::new(), String::new()),
+                                                );
                                                 held.1.push_str(piece);
                                                 piece.clear();
                                             }
-                                            ("name", Value::String(_)) => {}
+                                            ("name", Value::String(name)) => {
+                                                state
+                                                    .tool_args
+                                                    .entry(index)
+                                                    .or_insert((kind, String::new(), String::new()))
+                                                    .2
+                                                    .push_str(name);
+                                            }
                                             (_, other) => self.pass.generic(other),
                                         }
                                     }
@@ -479,11 +558,18 @@ impl RedactStream {
                             ("arguments", Value::String(piece)) => {
                                 state
                                     .function_args
-                                    .get_or_insert_with(String::new)
+                                    .get_or_insert_with(Default::default)
+                                    .0
                                     .push_str(piece);
                                 piece.clear();
                             }
-                            ("name", Value::String(_)) => {}
+                            ("name", Value::String(name)) => {
+                                state
+                                    .function_args
+                                    .get_or_insert_with(Default::default)
+                                    .1
+                                    .push_str(name);
+                            }
                             (_, other) => self.pass.generic(other),
                         }
                     }
@@ -586,8 +672,8 @@ impl RedactStream {
                 Field::Text => {}
             });
         }
-        for (index, (kind, mut args)) in std::mem::take(&mut state.tool_args) {
-            self.pass.arguments(&mut args);
+        for (index, (kind, mut args, name)) in std::mem::take(&mut state.tool_args) {
+            self.pass.arguments(Some(&name), &mut args);
             let field = if kind == "function" {
                 "arguments"
             } else {
@@ -599,8 +685,8 @@ impl RedactStream {
                 })
             });
         }
-        if let Some(mut args) = state.function_args.take() {
-            self.pass.arguments(&mut args);
+        if let Some((mut args, name)) = state.function_args.take() {
+            self.pass.arguments(Some(&name), &mut args);
             with_object(choice, "delta", |delta| {
                 with_object(delta, "function_call", |f| {
                     f.insert("arguments".into(), Value::String(args));

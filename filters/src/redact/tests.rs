@@ -1491,4 +1491,92 @@ mod stage {
             assert!(!body.to_string().contains(SECRET), "{body}");
         }
     }
+
+    /// Tool-call arguments follow the tool policy: vetted pointers keep
+    /// their personal data, `secrets` keeps all personal data, `none`
+    /// keeps everything; the same in a JSON reply and in a stream.
+    #[test]
+    fn tool_arguments_follow_the_tool_policy() {
+        use crate::tool_authz::{ToolPolicy, ToolPolicySpec};
+        let spec: ToolPolicySpec = serde_yaml::from_str(
+            r#"
+tools:
+  - id: send_email
+    access: { "*": allow }
+    constraints:
+      - { pointer: /to, regex: '@example\.com$' }
+      - { pointer: /cc~1bcc/0, enum: ["carol@example.com"] }
+      - { pointer: /body, max_length: 1000 }
+  - { id: crm, access: { "*": allow }, redact_arguments: secrets }
+  - { id: vault_put, access: { "*": allow }, redact_arguments: none }
+"#,
+        )
+        .unwrap();
+        let stage = RedactStage::new(Shared::new(compile()))
+            .with_tools(Shared::new(ToolPolicy::build(spec).unwrap()));
+        let args = json!({"to": "bob@example.com", "cc/bcc": ["carol@example.com", "dan@corp.test"],
+            "body": format!("from eve@corp.test, key {SECRET}")});
+        let expect = |tool: &str| -> Value {
+            match tool {
+                "send_email" => json!({"to": "bob@example.com",
+                    "cc/bcc": ["carol@example.com", "[REDACTED:email]"],
+                    "body": "from [REDACTED:email], key [REDACTED:github-token]"}),
+                "crm" => {
+                    json!({"to": "bob@example.com", "cc/bcc": ["carol@example.com", "dan@corp.test"],
+                    "body": "from eve@corp.test, key [REDACTED:github-token]"})
+                }
+                "vault_put" => args.clone(),
+                // Not in the policy: everything.
+                _ => {
+                    json!({"to": "[REDACTED:email]", "cc/bcc": ["[REDACTED:email]", "[REDACTED:email]"],
+                    "body": "from [REDACTED:email], key [REDACTED:github-token]"})
+                }
+            }
+        };
+        for tool in ["send_email", "crm", "vault_put", "other"] {
+            let call = |arguments: &str| {
+                json!([{"index": 0, "id": "call_1", "type": "function",
+                    "function": {"name": tool, "arguments": arguments}}])
+            };
+            let mut body = json!({"choices": [{"index": 0, "message": {"role": "assistant",
+                "tool_calls": call(&args.to_string())}, "finish_reason": "tool_calls"}]});
+            stage
+                .on_json(&ctx(Route::ChatCompletions), &mut body)
+                .unwrap();
+            let got: Value = serde_json::from_str(
+                body.pointer("/choices/0/message/tool_calls/0/function/arguments")
+                    .and_then(Value::as_str)
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(got, expect(tool), "JSON reply, {tool}");
+
+            // Streamed: the name first, then the arguments in pieces.
+            let text = args.to_string();
+            let mut s = stage.stream(&ctx(Route::ChatCompletions));
+            let mut out = Vec::new();
+            s.on_event(
+                event(
+                    json!([{"index": 0, "delta": {"role": "assistant", "tool_calls": call("")}}]),
+                ),
+                &mut out,
+            )
+            .unwrap();
+            for p in pieces(&text, 7) {
+                let e = json!([{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": p}}]}}]);
+                s.on_event(event(e), &mut out).unwrap();
+            }
+            s.on_event(
+                event(json!([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])),
+                &mut out,
+            )
+            .unwrap();
+            s.on_event(SseEvent::data("[DONE]"), &mut out).unwrap();
+            s.finish(&mut out).unwrap();
+            let events: Vec<Value> = out.iter().filter_map(SseEvent::json).collect();
+            let streamed = joined(&events, 0, "/delta/tool_calls/0/function/arguments");
+            let got: Value = serde_json::from_str(&streamed).unwrap();
+            assert_eq!(got, expect(tool), "stream, {tool}");
+        }
+    }
 }
