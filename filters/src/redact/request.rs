@@ -103,10 +103,11 @@ impl RequestFilter for RequestRedaction {
     }
 
     async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError> {
-        if !self.applies(request.principal.map(|p| p.tenant.as_str())) {
+        let tenant = request.principal.map(|p| p.tenant.as_str());
+        if !self.applies(tenant) {
             return Ok(Decision::Allow.into());
         }
-        let r = self.redactor.get();
+        let r = self.redactor.get().for_tenant(tenant);
         let mut body = request.body.clone();
         let mut counts = BTreeMap::new();
         let texts = match request.route {
