@@ -45,7 +45,8 @@ pub enum Validator {
     /// first digit (2–6), and the grouping cards are printed with (none,
     /// fours, or 4-6-5 / 4-6-4), one separator throughout.
     Card,
-    /// 7–15 digits, and not a date, an SSN or a dotted quad.
+    /// 7–15 digits, not all the same, and not a date, an SSN or a dotted
+    /// quad.
     Phone,
     /// North American number: area code and exchange start with 2–9.
     Nanp,
@@ -697,8 +698,10 @@ impl Redactor {
                 .is_ok_and(|ip| !(ip.is_loopback() || ip.is_unspecified() || ip.is_broadcast())),
             Some(Validator::Phone) => {
                 let main = span.split(['x', 'X', 'e']).next().unwrap_or(span);
-                let n = digits(main).len();
+                let d = digits(main);
+                let n = d.len();
                 (7..=15).contains(&n)
+                    && d.iter().any(|x| *x != d[0])
                     && !self.date.is_match(span)
                     && !self.ssn_shape.is_match(span)
                     && !self.dotted_quad.is_match(span)

@@ -794,6 +794,94 @@ fn assignments_in_every_syntax_are_redacted() {
     }
 }
 
+/// Phone numbers and cards in the forms people write them, and the
+/// numbers that look like them but are not.
+#[test]
+fn phone_numbers_and_cards_as_written() {
+    let r = redactor();
+    let phones = [
+        "+49 30 1234567",
+        "+44 20 7946 0958",
+        "+33 1 23 45 67 89",
+        "+1 (415) 555-0132",
+        "+39 06 1234 5678",
+        "+34 912 345 678",
+        "+48 22 123 45 67",
+        "+31 20 123 4567",
+        "+46 (0)8 928 571 38",
+        "+4915123456789",
+        "(415) 555-0132",
+        "415-555-0132",
+        "415.555.0132",
+        "1-800-555-0199",
+        "030 1234567",
+        "(030) 12345678",
+        "030/1234567",
+        "0151 23456789",
+        "01 23 45 67 89",
+        "06.12.34.56.78",
+        "020 7946 0958",
+        "07700 900123",
+        "06 1234 5678",
+        "020 123 4567",
+    ];
+    for p in phones {
+        let text = format!("reach me at {p} today");
+        let f = r.find(&text);
+        assert!(
+            f.len() == 1 && &text[f[0].start..f[0].end] == p && r.entity(&f[0].rule) == "phone",
+            "{p}: {f:?}"
+        );
+    }
+    // National forms without a trunk 0 only with a label.
+    for (text, p) in [
+        ("Tel.: 912 345 678", "912 345 678"),
+        ("telefon 22 123 45 67", "22 123 45 67"),
+        ("mobile: 612 34 56 78", "612 34 56 78"),
+    ] {
+        let f = r.find(text);
+        assert!(
+            f.len() == 1 && &text[f[0].start..f[0].end] == p,
+            "{text}: {f:?}"
+        );
+    }
+    let cards = [
+        "4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "4111111111111111",
+        "5555 5555 5555 4444",
+        "3782 822463 10005",
+        "6011 0009 9013 9424",
+    ];
+    for c in cards {
+        let text = format!("paid with {c} yesterday");
+        let f = r.find(&text);
+        assert!(
+            f.len() == 1 && &text[f[0].start..f[0].end] == c && f[0].rule == "credit-card",
+            "{c}: {f:?}"
+        );
+    }
+    for text in [
+        "it was 2000-04-16 11:34:35 then",
+        "on 12.03.2024 at 10:30",
+        "370 3911 Fourth Avenue, Suite 697",
+        "order 2024 1234 5678 shipped",
+        "invoice 0000 0000 0000 0000",
+        "Luhn-valid but grouped oddly: 4111 11 1111 111111",
+        "4111 1111-1111 1111 mixes separators",
+        "ISBN 978-3-16-148410-0",
+        "version 10.4.2.1 and build 2024.11.22",
+        "room 101, floor 3, 25 people, 1200 dollars",
+        "zip 94103 and 10115 Berlin",
+        "the ratio 16:9 at 23:59:59",
+        "3 + 4 = 7 and 2+2=4",
+        "reference 123456789",
+    ] {
+        let f = r.find(text);
+        assert!(f.is_empty(), "{text:?}: {f:?}");
+    }
+}
+
 #[test]
 fn rules_off_by_default_stay_off() {
     let r = redactor();
