@@ -16,7 +16,7 @@
 
 use aho_corasick::AhoCorasick;
 use regex::Regex;
-use regex_automata::{meta, Input};
+use regex_automata::{meta, Anchored, Input};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -142,9 +142,10 @@ impl RuleSpec {
             })
             .collect();
         // Then an operator (`=`, `:`, `:=`, `=>`, `?=`) on the same line,
-        // an optional quote, the value, and no value character after it.
+        // an optional quote, the value, and no value character or colon
+        // after it (`token: client_secret: "…"` is two names, not a token).
         format!(
-            r#"(?:\b(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b[A-Za-z0-9]{{0,30}}[a-z0-9](?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]{{0,8}}(?:=|:=|=>|\?=|:)[ \t]{{0,8}}["'`]?({})(?:[^A-Za-z0-9_+/=-]|$)"#,
+            r#"(?:\b(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b[A-Za-z0-9]{{0,30}}[a-z0-9](?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]{{0,8}}(?:=|:=|=>|\?=|:)[ \t]{{0,8}}["'`]?({})(?:[^A-Za-z0-9_+/=:-]|$)"#,
             names.join("|"),
             camel.join("|"),
             self.pattern
@@ -231,6 +232,10 @@ struct Rule {
     /// The longest match in bytes, when the pattern bounds it: the rule
     /// then runs only in windows this wide around where it can match.
     max_len: Option<usize>,
+    /// An assignment rule whose names are made of name characters: it is
+    /// tried only where a name holding one of them is followed by an
+    /// operator (see [`assignment_starts`]).
+    by_assignment: bool,
     exclude: Option<Regex>,
     /// The rule's own template, if it has one.
     replacement: Option<String>,
@@ -248,7 +253,8 @@ pub struct Redactor {
     /// finds in a single pass where any of them can match.
     always: Vec<usize>,
     always_any: Option<meta::Regex>,
-    placeholders: Vec<String>,
+    /// Case-insensitive substrings that make a secret a placeholder.
+    placeholders: AhoCorasick,
     /// Tenant → its profile's rule set (tenants without one use `self`).
     tenants: std::collections::HashMap<String, std::sync::Arc<Redactor>>,
     uuid: Regex,
@@ -259,6 +265,49 @@ pub struct Redactor {
     dotted_quad: Regex,
     /// Generic rules: a value that names a secret instead of being one.
     reference: Regex,
+}
+
+/// Where one rule is searched: byte ranges, and positions where a match
+/// may start.
+#[derive(Debug, Default, Clone)]
+struct Places {
+    windows: Vec<(usize, usize)>,
+    starts: Vec<usize>,
+}
+
+/// A byte of an assignment's name (`DD_API_KEY`, `db.password`, `x-api-key`).
+fn name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
+}
+
+/// Where an assignment rule's match may start, given a hit of one of its
+/// names at `s..e`: its match is a run of name bytes holding the hit, an
+/// optional quote, up to 8 blanks and an operator (`=`, `:`, `?=`), then
+/// the value; it starts at a word boundary of that run, that is the run's
+/// start or just after a `.` or `-` in it, at or before the hit. Nothing
+/// when no operator follows the run (`token` in prose).
+fn assignment_starts(b: &[u8], s: usize, e: usize, from: usize, out: &mut Vec<usize>) {
+    const REACH: usize = 256;
+    let mut lo = s;
+    while lo > from && s - lo < REACH && name_byte(b[lo - 1]) {
+        lo -= 1;
+    }
+    let mut j = e;
+    while j < b.len() && j - e < REACH && name_byte(b[j]) {
+        j += 1;
+    }
+    if j < b.len() && matches!(b[j], b'"' | b'\'' | b'`') {
+        j += 1;
+    }
+    let blanks = j;
+    while j < b.len() && j - blanks < 8 && matches!(b[j], b' ' | b'\t') {
+        j += 1;
+    }
+    if j >= b.len() || !matches!(b[j], b'=' | b':' | b'?') {
+        return;
+    }
+    out.push(lo);
+    out.extend((lo + 1..=s).filter(|&i| matches!(b[i - 1], b'.' | b'-')));
 }
 
 /// What [`Redactor::scan`] found.
@@ -358,10 +407,16 @@ impl Redactor {
                     let max_len = regex_syntax::parse(&pattern)
                         .ok()
                         .and_then(|h| h.properties().maximum_len());
+                    let by_assignment = !spec.assigned_to.is_empty()
+                        && spec
+                            .assigned_to
+                            .iter()
+                            .all(|n| !n.is_empty() && n.bytes().all(name_byte));
                     rules.push(Rule {
                         spec,
                         regex,
                         max_len,
+                        by_assignment,
                         exclude,
                         replacement,
                     });
@@ -415,11 +470,10 @@ impl Redactor {
             keywords,
             keyword_rule,
             always,
-            placeholders: policy
-                .placeholders
-                .iter()
-                .map(|p| p.to_ascii_lowercase())
-                .collect(),
+            placeholders: AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .build(&policy.placeholders)
+                .map_err(|e| vec![format!("placeholders: {e}")])?,
             tenants: std::collections::HashMap::new(),
             uuid: fixed(r"^(?i)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")?,
             hex_hash: fixed(r"^(?i)(?:[0-9a-f]{32}|[0-9a-f]{40}|[0-9a-f]{64}|[0-9a-f]{128})$")?,
@@ -454,43 +508,61 @@ impl Redactor {
     /// context for `\b` and the like), and every raw pattern match there,
     /// validated or not: the stream redactor never cuts inside one.
     pub fn scan(&self, text: &str, from: usize) -> Scan {
-        self.scan_in(text, &self.windows(text, from))
+        self.scan_in(text, &self.places(text, from))
     }
 
-    /// [`Self::scan`] with each rule searched only in its windows.
-    fn scan_in(&self, text: &str, windows: &[Vec<(usize, usize)>]) -> Scan {
+    /// [`Self::scan`] with each rule searched only at its places.
+    fn scan_in(&self, text: &str, places: &[Places]) -> Scan {
         let mut raw = Vec::new();
         let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
-            if windows[i].is_empty() {
+            let p = &places[i];
+            if p.windows.is_empty() && p.starts.is_empty() {
                 continue;
             }
             let mut caps = rule.regex.create_captures();
-            for &(lo, hi) in &windows[i] {
+            let mut found = |caps: &regex_automata::util::captures::Captures| -> Option<usize> {
+                let whole = caps.get_match()?;
+                let (start, end) = (whole.start(), whole.end());
+                raw.push((start, end));
+                let excluded = rule
+                    .exclude
+                    .as_ref()
+                    .is_some_and(|x| x.is_match(&text[start..end]));
+                if let Some(span) = caps.get_group(rule.spec.group).filter(|_| !excluded) {
+                    if let Some(len) = self.valid_prefix(rule, &text[span.start..span.end]) {
+                        candidates.push((span.start, span.start + len, i));
+                    }
+                }
+                Some(if end > start {
+                    end
+                } else {
+                    // An empty match: step over one character.
+                    end + text[end..].chars().next().map_or(1, char::len_utf8)
+                })
+            };
+            for &(lo, hi) in &p.windows {
                 let mut at = lo;
                 while at <= hi {
                     rule.regex
                         .search_captures(&Input::new(text).range(at..hi), &mut caps);
-                    let Some(whole) = caps.get_match() else {
-                        break;
-                    };
-                    let (start, end) = (whole.start(), whole.end());
-                    raw.push((start, end));
-                    let excluded = rule
-                        .exclude
-                        .as_ref()
-                        .is_some_and(|x| x.is_match(&text[start..end]));
-                    if let Some(span) = caps.get_group(rule.spec.group).filter(|_| !excluded) {
-                        if let Some(len) = self.valid_prefix(rule, &text[span.start..span.end]) {
-                            candidates.push((span.start, span.start + len, i));
-                        }
+                    match found(&caps) {
+                        Some(next) => at = next,
+                        None => break,
                     }
-                    at = if end > start {
-                        end
-                    } else {
-                        // An empty match: step over one character.
-                        end + text[end..].chars().next().map_or(1, char::len_utf8)
-                    };
+                }
+            }
+            // Anchored at each place a match may start, left to right, as
+            // an unanchored search would find them.
+            let mut next = 0;
+            for &at in &p.starts {
+                if at < next {
+                    continue;
+                }
+                let input = Input::new(text).range(at..).anchored(Anchored::Yes);
+                rule.regex.search_captures(&input, &mut caps);
+                if let Some(end) = found(&caps) {
+                    next = end;
                 }
             }
         }
@@ -526,8 +598,9 @@ impl Redactor {
     /// its end plus the rule's longest match. A rule whose matches have no
     /// bound runs over the whole text. Cost per byte then depends on how
     /// often keywords occur, not on how many rules there are.
-    fn windows(&self, text: &str, from: usize) -> Vec<Vec<(usize, usize)>> {
+    fn places(&self, text: &str, from: usize) -> Vec<Places> {
         let mut windows: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.rules.len()];
+        let mut starts: Vec<Vec<usize>> = vec![Vec::new(); self.rules.len()];
         let n = text.len();
         let floor = |mut x: usize| {
             while !text.is_char_boundary(x) {
@@ -552,6 +625,10 @@ impl Redactor {
         for m in self.keywords.find_overlapping_iter(&text[from..]) {
             let i = self.keyword_rule[m.pattern().as_usize()];
             let (s, e) = (from + m.start(), from + m.end());
+            if self.rules[i].by_assignment {
+                assignment_starts(text.as_bytes(), s, e, from, &mut starts[i]);
+                continue;
+            }
             match self.rules[i].max_len {
                 Some(max) => add(i, e.saturating_sub(max), s.saturating_add(max)),
                 None => add(i, from, n),
@@ -581,6 +658,14 @@ impl Redactor {
             *w = merged;
         }
         windows
+            .into_iter()
+            .zip(starts)
+            .map(|(windows, mut starts)| {
+                starts.sort_unstable();
+                starts.dedup();
+                Places { windows, starts }
+            })
+            .collect()
     }
 
     /// What replaces `value`, found by `rule`.
@@ -661,13 +746,12 @@ impl Redactor {
     }
 
     fn valid(&self, rule: &Rule, span: &str) -> bool {
-        let lower = span.to_ascii_lowercase();
         if rule.spec.kind == Kind::Secret
-            && self.placeholders.iter().any(|p| lower.contains(p.as_str()))
+            && (self.placeholders.is_match(span) || looks_made_up(span))
         {
             return false;
         }
-        if rule.spec.kind == Kind::Secret && looks_made_up(span) {
+        if (rule.spec.generic || rule.spec.references) && self.reference.is_match(span) {
             return false;
         }
         if rule.spec.generic
@@ -675,9 +759,6 @@ impl Redactor {
                 || self.hex_hash.is_match(span)
                 || self.version.is_match(span))
         {
-            return false;
-        }
-        if (rule.spec.generic || rule.spec.references) && self.reference.is_match(span) {
             return false;
         }
         if let Some(min) = rule.spec.min_entropy {
@@ -756,23 +837,25 @@ fn looks_made_up(s: &str) -> bool {
 
 /// Shannon entropy in bits per character.
 pub fn entropy(s: &str) -> f64 {
-    let mut counts = [0usize; 256];
-    let mut n = 0usize;
-    for b in s.bytes() {
-        counts[b as usize] += 1;
-        n += 1;
-    }
-    if n == 0 {
+    let b = s.as_bytes();
+    if b.is_empty() {
         return 0.0;
     }
-    counts
-        .iter()
-        .filter(|c| **c > 0)
-        .map(|&c| {
-            let p = c as f64 / n as f64;
-            -p * p.log2()
-        })
-        .sum()
+    let mut counts = [0u32; 256];
+    for &x in b {
+        counts[x as usize] += 1;
+    }
+    let n = b.len() as f64;
+    let mut h = 0.0;
+    // Each distinct byte once: its count is cleared after use.
+    for &x in b {
+        let c = std::mem::take(&mut counts[x as usize]);
+        if c > 0 {
+            let p = f64::from(c) / n;
+            h -= p * p.log2();
+        }
+    }
+    h
 }
 
 fn digits(s: &str) -> Vec<u32> {

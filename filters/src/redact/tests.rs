@@ -785,6 +785,9 @@ fn assignments_in_every_syntax_are_redacted() {
         format!("'secret' => '{value}',"),
         format!("STRIPE_KEY={value}"),
         format!("<add key=\"x\" value=\"y\" /> token: {value}"),
+        // A name right after another name's operator is not its value.
+        format!("token:   client_secret: \"{value}\""),
+        format!("password: api_key={value}"),
     ] {
         let (out, counts) = r.redact(&text);
         assert!(
@@ -1016,6 +1019,14 @@ mod windows {
                 "key: ",
                 "token = ",
                 "password:",
+                "my.db.password = ",
+                "x-api-key: ",
+                "cohereApiKey=",
+                "a.b.c.d.e.f.secret_key: ",
+                "-secret-token\t:",
+                "\"api_key\" => ",
+                "Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i",
+                "P@ssw0rd$1xy",
                 " 2024-11-22 ",
                 "+",
                 "@",
@@ -1033,14 +1044,20 @@ mod windows {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(400))]
+        #![proptest_config(ProptestConfig::with_cases(1000))]
         #[test]
         fn same_as_a_whole_text_scan(picks in prop::collection::vec((0usize..1000, 0usize..4), 1..12)) {
             let r = everything();
             let p = pieces();
             let seps = ["", " ", "\n", "="];
             let text: String = picks.iter().map(|(i, s)| format!("{}{}", p[i % p.len()], seps[*s])).collect();
-            let whole = vec![vec![(0, text.len())]; r.rules.len()];
+            let whole = vec![
+                Places {
+                    windows: vec![(0, text.len())],
+                    starts: vec![]
+                };
+                r.rules.len()
+            ];
             let full = r.scan_in(&text, &whole);
             let windowed = r.scan(&text, 0);
             prop_assert_eq!(windowed.findings, full.findings, "{:?}", text);
