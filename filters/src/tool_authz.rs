@@ -139,21 +139,37 @@ pub enum ToolVerdict {
 }
 
 impl ToolPolicy {
-    /// How redaction treats `tool`'s call arguments, and the JSON pointers
-    /// whose values the policy vets (kept unless they hold a secret).
-    pub fn argument_redaction(&self, tool: &str) -> (RedactArguments, Vec<&str>) {
-        match self.tools.get(tool) {
-            Some(t) => (
-                t.spec.redact_arguments,
-                t.spec
-                    .constraints
-                    .iter()
-                    .filter(|c| c.regex.is_some() || c.one_of.is_some())
-                    .map(|c| c.pointer.as_str())
-                    .collect(),
-            ),
-            None => (RedactArguments::All, Vec::new()),
+    /// How redaction treats `tool`'s call arguments.
+    pub fn argument_redaction(&self, tool: &str) -> RedactArguments {
+        self.tools
+            .get(tool)
+            .map_or(RedactArguments::All, |t| t.spec.redact_arguments)
+    }
+
+    /// Whether the policy vets `value` at `pointer` of `tool`'s arguments:
+    /// a `regex` or `enum` constraint names that pointer, and the value
+    /// meets every such constraint there. Checked here again, so a value
+    /// the policy would refuse (tool authorization in monitor mode) is
+    /// never kept.
+    pub fn vets(&self, tool: &str, pointer: &str, value: &Value) -> bool {
+        let Some(t) = self.tools.get(tool) else {
+            return false;
+        };
+        let mut any = false;
+        for (c, re) in t.spec.constraints.iter().zip(&t.regexes) {
+            if c.pointer != pointer || (re.is_none() && c.one_of.is_none()) {
+                continue;
+            }
+            any = true;
+            if re
+                .as_ref()
+                .is_some_and(|re| !re.is_match(&value_text(value)))
+                || c.one_of.as_ref().is_some_and(|list| !list.contains(value))
+            {
+                return false;
+            }
         }
+        any
     }
 
     /// Compile; reports every bad regex or duplicate at once.
@@ -231,10 +247,7 @@ impl ToolPolicy {
             let Some(v) = v else {
                 return broken("missing");
             };
-            let text = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
+            let text = value_text(v);
             if let Some(re) = re {
                 if !re.is_match(&text) {
                     return broken("does not match the allowed pattern");
@@ -256,6 +269,14 @@ impl ToolPolicy {
             }
         }
         ToolVerdict::Allowed
+    }
+}
+
+/// A constraint's view of a value: a string as it is, anything else as JSON.
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -164,13 +164,15 @@ impl Pass {
     /// valid afterwards), else as text, as the tool policy says for
     /// `tool` (everything, when there is no policy or no name).
     fn arguments(&mut self, tool: Option<&str>, args: &mut String) {
-        let (mode, vetted) = match (&self.tools, tool) {
-            (Some(t), Some(name)) => {
-                let (mode, vetted) = t.argument_redaction(name);
-                (mode, vetted.into_iter().map(String::from).collect())
-            }
-            _ => (RedactArguments::All, Vec::new()),
+        let tools = self.tools.clone();
+        let (mode, vets) = match (&tools, tool) {
+            (Some(t), Some(name)) => (
+                t.argument_redaction(name),
+                Some(move |path: &str, v: &Value| t.vets(name, path, v)),
+            ),
+            _ => (RedactArguments::All, None),
         };
+        let vetted = |path: &str, v: &Value| vets.as_ref().is_some_and(|f| f(path, v));
         let pii = mode == RedactArguments::All;
         match (mode, serde_json::from_str::<Value>(args)) {
             (RedactArguments::None, _) => {}
@@ -189,9 +191,21 @@ impl Pass {
     /// Every string value and key of parsed arguments; `path` is the JSON
     /// pointer of `v`. Personal data is redacted when `pii`, except at a
     /// vetted pointer.
-    fn argument_value(&mut self, v: &mut Value, path: &mut String, pii: bool, vetted: &[String]) {
+    fn argument_value(
+        &mut self,
+        v: &mut Value,
+        path: &mut String,
+        pii: bool,
+        vetted: &dyn Fn(&str, &Value) -> bool,
+    ) {
+        if pii && v.is_string() && vetted(path, v) {
+            if let Value::String(s) = v {
+                self.secrets(s);
+            }
+            return;
+        }
         match v {
-            Value::String(s) if pii && !vetted.iter().any(|p| p == path) => self.string(s),
+            Value::String(s) if pii => self.string(s),
             Value::String(s) => self.secrets(s),
             Value::Array(items) => {
                 for (i, item) in items.iter_mut().enumerate() {

@@ -1683,5 +1683,24 @@ tools:
             let got: Value = serde_json::from_str(&streamed).unwrap();
             assert_eq!(got, expect(tool), "stream, {tool}");
         }
+        // A value the constraint would refuse (tool authorization in
+        // monitor mode lets the call through) is not vetted: redacted.
+        let outside = json!({"to": "eve@corp.test", "cc/bcc": ["dan@corp.test"]}).to_string();
+        let mut body = json!({"choices": [{"index": 0, "message": {"role": "assistant",
+            "tool_calls": [{"id": "c", "type": "function",
+                "function": {"name": "send_email", "arguments": outside}}]}}]});
+        stage
+            .on_json(&ctx(Route::ChatCompletions), &mut body)
+            .unwrap();
+        let got: Value = serde_json::from_str(
+            body.pointer("/choices/0/message/tool_calls/0/function/arguments")
+                .and_then(Value::as_str)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            json!({"to": "[REDACTED:email]", "cc/bcc": ["[REDACTED:email]"]})
+        );
     }
 }
