@@ -816,23 +816,29 @@ const REFERENCE: &str = concat!(
 );
 
 /// A made-up value: eight identical characters in a row, or six
-/// consecutive ascending ones (`abcdef`, `123456`). Real keys are random.
+/// consecutive ascending ones (`abcdef`, `123456`), in a value of up to
+/// 100 bytes; in a longer one (a key file, a long token) such runs occur
+/// in real data (an OpenSSH key's zero bytes are `AAAAAAAA`), so only a
+/// value that is half one repeated character is made up.
 fn looks_made_up(s: &str) -> bool {
     let b = s.as_bytes();
+    let short = b.len() <= 100;
     let mut same = 1;
+    let mut longest = 1;
     let mut ascending = 1;
     for w in b.windows(2) {
         same = if w[1] == w[0] { same + 1 } else { 1 };
+        longest = longest.max(same);
         ascending = if w[1] == w[0].wrapping_add(1) && w[1].is_ascii_alphanumeric() {
             ascending + 1
         } else {
             1
         };
-        if same >= 8 || ascending >= 6 {
+        if short && (same >= 8 || ascending >= 6) {
             return true;
         }
     }
-    false
+    !short && longest * 2 >= b.len()
 }
 
 /// Shannon entropy in bits per character.

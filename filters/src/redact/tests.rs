@@ -564,6 +564,7 @@ fn look_alikes() -> Vec<(&'static str, String)> {
         ("jwt", "eyJhbGciOiJIUzI1NiJ9 alone is only a header".into()),
         ("connection-string", "postgres://app:${DB_PASSWORD}@db:5432/app".into()),
         ("password-assignment", "password: ${DB_PASSWORD}".into()),
+        ("password-assignment", "passport_number = X123456789".into()),
         ("secret-assignment", "max_tokens: 4096, token_count = 1234567890123".into()),
         ("key-assignment", "public_key = \"9Cnzj4p4WGeKLs1Pt8QuKUpRKfFLfRYC9AIKjbJTWit\"".into()),
         ("bearer-token", "Authorization: Bearer $API_KEY".into()),
@@ -606,6 +607,15 @@ fn long_examples() -> Vec<(&'static str, String)> {
         ("private-key", pem("RSA PRIVATE KEY", 100, 6)),
         ("private-key", pem("PRIVATE KEY", 200, 50)),
         ("private-key", pem("EC PRIVATE KEY", 300, 2)),
+        // OpenSSH keys hold runs of zero bytes: `AAAAAAAA` is real data.
+        (
+            "private-key",
+            format!(
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\n{}\n{}\n-----END OPENSSH PRIVATE KEY-----",
+                chars(301, 70, BASE64),
+                chars(302, 70, BASE64)
+            ),
+        ),
         ("github-token", format!("gho_{}", chars(101, 255, ALNUM))),
         ("gitlab-token", format!("glpat-{}", chars(102, 64, ALNUM))),
         (
@@ -785,6 +795,9 @@ fn assignments_in_every_syntax_are_redacted() {
         format!("'secret' => '{value}',"),
         format!("STRIPE_KEY={value}"),
         format!("<add key=\"x\" value=\"y\" /> token: {value}"),
+        format!("DB_PASS={value}"),
+        format!("secret_key_base: {}", chars(501, 128, HEX)),
+        format!("api_token = \"{}\"", chars(502, 32, HEX)),
         // A name right after another name's operator is not its value.
         format!("token:   client_secret: \"{value}\""),
         format!("password: api_key={value}"),
