@@ -141,13 +141,21 @@ impl RuleSpec {
                 ))
             })
             .collect();
-        // Then an operator (`=`, `:`, `:=`, `=>`, `?=`) on the same line,
-        // an optional quote, the value, and no value character or colon
-        // after it (`token: client_secret: "…"` is two names, not a token).
+        // Or run together in capitals (`PGPASSWORD`, `DBTOKEN`).
+        let upper: Vec<String> = self
+            .assigned_to
+            .iter()
+            .map(|n| regex::escape(&n.to_ascii_uppercase()))
+            .collect();
+        // Then an operator (`=`, `:`, `:=`, `=>`, `?=`, or `>` closing an
+        // XML tag) on the same line, an optional quote, the value, and no
+        // value character or colon after it (`token: client_secret: "…"`
+        // is two names, not a token).
         format!(
-            r#"(?:\b(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b[A-Za-z0-9]{{0,30}}[a-z0-9](?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]{{0,8}}(?:=|:=|=>|\?=|:)[ \t]{{0,8}}["'`]?({})(?:[^A-Za-z0-9_+/=:-]|$)"#,
+            r#"(?:\b_{{0,2}}(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b_{{0,2}}[A-Za-z0-9]{{0,30}}[a-z0-9](?:{})|\b[A-Z0-9]{{1,20}}(?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]{{0,8}}(?:=|:=|=>|\?=|:|>)[ \t]{{0,8}}["'`]?({})(?:[^A-Za-z0-9_+/=:-]|$)"#,
             names.join("|"),
             camel.join("|"),
+            upper.join("|"),
             self.pattern
         )
     }
@@ -282,7 +290,7 @@ fn name_byte(b: u8) -> bool {
 
 /// Where an assignment rule's match may start, given a hit of one of its
 /// names at `s..e`: its match is a run of name bytes holding the hit, an
-/// optional quote, up to 8 blanks and an operator (`=`, `:`, `?=`), then
+/// optional quote, up to 8 blanks and an operator (`=`, `:`, `?=`, `>`), then
 /// the value; it starts at a word boundary of that run, that is the run's
 /// start or just after a `.` or `-` in it, at or before the hit. Nothing
 /// when no operator follows the run (`token` in prose).
@@ -303,7 +311,7 @@ fn assignment_starts(b: &[u8], s: usize, e: usize, from: usize, out: &mut Vec<us
     while j < b.len() && j - blanks < 8 && matches!(b[j], b' ' | b'\t') {
         j += 1;
     }
-    if j >= b.len() || !matches!(b[j], b'=' | b':' | b'?') {
+    if j >= b.len() || !matches!(b[j], b'=' | b':' | b'?' | b'>') {
         return;
     }
     out.push(lo);
