@@ -66,7 +66,8 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Precision and recall of the redaction rules on labelled corpora.
+    /// Measure the detectors on labelled corpora: redaction precision and
+    /// recall, injection-screen recall and false positives.
     Eval {
         /// JSON lines of {rule_id, kind: true_positive|false_positive, text}.
         #[arg(long)]
@@ -76,6 +77,11 @@ enum Command {
         pii: Option<PathBuf>,
         #[arg(long, default_value = "policies/redaction.yaml")]
         policy: PathBuf,
+        /// JSON lines of {text, label: attack|benign, set}.
+        #[arg(long)]
+        injection: Option<PathBuf>,
+        #[arg(long, default_value = "policies/injection.yaml")]
+        injection_policy: PathBuf,
         /// Also list every miss and false alarm.
         #[arg(long)]
         misses: bool,
@@ -313,19 +319,28 @@ pub fn main() -> ExitCode {
             secrets,
             pii,
             policy,
+            injection,
+            injection_policy,
             misses,
         } => {
             let run = || -> anyhow::Result<String> {
-                let r = crate::eval::load_redactor(&policy)?;
                 let mut out = String::new();
-                if let Some(f) = &secrets {
-                    out += &crate::eval::secrets(&r, f, misses)?;
+                if secrets.is_some() || pii.is_some() {
+                    let r = crate::eval::load_redactor(&policy)?;
+                    if let Some(f) = &secrets {
+                        out += &crate::eval::secrets(&r, f, misses)?;
+                    }
+                    if let Some(f) = &pii {
+                        out += &crate::eval::pii(&r, f, misses)?;
+                    }
                 }
-                if let Some(f) = &pii {
-                    out += &crate::eval::pii(&r, f, misses)?;
+                if let Some(f) = &injection {
+                    let d = crate::pipeline::load_injection(&injection_policy)
+                        .map_err(|e| anyhow::anyhow!(e.join("\n")))?;
+                    out += &crate::eval::injection(&d, f, misses)?;
                 }
                 if out.is_empty() {
-                    anyhow::bail!("give --secrets FILE and/or --pii FILE");
+                    anyhow::bail!("give --secrets FILE, --pii FILE and/or --injection FILE");
                 }
                 Ok(out)
             };

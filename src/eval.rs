@@ -1,6 +1,8 @@
 //! `portcullis eval`: precision and recall of the redaction rules on
 //! labelled corpora (gitleaks' rule examples for secrets; Presidio's
-//! synthetic sentences for PII, span-exact on the types a regex can find).
+//! synthetic sentences for PII, span-exact on the types a regex can find),
+//! and the injection screen's recall and false positives on labelled
+//! attack and benign prompts.
 
 use crate::admin_cli::table;
 use filters::redact::{Kind, Redactor};
@@ -237,6 +239,111 @@ pub fn pii(r: &Redactor, file: &Path, misses: bool) -> anyhow::Result<String> {
         "\npii overall: precision {}, recall {} ({tp}/{gold}, {pred} predicted)\n",
         pct(tp, pred),
         pct(tp, gold)
+    );
+    Ok(listed + &out)
+}
+
+#[derive(Deserialize)]
+struct InjectionRow {
+    text: String,
+    label: String,
+    #[serde(default)]
+    set: String,
+}
+
+/// Injection: each row is scanned as a caller's message. Per set and
+/// overall: how many rows reach the block and the flag thresholds
+/// (recall on attacks, false-positive rate on benign rows), and the time
+/// the screen took per KiB.
+pub fn injection(
+    d: &filters::injection::Detector,
+    file: &Path,
+    misses: bool,
+) -> anyhow::Result<String> {
+    use filters::injection::Source;
+    let text = std::fs::read_to_string(file)?;
+    let limits = d.policy().thresholds;
+    // (label, set) -> (rows, blocked, flagged)
+    let mut by_set: BTreeMap<(String, String), (usize, usize, usize)> = BTreeMap::new();
+    let mut by_label: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
+    let mut by_rule: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut listed = String::new();
+    let (mut bytes, mut spent) = (0usize, std::time::Duration::ZERO);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let row: InjectionRow = serde_json::from_str(line)?;
+        let attack = match row.label.as_str() {
+            "attack" => true,
+            "benign" => false,
+            other => anyhow::bail!("label {other:?}: expected attack or benign"),
+        };
+        let started = std::time::Instant::now();
+        let scan = d.scan(&row.text, Source::Direct);
+        spent += started.elapsed();
+        bytes += row.text.len();
+        let blocked = scan.score >= limits.block;
+        let flagged = scan.score >= limits.flag;
+        for key in [
+            by_set.entry((row.label.clone(), row.set.clone())).or_default(),
+            by_label.entry(row.label.clone()).or_default(),
+        ] {
+            key.0 += 1;
+            key.1 += usize::from(blocked);
+            key.2 += usize::from(flagged);
+        }
+        for f in &scan.findings {
+            let e = by_rule.entry(f.clone()).or_default();
+            if attack {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+            }
+        }
+        if misses && blocked != attack {
+            let what = if attack { "missed" } else { "false alarm" };
+            let excerpt: String = row.text.chars().take(200).collect();
+            listed += &format!(
+                "{}: {what} (score {:.2}; {}): {excerpt:?}\n",
+                row.set,
+                scan.score,
+                scan.findings.join(", ")
+            );
+        }
+    }
+    let rate = |label: &str, t: &(usize, usize, usize)| {
+        let name = if label == "attack" { "recall" } else { "false positives" };
+        format!("{name} {} ({}/{}), flagged {}", pct(t.1, t.0), t.1, t.0, pct(t.2, t.0))
+    };
+    let rows: Vec<Vec<String>> = by_set
+        .iter()
+        .map(|((label, set), t)| {
+            vec![
+                set.clone(),
+                label.clone(),
+                t.0.to_string(),
+                format!("{} ({})", t.1, pct(t.1, t.0)),
+                format!("{} ({})", t.2, pct(t.2, t.0)),
+            ]
+        })
+        .collect();
+    let mut out = format!(
+        "Injection, by set (block at {}, flag at {}):\n",
+        limits.block, limits.flag
+    );
+    out += &table(&["SET", "LABEL", "ROWS", "BLOCKED", "FLAGGED"], &rows);
+    let rules: Vec<Vec<String>> = by_rule
+        .iter()
+        .map(|(r, (a, b))| vec![r.clone(), a.to_string(), b.to_string()])
+        .collect();
+    out += "\nFindings by rule (rows where it matched):\n";
+    out += &table(&["RULE", "ATTACK", "BENIGN"], &rules);
+    for (label, t) in &by_label {
+        out += &format!("\ninjection {label}: {}", rate(label, t));
+    }
+    let kib = bytes as f64 / 1024.0;
+    out += &format!(
+        "\ninjection time: {:.2} µs per KiB ({kib:.0} KiB in {:.1} ms)\n",
+        spent.as_secs_f64() * 1e6 / kib.max(1e-9),
+        spent.as_secs_f64() * 1e3
     );
     Ok(listed + &out)
 }

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::keys::{self, JwksRefresher};
 use crate::redis_limits::RedisLimits;
 use crate::registry::{FileStore, RedisStore, RegistryStore};
+use filters::injection::Detector;
 use filters::jwt_auth::{ClaimPaths, JwtAuth, JwtSettings};
 use filters::model_registry::{
     FreezeFilter, Lifecycle, ModelGate, NewModel, RegistryState, RegistryView, RiskPolicy,
@@ -162,6 +163,11 @@ pub fn load_limits(path: &Path) -> Result<LimitsPolicy, Vec<String>> {
 /// Read and compile a redaction policy.
 pub fn load_redactor(path: &Path) -> Result<Redactor, Vec<String>> {
     load_policy(path, |p: RedactionPolicy| Redactor::build(&p))
+}
+
+/// Read and compile the prompt-injection screen.
+pub fn load_injection(path: &Path) -> Result<Detector, Vec<String>> {
+    load_policy(path, Detector::build)
 }
 
 /// Read and compile a tool policy.

@@ -115,6 +115,9 @@ pub enum Fact {
         provider: String,
         upstream_model: String,
     },
+    /// A fact for the audit record that stands whatever the decision (a
+    /// refusal's score and rule ids).
+    Note(Annotation),
 }
 
 /// A filter's decision and the facts it established.
@@ -249,6 +252,7 @@ impl Chain {
             };
             let started = Instant::now();
             let result = filter.check(&view).await;
+            let mut notes = Vec::new();
             let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let result = result.map(|verdict| {
                 for fact in verdict.facts {
@@ -262,11 +266,13 @@ impl Chain {
                             provider,
                             upstream_model,
                         } => report.upstream = Some((provider, upstream_model)),
+                        Fact::Note(a) => notes.push(a),
                     }
                 }
                 verdict.decision
             });
-            let (outcome, rejection) = apply(filter.kind(), *settings, result, latency_us);
+            let (mut outcome, rejection) = apply(filter.kind(), *settings, result, latency_us);
+            outcome.annotations.extend(notes);
             report.outcomes.push(outcome);
             if let Some(rejection) = rejection {
                 report.rejection = Some((filter.kind(), rejection));

@@ -1,0 +1,564 @@
+//! The prompt-injection screen: in the request path, on the gateway's own
+//! CPU, in microseconds.
+//!
+//! Each scanned message (user and tool messages by default; system
+//! messages on request; assistant messages never) is normalised
+//! ([`normalise`]), matched against the rules of `policies/injection.yaml`
+//! ([`rules`]: phrases through one Aho-Corasick automaton, regexes through
+//! one set per view), checked for built-in signals (tag characters,
+//! invisible characters, an adversarial-suffix run: [`suffix`]), and its
+//! encoded segments are decoded and scanned again ([`decode`]). Findings
+//! become a score ([`score`]) that is compared with the `flag` and `block`
+//! thresholds: the direct ones for what the caller wrote, stricter ones
+//! for tool results, which carry text from elsewhere (indirect
+//! injection).
+//!
+//! It is a screen, not a proof: it finds the techniques attacks are built
+//! from (overriding instructions, jailbreak personas, extracting the
+//! system prompt, fake chat-template turns, smuggling, exfiltration, tool
+//! hijacking), in the languages its rules are written in. A paraphrase it
+//! has no rule for passes.
+
+pub mod decode;
+pub mod normalise;
+pub mod rules;
+pub mod score;
+pub mod suffix;
+
+use crate::chain::{Annotation, Decision, Fact, FilterError, FilterKind, Mode, RequestFilter, Verdict};
+use crate::error::{ErrorCode, Rejection};
+use crate::request::{Principal, RequestView, Route};
+use crate::shared::Shared;
+use async_trait::async_trait;
+use rules::{Rules, RuleSpec, Scope};
+use score::{Finding, Findings, Thresholds};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+use std::sync::Arc;
+use suffix::SuffixSettings;
+
+/// What a rule is about. The client is told the category of a refusal,
+/// never what matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// "Ignore all previous instructions", "new instructions:".
+    InstructionOverride,
+    /// DAN, developer mode, "you are no longer bound", unrestricted role play.
+    Jailbreak,
+    /// "Repeat the words above", "print your initial instructions".
+    PromptExtraction,
+    /// `<|im_start|>system`, `[INST]`, `Human:` turns inside a message.
+    RoleDelimiter,
+    /// Encoded or hidden instructions: base64, hex, rot13, tag characters.
+    Smuggling,
+    /// Data sent out through links and images, "send the conversation to".
+    Exfiltration,
+    /// Text in a tool result that addresses the agent reading it.
+    ToolHijack,
+    /// An optimised token-soup suffix.
+    AdversarialSuffix,
+}
+
+impl Category {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::InstructionOverride => "instruction_override",
+            Self::Jailbreak => "jailbreak",
+            Self::PromptExtraction => "prompt_extraction",
+            Self::RoleDelimiter => "role_delimiter",
+            Self::Smuggling => "smuggling",
+            Self::Exfiltration => "exfiltration",
+            Self::ToolHijack => "tool_hijack",
+            Self::AdversarialSuffix => "adversarial_suffix",
+        }
+    }
+
+    /// For the client's error message.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::InstructionOverride => "an attempt to override instructions",
+            Self::Jailbreak => "a jailbreak framing",
+            Self::PromptExtraction => "an attempt to extract hidden instructions",
+            Self::RoleDelimiter => "forged chat-role markers",
+            Self::Smuggling => "hidden or encoded instructions",
+            Self::Exfiltration => "an attempt to send data elsewhere",
+            Self::ToolHijack => "instructions aimed at the agent inside a tool result",
+            Self::AdversarialSuffix => "an adversarial suffix",
+        }
+    }
+}
+
+/// The roles whose messages can be scanned (assistant: never).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScanRole {
+    User,
+    Tool,
+    System,
+}
+
+/// A built-in signal's weight.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signal {
+    pub weight: f32,
+}
+
+/// Built-in signals.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signals {
+    /// Unicode tag characters outside emoji flags ("ASCII smuggling").
+    pub tag_characters: Signal,
+    /// Zero-width spaces or bidirectional overrides, at least `min` of them.
+    pub invisible_characters: InvisibleSignal,
+    /// Added when a rule matched inside decoded or hidden text.
+    pub encoded_payload: Signal,
+    pub adversarial_suffix: SuffixSettings,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvisibleSignal {
+    pub weight: f32,
+    pub min: usize,
+}
+
+/// Work limits for one message.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Decoded bytes scanned again, in all.
+    pub decode_bytes: usize,
+    /// How deep encodings are unwrapped (base64 inside base64: 2).
+    pub decode_depth: u8,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            decode_bytes: 64 * 1024,
+            decode_depth: 2,
+        }
+    }
+}
+
+/// Different thresholds or mode for some callers: a red-team tenant in
+/// monitor mode, stricter thresholds for a role. The first entry whose
+/// `tenant` and `role` (each optional) match the caller applies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    /// `monitor`: record, never refuse.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub thresholds: Option<Thresholds>,
+    #[serde(default)]
+    pub tool_thresholds: Option<Thresholds>,
+}
+
+impl Override {
+    fn matches(&self, p: Option<&Principal>) -> bool {
+        let tenant = self
+            .tenant
+            .as_deref()
+            .is_none_or(|t| p.is_some_and(|p| p.tenant == t));
+        let role = self
+            .role
+            .as_deref()
+            .is_none_or(|r| p.is_some_and(|p| p.roles.iter().any(|x| x == r)));
+        tenant && role
+    }
+}
+
+/// `policies/injection.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectionPolicy {
+    /// Roles whose messages are scanned; default user and tool.
+    #[serde(default = "default_roles")]
+    pub roles: Vec<ScanRole>,
+    /// For what the caller wrote (user and system messages, prompts).
+    pub thresholds: Thresholds,
+    /// For tool results.
+    pub tool_thresholds: Thresholds,
+    #[serde(default)]
+    pub limits: Limits,
+    pub signals: Signals,
+    #[serde(default)]
+    pub overrides: Vec<Override>,
+    pub rules: Vec<RuleSpec>,
+}
+
+fn default_roles() -> Vec<ScanRole> {
+    vec![ScanRole::User, ScanRole::Tool]
+}
+
+/// Where a text came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Written by the caller: user or system messages, prompts.
+    Direct,
+    /// A tool result: text from elsewhere.
+    Tool,
+}
+
+/// One text's result.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    pub score: f32,
+    /// Category and its combined weight, highest first.
+    pub categories: Vec<(Category, f32)>,
+    /// Rule ids and signal names.
+    pub findings: Vec<String>,
+}
+
+/// The compiled screen.
+pub struct Detector {
+    policy: InjectionPolicy,
+    rules: Rules,
+    /// Phrases (folded) that say the text is rot13.
+    rot13_gates: Vec<String>,
+}
+
+impl Detector {
+    /// Compiles a policy; every problem is reported.
+    pub fn build(mut policy: InjectionPolicy) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        policy.thresholds.check("thresholds", &mut errors);
+        policy.tool_thresholds.check("tool_thresholds", &mut errors);
+        for (i, o) in policy.overrides.iter().enumerate() {
+            if let Some(t) = o.thresholds {
+                t.check(&format!("overrides[{i}].thresholds"), &mut errors);
+            }
+            if let Some(t) = o.tool_thresholds {
+                t.check(&format!("overrides[{i}].tool_thresholds"), &mut errors);
+            }
+        }
+        let s = &policy.signals;
+        for (name, w) in [
+            ("tag_characters", s.tag_characters.weight),
+            ("invisible_characters", s.invisible_characters.weight),
+            ("encoded_payload", s.encoded_payload.weight),
+            ("adversarial_suffix", s.adversarial_suffix.weight),
+        ] {
+            if !(0.0..=1.0).contains(&w) {
+                errors.push(format!("signals.{name}: weight {w} is not in [0, 1]"));
+            }
+        }
+        let specs = std::mem::take(&mut policy.rules);
+        let rules = Rules::build(specs, &mut errors);
+        match rules {
+            Some(rules) if errors.is_empty() => Ok(Self {
+                policy,
+                rules,
+                rot13_gates: ["rot13", "rot 13", "caesar", "rot-13"]
+                    .iter()
+                    .filter_map(|p| normalise::phrase_pattern(p))
+                    .collect(),
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    pub fn policy(&self) -> &InjectionPolicy {
+        &self.policy
+    }
+
+    pub fn rules(&self) -> &[RuleSpec] {
+        &self.rules.specs
+    }
+
+    /// Scan one text.
+    pub fn scan(&self, text: &str, source: Source) -> Scan {
+        let mut findings = Findings::default();
+        let mut budget = self.policy.limits.decode_bytes;
+        self.scan_into(text, source, 0, &mut budget, &mut findings);
+        let mut names: Vec<String> = findings
+            .iter()
+            .map(|(f, _, _)| match f {
+                Finding::Rule(i) => self.rules.specs[*i].id.clone(),
+                Finding::TagCharacters => "signal.tag_characters".into(),
+                Finding::InvisibleCharacters => "signal.invisible_characters".into(),
+                Finding::EncodedPayload => "signal.encoded_payload".into(),
+                Finding::AdversarialSuffix => "signal.adversarial_suffix".into(),
+            })
+            .collect();
+        names.sort();
+        Scan {
+            score: findings.score(),
+            categories: findings.categories(),
+            findings: names,
+        }
+    }
+
+    fn scan_into(
+        &self,
+        text: &str,
+        source: Source,
+        depth: u8,
+        budget: &mut usize,
+        found: &mut Findings,
+    ) {
+        let folded = normalise::fold(text);
+        let rules = &self.rules;
+        let rule = |i: usize, found: &mut Findings| {
+            let spec = &rules.specs[i];
+            if spec.scope == Scope::Any || source == Source::Tool {
+                found.add(Finding::Rule(i), spec.category, spec.weight);
+            }
+        };
+        for m in rules.phrases.find_overlapping_iter(&folded.words) {
+            rule(rules.phrase_rule[m.pattern().as_usize()], found);
+        }
+        if !rules.words.is_empty() {
+            for i in rules.words.matches(&folded.words).iter() {
+                rule(rules.words_rule[i], found);
+            }
+        }
+        let clean = folded.clean.as_deref().unwrap_or(text);
+        if !rules.raw.is_empty() {
+            for i in rules.raw.matches(clean).iter() {
+                rule(rules.raw_rule[i], found);
+            }
+        }
+        let s = &self.policy.signals;
+        if folded.tags > 0 {
+            found.add(
+                Finding::TagCharacters,
+                Category::Smuggling,
+                s.tag_characters.weight,
+            );
+        }
+        if folded.invisible >= s.invisible_characters.min.max(1) {
+            found.add(
+                Finding::InvisibleCharacters,
+                Category::Smuggling,
+                s.invisible_characters.weight,
+            );
+        }
+        if s.adversarial_suffix.weight > 0.0 && suffix::found(clean, &s.adversarial_suffix) {
+            found.add(
+                Finding::AdversarialSuffix,
+                Category::AdversarialSuffix,
+                s.adversarial_suffix.weight,
+            );
+        }
+        if depth >= self.policy.limits.decode_depth {
+            return;
+        }
+        // Hidden and encoded text is scanned like the message; a rule
+        // that matches only there adds the encoded-payload signal.
+        let mut inner: Vec<String> = Vec::new();
+        if !folded.hidden.is_empty() {
+            inner.push(folded.hidden);
+        }
+        if self
+            .rot13_gates
+            .iter()
+            .any(|g| folded.words.contains(g.as_str()))
+        {
+            inner.push(decode::rot13(clean));
+        }
+        inner.extend(decode::segments(clean, budget));
+        for text in inner {
+            let before = found.len();
+            self.scan_into(&text, source, depth + 1, budget, found);
+            if found.len() > before {
+                found.add(
+                    Finding::EncodedPayload,
+                    Category::Smuggling,
+                    s.encoded_payload.weight,
+                );
+            }
+        }
+    }
+
+    /// The mode and thresholds for this caller.
+    fn settings_for(&self, p: Option<&Principal>) -> (Option<Mode>, Thresholds, Thresholds) {
+        let mut direct = self.policy.thresholds;
+        let mut tool = self.policy.tool_thresholds;
+        let mut mode = None;
+        if let Some(o) = self.policy.overrides.iter().find(|o| o.matches(p)) {
+            mode = o.mode;
+            direct = o.thresholds.unwrap_or(direct);
+            tool = o.tool_thresholds.unwrap_or(tool);
+        }
+        (mode, direct, tool)
+    }
+}
+
+/// The texts of a request the screen reads, with where they came from.
+pub fn texts<'a>(view: &RequestView<'a>, roles: &[ScanRole]) -> Vec<(usize, Source, &'a str)> {
+    let mut out = Vec::new();
+    let body = view.body;
+    match view.route {
+        Route::ChatCompletions => {
+            let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+                return out;
+            };
+            for (i, m) in messages.iter().enumerate() {
+                let source = match m.get("role").and_then(Value::as_str) {
+                    Some("user") if roles.contains(&ScanRole::User) => Source::Direct,
+                    Some("system" | "developer") if roles.contains(&ScanRole::System) => {
+                        Source::Direct
+                    }
+                    Some("tool" | "function") if roles.contains(&ScanRole::Tool) => Source::Tool,
+                    _ => continue,
+                };
+                match m.get("content") {
+                    Some(Value::String(s)) => out.push((i, source, s.as_str())),
+                    Some(Value::Array(parts)) => {
+                        for p in parts {
+                            let text = match p {
+                                Value::String(s) => Some(s.as_str()),
+                                Value::Object(o) => o.get("text").and_then(Value::as_str),
+                                _ => None,
+                            };
+                            if let Some(t) = text {
+                                out.push((i, source, t));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Route::Completions if roles.contains(&ScanRole::User) => match body.get("prompt") {
+            Some(Value::String(s)) => out.push((0, Source::Direct, s.as_str())),
+            Some(Value::Array(items)) => {
+                for (i, s) in items.iter().enumerate() {
+                    if let Some(s) = s.as_str() {
+                        out.push((i, Source::Direct, s));
+                    }
+                }
+            }
+            _ => {}
+        },
+        // Embeddings generate nothing that follows instructions.
+        _ => {}
+    }
+    out
+}
+
+/// The request filter.
+pub struct InjectionFilter {
+    detector: Arc<Shared<Detector>>,
+}
+
+impl InjectionFilter {
+    pub fn new(detector: Arc<Shared<Detector>>) -> Self {
+        Self { detector }
+    }
+}
+
+#[async_trait]
+impl RequestFilter for InjectionFilter {
+    fn kind(&self) -> FilterKind {
+        FilterKind::Injection
+    }
+
+    async fn check(&self, view: &RequestView<'_>) -> Result<Verdict, FilterError> {
+        Ok(self.detector.get().decide(view))
+    }
+}
+
+impl Detector {
+    /// The screen's verdict on a request.
+    pub fn decide(&self, view: &RequestView<'_>) -> Verdict {
+        let (mode, direct, tool) = self.settings_for(view.principal);
+        // The worst message: the one furthest past its block threshold.
+        let mut worst: Option<(f32, usize, Source, Scan, Thresholds)> = None;
+        for (index, source, text) in texts(view, &self.policy.roles) {
+            let scan = self.scan(text, source);
+            if scan.findings.is_empty() {
+                continue;
+            }
+            let limits = if source == Source::Tool { tool } else { direct };
+            let margin = scan.score - limits.block;
+            if worst.as_ref().is_none_or(|w| margin > w.0) {
+                worst = Some((margin, index, source, scan, limits));
+            }
+        }
+        let Some((_, index, source, scan, limits)) = worst else {
+            return Decision::Allow.into();
+        };
+        let verdict = if scan.score >= limits.block {
+            "block"
+        } else if scan.score >= limits.flag {
+            "flag"
+        } else {
+            "pass"
+        };
+        let rounded = (scan.score * 1000.0).round() / 1000.0;
+        let categories: Vec<&str> = scan.categories.iter().map(|(c, _)| c.as_str()).collect();
+        let notes = vec![
+            Annotation {
+                key: "injection_score",
+                value: json!(rounded),
+            },
+            Annotation {
+                key: "injection_verdict",
+                value: json!(verdict),
+            },
+            Annotation {
+                key: "injection_categories",
+                value: json!(categories),
+            },
+            Annotation {
+                key: "injection_rules",
+                value: json!(scan.findings),
+            },
+            Annotation {
+                key: "injection_source",
+                value: json!({
+                    "message": index,
+                    "role": if source == Source::Tool { "tool" } else { "user" },
+                }),
+            },
+        ];
+        if verdict != "block" || mode == Some(Mode::Monitor) {
+            let mut notes = notes;
+            if verdict == "block" {
+                notes.push(Annotation {
+                    key: "injection_mode",
+                    value: json!("monitor"),
+                });
+            }
+            return Decision::Annotate(notes).into();
+        }
+        let top = scan.categories.first().map(|(c, _)| *c);
+        let message = match top {
+            Some(c) => format!(
+                "The request was refused: it looks like a prompt-injection attempt ({}).",
+                c.describe()
+            ),
+            None => ErrorCode::PromptInjection.public_message().to_string(),
+        };
+        let reason = format!(
+            "prompt injection in message {index} ({}): score {rounded} ≥ {}; {}",
+            if source == Source::Tool { "tool result" } else { "caller" },
+            limits.block,
+            scan.findings.join(", ")
+        );
+        let mut verdict = Verdict::from(Decision::Deny(Rejection {
+            code: ErrorCode::PromptInjection,
+            message: Cow::Owned(message),
+            reason,
+        }));
+        for n in notes {
+            verdict = verdict.with(Fact::Note(n));
+        }
+        verdict
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,163 @@
+//! Payload smuggling: encoded segments are decoded, within a byte budget,
+//! and the detector scans what they say. Found here: base64 (standard and
+//! URL-safe), hex (runs, `\x69\x67` escapes, spaced byte pairs), and
+//! percent-encoding. rot13 has no shape to find; the detector reads the
+//! whole text through it when the text speaks of rot13 or a Caesar cipher.
+//!
+//! A decoded segment counts only when it reads as text: valid UTF-8,
+//! no control characters but line breaks and tabs, mostly letters and
+//! spaces. Random keys, hashes and binary data decode to noise and are
+//! dropped.
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::{alphabet, Engine};
+
+/// The shortest base64 or hex run worth decoding, in characters.
+const MIN_RUN: usize = 20;
+/// The fewest escapes (`%69`, `\x69`, spaced pairs) worth decoding.
+const MIN_ESCAPES: usize = 6;
+
+const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+    .with_decode_allow_trailing_bits(true)
+    .with_decode_padding_mode(DecodePaddingMode::Indifferent);
+const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
+const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
+
+fn is_base64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
+}
+
+/// Whether decoded bytes read as text.
+fn readable(bytes: Vec<u8>) -> Option<String> {
+    let text = String::from_utf8(bytes).ok()?;
+    let (mut letters, mut total) = (0usize, 0usize);
+    for c in text.chars() {
+        total += 1;
+        if c.is_control() && !matches!(c, '\n' | '\r' | '\t') {
+            return None;
+        }
+        letters += usize::from(c.is_alphabetic() || c == ' ');
+    }
+    (total >= 4 && letters * 10 >= total * 7).then_some(text)
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn hex_pair(pair: &[u8]) -> Option<u8> {
+    Some(hex_value(*pair.first()?)? << 4 | hex_value(*pair.get(1)?)?)
+}
+
+/// Decodes what it finds in `text` while `budget` (bytes of decoded text)
+/// lasts, and returns the segments that read as text.
+pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let bytes = text.as_bytes();
+    let mut keep = |decoded: Option<Vec<u8>>, budget: &mut usize| {
+        let Some(decoded) = decoded else { return };
+        if decoded.len() > *budget {
+            *budget = 0;
+            return;
+        }
+        *budget -= decoded.len();
+        if let Some(t) = readable(decoded) {
+            found.push(t);
+        }
+    };
+    // Base64 and hex runs.
+    let mut i = 0;
+    while i < bytes.len() && *budget > 0 {
+        if !is_base64(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && is_base64(bytes[i]) {
+            i += 1;
+        }
+        let run = &bytes[start..i];
+        if run.len() < MIN_RUN {
+            continue;
+        }
+        let decoded = if run.len() % 2 == 0 && run.iter().all(u8::is_ascii_hexdigit) {
+            run.chunks(2).map(hex_pair).collect::<Option<Vec<u8>>>()
+        } else if run.iter().any(|&b| b == b'-' || b == b'_') {
+            URL_SAFE.decode(run).ok()
+        } else {
+            STANDARD.decode(run).ok()
+        };
+        keep(decoded, budget);
+    }
+    // Escapes: within one white-space-free stretch, `%xx` and `\xhh`;
+    // across stretches, runs of two-digit hex words (`69 67 6e`).
+    let mut pairs: Vec<u8> = Vec::new();
+    for word in text.split_ascii_whitespace() {
+        if *budget == 0 {
+            break;
+        }
+        let w = word.as_bytes();
+        if w.len() == 2 {
+            if let Some(b) = hex_pair(w) {
+                pairs.push(b);
+                continue;
+            }
+        }
+        if pairs.len() >= MIN_ESCAPES {
+            keep(Some(std::mem::take(&mut pairs)), budget);
+        }
+        pairs.clear();
+        let percent = w.iter().filter(|&&b| b == b'%').count();
+        let backslash_x = word.matches("\\x").count();
+        if percent >= MIN_ESCAPES || backslash_x >= MIN_ESCAPES {
+            keep(Some(unescape(w)), budget);
+        }
+    }
+    if pairs.len() >= MIN_ESCAPES && *budget > 0 {
+        keep(Some(pairs), budget);
+    }
+    found
+}
+
+/// `%xx` and `\xhh` replaced by their bytes, `+` by a space.
+fn unescape(w: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(w.len());
+    let mut i = 0;
+    while i < w.len() {
+        let escaped = match w[i] {
+            b'%' => w.get(i + 1..i + 3).and_then(hex_pair).map(|b| (b, 3)),
+            b'\\' if w.get(i + 1) == Some(&b'x') => {
+                w.get(i + 2..i + 4).and_then(hex_pair).map(|b| (b, 4))
+            }
+            _ => None,
+        };
+        match escaped {
+            Some((b, n)) => {
+                out.push(b);
+                i += n;
+            }
+            None => {
+                out.push(if w[i] == b'+' { b' ' } else { w[i] });
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// rot13 over ASCII letters.
+pub fn rot13(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            'a'..='m' | 'A'..='M' => char::from(c as u8 + 13),
+            'n'..='z' | 'N'..='Z' => char::from(c as u8 - 13),
+            _ => c,
+        })
+        .collect()
+}

@@ -1,0 +1,365 @@
+//! What the rules see. One pass over the text builds two views:
+//!
+//! - **words**: lower case, compatibility forms folded (NFKD: fullwidth,
+//!   mathematical and circled letters become plain ones), Latin, Greek and
+//!   Cyrillic accents dropped, invisible characters removed (so a
+//!   zero-width space inside a word joins it again), look-alike letters
+//!   folded to Latin inside words that mix scripts (`іgnore` with a
+//!   Cyrillic `і`), leetspeak digits and `@`/`$` read as letters inside
+//!   words that have letters (`1gn0re`, `p@$$word`), every run of
+//!   punctuation and white space turned into one space, and runs of three
+//!   or more one-letter words joined (`i.g.n.o.r.e`, `i g n o r e`). The
+//!   view starts and ends with a space, so ` word ` matches a whole word.
+//! - **clean**: the same characters in their own case, with punctuation
+//!   and line breaks kept, for rules about structure (chat-template delimiters, markdown images,
+//!   string concatenation). Built only when the text is not plain ASCII;
+//!   plain ASCII text is its own clean view.
+//!
+//! Tag characters (U+E0020–E007E, "ASCII smuggling") are removed from both
+//! views and collected, read as the ASCII they shadow, into
+//! [`Folded::hidden`], which is scanned as text of its own.
+//!
+//! Work is linear: each input character is looked at once and yields at
+//! most four output characters (longer compatibility expansions, such as
+//! the one-character Arabic phrases, are kept as they are).
+
+use unicode_normalization::char::{decompose_compatible, is_combining_mark};
+
+/// The views of one text, and what was removed from it.
+#[derive(Debug, Default)]
+pub struct Folded {
+    pub words: String,
+    /// `None` when the input is plain ASCII (its own clean view).
+    pub clean: Option<String>,
+    /// The ASCII that tag characters shadow.
+    pub hidden: String,
+    /// Tag characters that are not part of an emoji flag sequence.
+    pub tags: usize,
+    /// Zero-width and bidirectional-control characters.
+    pub invisible: usize,
+}
+
+/// Characters removed without leaving a word break: zero-width spaces and
+/// joiners, bidirectional controls, variation selectors, the soft hyphen,
+/// invisible operators and fillers.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0100}'..='\u{E01EF}')
+}
+
+/// Invisible characters that say something when they appear: zero-width
+/// spaces inside text and bidirectional overrides ("Trojan Source").
+/// Joiners (emoji sequences, Indic and Persian scripts) and variation
+/// selectors (emoji presentation) are ordinary.
+fn is_suspicious_invisible(c: char) -> bool {
+    matches!(c, '\u{200B}' | '\u{2060}' | '\u{180E}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+const TAGS: std::ops::RangeInclusive<char> = '\u{E0000}'..='\u{E007F}';
+const BLACK_FLAG: char = '\u{1F3F4}';
+const CANCEL_TAG: char = '\u{E007F}';
+
+/// Latin, Greek and Cyrillic accents (Combining Diacritical Marks); marks
+/// of other scripts are letters' vowels and stay.
+fn is_accent(c: char) -> bool {
+    ('\u{0300}'..='\u{036F}').contains(&c)
+}
+
+/// A Greek or Cyrillic letter (lower case) that looks like a Latin one.
+fn confusable(c: char) -> Option<u8> {
+    Some(match c {
+        'а' | 'α' => b'a',
+        'в' | 'β' => b'b',
+        'с' | 'ϲ' => b'c',
+        'ԁ' => b'd',
+        'е' | 'ε' => b'e',
+        'ɡ' => b'g',
+        'һ' => b'h',
+        'і' | 'ι' | 'ı' | 'ӏ' => b'i',
+        'ј' | 'ϳ' => b'j',
+        'к' | 'κ' => b'k',
+        'м' => b'm',
+        'η' | 'п' => b'n',
+        'о' | 'ο' | 'օ' => b'o',
+        'р' | 'ρ' => b'p',
+        'ԛ' => b'q',
+        'г' => b'r',
+        'ѕ' => b's',
+        'т' | 'τ' => b't',
+        'υ' => b'u',
+        'ν' | 'ѵ' => b'v',
+        'ԝ' | 'ω' => b'w',
+        'х' | 'χ' => b'x',
+        'у' | 'γ' => b'y',
+        _ => return None,
+    })
+}
+
+/// A digit or symbol read as a letter inside a word that has letters.
+fn leet(b: u8) -> u8 {
+    match b {
+        b'0' => b'o',
+        b'1' => b'i',
+        b'3' => b'e',
+        b'4' | b'@' => b'a',
+        b'5' | b'$' => b's',
+        b'7' => b't',
+        other => other,
+    }
+}
+
+/// The word being built: where it starts in `words` and what it holds.
+#[derive(Default)]
+struct Word {
+    start: usize,
+    chars: usize,
+    letters: usize,
+    latin: usize,
+    confusables: usize,
+    /// Digits, `@` or `$`.
+    leet: usize,
+}
+
+struct Folder<'a> {
+    out: &'a mut Folded,
+    word: Option<Word>,
+    /// Where a run of one-letter words starts in `words` (at its space),
+    /// and how many there are.
+    singles: Option<(usize, usize)>,
+}
+
+impl Folder<'_> {
+    fn separator(&mut self) {
+        self.end_word();
+    }
+
+    fn letter_or_digit(&mut self, c: char) {
+        let words = &mut self.out.words;
+        let w = self.word.get_or_insert_with(|| {
+            words.push(' ');
+            Word {
+                start: words.len(),
+                ..Word::default()
+            }
+        });
+        w.chars += 1;
+        if c.is_ascii_digit() || c == '@' || c == '$' {
+            w.leet += 1;
+        } else if c.is_alphabetic() {
+            w.letters += 1;
+            if c.is_ascii() {
+                w.latin += 1;
+            } else if confusable(c).is_some() {
+                w.confusables += 1;
+            }
+        }
+        words.push(c);
+    }
+
+    fn end_word(&mut self) {
+        let Some(w) = self.word.take() else { return };
+        let words = &mut self.out.words;
+        if w.letters == 0 && w.leet > 0 && w.leet == w.chars {
+            // Only digits and `@`/`$`: a number stays, a lone symbol goes.
+            if words[w.start..].bytes().all(|b| b == b'@' || b == b'$') {
+                words.truncate(w.start - 1);
+                return;
+            }
+        } else if w.letters > 0 && (w.leet > 0 || w.confusables > 0) {
+            let fold_confusables = w.confusables > 0 && (w.latin > 0 || w.confusables == w.letters);
+            let mut word = String::with_capacity(words.len() - w.start);
+            for c in words[w.start..].chars() {
+                match (c.is_ascii(), fold_confusables.then(|| confusable(c)).flatten()) {
+                    (true, _) => word.push(char::from(leet(c as u8))),
+                    (false, Some(b)) => word.push(char::from(b)),
+                    (false, None) => word.push(c),
+                }
+            }
+            words.truncate(w.start);
+            words.push_str(&word);
+        }
+        let one_letter = w.chars == 1 && (w.letters == 1 || w.leet == 1);
+        if one_letter {
+            match &mut self.singles {
+                Some((_, n)) => *n += 1,
+                None => self.singles = Some((w.start - 1, 1)),
+            }
+        } else {
+            self.end_singles(w.start - 1);
+        }
+    }
+
+    /// Join a run of three or more one-letter words ending at `end`.
+    fn end_singles(&mut self, end: usize) {
+        let Some((start, n)) = self.singles.take() else { return };
+        if n < 3 {
+            return;
+        }
+        let words = &mut self.out.words;
+        let joined: String = words[start..end].chars().filter(|&c| c != ' ').collect();
+        words.replace_range(start + 1..end, &joined);
+    }
+
+    /// One character after decomposition and lower-casing.
+    fn push(&mut self, c: char) {
+        if c.is_ascii() {
+            let b = c as u8;
+            if b.is_ascii_alphanumeric() || b == b'@' || b == b'$' {
+                self.letter_or_digit(c);
+            } else {
+                self.separator();
+            }
+        } else if c.is_alphanumeric() || is_combining_mark(c) {
+            // Marks are parts of letters: Indic vowel signs, kana voicing.
+            self.letter_or_digit(c);
+        } else {
+            self.separator();
+        }
+    }
+
+    /// A character of a text that is not plain ASCII, after compatibility
+    /// decomposition: to the clean view as it is (look-alikes folded), to
+    /// the words view in lower case.
+    fn push_decomposed(&mut self, c: char) {
+        if is_accent(c) {
+            return;
+        }
+        if let Some(clean) = &mut self.out.clean {
+            let folded = if c.is_ascii() {
+                None
+            } else {
+                let mut lower = c.to_lowercase();
+                match (lower.next(), lower.next()) {
+                    (Some(l), None) => confusable(l),
+                    _ => None,
+                }
+            };
+            clean.push(folded.map_or(c, char::from));
+        }
+        if c.is_ascii() {
+            self.push(c.to_ascii_lowercase());
+            return;
+        }
+        for l in c.to_lowercase() {
+            if !is_accent(l) {
+                self.push(l);
+            }
+        }
+    }
+}
+
+/// Fold `text` into its views.
+pub fn fold(text: &str) -> Folded {
+    let mut out = Folded {
+        words: String::with_capacity(text.len() + 2),
+        ..Folded::default()
+    };
+    let ascii = text.is_ascii();
+    let mut f = Folder {
+        out: &mut out,
+        word: None,
+        singles: None,
+    };
+    if ascii {
+        for &b in text.as_bytes() {
+            f.push(char::from(b.to_ascii_lowercase()));
+        }
+    } else {
+        f.out.clean = Some(String::with_capacity(text.len()));
+        let mut previous = ' ';
+        let mut flag_tags = false;
+        for c in text.chars() {
+            if TAGS.contains(&c) {
+                // A subdivision flag (England, Scotland, Wales) is the
+                // black flag, a few tags and a cancel tag.
+                flag_tags = flag_tags || previous == BLACK_FLAG;
+                if !flag_tags {
+                    f.out.tags += 1;
+                    if ('\u{E0020}'..='\u{E007E}').contains(&c) {
+                        f.out.hidden.push(char::from((c as u32 - 0xE0000) as u8));
+                    }
+                }
+                if c == CANCEL_TAG {
+                    flag_tags = false;
+                }
+                previous = c;
+                continue;
+            }
+            flag_tags = false;
+            previous = c;
+            if is_invisible(c) {
+                f.out.invisible += usize::from(is_suspicious_invisible(c));
+                continue;
+            }
+            if c.is_ascii() {
+                f.push_decomposed(c);
+                continue;
+            }
+            let mut parts = ['\0'; 4];
+            let mut n = 0;
+            decompose_compatible(c, |d| {
+                if n < parts.len() {
+                    parts[n] = d;
+                }
+                n += 1;
+            });
+            if n > parts.len() {
+                f.push_decomposed(c);
+            } else {
+                for &d in &parts[..n] {
+                    if !is_invisible(d) {
+                        f.push_decomposed(d);
+                    }
+                }
+            }
+        }
+    }
+    f.end_word();
+    let end = f.out.words.len();
+    f.end_singles(end);
+    out.words.push(' ');
+    if out.words.len() == 1 {
+        out.words.push(' ');
+    }
+    out
+}
+
+/// A phrase as the automaton looks for it: folded like text, with a
+/// leading space (a word start) unless it starts with a character of a
+/// script written without spaces, and a trailing one unless it ends with
+/// `*` (a word prefix) or with such a character.
+pub fn phrase_pattern(phrase: &str) -> Option<String> {
+    let (body, prefix) = match phrase.trim().strip_suffix('*') {
+        Some(p) => (p, true),
+        None => (phrase.trim(), false),
+    };
+    let folded = fold(body).words;
+    let core = folded.trim();
+    if core.is_empty() {
+        return None;
+    }
+    let unspaced = |c: Option<char>| c.is_some_and(is_unspaced_script);
+    let mut p = String::with_capacity(core.len() + 2);
+    if !unspaced(core.chars().next()) {
+        p.push(' ');
+    }
+    p.push_str(core);
+    if !prefix && !unspaced(core.chars().last()) {
+        p.push(' ');
+    }
+    Some(p)
+}
+
+/// Scripts written without spaces between words (Chinese, Japanese,
+/// Thai, Lao, Khmer, Myanmar) and Korean, whose words take particles.
+fn is_unspaced_script(c: char) -> bool {
+    matches!(c,
+        '\u{0E00}'..='\u{0EFF}' | '\u{1000}'..='\u{109F}' | '\u{1100}'..='\u{11FF}'
+        | '\u{1780}'..='\u{17FF}' | '\u{3040}'..='\u{30FF}' | '\u{3130}'..='\u{318F}'
+        | '\u{3400}'..='\u{4DBF}' | '\u{4E00}'..='\u{9FFF}' | '\u{AC00}'..='\u{D7AF}'
+        | '\u{F900}'..='\u{FAFF}' | '\u{FF66}'..='\u{FF9F}')
+}
