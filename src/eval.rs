@@ -283,7 +283,9 @@ pub fn injection(
         let blocked = scan.score >= limits.block;
         let flagged = scan.score >= limits.flag;
         for key in [
-            by_set.entry((row.label.clone(), row.set.clone())).or_default(),
+            by_set
+                .entry((row.label.clone(), row.set.clone()))
+                .or_default(),
             by_label.entry(row.label.clone()).or_default(),
         ] {
             key.0 += 1;
@@ -310,8 +312,18 @@ pub fn injection(
         }
     }
     let rate = |label: &str, t: &(usize, usize, usize)| {
-        let name = if label == "attack" { "recall" } else { "false positives" };
-        format!("{name} {} ({}/{}), flagged {}", pct(t.1, t.0), t.1, t.0, pct(t.2, t.0))
+        let name = if label == "attack" {
+            "recall"
+        } else {
+            "false positives"
+        };
+        format!(
+            "{name} {} ({}/{}), flagged {}",
+            pct(t.1, t.0),
+            t.1,
+            t.0,
+            pct(t.2, t.0)
+        )
     };
     let rows: Vec<Vec<String>> = by_set
         .iter()

@@ -25,12 +25,14 @@ pub mod rules;
 pub mod score;
 pub mod suffix;
 
-use crate::chain::{Annotation, Decision, Fact, FilterError, FilterKind, Mode, RequestFilter, Verdict};
+use crate::chain::{
+    Annotation, Decision, Fact, FilterError, FilterKind, Mode, RequestFilter, Verdict,
+};
 use crate::error::{ErrorCode, Rejection};
 use crate::request::{Principal, RequestView, Route};
 use crate::shared::Shared;
 use async_trait::async_trait;
-use rules::{Rules, RuleSpec, Scope};
+use rules::{RuleSpec, Rules, Scope};
 use score::{Finding, Findings, Thresholds};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -544,7 +546,11 @@ impl Detector {
         };
         let reason = format!(
             "prompt injection in message {index} ({}): score {rounded} ≥ {}; {}",
-            if source == Source::Tool { "tool result" } else { "caller" },
+            if source == Source::Tool {
+                "tool result"
+            } else {
+                "caller"
+            },
             limits.block,
             scan.findings.join(", ")
         );

@@ -120,6 +120,10 @@ impl RuleSpec {
     /// The regex actually compiled: `pattern`, or for an assignment rule
     /// the name, an operator and `pattern` as capture group 1.
     fn full_pattern(&self) -> String {
+        ascii_word_boundaries(&self.assignment_pattern())
+    }
+
+    fn assignment_pattern(&self) -> String {
         if self.assigned_to.is_empty() {
             return self.pattern.clone();
         }
@@ -148,11 +152,12 @@ impl RuleSpec {
             .map(|n| regex::escape(&n.to_ascii_uppercase()))
             .collect();
         // Then an operator (`=`, `:`, `:=`, `=>`, `?=`, or `>` closing an
-        // XML tag) on the same line, an optional quote, the value, and no
-        // value character or colon after it (`token: client_secret: "…"`
-        // is two names, not a token).
+        // XML tag) on the same line, an optional quote (escaped too, as in
+        // JSON inside a shell string), the value, and no value character
+        // after it, nor a colon unless a space follows (`token:
+        // client_secret: "…"` is two names; `api_key=…: 401` is a value).
         format!(
-            r#"(?:\b_{{0,2}}(?:[A-Za-z0-9]{{1,20}}[_.-]){{0,4}}(?i:{})|\b_{{0,2}}[A-Za-z0-9]{{0,30}}[a-z0-9](?:{})|\b[A-Z0-9]{{1,20}}(?:{}))[A-Za-z0-9_.-]{{0,24}}["'`]?[ \t]{{0,8}}(?:=|:=|=>|\?=|:|>)[ \t]{{0,8}}["'`]?({})(?:[^A-Za-z0-9_+/=:-]|$)"#,
+            r#"\b_{{0,2}}(?:[A-Za-z0-9]{{1,40}}(?:[_.-]|__)){{0,8}}(?:(?i:{})|[A-Za-z0-9]{{0,40}}[a-z0-9](?:{})|[A-Z0-9]{{1,20}}(?:{}))[A-Za-z0-9_.-]{{0,40}}\\?["'`]?[ \t]{{0,8}}(?:=|:=|=>|\?=|:|>)[ \t]{{0,8}}\\?["'`]?({})(?:[^A-Za-z0-9_+/=:-]|:\s|$)"#,
             names.join("|"),
             camel.join("|"),
             upper.join("|"),
@@ -283,6 +288,25 @@ struct Places {
     starts: Vec<usize>,
 }
 
+/// `\b` read as an ASCII word boundary, `(?-u:\b)`: the fast regex
+/// engines handle only those in text that is not ASCII (a Unicode `\b`
+/// sends every search in German or Japanese text to the slowest engine),
+/// and every rule is about ASCII tokens.
+fn ascii_word_boundaries(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut escaped = false;
+    for c in pattern.chars() {
+        if escaped && c == 'b' {
+            out.pop();
+            out.push_str("(?-u:\\b)");
+        } else {
+            out.push(c);
+        }
+        escaped = !escaped && c == '\\';
+    }
+    out
+}
+
 /// A byte of an assignment's name (`DD_API_KEY`, `db.password`, `x-api-key`).
 fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
@@ -290,7 +314,7 @@ fn name_byte(b: u8) -> bool {
 
 /// Where an assignment rule's match may start, given a hit of one of its
 /// names at `s..e`: its match is a run of name bytes holding the hit, an
-/// optional quote, up to 8 blanks and an operator (`=`, `:`, `?=`, `>`), then
+/// optional quote (or `\"`), up to 8 blanks and an operator (`=`, `:`, `?=`, `>`), then
 /// the value; it starts at a word boundary of that run, that is the run's
 /// start or just after a `.` or `-` in it, at or before the hit. Nothing
 /// when no operator follows the run (`token` in prose).
@@ -302,6 +326,9 @@ fn assignment_starts(b: &[u8], s: usize, e: usize, from: usize, out: &mut Vec<us
     }
     let mut j = e;
     while j < b.len() && j - e < REACH && name_byte(b[j]) {
+        j += 1;
+    }
+    if j + 1 < b.len() && b[j] == b'\\' && matches!(b[j + 1], b'"' | b'\'') {
         j += 1;
     }
     if j < b.len() && matches!(b[j], b'"' | b'\'' | b'`') {
@@ -516,11 +543,18 @@ impl Redactor {
     /// context for `\b` and the like), and every raw pattern match there,
     /// validated or not: the stream redactor never cuts inside one.
     pub fn scan(&self, text: &str, from: usize) -> Scan {
-        self.scan_in(text, &self.places(text, from))
+        self.scan_in(text, &self.places(text, from), true)
+    }
+
+    /// [`Self::find`], personal data left out unless `pii`.
+    pub fn find_kinds(&self, text: &str, pii: bool) -> Vec<Finding> {
+        self.scan_in(text, &self.places(text, 0), pii).findings
     }
 
     /// [`Self::scan`] with each rule searched only at its places.
-    fn scan_in(&self, text: &str, places: &[Places]) -> Scan {
+    /// Personal data is left out when not `pii` (before overlaps are
+    /// settled, so it never hides a secret).
+    fn scan_in(&self, text: &str, places: &[Places], pii: bool) -> Scan {
         let mut raw = Vec::new();
         let mut candidates: Vec<(usize, usize, usize)> = Vec::new();
         for (i, rule) in self.rules.iter().enumerate() {
@@ -537,16 +571,27 @@ impl Redactor {
                     .exclude
                     .as_ref()
                     .is_some_and(|x| x.is_match(&text[start..end]));
-                if let Some(span) = caps.get_group(rule.spec.group).filter(|_| !excluded) {
-                    if let Some(len) = self.valid_prefix(rule, &text[span.start..span.end]) {
-                        candidates.push((span.start, span.start + len, i));
+                let group = caps.get_group(rule.spec.group);
+                let kept = group.filter(|_| !excluded).and_then(|span| {
+                    let len = self.valid_prefix(rule, &text[span.start..span.end])?;
+                    candidates.push((span.start, span.start + len, i));
+                    Some(())
+                });
+                // After a rejected assignment, search again from its value:
+                // in `?token=changeme&secret=…` the real secret starts
+                // there. (Other rules reject a match by its context, as
+                // `version 10.4.2.1` for an IP address: not again.)
+                let resume = match (kept, group) {
+                    (None, Some(g)) if g.start > start && !rule.spec.assigned_to.is_empty() => {
+                        g.start
                     }
-                }
-                Some(if end > start {
-                    end
+                    _ => end,
+                };
+                Some(if resume > start {
+                    resume
                 } else {
                     // An empty match: step over one character.
-                    end + text[end..].chars().next().map_or(1, char::len_utf8)
+                    start + text[start..].chars().next().map_or(1, char::len_utf8)
                 })
             };
             for &(lo, hi) in &p.windows {
@@ -574,26 +619,33 @@ impl Redactor {
                 }
             }
         }
-        // Earliest first; at the same start a secret before PII, then the
-        // longest; drop whatever overlaps a kept span.
-        let secret_first = |i: usize| self.rules[i].spec.kind != Kind::Secret;
+        // Secrets first, then personal data: each earliest first, the
+        // longest at one start, and nothing that overlaps a kept span. A
+        // phone number that runs into a bot token must not hide the token.
+        let is_secret = |i: usize| self.rules[i].spec.kind == Kind::Secret;
+        candidates.retain(|c| pii || is_secret(c.2));
         candidates.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then(secret_first(a.2).cmp(&secret_first(b.2)))
+            (!is_secret(a.2))
+                .cmp(&!is_secret(b.2))
+                .then(a.0.cmp(&b.0))
                 .then(b.1.cmp(&a.1))
         });
-        let mut findings: Vec<Finding> = Vec::new();
-        for (start, end, i) in candidates {
-            if findings.last().is_some_and(|f| start < f.end) {
-                continue;
+        let mut kept: Vec<(usize, usize, usize)> = Vec::new();
+        for c in candidates {
+            if !kept.iter().any(|k| c.0 < k.1 && k.0 < c.1) {
+                kept.push(c);
             }
-            findings.push(Finding {
+        }
+        kept.sort_unstable();
+        let findings = kept
+            .into_iter()
+            .map(|(start, end, i)| Finding {
                 start,
                 end,
                 rule: self.rules[i].spec.id.clone(),
                 kind: self.rules[i].spec.kind,
-            });
-        }
+            })
+            .collect();
         Scan { findings, raw }
     }
 
@@ -712,17 +764,22 @@ impl Redactor {
 
     /// [`Self::redact`], personal data left alone unless `pii`.
     pub fn redact_kinds(&self, text: &str, pii: bool) -> (String, BTreeMap<String, usize>) {
-        let mut findings = self.find(text);
-        if !pii {
-            findings.retain(|f| f.kind == Kind::Secret);
-        }
+        self.redact_findings(text, &self.find_kinds(text, pii))
+    }
+
+    /// The text with these findings replaced, and counts per rule.
+    pub fn redact_findings(
+        &self,
+        text: &str,
+        findings: &[Finding],
+    ) -> (String, BTreeMap<String, usize>) {
         let mut counts = BTreeMap::new();
         if findings.is_empty() {
             return (text.to_string(), counts);
         }
         let mut out = String::with_capacity(text.len());
         let mut at = 0;
-        for f in &findings {
+        for f in findings {
             out.push_str(&text[at..f.start]);
             out.push_str(&self.render(&f.rule, &text[f.start..f.end]));
             *counts.entry(f.rule.clone()).or_insert(0) += 1;
@@ -754,12 +811,17 @@ impl Redactor {
     }
 
     fn valid(&self, rule: &Rule, span: &str) -> bool {
+        // Placeholder words occur by chance in long random values (a key
+        // file holds `here` or `xxxx` now and then): only short ones can
+        // be placeholders.
         if rule.spec.kind == Kind::Secret
-            && (self.placeholders.is_match(span) || looks_made_up(span))
+            && ((span.len() <= 100 && self.placeholders.is_match(span)) || looks_made_up(span))
         {
             return false;
         }
-        if (rule.spec.generic || rule.spec.references) && self.reference.is_match(span) {
+        if (rule.spec.generic || rule.spec.references)
+            && (self.reference.is_match(span) || names_a_secret(span))
+        {
             return false;
         }
         if rule.spec.generic
@@ -804,24 +866,48 @@ impl Redactor {
     }
 }
 
-/// A value that names a secret instead of being one: a variable or
-/// template reference (`${DB_PASSWORD}`, `$TOKEN`, `%KEY%`, `{{ … }}`,
-/// `<YOUR_KEY>`, `[PASSWORD]`), a lookup (`process.env.API_KEY`,
-/// `os.environ["TOKEN"]`, `getenv(…)`, `settings.SECRET_KEY`), a
-/// constant's or identifier's name (`DB_PASSWORD`, `key_length`), a URL, a
-/// host name, a path or a file name (`cert.p12`).
+/// A value that names a secret instead of being one, as a whole: a
+/// variable or template reference (`${DB_PASSWORD}`, `$TOKEN`,
+/// `$(vault read …)`, `%KEY%`, `{{ … }}`, `<YOUR_KEY>`, `[PASSWORD]`), a
+/// lookup (`process.env.API_KEY`, `os.environ["TOKEN"]`, `getenv(…)`,
+/// `config.get('auth.token')`, `settings.SECRET_KEY`: identifiers without
+/// digits), a URL, a host name under a common suffix, a path under a
+/// common root, or a key or config file's name (`cert.p12`). Anything
+/// else, however it starts (`#Summer2024!x`, `@dm1nP4ss`, `/k3JfA9…`), is
+/// a value. Identifiers that name a secret (`DB_PASSWORD`,
+/// `user_password`) are [`names_a_secret`].
 const REFERENCE: &str = concat!(
     r"^(?:",
-    r"[$%@&*\[{(<#].*",
-    r"|.*(?:\$\{|\{\{|\}\}|process\.env|environ|getenv|\benv\.|secrets\.|vault:|\(\)|\([\x22']).*",
-    r"|[A-Za-z_][A-Za-z0-9_]*(?:(?:\.|::|->)[A-Za-z_][A-Za-z0-9_]*)+(?:\(.*)?",
-    r"|[A-Z][A-Z0-9]*(?:[_-][A-Z0-9]+)+|[a-z]+(?:_[a-z]+)+",
-    r"|.*://.*",
-    r"|[a-z0-9-]+(?:\.[a-z0-9-]+)+(?::\d+)?",
-    r"|(?:[~.]{0,2}/|[A-Za-z]:\\).*",
-    r"|.*\.(?i:pem|p12|pfx|key|crt|cer|der|jks|keystore|keytab|json|ya?ml|txt|env|properties|xml|conf|cfg|ini|toml)",
+    r"\$\{\{.*\}\}|\$\{[^{}]+\}|\$[A-Za-z_][A-Za-z0-9_]*|\$\(.*\)|%[A-Za-z_][A-Za-z0-9_]*%",
+    r"|<[A-Za-z][A-Za-z0-9_ .-]*>|\[[A-Za-z][A-Za-z0-9_ .-]*\]|\{\{.*\}\}|#\{[^}]+\}|\{[A-Za-z_][A-Za-z0-9_.]*\}",
+    r"|(?:process\.env|import\.meta\.env|env)\.[A-Za-z_][A-Za-z0-9_]*",
+    r#"|(?:process\.env|os\.environ|ENV|env|secrets|config|settings|params|vars)\[["'][^"']+["']\]"#,
+    r#"|[A-Za-z_][A-Za-z0-9_.]*\((?:\s*(?:"[^"]*"|'[^']*'|[A-Za-z_][A-Za-z0-9_.]*|\d+)\s*,?)*\)"#,
+    r"|[A-Za-z_]+(?:(?:\.|::|->)[A-Za-z_]+)+",
+    // A call or index whose quoted argument the value stops at:
+    // `os.environ[` of `os.environ["TOKEN"]`.
+    r"|[A-Za-z_][A-Za-z0-9_.]*[(\[]",
+    r"|vault:[A-Za-z0-9_/.-]+(?:#[A-Za-z0-9_]+)?",
+    r"|[a-z][a-z0-9+.-]*://.*",
+    r"|[a-z0-9-]+(?:\.[a-z0-9-]+)*\.(?:com|net|org|io|dev|app|cloud|local|localdomain|internal|lan|svc|corp|co|ai|sh)(?::\d+)?",
+    r"|(?:~/|\.{1,2}/|/(?:etc|home|var|run|opt|usr|tmp|srv|mnt|secrets|data|app|root|Users|config|certs|keys|vault)/)[A-Za-z0-9_./-]*",
+    r"|[A-Za-z]:\\.*",
+    r"|[A-Za-z0-9_.-]+\.(?i:pem|p12|pfx|key|crt|cer|der|jks|keystore|keytab|json|ya?ml|txt|env|properties|xml|conf|cfg|ini|toml)",
     r")$"
 );
+
+/// An identifier in one case, with underscores, that names a secret
+/// (`DB_PASSWORD`, `user_password`, `api_key`): a variable, not a value.
+/// `correct_horse_battery_staple` names nothing and is a value.
+fn names_a_secret(s: &str) -> bool {
+    const HINTS: [&str; 8] = [
+        "pass", "pwd", "secret", "token", "key", "auth", "cred", "cert",
+    ];
+    let lower = s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    let upper = s.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+    let l = s.to_ascii_lowercase();
+    (lower || upper) && s.contains('_') && HINTS.iter().any(|h| l.contains(h))
+}
 
 /// A made-up value: eight identical characters in a row, or six
 /// consecutive ascending ones (`abcdef`, `123456`), in a value of up to

@@ -173,7 +173,10 @@ impl Folder<'_> {
             let fold_confusables = w.confusables > 0 && (w.latin > 0 || w.confusables == w.letters);
             let mut word = String::with_capacity(words.len() - w.start);
             for c in words[w.start..].chars() {
-                match (c.is_ascii(), fold_confusables.then(|| confusable(c)).flatten()) {
+                match (
+                    c.is_ascii(),
+                    fold_confusables.then(|| confusable(c)).flatten(),
+                ) {
                     (true, _) => word.push(char::from(leet(c as u8))),
                     (false, Some(b)) => word.push(char::from(b)),
                     (false, None) => word.push(c),
@@ -195,7 +198,9 @@ impl Folder<'_> {
 
     /// Join a run of three or more one-letter words ending at `end`.
     fn end_singles(&mut self, end: usize) {
-        let Some((start, n)) = self.singles.take() else { return };
+        let Some((start, n)) = self.singles.take() else {
+            return;
+        };
         if n < 3 {
             return;
         }

@@ -27,13 +27,13 @@
 
 use super::stream::StreamRedactor;
 use super::tokens::{legacy_arrays, legacy_entries, TokenRedactor};
-use super::Redactor;
+use super::{Kind, Redactor};
 use crate::chain::{Annotation, Decision, FilterError, FilterKind};
-use crate::request::Route;
+use crate::request::{Principal, Route};
 use crate::response::{ResponseContext, ResponseStage, StreamStage};
 use crate::shared::Shared;
 use crate::sse::SseEvent;
-use crate::tool_authz::{RedactArguments, ToolPolicy};
+use crate::tool_authz::{Access, RedactArguments, ToolPolicy};
 use base64::Engine;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -64,6 +64,7 @@ impl RedactStage {
         Pass::new(
             self.redactor.get().for_tenant(tenant),
             self.tools.as_ref().map(|t| t.get()),
+            ctx.principal.cloned(),
         )
     }
 }
@@ -111,14 +112,22 @@ fn report(counts: &Counts, audio_withheld: usize) -> Vec<Annotation> {
 struct Pass {
     redactor: Arc<Redactor>,
     tools: Option<Arc<ToolPolicy>>,
+    /// The caller: a tool's argument exemptions hold only for a caller
+    /// the policy lets use that tool.
+    principal: Option<Principal>,
     counts: Counts,
 }
 
 impl Pass {
-    fn new(redactor: Arc<Redactor>, tools: Option<Arc<ToolPolicy>>) -> Self {
+    fn new(
+        redactor: Arc<Redactor>,
+        tools: Option<Arc<ToolPolicy>>,
+        principal: Option<Principal>,
+    ) -> Self {
         Self {
             redactor,
             tools,
+            principal,
             counts: Counts::new(),
         }
     }
@@ -160,13 +169,30 @@ impl Pass {
         }
     }
 
-    /// Tool-call arguments: redacted as JSON when they are JSON (still
-    /// valid afterwards), else as text, as the tool policy says for
-    /// `tool` (everything, when there is no policy or no name).
+    /// A value the tool policy vets: personal data is kept only when it is
+    /// the whole value (`"to": "bob@example.com"`); secrets, and personal
+    /// data beside other text, are redacted.
+    fn vetted(&mut self, s: &mut String) {
+        let mut findings = self.redactor.find(s);
+        findings.retain(|f| f.kind == Kind::Secret || !(f.start == 0 && f.end == s.len()));
+        let (out, c) = self.redactor.redact_findings(s, &findings);
+        if !c.is_empty() {
+            *s = out;
+            add(&mut self.counts, &c);
+        }
+    }
+
+    /// Tool-call arguments: redacted as JSON when they are JSON (and
+    /// always sent re-serialised, so a duplicate key's first value, which
+    /// parsing drops, never passes unscreened), else as text, as the tool
+    /// policy says for `tool`. Everything is redacted when there is no
+    /// policy or no name, or when the caller may not use the tool (its
+    /// exemptions are for the calls the policy allows).
     fn arguments(&mut self, tool: Option<&str>, args: &mut String) {
         let tools = self.tools.clone();
+        let principal = self.principal.clone();
         let (mode, vets) = match (&tools, tool) {
-            (Some(t), Some(name)) => (
+            (Some(t), Some(name)) if t.access(name, principal.as_ref()) == Access::Allow => (
                 t.argument_redaction(name),
                 Some(move |path: &str, v: &Value| t.vets(name, path, v)),
             ),
@@ -177,11 +203,8 @@ impl Pass {
         match (mode, serde_json::from_str::<Value>(args)) {
             (RedactArguments::None, _) => {}
             (_, Ok(mut parsed)) => {
-                let before = self.found();
                 self.argument_value(&mut parsed, &mut String::new(), pii, &vetted);
-                if self.found() != before {
-                    *args = parsed.to_string();
-                }
+                *args = parsed.to_string();
             }
             (_, Err(_)) if pii => self.string(args),
             (_, Err(_)) => self.secrets(args),
@@ -200,7 +223,7 @@ impl Pass {
     ) {
         if pii && v.is_string() && vetted(path, v) {
             if let Value::String(s) = v {
-                self.secrets(s);
+                self.vetted(s);
             }
             return;
         }

@@ -441,6 +441,13 @@ fn examples() -> Vec<(&'static str, String)> {
             format!("STRIPE_KEY={}", chars(326, 32, ALNUM)),
         ),
         (
+            "config-key-value",
+            format!(
+                "<add key=\"DbPassword\" value=\"{}\" />",
+                chars(340, 16, ALNUM)
+            ),
+        ),
+        (
             "http-header-credential",
             format!("curl -H \"Authorization: Token {}\" https://api", chars(327, 24, ALNUM)),
         ),
@@ -571,6 +578,7 @@ fn look_alikes() -> Vec<(&'static str, String)> {
         ("password-assignment", "password: ${DB_PASSWORD}".into()),
         ("password-assignment", "passport_number = X123456789".into()),
         ("secret-assignment", "max_tokens: 4096, token_count = 1234567890123".into()),
+        ("config-key-value", "<add key=\"DbPassword\" value=\"$(DB_PASSWORD)\" />".into()),
         ("key-assignment", "public_key = \"9Cnzj4p4WGeKLs1Pt8QuKUpRKfFLfRYC9AIKjbJTWit\"".into()),
         ("bearer-token", "Authorization: Bearer $API_KEY".into()),
         ("http-header-credential", "-H \"Authorization: Bearer <token>\"".into()),
@@ -722,6 +730,62 @@ fn every_rule_has_an_example_and_a_look_alike() {
 /// What an assistant writes when it shows how to configure a credential
 /// without one: references, lookups, templates, masks and stock
 /// placeholders, in every syntax a reply uses. None is redacted.
+/// Values that only look like references at their start, assigned in
+/// every way the assignment rules know, are still redacted; so is what
+/// follows an assignment the rules reject.
+#[test]
+fn values_are_redacted_whatever_they_start_with() {
+    let r = redactor();
+    let cases = [
+        "password: \"#Summer2024!x\"",
+        "DB_PASSWORD='@dm1nP4ss2024'",
+        "password: Summer2024.Winter",
+        "password: correct_horse_battery_staple",
+        "password: HUNTER2-PROD-2024",
+        "POSTGRES_PASSWORD=5f4dcc3b5aa765d61d8327deb882cf99",
+        "postgres://app:%21Pg2024secret@pg-primary:5432/app",
+        "mysql://root:#R00tPassw0rd@db-1:3306/app",
+        "curl -u admin:@dm1nP4ss99 https://api.example.com",
+        "Authorization: Bearer /k3JfA9xQ2mZ7rT4vB8nC6wE1yU5iO0pL",
+        "https://app.example.com/cb?token_type=bearer&access_token=Qx7vK2pL9mN4rT8wZ3yB6cF1hJ5",
+        "https://app.example.com/?password_reset=true&password=Hunt3r2Secret!x",
+        "https://app.example.com/?token=changeme&secret=Qx7vK2pL9mN4rT8wZ3yB6cF1hJ5",
+        "AIRFLOW__API__AUTH_TOKEN=Qx7vK2pL9mN4rT8wZ3yB6cF1hJ5",
+        "Authentication__Google__ClientSecret=Qx7vK2pL9mN4rT8wZ3yB6cF1hJ5",
+        "spring_datasource_primary_db_admin_password=S3cr3tP4ssw0rd!",
+        "ApplicationConfigurationPrefix_PASSWORD=S3cr3tP4ssw0rd!",
+        "REPUBLIC_BANK_API_KEY=Qx7vK2pL9mN4rT8wZ3yB6cF1hJ5",
+        "request failed for api_key=Qx7vK2pL9mN4rT8wZ3yB6cF1hJ5: 401",
+        "curl -d '{\\\"password\\\": \\\"S3cr3tP4ssw0rd!\\\"}' https://api",
+        "password: ThereIsNoSpoon42",
+        "<add key=\"DbPassword\" value=\"S3cr3tP4ssw0rd!\" />",
+    ];
+    let mut missed = Vec::new();
+    for text in cases {
+        if r.find(text).iter().all(|f| f.kind != Kind::Secret) {
+            missed.push(text);
+        }
+    }
+    assert!(missed.is_empty(), "{missed:#?}");
+}
+
+/// Placeholder words occur by chance inside long random values: a key
+/// holding `here` or `xxxx` is still a key.
+#[test]
+fn placeholder_words_inside_long_keys_do_not_save_them() {
+    let r = redactor();
+    let body: String = (0..24)
+        .map(|i| chars(900 + i, 64, URL64).replace(['-', '_'], "A"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (head, tail) = body.split_at(700);
+    let key = format!(
+        "-----BEGIN RSA PRIVATE KEY-----\n{head}RHERExxxx{tail}\n-----END RSA PRIVATE KEY-----"
+    );
+    let (out, counts) = r.redact(&key);
+    assert!(!counts.is_empty() && !out.contains("RHERE"), "{out}");
+}
+
 #[test]
 fn placeholders_and_references_survive() {
     let values = [
@@ -1083,7 +1147,7 @@ mod windows {
                 };
                 r.rules.len()
             ];
-            let full = r.scan_in(&text, &whole);
+            let full = r.scan_in(&text, &whole, true);
             let windowed = r.scan(&text, 0);
             prop_assert_eq!(windowed.findings, full.findings, "{:?}", text);
             let mut a = windowed.raw.clone();
@@ -1620,6 +1684,76 @@ mod stage {
                 .unwrap();
             assert!(!body.to_string().contains(SECRET), "{body}");
         }
+    }
+
+    /// A tool's exemptions hold only for a caller allowed to use it, only
+    /// for personal data that is a vetted value's whole, and never for a
+    /// duplicate key's first value (which parsing would drop unscreened);
+    /// in secrets-only mode, personal data never hides a secret.
+    #[test]
+    fn tool_argument_exemptions_are_narrow() {
+        use crate::request::Principal;
+        use crate::tool_authz::{ToolPolicy, ToolPolicySpec};
+        let spec: ToolPolicySpec = serde_yaml::from_str(
+            r#"
+tools:
+  - id: send_email
+    access: { "*": allow }
+    constraints:
+      - { pointer: /to, regex: '@example\.com$' }
+  - { id: crm, access: { "*": allow }, redact_arguments: secrets }
+  - { id: ops_crm, access: { ops: allow }, redact_arguments: none }
+"#,
+        )
+        .unwrap();
+        let stage = RedactStage::new(Shared::new(compile()))
+            .with_tools(Shared::new(ToolPolicy::build(spec).unwrap()));
+        let caller = Principal {
+            subject: "alice".into(),
+            tenant: "t".into(),
+            roles: vec!["dev".into()],
+        };
+        let run = |tool: &str, arguments: &str| -> String {
+            let mut body = json!({"choices": [{"index": 0, "message": {"role": "assistant",
+                "tool_calls": [{"id": "c", "type": "function",
+                    "function": {"name": tool, "arguments": arguments}}]}}]});
+            let ctx = ResponseContext {
+                principal: Some(&caller),
+                ..ctx(Route::ChatCompletions)
+            };
+            stage.on_json(&ctx, &mut body).unwrap();
+            body.pointer("/choices/0/message/tool_calls/0/function/arguments")
+                .and_then(Value::as_str)
+                .unwrap()
+                .to_string()
+        };
+        // Duplicate keys: the first value is gone, not passed.
+        let dup = format!(r#"{{"body": "SSN 123-45-6789 {SECRET}", "body": "ok"}}"#);
+        let out = run("other", &dup);
+        assert!(
+            !out.contains("123-45-6789") && !out.contains(SECRET),
+            "{out}"
+        );
+        // Secrets only: a token inside an email-shaped string is found.
+        let out = run(
+            "crm",
+            &json!({"note": format!("x.{SECRET}@b.io")}).to_string(),
+        );
+        assert!(!out.contains(SECRET), "{out}");
+        // A vetted value keeps its email only when the email is all of it.
+        let out = run(
+            "send_email",
+            &json!({"to": "SSN 123-45-6789 x@example.com"}).to_string(),
+        );
+        assert!(
+            !out.contains("123-45-6789") && !out.contains("x@example.com"),
+            "{out}"
+        );
+        let out = run("send_email", &json!({"to": "x@example.com"}).to_string());
+        assert!(out.contains("x@example.com"), "{out}");
+        // A caller the policy does not let use the tool gets no exemption.
+        let out = run("ops_crm", &json!({"email": "eve@corp.test"}).to_string());
+        assert!(!out.contains("eve@corp.test"), "{out}");
     }
 
     /// Tool-call arguments follow the tool policy: vetted pointers keep
