@@ -104,6 +104,15 @@ impl BenchNow for SystemClock {
     }
 }
 
+/// The longest prefix of `s` of at most `n` bytes that ends on a
+/// character boundary.
+fn cut(s: &str, mut n: usize) -> &str {
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    &s[..n]
+}
+
 fn redaction(c: &mut Criterion) {
     use criterion::Throughput;
     use filters::redact::{RedactionPolicy, Redactor};
@@ -126,6 +135,10 @@ fn redaction(c: &mut Criterion) {
     // Ordinary prose, 64 KiB.
     let sentence = "The quarterly report shows steady growth across all regions, and the team plans to ship the next release after review. ";
     let clean: String = sentence.repeat(65536 / sentence.len() + 1)[..65536].to_string();
+    // Prose that is not ASCII, 64 KiB.
+    let german = "Der Quartalsbericht zeigt ein stetiges Wachstum in allen Regionen, und das Team plant, die nächste Version nach der Prüfung zu veröffentlichen. ";
+    let german = german.repeat(65536 / german.len() + 1);
+    let german = cut(&german, 65536);
     // The same with one secret per KiB.
     let mut dirty = String::new();
     for chunk in clean.as_bytes().chunks(1024) {
@@ -135,6 +148,10 @@ fn redaction(c: &mut Criterion) {
     let mut g = c.benchmark_group("redaction");
     g.throughput(Throughput::Bytes(clean.len() as u64));
     g.bench_function("64 KiB, no secrets", |b| b.iter(|| r.redact(&clean)));
+    g.throughput(Throughput::Bytes(german.len() as u64));
+    g.bench_function("64 KiB, German prose, no secrets", |b| {
+        b.iter(|| r.redact(german))
+    });
     g.throughput(Throughput::Bytes(mixed.len() as u64));
     g.bench_function("64 KiB, technical reply, no secrets", |b| {
         b.iter(|| r.redact(&mixed))
