@@ -370,6 +370,7 @@ impl Detector {
             inner.push(decode::rot13(clean));
         }
         inner.extend(decode::segments(clean, budget));
+        inner.extend(decode::joined_assignments(clean, budget));
         for text in inner {
             let before = found.len();
             self.scan_into(&text, source, depth + 1, budget, found);

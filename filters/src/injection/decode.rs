@@ -1,7 +1,9 @@
 //! Payload smuggling: encoded segments are decoded, within a byte budget,
 //! and the detector scans what they say. Found here: base64 (standard and
-//! URL-safe), hex (runs, `\x69\x67` escapes, spaced byte pairs), and
-//! percent-encoding. rot13 has no shape to find; the detector reads the
+//! URL-safe), hex (runs, `\x69\x67` escapes, spaced byte pairs),
+//! percent-encoding, and instructions split into strings assigned to
+//! variables (`a = "ign"`, `b = "ore all…"`), joined in the variables'
+//! order. rot13 has no shape to find; the detector reads the
 //! whole text through it when the text speaks of rot13 or a Caesar cipher.
 //!
 //! A decoded segment counts only when it reads as text: valid UTF-8,
@@ -160,4 +162,38 @@ pub fn rot13(text: &str) -> String {
             _ => c,
         })
         .collect()
+}
+
+/// Strings assigned to variables, joined in the order of the variables'
+/// names (`a`, `b`, `c`), when there are at least two.
+pub fn joined_assignments(text: &str, budget: &mut usize) -> Option<String> {
+    static ASSIGNMENT: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    if !text.contains('=') {
+        return None;
+    }
+    let re = ASSIGNMENT.get_or_init(|| {
+        regex::Regex::new(
+            r#"\b([A-Za-z_][A-Za-z0-9_]{0,15})\s*=\s*(?:"([^"\n]{1,300})"|'([^'\n]{1,300})'|“([^”\n]{1,300})”)"#,
+        )
+        .expect("a fixed pattern")
+    });
+    let mut parts: Vec<(&str, &str)> = re
+        .captures_iter(text)
+        .filter_map(|c| {
+            let value = c.get(2).or(c.get(3)).or(c.get(4))?;
+            Some((c.get(1)?.as_str(), value.as_str()))
+        })
+        .take(64)
+        .collect();
+    if parts.len() < 2 {
+        return None;
+    }
+    parts.sort_by_key(|(name, _)| *name);
+    let joined: String = parts.iter().map(|(_, v)| *v).collect();
+    if joined.len() > *budget {
+        *budget = 0;
+        return None;
+    }
+    *budget -= joined.len();
+    Some(joined)
 }

@@ -63,38 +63,58 @@ const TAGS: std::ops::RangeInclusive<char> = '\u{E0000}'..='\u{E007F}';
 const BLACK_FLAG: char = '\u{1F3F4}';
 const CANCEL_TAG: char = '\u{E007F}';
 
-/// Latin, Greek and Cyrillic accents (Combining Diacritical Marks); marks
-/// of other scripts are letters' vowels and stay.
+/// Latin, Greek and Cyrillic accents (Combining Diacritical Marks) and
+/// Arabic vowel and hamza marks, which writers often leave out; marks of
+/// other scripts are parts of their letters and stay.
 fn is_accent(c: char) -> bool {
-    ('\u{0300}'..='\u{036F}').contains(&c)
+    matches!(c, '\u{0300}'..='\u{036F}' | '\u{064B}'..='\u{065F}' | '\u{0670}')
 }
 
-/// A Greek or Cyrillic letter (lower case) that looks like a Latin one.
+/// A rule's regex with its non-ASCII letters decomposed, without accents
+/// and in lower case, as the words view has them; ASCII (the regex
+/// syntax) is left alone.
+pub fn regex_source(re: &str) -> String {
+    let mut out = String::with_capacity(re.len());
+    for c in re.chars() {
+        if c.is_ascii() {
+            out.push(c);
+            continue;
+        }
+        decompose_compatible(c, |d| {
+            for l in d.to_lowercase() {
+                if !is_accent(l) {
+                    out.push(l);
+                }
+            }
+        });
+    }
+    out
+}
+
+/// A Greek or Cyrillic letter (lower case) that looks like a Latin one in
+/// lower case. Letters that only look alike in capitals (`в`, `м`, `т`)
+/// are left out: folding them would turn ordinary Russian words into
+/// Latin ones.
 fn confusable(c: char) -> Option<u8> {
     Some(match c {
         'а' | 'α' => b'a',
-        'в' | 'β' => b'b',
         'с' | 'ϲ' => b'c',
         'ԁ' => b'd',
-        'е' | 'ε' => b'e',
+        'е' => b'e',
         'ɡ' => b'g',
         'һ' => b'h',
         'і' | 'ι' | 'ı' | 'ӏ' => b'i',
         'ј' | 'ϳ' => b'j',
-        'к' | 'κ' => b'k',
-        'м' => b'm',
-        'η' | 'п' => b'n',
+        'κ' => b'k',
         'о' | 'ο' | 'օ' => b'o',
         'р' | 'ρ' => b'p',
         'ԛ' => b'q',
-        'г' => b'r',
         'ѕ' => b's',
-        'т' | 'τ' => b't',
         'υ' => b'u',
         'ν' | 'ѵ' => b'v',
-        'ԝ' | 'ω' => b'w',
+        'ԝ' => b'w',
         'х' | 'χ' => b'x',
-        'у' | 'γ' => b'y',
+        'у' => b'y',
         _ => return None,
     })
 }

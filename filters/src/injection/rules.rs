@@ -2,7 +2,7 @@
 //! one Aho-Corasick automaton over every phrase and one regex set per view
 //! (the words view and the clean view, see [`super::normalise`]).
 
-use super::normalise::phrase_pattern;
+use super::normalise::{phrase_pattern, regex_source};
 use super::Category;
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use regex::{RegexSet, RegexSetBuilder};
@@ -34,7 +34,9 @@ pub struct RuleSpec {
     #[serde(default)]
     pub phrases: Vec<String>,
     /// A regex over the words view: lower case, one space between words,
-    /// a space at both ends, no punctuation (so ` word ` is a whole word).
+    /// a space at both ends, no punctuation (so ` word ` is a whole word),
+    /// accents dropped (its own letters are folded the same way, so it
+    /// may be written with them).
     #[serde(default)]
     pub regex: Option<String>,
     /// A case-insensitive regex over the clean view: punctuation and line
@@ -91,9 +93,10 @@ impl Rules {
                     None => errors.push(format!("{at}: phrase {p:?} has no words")),
                 }
             }
+            let words_source = r.regex.as_deref().map(regex_source);
             for (source, list, owners) in [
-                (&r.regex, &mut words, &mut words_rule),
-                (&r.raw_regex, &mut raw, &mut raw_rule),
+                (words_source.as_ref(), &mut words, &mut words_rule),
+                (r.raw_regex.as_ref(), &mut raw, &mut raw_rule),
             ] {
                 if let Some(re) = source {
                     match regex::Regex::new(re) {
