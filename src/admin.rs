@@ -14,6 +14,7 @@ use crate::pipeline;
 use crate::registry::{RegistryStore, UpdateError};
 use crate::respond::error_body;
 use async_trait::async_trait;
+use filters::injection::Detector;
 use filters::jwt_auth::JwtAuth;
 use filters::model_registry::{FreezeTarget, Lifecycle, ModelEntry, NewModel, RegistryError};
 use filters::rate_limit::RateLimiter;
@@ -85,6 +86,7 @@ pub struct AdminApi {
     pub rate_limit_policy: Option<PathBuf>,
     pub redactor: Option<(Arc<Shared<Redactor>>, PathBuf)>,
     pub tools: Option<(Arc<Shared<ToolPolicy>>, PathBuf)>,
+    pub injection: Option<(Arc<Shared<Detector>>, PathBuf)>,
     pub providers: BTreeSet<String>,
     pub roles: AdminSection,
     pub audit: AuditLog,
@@ -305,6 +307,14 @@ impl AdminApi {
             )),
             None => None,
         };
+        let injection = match &self.injection {
+            Some((shared, path)) => Some((
+                shared,
+                pipeline::load_injection(path).map_err(|e| e.join("; "))?,
+                path,
+            )),
+            None => None,
+        };
         let mut done = Vec::new();
         if let Some((l, policy, path)) = limits {
             l.set_policy(policy);
@@ -316,6 +326,10 @@ impl AdminApi {
         }
         if let Some((shared, t, path)) = tools {
             shared.set(t);
+            done.push(path.display().to_string());
+        }
+        if let Some((shared, d, path)) = injection {
+            shared.set(d);
             done.push(path.display().to_string());
         }
         Ok(if done.is_empty() {

@@ -380,6 +380,20 @@ pub struct RedactionSection {
     pub request_tenants: Vec<String>,
 }
 
+/// `injection:` — the prompt-injection screen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectionSection {
+    /// `enforce` refuses what reaches the policy's block threshold with
+    /// 400 `prompt_injection`; `monitor` only records.
+    #[serde(default)]
+    pub mode: filters::Mode,
+    #[serde(default)]
+    pub on_error: filters::OnError,
+    /// Rules and thresholds, e.g. `../policies/injection.yaml`.
+    pub policy: PathBuf,
+}
+
 /// `tools:` — which caller may use which tool.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -414,6 +428,7 @@ const SECTIONS: &[&str] = &[
     "registry",
     "redaction",
     "tools",
+    "injection",
     "admin",
     "audit",
 ];
@@ -447,6 +462,8 @@ pub struct Config {
     pub redaction: Option<RedactionSection>,
     /// Policy path already made absolute.
     pub tools: Option<ToolsSection>,
+    /// Policy path already made absolute.
+    pub injection: Option<InjectionSection>,
 }
 
 #[derive(Debug, Clone)]
@@ -532,6 +549,7 @@ impl Config {
         let admin: AdminSection = section(&map, "admin", &mut errors).unwrap_or_default();
         let redaction: Option<RedactionSection> = section(&map, "redaction", &mut errors);
         let tools: Option<ToolsSection> = section(&map, "tools", &mut errors);
+        let injection: Option<InjectionSection> = section(&map, "injection", &mut errors);
         if let Some(url) = &state.redis_url {
             if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                 errors.push(
@@ -615,6 +633,10 @@ impl Config {
             t.policy = base.join(&t.policy);
             t
         });
+        let injection = injection.map(|mut i| {
+            i.policy = base.join(&i.policy);
+            i
+        });
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
         }
@@ -640,6 +662,7 @@ impl Config {
             admin,
             redaction,
             tools,
+            injection,
         })
     }
 }

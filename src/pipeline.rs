@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::keys::{self, JwksRefresher};
 use crate::redis_limits::RedisLimits;
 use crate::registry::{FileStore, RedisStore, RegistryStore};
-use filters::injection::Detector;
+use filters::injection::{Detector, InjectionFilter};
 use filters::jwt_auth::{ClaimPaths, JwtAuth, JwtSettings};
 use filters::model_registry::{
     FreezeFilter, Lifecycle, ModelGate, NewModel, RegistryState, RegistryView, RiskPolicy,
@@ -42,6 +42,8 @@ pub struct Filters {
     pub redactor: Option<Arc<Shared<Redactor>>>,
     /// Replaced by `/admin/reload`.
     pub tools: Option<Arc<Shared<ToolPolicy>>>,
+    /// Replaced by `/admin/reload`.
+    pub injection: Option<Arc<Shared<Detector>>>,
 }
 
 /// The filters and the background work they need.
@@ -202,6 +204,11 @@ pub fn check(cfg: &Config) -> Vec<String> {
             errors.extend(e);
         }
     }
+    if let Some(i) = &cfg.injection {
+        if let Err(e) = load_injection(&i.policy) {
+            errors.extend(e);
+        }
+    }
     errors
 }
 
@@ -297,6 +304,18 @@ pub fn build(
         request.push((Box::new(ToolAuthz::new(policy.clone())), settings));
         response.push((Box::new(ResponseToolAuthz::new(policy)), settings));
     }
+    let mut injection = None;
+    if let Some(i) = &cfg.injection {
+        let detector = Shared::new(load_injection(&i.policy)?);
+        injection = Some(detector.clone());
+        request.push((
+            Box::new(InjectionFilter::new(detector)),
+            FilterSettings {
+                mode: i.mode,
+                on_error: i.on_error,
+            },
+        ));
+    }
     let mut shared_redactor = None;
     if let Some(r) = &cfg.redaction {
         let redactor = Shared::new(load_redactor(&r.policy)?);
@@ -325,6 +344,7 @@ pub fn build(
             jwt,
             redactor: shared_redactor,
             tools,
+            injection,
         },
         jwks,
         registry_follower,

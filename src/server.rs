@@ -94,6 +94,10 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
             .tools
             .clone()
             .zip(cfg.tools.as_ref().map(|t| t.policy.clone())),
+        injection: f
+            .injection
+            .clone()
+            .zip(cfg.injection.as_ref().map(|i| i.policy.clone())),
         providers: cfg.providers.keys().cloned().collect(),
         roles: cfg.admin.clone(),
         audit: audit.clone(),

@@ -5,7 +5,8 @@
 //! `scripts/bigrams.py`, compiled in), give each pair of adjacent
 //! characters a cost in bits; a window of text whose mean cost is high
 //! under *both* tables, and which has the spaces of several words (URLs,
-//! base64 and hashes have none), is a suffix.
+//! base64 and hashes have none, and their tokens are not counted), is a
+//! suffix.
 //!
 //! This is a weak signal on its own: dense technical text (regular
 //! expressions, LaTeX, shell one-liners) can look the same. Its default
@@ -63,6 +64,7 @@ pub fn worst_window(text: &str, s: &SuffixSettings) -> f32 {
     }
     // Per transition: prose cost, code cost (eighths of a bit), or none
     // when either side is not ASCII; and whether the byte is a space.
+    let skip = encoded_tokens(bytes);
     let mut ring = vec![(0u32, 0u32, false, false); window];
     let (mut prose, mut code, mut counted, mut spaces) = (0u32, 0u32, 0usize, 0usize);
     let mut worst = 0u32;
@@ -81,7 +83,7 @@ pub fn worst_window(text: &str, s: &SuffixSettings) -> f32 {
             }
             spaces -= usize::from(space);
         }
-        let valid = c != 95 && previous != 95;
+        let valid = c != 95 && previous != 95 && !skip.get(i).copied().unwrap_or(false);
         let (p, k) = if valid {
             (
                 u32::from(TABLES[previous * CLASSES + c]),
@@ -108,6 +110,31 @@ pub fn worst_window(text: &str, s: &SuffixSettings) -> f32 {
         }
     }
     worst as f32 / worst_counted as f32 / 8.0
+}
+
+/// Bytes of white-space-separated tokens that are encoded data or
+/// addresses (20 or more base64 characters, or holding `://`): their
+/// pairs are not counted, so a base64 blob or a URL next to prose is not
+/// a suffix.
+fn encoded_tokens(bytes: &[u8]) -> Vec<bool> {
+    let mut skip = vec![false; bytes.len()];
+    let mut start = 0;
+    for i in 0..=bytes.len() {
+        let end = i == bytes.len() || bytes[i].is_ascii_whitespace();
+        if !end {
+            continue;
+        }
+        let token = &bytes[start..i];
+        let encoded = token.len() >= 20
+            && token.iter().all(|&b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'_' | b'-')
+            });
+        if encoded || token.windows(3).any(|w| w == b"://") {
+            skip[start..i].iter_mut().for_each(|s| *s = true);
+        }
+        start = i + 1;
+    }
+    skip
 }
 
 /// Whether `text` holds a run that looks like an optimised suffix.
