@@ -4,8 +4,8 @@
 //! Each scanned message (user and tool messages by default; system
 //! messages on request; assistant messages never) is normalised
 //! ([`normalise`]), matched against the rules of `policies/injection.yaml`
-//! ([`rules`]: phrases through one Aho-Corasick automaton, regexes through
-//! one set per view), checked for built-in signals (tag characters,
+//! ([`rules`]: phrases and the regexes' keywords through one Aho-Corasick
+//! automaton, and only the regexes whose keywords occur), checked for built-in signals (tag characters,
 //! invisible characters, an adversarial-suffix run: [`suffix`]), and its
 //! encoded segments are decoded and scanned again ([`decode`]). Findings
 //! become a score ([`score`]) that is compared with the `flag` and `block`
@@ -32,7 +32,7 @@ use crate::error::{ErrorCode, Rejection};
 use crate::request::{Principal, RequestView, Route};
 use crate::shared::Shared;
 use async_trait::async_trait;
-use rules::{RuleSpec, Rules, Scope};
+use rules::{RuleSpec, Rules, Scope, Target};
 use score::{Finding, Findings, Thresholds};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -317,19 +317,25 @@ impl Detector {
                 found.add(Finding::Rule(i), spec.category, spec.weight);
             }
         };
-        for m in rules.phrases.find_overlapping_iter(&folded.words) {
-            rule(rules.phrase_rule[m.pattern().as_usize()], found);
-        }
-        if !rules.words.is_empty() {
-            for i in rules.words.matches(&folded.words).iter() {
-                rule(rules.words_rule[i], found);
+        // One automaton pass finds the phrases and where words-view regexes
+        // can match; each is tried there.
+        let mut at: Vec<(usize, usize)> = Vec::new();
+        for m in rules.words_automaton.find_overlapping_iter(&folded.words) {
+            match rules.targets[m.pattern().as_usize()] {
+                Target::Phrase(i) => rule(i, found),
+                Target::Words(r) => at.push((r, m.start())),
             }
+        }
+        for r in matching(&rules.words, &folded.words, &mut at) {
+            rule(r, found);
         }
         let clean = folded.clean.as_deref().unwrap_or(text);
-        if !rules.raw.is_empty() {
-            for i in rules.raw.matches(clean).iter() {
-                rule(rules.raw_rule[i], found);
-            }
+        at.clear();
+        for m in rules.raw_automaton.find_overlapping_iter(clean) {
+            at.push((rules.raw_targets[m.pattern().as_usize()], m.start()));
+        }
+        for r in matching(&rules.raw, clean, &mut at) {
+            rule(r, found);
         }
         let s = &self.policy.signals;
         if folded.tags > 0 {
@@ -396,6 +402,38 @@ impl Detector {
         }
         (mode, direct, tool)
     }
+}
+
+/// The rules of the regexes in `gated` that match `text`, given where
+/// their keywords occur (`(regex, start)`): a regex whose keywords are
+/// its prefixes is tried anchored at each start, one with keywords of its
+/// own searches the whole text once, one without keywords always runs.
+fn matching<'a>(
+    gated: &'a [rules::Gated],
+    text: &'a str,
+    at: &'a mut [(usize, usize)],
+) -> impl Iterator<Item = usize> + 'a {
+    use regex_automata::{Anchored, Input};
+    at.sort_unstable();
+    gated.iter().enumerate().filter_map(move |(i, g)| {
+        let lo = at.partition_point(|&(r, _)| r < i);
+        let hi = at.partition_point(|&(r, _)| r <= i);
+        let starts = &at[lo..hi];
+        let found = if g.always || (!g.anchored && !starts.is_empty()) {
+            g.regex.is_match(text)
+        } else {
+            let mut previous = usize::MAX;
+            starts.iter().any(|&(_, s)| {
+                let fresh = s != previous;
+                previous = s;
+                fresh
+                    && g
+                        .regex
+                        .is_match(Input::new(text).range(s..).anchored(Anchored::Yes))
+            })
+        };
+        found.then_some(g.rule)
+    })
 }
 
 /// The texts of a request the screen reads, with where they came from.
@@ -569,3 +607,17 @@ impl Detector {
 
 #[cfg(test)]
 mod tests;
+
+impl Detector {
+    /// Rule ids whose regex runs on every text (no keywords): each one
+    /// costs a pass over every message.
+    pub fn ungated(&self) -> Vec<&str> {
+        let r = &self.rules;
+        r.words
+            .iter()
+            .chain(&r.raw)
+            .filter(|g| g.always)
+            .map(|g| r.specs[g.rule].id.as_str())
+            .collect()
+    }
+}

@@ -26,8 +26,20 @@ const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
 const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
 const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
 
+const fn base64_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'-' | b'_');
+        b += 1;
+    }
+    t
+}
+static BASE64: [bool; 256] = base64_table();
+
 fn is_base64(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
+    BASE64[usize::from(b)]
 }
 
 /// Whether decoded bytes read as text.
@@ -74,18 +86,14 @@ pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
         }
     };
     // Base64 and hex runs.
-    let mut i = 0;
-    while i < bytes.len() && *budget > 0 {
-        if !is_base64(bytes[i]) {
-            i += 1;
+    let mut start = 0;
+    for i in 0..=bytes.len() {
+        if i < bytes.len() && is_base64(bytes[i]) {
             continue;
         }
-        let start = i;
-        while i < bytes.len() && is_base64(bytes[i]) {
-            i += 1;
-        }
         let run = &bytes[start..i];
-        if run.len() < MIN_RUN {
+        start = i + 1;
+        if run.len() < MIN_RUN || *budget == 0 {
             continue;
         }
         let decoded = if run.len() % 2 == 0 && run.iter().all(u8::is_ascii_hexdigit) {
@@ -98,7 +106,15 @@ pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
         keep(decoded, budget);
     }
     // Escapes: within one white-space-free stretch, `%xx` and `\xhh`;
-    // across stretches, runs of two-digit hex words (`69 67 6e`).
+    // across stretches, runs of two-digit hex words (`69 67 6e`). Most
+    // text has none of these: a quick look first.
+    let escapes = bytes.iter().any(|&b| b == b'%' || b == b'\\');
+    let spaced_hex = bytes
+        .windows(4)
+        .any(|w| w[0].is_ascii_hexdigit() && w[1].is_ascii_hexdigit() && w[2] == b' ' && w[3].is_ascii_hexdigit());
+    if !escapes && !spaced_hex {
+        return found;
+    }
     let mut pairs: Vec<u8> = Vec::new();
     for word in text.split_ascii_whitespace() {
         if *budget == 0 {
@@ -116,7 +132,7 @@ pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
         }
         pairs.clear();
         let percent = w.iter().filter(|&&b| b == b'%').count();
-        let backslash_x = word.matches("\\x").count();
+        let backslash_x = w.windows(2).filter(|p| p == b"\\x").count();
         if percent >= MIN_ESCAPES || backslash_x >= MIN_ESCAPES {
             keep(Some(unescape(w)), budget);
         }

@@ -133,8 +133,9 @@ fn leet(b: u8) -> u8 {
 }
 
 /// The word being built: where it starts in `words` and what it holds.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Word {
+    active: bool,
     start: usize,
     chars: usize,
     letters: usize,
@@ -144,28 +145,57 @@ struct Word {
     leet: usize,
 }
 
-struct Folder<'a> {
-    out: &'a mut Folded,
-    word: Option<Word>,
+struct Folder {
+    /// The words view, built as bytes (always valid UTF-8).
+    words: Vec<u8>,
+    clean: Option<String>,
+    hidden: String,
+    tags: usize,
+    invisible: usize,
+    word: Word,
     /// Where a run of one-letter words starts in `words` (at its space),
     /// and how many there are.
-    singles: Option<(usize, usize)>,
+    singles: (usize, usize),
 }
 
-impl Folder<'_> {
-    fn separator(&mut self) {
-        self.end_word();
+/// How the ASCII fast path sees a byte.
+const SEP: u8 = 0;
+const LETTER: u8 = 1;
+const LEET: u8 = 2;
+
+const fn ascii_classes() -> [u8; 128] {
+    let mut t = [SEP; 128];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        t[b] = if c.is_ascii_alphabetic() {
+            LETTER
+        } else if c.is_ascii_digit() || c == b'@' || c == b'$' {
+            LEET
+        } else {
+            SEP
+        };
+        b += 1;
+    }
+    t
+}
+static ASCII: [u8; 128] = ascii_classes();
+
+impl Folder {
+    fn begin_word(&mut self) {
+        if !self.word.active {
+            self.words.push(b' ');
+            self.word = Word {
+                active: true,
+                start: self.words.len(),
+                ..Word::default()
+            };
+        }
     }
 
     fn letter_or_digit(&mut self, c: char) {
-        let words = &mut self.out.words;
-        let w = self.word.get_or_insert_with(|| {
-            words.push(' ');
-            Word {
-                start: words.len(),
-                ..Word::default()
-            }
-        });
+        self.begin_word();
+        let w = &mut self.word;
         w.chars += 1;
         if c.is_ascii_digit() || c == '@' || c == '$' {
             w.leet += 1;
@@ -177,40 +207,47 @@ impl Folder<'_> {
                 w.confusables += 1;
             }
         }
-        words.push(c);
+        let mut buf = [0u8; 4];
+        self.words
+            .extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
     }
 
     fn end_word(&mut self) {
-        let Some(w) = self.word.take() else { return };
-        let words = &mut self.out.words;
+        if !self.word.active {
+            return;
+        }
+        let w = self.word;
+        self.word.active = false;
+        let words = &mut self.words;
         if w.letters == 0 && w.leet > 0 && w.leet == w.chars {
             // Only digits and `@`/`$`: a number stays, a lone symbol goes.
-            if words[w.start..].bytes().all(|b| b == b'@' || b == b'$') {
+            if words[w.start..].iter().all(|&b| b == b'@' || b == b'$') {
                 words.truncate(w.start - 1);
                 return;
             }
-        } else if w.letters > 0 && (w.leet > 0 || w.confusables > 0) {
-            let fold_confusables = w.confusables > 0 && (w.latin > 0 || w.confusables == w.letters);
-            let mut word = String::with_capacity(words.len() - w.start);
-            for c in words[w.start..].chars() {
-                match (
-                    c.is_ascii(),
-                    fold_confusables.then(|| confusable(c)).flatten(),
-                ) {
-                    (true, _) => word.push(char::from(leet(c as u8))),
-                    (false, Some(b)) => word.push(char::from(b)),
-                    (false, None) => word.push(c),
+        } else if w.letters > 0 && w.confusables > 0 {
+            let fold_confusables = w.latin > 0 || w.confusables == w.letters;
+            let text = String::from_utf8_lossy(&words[w.start..]).into_owned();
+            words.truncate(w.start);
+            for c in text.chars() {
+                match (c.is_ascii(), fold_confusables.then(|| confusable(c)).flatten()) {
+                    (true, _) => words.push(leet(c as u8)),
+                    (false, Some(b)) => words.push(b),
+                    (false, None) => {
+                        let mut buf = [0u8; 4];
+                        words.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                    }
                 }
             }
-            words.truncate(w.start);
-            words.push_str(&word);
+        } else if w.letters > 0 && w.leet > 0 {
+            words[w.start..].iter_mut().for_each(|b| *b = leet(*b));
         }
         let one_letter = w.chars == 1 && (w.letters == 1 || w.leet == 1);
         if one_letter {
-            match &mut self.singles {
-                Some((_, n)) => *n += 1,
-                None => self.singles = Some((w.start - 1, 1)),
+            if self.singles.1 == 0 {
+                self.singles.0 = w.start - 1;
             }
+            self.singles.1 += 1;
         } else {
             self.end_singles(w.start - 1);
         }
@@ -218,15 +255,19 @@ impl Folder<'_> {
 
     /// Join a run of three or more one-letter words ending at `end`.
     fn end_singles(&mut self, end: usize) {
-        let Some((start, n)) = self.singles.take() else {
-            return;
-        };
+        let (start, n) = std::mem::take(&mut self.singles);
         if n < 3 {
             return;
         }
-        let words = &mut self.out.words;
-        let joined: String = words[start..end].chars().filter(|&c| c != ' ').collect();
-        words.replace_range(start + 1..end, &joined);
+        // `start` is the run's first space; keep it, drop the others.
+        let mut to = start + 1;
+        for from in start + 1..end {
+            if self.words[from] != b' ' {
+                self.words[to] = self.words[from];
+                to += 1;
+            }
+        }
+        self.words.drain(to..end);
     }
 
     /// One character after decomposition and lower-casing.
@@ -236,13 +277,13 @@ impl Folder<'_> {
             if b.is_ascii_alphanumeric() || b == b'@' || b == b'$' {
                 self.letter_or_digit(c);
             } else {
-                self.separator();
+                self.end_word();
             }
         } else if c.is_alphanumeric() || is_combining_mark(c) {
             // Marks are parts of letters: Indic vowel signs, kana voicing.
             self.letter_or_digit(c);
         } else {
-            self.separator();
+            self.end_word();
         }
     }
 
@@ -253,7 +294,7 @@ impl Folder<'_> {
         if is_accent(c) {
             return;
         }
-        if let Some(clean) = &mut self.out.clean {
+        if let Some(clean) = &mut self.clean {
             let folded = if c.is_ascii() {
                 None
             } else {
@@ -275,26 +316,45 @@ impl Folder<'_> {
             }
         }
     }
+
+    /// Plain ASCII: one table look-up per byte.
+    fn ascii(&mut self, text: &[u8]) {
+        for &b in text {
+            match ASCII[usize::from(b & 0x7f)] {
+                LETTER => {
+                    self.begin_word();
+                    self.word.chars += 1;
+                    self.word.letters += 1;
+                    self.word.latin += 1;
+                    self.words.push(b.to_ascii_lowercase());
+                }
+                LEET => {
+                    self.begin_word();
+                    self.word.chars += 1;
+                    self.word.leet += 1;
+                    self.words.push(b);
+                }
+                _ => self.end_word(),
+            }
+        }
+    }
 }
 
 /// Fold `text` into its views.
 pub fn fold(text: &str) -> Folded {
-    let mut out = Folded {
-        words: String::with_capacity(text.len() + 2),
-        ..Folded::default()
-    };
     let ascii = text.is_ascii();
     let mut f = Folder {
-        out: &mut out,
-        word: None,
-        singles: None,
+        words: Vec::with_capacity(text.len() + 2),
+        clean: (!ascii).then(|| String::with_capacity(text.len())),
+        hidden: String::new(),
+        tags: 0,
+        invisible: 0,
+        word: Word::default(),
+        singles: (0, 0),
     };
     if ascii {
-        for &b in text.as_bytes() {
-            f.push(char::from(b.to_ascii_lowercase()));
-        }
+        f.ascii(text.as_bytes());
     } else {
-        f.out.clean = Some(String::with_capacity(text.len()));
         let mut previous = ' ';
         let mut flag_tags = false;
         for c in text.chars() {
@@ -303,9 +363,9 @@ pub fn fold(text: &str) -> Folded {
                 // black flag, a few tags and a cancel tag.
                 flag_tags = flag_tags || previous == BLACK_FLAG;
                 if !flag_tags {
-                    f.out.tags += 1;
+                    f.tags += 1;
                     if ('\u{E0020}'..='\u{E007E}').contains(&c) {
-                        f.out.hidden.push(char::from((c as u32 - 0xE0000) as u8));
+                        f.hidden.push(char::from((c as u32 - 0xE0000) as u8));
                     }
                 }
                 if c == CANCEL_TAG {
@@ -317,7 +377,7 @@ pub fn fold(text: &str) -> Folded {
             flag_tags = false;
             previous = c;
             if is_invisible(c) {
-                f.out.invisible += usize::from(is_suspicious_invisible(c));
+                f.invisible += usize::from(is_suspicious_invisible(c));
                 continue;
             }
             if c.is_ascii() {
@@ -344,13 +404,22 @@ pub fn fold(text: &str) -> Folded {
         }
     }
     f.end_word();
-    let end = f.out.words.len();
+    let end = f.words.len();
     f.end_singles(end);
-    out.words.push(' ');
-    if out.words.len() == 1 {
-        out.words.push(' ');
+    f.words.push(b' ');
+    if f.words.len() == 1 {
+        f.words.push(b' ');
     }
-    out
+    Folded {
+        words: String::from_utf8(f.words).unwrap_or_else(|e| {
+            // Unreachable: only whole characters are written.
+            String::from_utf8_lossy(e.as_bytes()).into_owned()
+        }),
+        clean: f.clean,
+        hidden: f.hidden,
+        tags: f.tags,
+        invisible: f.invisible,
+    }
 }
 
 /// A phrase as the automaton looks for it: folded like text, with a

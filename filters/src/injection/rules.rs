@@ -1,11 +1,22 @@
-//! Rules as written in `policies/injection.yaml`, and their compiled form:
-//! one Aho-Corasick automaton over every phrase and one regex set per view
-//! (the words view and the clean view, see [`super::normalise`]).
+//! Rules as written in `policies/injection.yaml`, and their compiled form.
+//!
+//! Every phrase, and every regex's keywords, go into one Aho-Corasick
+//! automaton over the words view; the clean-view regexes' keywords into a
+//! second (ASCII case-insensitive) one over the clean view. A regex runs
+//! only where one of its keywords occurs, so ordinary text is read once
+//! by each automaton and by no regex, and the cost per byte does not grow
+//! with the number of rules. A regex's keywords are the literals every
+//! match starts with, taken from the regex itself: it is then tried only
+//! anchored at each place one occurs (a few bytes each). A rule may list
+//! `keywords` of its own instead (needed when a regex starts with a class
+//! or an anchor): the regex then searches the whole text when one occurs.
 
-use super::normalise::{phrase_pattern, regex_source};
+use super::normalise::{fold, phrase_pattern, regex_source};
 use super::Category;
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
-use regex::{RegexSet, RegexSetBuilder};
+use regex_automata::meta::Regex;
+use regex_automata::util::syntax;
+use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use serde::Deserialize;
 
 /// Where a rule applies.
@@ -43,6 +54,11 @@ pub struct RuleSpec {
     /// breaks kept (chat-template delimiters, markdown, code).
     #[serde(default)]
     pub raw_regex: Option<String>,
+    /// Literals one of which must occur for the regex to run (words view:
+    /// folded like phrases; clean view: ASCII, any case). Default: the
+    /// literals every match of the regex starts with.
+    #[serde(default)]
+    pub keywords: Vec<String>,
     #[serde(default)]
     pub scope: Scope,
     /// Texts the rule must find: checked by the test suite.
@@ -50,28 +66,82 @@ pub struct RuleSpec {
     pub examples: Vec<String>,
 }
 
+/// What a hit of the words automaton means.
+#[derive(Debug, Clone, Copy)]
+pub enum Target {
+    /// A phrase of this rule.
+    Phrase(usize),
+    /// A keyword of this words-view regex.
+    Words(usize),
+}
+
+/// A compiled regex and its rule.
+pub struct Gated {
+    pub regex: Regex,
+    pub rule: usize,
+    /// No keywords: runs on every text.
+    pub always: bool,
+    /// Its keywords are the prefixes of its matches: tried anchored at
+    /// each, not over the whole text.
+    pub anchored: bool,
+}
+
+fn compile(source: &str, case_insensitive: bool) -> Result<Regex, String> {
+    Regex::builder()
+        .syntax(syntax::Config::new().case_insensitive(case_insensitive))
+        .configure(
+            Regex::config()
+                .nfa_size_limit(Some(REGEX_SIZE_LIMIT))
+                .hybrid_cache_capacity(4 << 20),
+        )
+        .build(source)
+        .map_err(|e| {
+            e.syntax_error()
+                .map_or_else(|| e.to_string(), |s| s.to_string())
+        })
+}
+
 /// The compiled rules.
 pub struct Rules {
     pub specs: Vec<RuleSpec>,
-    pub phrases: AhoCorasick,
-    /// Automaton pattern → rule index.
-    pub phrase_rule: Vec<usize>,
-    pub words: RegexSet,
-    pub words_rule: Vec<usize>,
-    pub raw: RegexSet,
-    pub raw_rule: Vec<usize>,
+    /// Phrases and words-view keywords.
+    pub words_automaton: AhoCorasick,
+    pub targets: Vec<Target>,
+    pub words: Vec<Gated>,
+    /// Clean-view keywords → index into `raw`.
+    pub raw_automaton: AhoCorasick,
+    pub raw_targets: Vec<usize>,
+    pub raw: Vec<Gated>,
 }
 
 /// Large enough for the shipped rules; small enough that a policy cannot
 /// make the gateway build a huge automaton.
 const REGEX_SIZE_LIMIT: usize = 32 << 20;
 
+/// The literals every match of `re` starts with, if there are few enough
+/// and none is shorter than two bytes.
+fn prefixes(re: &str) -> Option<Vec<Vec<u8>>> {
+    let hir = regex_syntax::ParserBuilder::new()
+        .build()
+        .parse(re)
+        .ok()?;
+    let seq = Extractor::new()
+        .kind(ExtractKind::Prefix)
+        .limit_total(2000)
+        .limit_class(4)
+        .extract(&hir);
+    let literals = seq.literals()?;
+    (!literals.is_empty() && literals.iter().all(|l| l.as_bytes().len() >= 2))
+        .then(|| literals.iter().map(|l| l.as_bytes().to_vec()).collect())
+}
+
 impl Rules {
     pub fn build(specs: Vec<RuleSpec>, errors: &mut Vec<String>) -> Option<Self> {
-        let mut patterns = Vec::new();
-        let mut phrase_rule = Vec::new();
-        let (mut words, mut words_rule, mut raw, mut raw_rule) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut patterns: Vec<Vec<u8>> = Vec::new();
+        let mut targets = Vec::new();
+        let mut raw_patterns: Vec<Vec<u8>> = Vec::new();
+        let mut raw_targets = Vec::new();
+        let (mut words, mut raw) = (Vec::new(), Vec::new());
         let mut seen = std::collections::HashSet::new();
         for (i, r) in specs.iter().enumerate() {
             let at = format!("rule '{}'", r.id);
@@ -84,59 +154,98 @@ impl Rules {
             if r.phrases.is_empty() && r.regex.is_none() && r.raw_regex.is_none() {
                 errors.push(format!("{at}: needs phrases, regex or raw_regex"));
             }
+            if r.regex.is_some() && r.raw_regex.is_some() && !r.keywords.is_empty() {
+                errors.push(format!(
+                    "{at}: keywords apply to one regex; split regex and raw_regex into two rules"
+                ));
+            }
             for p in &r.phrases {
                 match phrase_pattern(p) {
                     Some(pattern) => {
-                        patterns.push(pattern);
-                        phrase_rule.push(i);
+                        patterns.push(pattern.into_bytes());
+                        targets.push(Target::Phrase(i));
                     }
                     None => errors.push(format!("{at}: phrase {p:?} has no words")),
                 }
             }
-            let words_source = r.regex.as_deref().map(regex_source);
-            for (source, list, owners) in [
-                (words_source.as_ref(), &mut words, &mut words_rule),
-                (r.raw_regex.as_ref(), &mut raw, &mut raw_rule),
-            ] {
-                if let Some(re) = source {
-                    match regex::Regex::new(re) {
-                        Ok(_) => {
-                            list.push(re.clone());
-                            owners.push(i);
+            if let Some(re) = &r.regex {
+                let source = regex_source(re);
+                match compile(&source, false) {
+                    Ok(regex) => {
+                        let keywords: Option<Vec<Vec<u8>>> = if r.keywords.is_empty() {
+                            prefixes(&source)
+                        } else {
+                            Some(
+                                r.keywords
+                                    .iter()
+                                    .map(|k| fold(k).words.trim().as_bytes().to_vec())
+                                    .filter(|k| !k.is_empty())
+                                    .collect(),
+                            )
+                        };
+                        let n = words.len();
+                        for k in keywords.iter().flatten() {
+                            patterns.push(k.clone());
+                            targets.push(Target::Words(n));
                         }
-                        Err(e) => errors.push(format!("{at}: {e}")),
+                        words.push(Gated {
+                            regex,
+                            rule: i,
+                            always: keywords.is_none(),
+                            anchored: r.keywords.is_empty(),
+                        });
                     }
+                    Err(e) => errors.push(format!("{at}: {e}")),
+                }
+            }
+            if let Some(re) = &r.raw_regex {
+                match compile(re, true) {
+                    Ok(regex) => {
+                        let keywords: Option<Vec<Vec<u8>>> = if r.keywords.is_empty() {
+                            prefixes(re)
+                        } else {
+                            Some(r.keywords.iter().map(|k| k.as_bytes().to_vec()).collect())
+                        };
+                        let n = raw.len();
+                        for k in keywords.iter().flatten() {
+                            raw_patterns.push(k.to_ascii_lowercase());
+                            raw_targets.push(n);
+                        }
+                        raw.push(Gated {
+                            regex,
+                            rule: i,
+                            always: keywords.is_none(),
+                            anchored: r.keywords.is_empty(),
+                        });
+                    }
+                    Err(e) => errors.push(format!("{at}: {e}")),
                 }
             }
         }
-        let phrases = AhoCorasick::builder()
+        let words_automaton = AhoCorasick::builder()
             .kind(Some(AhoCorasickKind::DFA))
             .match_kind(MatchKind::Standard)
             .build(&patterns)
             .map_err(|e| errors.push(format!("phrases: {e}")))
             .ok();
-        let mut set = |list: &[String], case_insensitive: bool| {
-            RegexSetBuilder::new(list)
-                .case_insensitive(case_insensitive)
-                .size_limit(REGEX_SIZE_LIMIT)
-                .dfa_size_limit(REGEX_SIZE_LIMIT)
-                .build()
-                .map_err(|e| errors.push(format!("regex set: {e}")))
-                .ok()
-        };
-        let words = set(&words, false);
-        let raw = set(&raw, true);
+        let raw_automaton = AhoCorasick::builder()
+            .kind(Some(AhoCorasickKind::DFA))
+            .match_kind(MatchKind::Standard)
+            .ascii_case_insensitive(true)
+            .build(&raw_patterns)
+            .map_err(|e| errors.push(format!("keywords: {e}")))
+            .ok();
         if !errors.is_empty() {
             return None;
         }
         Some(Self {
             specs,
-            phrases: phrases?,
-            phrase_rule,
-            words: words?,
-            words_rule,
-            raw: raw?,
-            raw_rule,
+            words_automaton: words_automaton?,
+            targets,
+            words,
+            raw_automaton: raw_automaton?,
+            raw_targets,
+            raw,
         })
     }
 }

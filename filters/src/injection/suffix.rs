@@ -19,7 +19,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct SuffixSettings {
     pub weight: f32,
-    /// Characters per window (at least 16).
+    /// Characters per window (16 to 255).
     #[serde(default = "default_window")]
     pub window: usize,
     /// Mean bits per character pair, under both tables, that a window must
@@ -53,63 +53,52 @@ fn class(b: u8) -> usize {
     }
 }
 
-/// The highest mean cost, in bits per pair, of any qualifying window of
-/// `text` (the lower of the two tables' means), or 0 when no window
-/// qualifies. Linear: one table look-up per byte.
-pub fn worst_window(text: &str, s: &SuffixSettings) -> f32 {
-    let window = s.window.max(16);
+/// Whether some window of `text` (every fourth position) has enough
+/// spaces and a mean pair cost, under both tables, above `min_bits`.
+/// Linear: running sums over a ring of the window's pairs.
+pub fn found(text: &str, s: &SuffixSettings) -> bool {
+    let window = s.window.clamp(16, 255);
     let bytes = text.as_bytes();
     if bytes.len() < window {
-        return 0.0;
+        return false;
     }
-    // Per transition: prose cost, code cost (eighths of a bit), or none
-    // when either side is not ASCII; and whether the byte is a space.
     let skip = encoded_tokens(bytes);
-    let mut ring = vec![(0u32, 0u32, false, false); window];
-    let (mut prose, mut code, mut counted, mut spaces) = (0u32, 0u32, 0usize, 0usize);
-    let mut worst = 0u32;
-    let mut worst_counted = 1usize;
-    let mut previous = 0;
+    // Costs are in eighths of a bit: a window exceeds the limit when
+    // 10 * cost > (80 * min_bits) * counted.
+    let limit = (s.min_bits * 80.0).max(0.0) as u64;
     let need = window * 9 / 10;
+    // Per pair in the window: prose cost | code cost << 16 | counted << 32
+    // | space << 40, so one add and one subtract keep all four sums.
+    let mut ring = vec![0u64; window];
+    let mut sums = 0u64;
+    let mut at = 0;
+    let mut previous = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let c = class(b);
-        let slot = &mut ring[i % window];
-        if i >= window {
-            let (p, k, valid, space) = *slot;
-            if valid {
-                prose -= p;
-                code -= k;
-                counted -= 1;
-            }
-            spaces -= usize::from(space);
+        let mut pair = u64::from(c == 0) << 40;
+        if c != 95 && previous != 95 && !skip[i] {
+            pair |= u64::from(TABLES[previous * CLASSES + c])
+                | u64::from(TABLES[CLASSES * CLASSES + previous * CLASSES + c]) << 16
+                | 1 << 32;
         }
-        let valid = c != 95 && previous != 95 && !skip.get(i).copied().unwrap_or(false);
-        let (p, k) = if valid {
-            (
-                u32::from(TABLES[previous * CLASSES + c]),
-                u32::from(TABLES[CLASSES * CLASSES + previous * CLASSES + c]),
-            )
-        } else {
-            (0, 0)
-        };
-        *slot = (p, k, valid, c == 0);
-        if valid {
-            prose += p;
-            code += k;
-            counted += 1;
-        }
-        spaces += usize::from(c == 0);
         previous = c;
-        if i + 1 >= window && counted >= need && spaces >= s.min_spaces {
-            let cost = prose.min(code);
-            // cost / counted > worst / worst_counted, without division.
-            if u64::from(cost) * worst_counted as u64 > u64::from(worst) * counted as u64 {
-                worst = cost;
-                worst_counted = counted;
-            }
+        sums = sums - ring[at] + pair;
+        ring[at] = pair;
+        at = if at + 1 == window { 0 } else { at + 1 };
+        if i + 1 < window || i % 4 != 0 {
+            continue;
+        }
+        let counted = (sums >> 32) & 0xff;
+        let spaces = (sums >> 40) & 0xff;
+        if (counted as usize) < need || (spaces as usize) < s.min_spaces {
+            continue;
+        }
+        let cost = (sums & 0xffff).min((sums >> 16) & 0xffff);
+        if cost * 10 > limit * counted {
+            return true;
         }
     }
-    worst as f32 / worst_counted as f32 / 8.0
+    false
 }
 
 /// Bytes of white-space-separated tokens that are encoded data or
@@ -137,7 +126,3 @@ fn encoded_tokens(bytes: &[u8]) -> Vec<bool> {
     skip
 }
 
-/// Whether `text` holds a run that looks like an optimised suffix.
-pub fn found(text: &str, s: &SuffixSettings) -> bool {
-    worst_window(text, s) > s.min_bits
-}
