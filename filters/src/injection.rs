@@ -320,17 +320,19 @@ impl Detector {
         // One automaton pass finds the phrases and where words-view regexes
         // can match; each is tried there.
         let mut at: Vec<(usize, usize)> = Vec::new();
+        let mut raw_at: Vec<(usize, usize)> = Vec::new();
         for m in rules.words_automaton.find_overlapping_iter(&folded.words) {
             match rules.targets[m.pattern().as_usize()] {
                 Target::Phrase(i) => rule(i, found),
                 Target::Words(r) => at.push((r, m.start())),
+                Target::Raw(r) => raw_at.push((r, 0)),
             }
         }
         for r in matching(&rules.words, &folded.words, &mut at) {
             rule(r, found);
         }
         let clean = folded.clean.as_deref().unwrap_or(text);
-        at.clear();
+        let mut at = raw_at;
         for m in rules.raw_automaton.find_overlapping_iter(clean) {
             at.push((rules.raw_targets[m.pattern().as_usize()], m.start()));
         }
@@ -427,8 +429,7 @@ fn matching<'a>(
                 let fresh = s != previous;
                 previous = s;
                 fresh
-                    && g
-                        .regex
+                    && g.regex
                         .is_match(Input::new(text).range(s..).anchored(Anchored::Yes))
             })
         };

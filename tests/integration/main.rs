@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod cli;
 mod image;
+mod injection;
 mod limits;
 mod proxy;
 mod redaction;

@@ -99,6 +99,8 @@ redaction:
   policy: {ROOT / "policies" / "redaction.yaml"}
 tools:
   policy: {ROOT / "policies" / "tools.yaml"}
+injection:
+  policy: {ROOT / "policies" / "injection.yaml"}
 audit:
   file: {self.audit}
 """

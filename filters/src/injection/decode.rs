@@ -109,9 +109,12 @@ pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
     // across stretches, runs of two-digit hex words (`69 67 6e`). Most
     // text has none of these: a quick look first.
     let escapes = bytes.iter().any(|&b| b == b'%' || b == b'\\');
-    let spaced_hex = bytes
-        .windows(4)
-        .any(|w| w[0].is_ascii_hexdigit() && w[1].is_ascii_hexdigit() && w[2] == b' ' && w[3].is_ascii_hexdigit());
+    let spaced_hex = bytes.windows(4).any(|w| {
+        w[0].is_ascii_hexdigit()
+            && w[1].is_ascii_hexdigit()
+            && w[2] == b' '
+            && w[3].is_ascii_hexdigit()
+    });
     if !escapes && !spaced_hex {
         return found;
     }

@@ -230,7 +230,10 @@ impl Folder {
             let text = String::from_utf8_lossy(&words[w.start..]).into_owned();
             words.truncate(w.start);
             for c in text.chars() {
-                match (c.is_ascii(), fold_confusables.then(|| confusable(c)).flatten()) {
+                match (
+                    c.is_ascii(),
+                    fold_confusables.then(|| confusable(c)).flatten(),
+                ) {
                     (true, _) => words.push(leet(c as u8)),
                     (false, Some(b)) => words.push(b),
                     (false, None) => {

@@ -73,6 +73,10 @@ pub enum Target {
     Phrase(usize),
     /// A keyword of this words-view regex.
     Words(usize),
+    /// A keyword, made of letters, of this clean-view regex: seen in the
+    /// words view, so the clean-view automaton keeps only keywords that
+    /// start with punctuation (rare bytes it skips to).
+    Raw(usize),
 }
 
 /// A compiled regex and its rule.
@@ -121,10 +125,7 @@ const REGEX_SIZE_LIMIT: usize = 32 << 20;
 /// The literals every match of `re` starts with, if there are few enough
 /// and none is shorter than two bytes.
 fn prefixes(re: &str) -> Option<Vec<Vec<u8>>> {
-    let hir = regex_syntax::ParserBuilder::new()
-        .build()
-        .parse(re)
-        .ok()?;
+    let hir = regex_syntax::ParserBuilder::new().build().parse(re).ok()?;
     let seq = Extractor::new()
         .kind(ExtractKind::Prefix)
         .limit_total(2000)
@@ -207,15 +208,27 @@ impl Rules {
                             Some(r.keywords.iter().map(|k| k.as_bytes().to_vec()).collect())
                         };
                         let n = raw.len();
+                        let mut by_letter = false;
                         for k in keywords.iter().flatten() {
-                            raw_patterns.push(k.to_ascii_lowercase());
-                            raw_targets.push(n);
+                            if k.first().is_some_and(u8::is_ascii_alphanumeric) {
+                                // Its words-view form: `console.log` is
+                                // `console log` there.
+                                let folded = fold(&String::from_utf8_lossy(k)).words;
+                                patterns.push(folded.trim().as_bytes().to_vec());
+                                targets.push(Target::Raw(n));
+                                by_letter = true;
+                            } else {
+                                raw_patterns.push(k.to_ascii_lowercase());
+                                raw_targets.push(n);
+                            }
                         }
                         raw.push(Gated {
                             regex,
                             rule: i,
                             always: keywords.is_none(),
-                            anchored: r.keywords.is_empty(),
+                            // Positions in the words view are not
+                            // positions in the clean view.
+                            anchored: r.keywords.is_empty() && !by_letter,
                         });
                     }
                     Err(e) => errors.push(format!("{at}: {e}")),
@@ -229,7 +242,6 @@ impl Rules {
             .map_err(|e| errors.push(format!("phrases: {e}")))
             .ok();
         let raw_automaton = AhoCorasick::builder()
-            .kind(Some(AhoCorasickKind::DFA))
             .match_kind(MatchKind::Standard)
             .ascii_case_insensitive(true)
             .build(&raw_patterns)

@@ -53,50 +53,83 @@ fn class(b: u8) -> usize {
     }
 }
 
-/// Whether some window of `text` (every fourth position) has enough
-/// spaces and a mean pair cost, under both tables, above `min_bits`.
-/// Linear: running sums over a ring of the window's pairs.
+/// Whether some window of `text`, taken at 8-byte block boundaries, has
+/// enough spaces and a mean pair cost, under both tables, above
+/// `min_bits`. Linear: per byte, two table look-ups and adds into the
+/// current block; per block, one window check.
 pub fn found(text: &str, s: &SuffixSettings) -> bool {
-    let window = s.window.clamp(16, 255);
+    const BLOCK: usize = 8;
+    let blocks = (s.window.clamp(16, 255) / BLOCK).max(2);
     let bytes = text.as_bytes();
-    if bytes.len() < window {
+    if bytes.len() < blocks * BLOCK || !enough_rare_pairs(bytes) {
         return false;
     }
     let skip = encoded_tokens(bytes);
     // Costs are in eighths of a bit: a window exceeds the limit when
     // 10 * cost > (80 * min_bits) * counted.
     let limit = (s.min_bits * 80.0).max(0.0) as u64;
-    let need = window * 9 / 10;
-    // Per pair in the window: prose cost | code cost << 16 | counted << 32
-    // | space << 40, so one add and one subtract keep all four sums.
-    let mut ring = vec![0u64; window];
-    let mut sums = 0u64;
-    let mut at = 0;
+    let need = (blocks * BLOCK * 9 / 10) as u64;
+    // Per block: prose cost | code cost << 16 | counted << 32 | spaces << 40.
+    let mut ring = vec![0u64; blocks];
+    let (mut sums, mut block, mut at) = (0u64, 0u64, 0usize);
     let mut previous = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let c = class(b);
-        let mut pair = u64::from(c == 0) << 40;
-        if c != 95 && previous != 95 && !skip[i] {
-            pair |= u64::from(TABLES[previous * CLASSES + c])
-                | u64::from(TABLES[CLASSES * CLASSES + previous * CLASSES + c]) << 16
-                | 1 << 32;
+    for (chunk_at, chunk) in bytes.chunks(BLOCK).enumerate() {
+        for (j, &b) in chunk.iter().enumerate() {
+            let c = class(b);
+            block += u64::from(c == 0) << 40;
+            if c != 95 && previous != 95 && !skip[chunk_at * BLOCK + j] {
+                block += u64::from(TABLES[previous * CLASSES + c])
+                    + (u64::from(TABLES[CLASSES * CLASSES + previous * CLASSES + c]) << 16)
+                    + (1 << 32);
+            }
+            previous = c;
         }
-        previous = c;
-        sums = sums - ring[at] + pair;
-        ring[at] = pair;
-        at = if at + 1 == window { 0 } else { at + 1 };
-        if i + 1 < window || i % 4 != 0 {
+        sums = sums - ring[at] + block;
+        ring[at] = block;
+        block = 0;
+        at = if at + 1 == blocks { 0 } else { at + 1 };
+        if chunk_at + 1 < blocks {
             continue;
         }
         let counted = (sums >> 32) & 0xff;
         let spaces = (sums >> 40) & 0xff;
-        if (counted as usize) < need || (spaces as usize) < s.min_spaces {
+        if counted < need || (spaces as usize) < s.min_spaces {
             continue;
         }
         let cost = (sums & 0xffff).min((sums >> 16) & 0xffff);
         if cost * 10 > limit * counted {
             return true;
         }
+    }
+    false
+}
+
+/// Pairs that cost 9 bits or more under both tables: an optimised suffix
+/// has several in every window; most text has a handful in all.
+fn rare_pairs() -> &'static [bool; CLASSES * CLASSES] {
+    static RARE: std::sync::OnceLock<[bool; CLASSES * CLASSES]> = std::sync::OnceLock::new();
+    RARE.get_or_init(|| {
+        let mut rare = [false; CLASSES * CLASSES];
+        for (i, r) in rare.iter_mut().enumerate() {
+            *r = TABLES[i].min(TABLES[CLASSES * CLASSES + i]) >= 72;
+        }
+        rare
+    })
+}
+
+/// A cheap first look: at least seven rare pairs in the whole text, or
+/// no window can qualify worth the full computation.
+fn enough_rare_pairs(bytes: &[u8]) -> bool {
+    let rare = rare_pairs();
+    let mut previous = 0;
+    let mut n = 0;
+    for &b in bytes {
+        let c = class(b);
+        n += usize::from(rare[previous * CLASSES + c] && c != 95 && previous != 95);
+        if n >= 7 {
+            return true;
+        }
+        previous = c;
     }
     false
 }
@@ -125,4 +158,3 @@ fn encoded_tokens(bytes: &[u8]) -> Vec<bool> {
     }
     skip
 }
-

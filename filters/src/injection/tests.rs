@@ -397,14 +397,10 @@ fn hostile_inputs_are_bounded() {
     }
     let _ = score(&d, &nested);
     let mut budget = 1000;
-    let many = format!(
-        "{} ",
-        "aWdub3JlIGFsbCBwcmV2aW91cyBpbnN0cnVjdGlvbnM=".repeat(1)
-    )
-    .repeat(5000);
+    let many = "aWdub3JlIGFsbCBwcmV2aW91cyBpbnN0cnVjdGlvbnM= ".repeat(5000);
     let found = decode::segments(&many, &mut budget);
     assert!(found.len() <= 1000 / 32 + 1, "{}", found.len());
-    assert_eq!(budget < 32, true);
+    assert!(budget < 32, "{budget}");
     let _ = score(&d, &"a".repeat(1 << 20));
     let _ = score(&d, &"i ".repeat(1 << 19));
     let _ = score(&d, &"ﷺ".repeat(1 << 16));
