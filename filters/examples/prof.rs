@@ -52,7 +52,7 @@ fn main() {
     let t = Instant::now();
     let mut b = 65536;
     for _ in 0..n {
-        std::hint::black_box(decode::segments(&text, &mut b));
+        std::hint::black_box(decode::segments(&text, None, &mut b));
         b = 65536;
     }
     println!("segments {:?}", t.elapsed() / n);
@@ -87,7 +87,34 @@ fn main() {
     for _ in 0..n {
         std::hint::black_box(r.words_automaton.find_overlapping_iter(&f.words).count());
     }
-    println!("ac {:?}", t.elapsed() / n);
+    println!(
+        "ac {:?} ({} patterns)",
+        t.elapsed() / n,
+        r.words_automaton.patterns_len()
+    );
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(r.words_automaton.find_iter(&f.words).count());
+    }
+    println!("ac non-overlapping {:?}", t.elapsed() / n);
+    let ph: Vec<String> = policy
+        .rules
+        .iter()
+        .flat_map(|r| {
+            r.phrases
+                .iter()
+                .filter_map(|p| normalise::phrase_pattern(p))
+        })
+        .collect();
+    let small = aho_corasick::AhoCorasick::builder()
+        .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+        .build(&ph)
+        .unwrap();
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(small.find_overlapping_iter(&f.words).count());
+    }
+    println!("ac phrases only ({}) {:?}", ph.len(), t.elapsed() / n);
     let t = Instant::now();
     for _ in 0..n {
         std::hint::black_box(r.raw_automaton.find_overlapping_iter(&text).count());
@@ -121,6 +148,31 @@ fn main() {
         }
     }
     println!("literals: {:?}", lits);
+    let mut per = std::collections::BTreeMap::new();
+    let mut total = 0;
+    for m in r.words_automaton.find_overlapping_iter(&f.words) {
+        total += 1;
+        *per.entry(f.words[m.start()..m.end()].to_string())
+            .or_insert(0) += 1;
+    }
+    let mut v: Vec<_> = per.into_iter().collect();
+    v.sort_by_key(|x| std::cmp::Reverse(x.1));
+    println!("automaton matches {total}: {:?}", &v[..v.len().min(15)]);
+    let mut who = std::collections::BTreeMap::new();
+    for m in r.words_automaton.find_overlapping_iter(&f.words) {
+        let lit = f.words[m.start()..m.end()].to_string();
+        let id = match r.targets[m.pattern().as_usize()] {
+            rules::Target::Words(i) => r.specs[r.words[i].rule].id.clone(),
+            rules::Target::Raw(i) => format!("raw {}", r.specs[r.raw[i].rule].id),
+            rules::Target::Phrase(i) => format!("phrase {}", r.specs[i].id),
+        };
+        who.entry(lit)
+            .or_insert_with(std::collections::BTreeSet::new)
+            .insert(id);
+    }
+    for (lit, ids) in &who {
+        println!("  {lit:?}: {ids:?}");
+    }
     let mut hits = std::collections::BTreeMap::new();
     for m in r.raw_automaton.find_overlapping_iter(&text) {
         *hits

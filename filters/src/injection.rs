@@ -328,7 +328,8 @@ impl Detector {
                 Target::Raw(r) => raw_at.push((r, 0)),
             }
         }
-        for r in matching(&rules.words, &folded.words, &mut at) {
+        let applies = |i: usize| rules.specs[i].scope == Scope::Any || source == Source::Tool;
+        for r in matching(&rules.words, &folded.words, &mut at, applies) {
             rule(r, found);
         }
         let clean = folded.clean.as_deref().unwrap_or(text);
@@ -336,7 +337,7 @@ impl Detector {
         for m in rules.raw_automaton.find_overlapping_iter(clean) {
             at.push((rules.raw_targets[m.pattern().as_usize()], m.start()));
         }
-        for r in matching(&rules.raw, clean, &mut at) {
+        for r in matching(&rules.raw, clean, &mut at, applies) {
             rule(r, found);
         }
         let s = &self.policy.signals;
@@ -354,7 +355,20 @@ impl Detector {
                 s.invisible_characters.weight,
             );
         }
-        if s.adversarial_suffix.weight > 0.0 && suffix::found(clean, &s.adversarial_suffix) {
+        // The suffix statistic is computed only where it can change the
+        // verdict: when, with what is found so far, its weight can reach
+        // the flag threshold.
+        let flag = if source == Source::Tool {
+            self.policy.tool_thresholds.flag
+        } else {
+            self.policy.thresholds.flag
+        };
+        let could_matter =
+            1.0 - (1.0 - found.score()) * (1.0 - s.adversarial_suffix.weight) >= flag;
+        if s.adversarial_suffix.weight > 0.0
+            && could_matter
+            && suffix::found(clean, &s.adversarial_suffix)
+        {
             found.add(
                 Finding::AdversarialSuffix,
                 Category::AdversarialSuffix,
@@ -377,7 +391,7 @@ impl Detector {
         {
             inner.push(decode::rot13(clean));
         }
-        inner.extend(decode::segments(clean, budget));
+        inner.extend(decode::segments(clean, folded.encoded.as_ref(), budget));
         inner.extend(decode::joined_assignments(clean, budget));
         for text in inner {
             let before = found.len();
@@ -414,10 +428,14 @@ fn matching<'a>(
     gated: &'a [rules::Gated],
     text: &'a str,
     at: &'a mut [(usize, usize)],
+    applies: impl Fn(usize) -> bool + 'a,
 ) -> impl Iterator<Item = usize> + 'a {
     use regex_automata::{Anchored, Input};
     at.sort_unstable();
     gated.iter().enumerate().filter_map(move |(i, g)| {
+        if !applies(g.rule) {
+            return None;
+        }
         let lo = at.partition_point(|&(r, _)| r < i);
         let hi = at.partition_point(|&(r, _)| r <= i);
         let starts = &at[lo..hi];

@@ -70,8 +70,14 @@ fn hex_pair(pair: &[u8]) -> Option<u8> {
 }
 
 /// Decodes what it finds in `text` while `budget` (bytes of decoded text)
-/// lasts, and returns the segments that read as text.
-pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
+/// lasts, and returns the segments that read as text. `seen` is what the
+/// folding pass already found in plain ASCII text (then only those places
+/// are looked at).
+pub fn segments(
+    text: &str,
+    seen: Option<&super::normalise::Encoded>,
+    budget: &mut usize,
+) -> Vec<String> {
     let mut found = Vec::new();
     let bytes = text.as_bytes();
     let mut keep = |decoded: Option<Vec<u8>>, budget: &mut usize| {
@@ -86,15 +92,27 @@ pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
         }
     };
     // Base64 and hex runs.
-    let mut start = 0;
-    for i in 0..=bytes.len() {
-        if i < bytes.len() && is_base64(bytes[i]) {
-            continue;
+    let runs: Vec<(usize, usize)> = match seen {
+        Some(e) => e.runs.clone(),
+        None => {
+            let mut runs = Vec::new();
+            let mut start = 0;
+            for i in 0..=bytes.len() {
+                if i < bytes.len() && is_base64(bytes[i]) {
+                    continue;
+                }
+                if i - start >= MIN_RUN {
+                    runs.push((start, i));
+                }
+                start = i + 1;
+            }
+            runs
         }
-        let run = &bytes[start..i];
-        start = i + 1;
-        if run.len() < MIN_RUN || *budget == 0 {
-            continue;
+    };
+    for (start, end) in runs {
+        let run = &bytes[start..end];
+        if *budget == 0 {
+            break;
         }
         let decoded = if run.len() % 2 == 0 && run.iter().all(u8::is_ascii_hexdigit) {
             run.chunks(2).map(hex_pair).collect::<Option<Vec<u8>>>()
@@ -108,13 +126,18 @@ pub fn segments(text: &str, budget: &mut usize) -> Vec<String> {
     // Escapes: within one white-space-free stretch, `%xx` and `\xhh`;
     // across stretches, runs of two-digit hex words (`69 67 6e`). Most
     // text has none of these: a quick look first.
-    let escapes = bytes.iter().any(|&b| b == b'%' || b == b'\\');
-    let spaced_hex = bytes.windows(4).any(|w| {
-        w[0].is_ascii_hexdigit()
-            && w[1].is_ascii_hexdigit()
-            && w[2] == b' '
-            && w[3].is_ascii_hexdigit()
-    });
+    let (escapes, spaced_hex) = match seen {
+        Some(e) => (e.escapes, e.spaced_hex),
+        None => (
+            bytes.iter().any(|&b| b == b'%' || b == b'\\'),
+            bytes.windows(4).any(|w| {
+                w[0].is_ascii_hexdigit()
+                    && w[1].is_ascii_hexdigit()
+                    && w[2] == b' '
+                    && w[3].is_ascii_hexdigit()
+            }),
+        ),
+    };
     if !escapes && !spaced_hex {
         return found;
     }

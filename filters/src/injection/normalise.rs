@@ -37,6 +37,20 @@ pub struct Folded {
     pub tags: usize,
     /// Zero-width and bidirectional-control characters.
     pub invisible: usize,
+    /// Where encoded data may be, found while folding plain ASCII text
+    /// (`None` for other text: the decoder looks for itself).
+    pub encoded: Option<Encoded>,
+}
+
+/// What the ASCII pass saw that the decoder needs.
+#[derive(Debug, Default, Clone)]
+pub struct Encoded {
+    /// Byte ranges of base64-alphabet runs of 20 bytes or more.
+    pub runs: Vec<(usize, usize)>,
+    /// A `%` or a `\` occurs.
+    pub escapes: bool,
+    /// Six or more two-digit hex words in a row (`69 67 6e …`).
+    pub spaced_hex: bool,
 }
 
 /// Characters removed without leaving a word break: zero-width spaces and
@@ -153,6 +167,9 @@ struct Folder {
     tags: usize,
     invisible: usize,
     word: Word,
+    /// Two-digit hex words in a row.
+    hex_words: usize,
+    spaced_hex: bool,
     /// Where a run of one-letter words starts in `words` (at its space),
     /// and how many there are.
     singles: (usize, usize),
@@ -219,6 +236,12 @@ impl Folder {
         let w = self.word;
         self.word.active = false;
         let words = &mut self.words;
+        if w.chars == 2 && words[w.start..].iter().all(u8::is_ascii_hexdigit) {
+            self.hex_words += 1;
+            self.spaced_hex |= self.hex_words >= 6;
+        } else {
+            self.hex_words = 0;
+        }
         if w.letters == 0 && w.leet > 0 && w.leet == w.chars {
             // Only digits and `@`/`$`: a number stays, a lone symbol goes.
             if words[w.start..].iter().all(|&b| b == b'@' || b == b'$') {
@@ -320,26 +343,51 @@ impl Folder {
         }
     }
 
-    /// Plain ASCII: one table look-up per byte.
-    fn ascii(&mut self, text: &[u8]) {
-        for &b in text {
-            match ASCII[usize::from(b & 0x7f)] {
-                LETTER => {
-                    self.begin_word();
-                    self.word.chars += 1;
-                    self.word.letters += 1;
-                    self.word.latin += 1;
-                    self.words.push(b.to_ascii_lowercase());
+    /// Plain ASCII: a word at a time (one table look-up per byte, the word
+    /// copied in lower case at once). Also notes base64 runs and escapes
+    /// for the decoder.
+    fn ascii(&mut self, text: &[u8]) -> Encoded {
+        let mut encoded = Encoded::default();
+        let mut run_start = 0;
+        let mut i = 0;
+        while i < text.len() {
+            let b = text[i];
+            if ASCII[usize::from(b & 0x7f)] == SEP {
+                if !matches!(b, b'+' | b'/' | b'-' | b'_') {
+                    if i - run_start >= 20 {
+                        encoded.runs.push((run_start, i));
+                    }
+                    run_start = i + 1;
+                    encoded.escapes |= b == b'%' || b == b'\\';
                 }
-                LEET => {
-                    self.begin_word();
-                    self.word.chars += 1;
-                    self.word.leet += 1;
-                    self.words.push(b);
-                }
-                _ => self.end_word(),
+                self.end_word();
+                i += 1;
+                continue;
             }
+            let start = i;
+            let mut leet = 0;
+            while i < text.len() {
+                match ASCII[usize::from(text[i] & 0x7f)] {
+                    LETTER => {}
+                    LEET => leet += 1,
+                    _ => break,
+                }
+                i += 1;
+            }
+            self.begin_word();
+            let n = i - start;
+            let w = &mut self.word;
+            w.chars += n;
+            w.letters += n - leet;
+            w.latin += n - leet;
+            w.leet += leet;
+            self.words
+                .extend(text[start..i].iter().map(u8::to_ascii_lowercase));
         }
+        if text.len() - run_start >= 20 {
+            encoded.runs.push((run_start, text.len()));
+        }
+        encoded
     }
 }
 
@@ -353,10 +401,13 @@ pub fn fold(text: &str) -> Folded {
         tags: 0,
         invisible: 0,
         word: Word::default(),
+        hex_words: 0,
+        spaced_hex: false,
         singles: (0, 0),
     };
+    let mut encoded = None;
     if ascii {
-        f.ascii(text.as_bytes());
+        encoded = Some(f.ascii(text.as_bytes()));
     } else {
         let mut previous = ' ';
         let mut flag_tags = false;
@@ -422,6 +473,10 @@ pub fn fold(text: &str) -> Folded {
         hidden: f.hidden,
         tags: f.tags,
         invisible: f.invisible,
+        encoded: encoded.map(|e| Encoded {
+            spaced_hex: f.spaced_hex,
+            ..e
+        }),
     }
 }
 

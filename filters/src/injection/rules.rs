@@ -132,8 +132,23 @@ fn prefixes(re: &str) -> Option<Vec<Vec<u8>>> {
         .limit_class(4)
         .extract(&hir);
     let literals = seq.literals()?;
-    (!literals.is_empty() && literals.iter().all(|l| l.as_bytes().len() >= 2))
-        .then(|| literals.iter().map(|l| l.as_bytes().to_vec()).collect())
+    // Cut each to its first word (` ignore all previous` to ` ignore`):
+    // still a prefix of every match, and a far smaller automaton.
+    let mut cut: Vec<Vec<u8>> = literals
+        .iter()
+        .map(|l| {
+            let b = l.as_bytes();
+            let end = b
+                .iter()
+                .skip(1)
+                .position(|&c| c == b' ')
+                .map_or(b.len(), |p| p + 2);
+            b[..end].to_vec()
+        })
+        .collect();
+    cut.sort();
+    cut.dedup();
+    (!cut.is_empty() && cut.iter().all(|l| l.len() >= 2)).then_some(cut)
 }
 
 impl Rules {
@@ -179,8 +194,9 @@ impl Rules {
                             Some(
                                 r.keywords
                                     .iter()
-                                    .map(|k| fold(k).words.trim().as_bytes().to_vec())
-                                    .filter(|k| !k.is_empty())
+                                    // At a word start.
+                                    .map(|k| format!(" {}", fold(k).words.trim()).into_bytes())
+                                    .filter(|k| k.len() > 1)
                                     .collect(),
                             )
                         };
@@ -213,8 +229,9 @@ impl Rules {
                             if k.first().is_some_and(u8::is_ascii_alphanumeric) {
                                 // Its words-view form: `console.log` is
                                 // `console log` there.
+                                // At a word start: ` ai` for `ai:`.
                                 let folded = fold(&String::from_utf8_lossy(k)).words;
-                                patterns.push(folded.trim().as_bytes().to_vec());
+                                patterns.push(format!(" {}", folded.trim()).into_bytes());
                                 targets.push(Target::Raw(n));
                                 by_letter = true;
                             } else {
