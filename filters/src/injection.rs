@@ -118,6 +118,9 @@ pub struct Signals {
     pub invisible_characters: InvisibleSignal,
     /// Added when a rule matched inside decoded or hidden text.
     pub encoded_payload: Signal,
+    /// Encoded text left when the decoding depth or budget ran out.
+    #[serde(default = "decode_limit")]
+    pub decode_limit: Signal,
     pub adversarial_suffix: SuffixSettings,
 }
 
@@ -142,7 +145,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             decode_bytes: 64 * 1024,
-            decode_depth: 2,
+            decode_depth: 4,
         }
     }
 }
@@ -199,6 +202,10 @@ pub struct InjectionPolicy {
     pub rules: Vec<RuleSpec>,
 }
 
+fn decode_limit() -> Signal {
+    Signal { weight: 0.5 }
+}
+
 fn default_roles() -> Vec<ScanRole> {
     vec![ScanRole::User, ScanRole::Tool]
 }
@@ -226,8 +233,6 @@ pub struct Scan {
 pub struct Detector {
     policy: InjectionPolicy,
     rules: Rules,
-    /// Phrases (folded) that say the text is rot13.
-    rot13_gates: Vec<String>,
 }
 
 impl Detector {
@@ -249,6 +254,7 @@ impl Detector {
             ("tag_characters", s.tag_characters.weight),
             ("invisible_characters", s.invisible_characters.weight),
             ("encoded_payload", s.encoded_payload.weight),
+            ("decode_limit", s.decode_limit.weight),
             ("adversarial_suffix", s.adversarial_suffix.weight),
         ] {
             if !(0.0..=1.0).contains(&w) {
@@ -258,14 +264,7 @@ impl Detector {
         let specs = std::mem::take(&mut policy.rules);
         let rules = Rules::build(specs, &mut errors);
         match rules {
-            Some(rules) if errors.is_empty() => Ok(Self {
-                policy,
-                rules,
-                rot13_gates: ["rot13", "rot 13", "caesar", "rot-13"]
-                    .iter()
-                    .filter_map(|p| normalise::phrase_pattern(p))
-                    .collect(),
-            }),
+            Some(rules) if errors.is_empty() => Ok(Self { policy, rules }),
             _ => Err(errors),
         }
     }
@@ -281,7 +280,9 @@ impl Detector {
     /// Scan one text.
     pub fn scan(&self, text: &str, source: Source) -> Scan {
         let mut findings = Findings::default();
-        let mut budget = self.policy.limits.decode_bytes;
+        // Every encoded byte can be read: decoding shrinks what it reads,
+        // so a budget the size of the text keeps the work linear.
+        let mut budget = self.policy.limits.decode_bytes.max(text.len());
         self.scan_into(text, source, 0, &mut budget, &mut findings);
         let mut names: Vec<String> = findings
             .iter()
@@ -290,6 +291,7 @@ impl Detector {
                 Finding::TagCharacters => "signal.tag_characters".into(),
                 Finding::InvisibleCharacters => "signal.invisible_characters".into(),
                 Finding::EncodedPayload => "signal.encoded_payload".into(),
+                Finding::DecodeLimit => "signal.decode_limit".into(),
                 Finding::AdversarialSuffix => "signal.adversarial_suffix".into(),
             })
             .collect();
@@ -321,11 +323,14 @@ impl Detector {
         // can match; each is tried there.
         let mut at: Vec<(usize, usize)> = Vec::new();
         let mut raw_at: Vec<(usize, usize)> = Vec::new();
+        let (mut reversed, mut rot13) = (0, false);
         for m in rules.words_automaton.find_overlapping_iter(&folded.words) {
             match rules.targets[m.pattern().as_usize()] {
                 Target::Phrase(i) => rule(i, found),
                 Target::Words(r) => at.push((r, m.start())),
                 Target::Raw(r) => raw_at.push((r, 0)),
+                Target::Reversed => reversed += 1,
+                Target::Rot13 => rot13 = true,
             }
         }
         let applies = |i: usize| rules.specs[i].scope == Scope::Any || source == Source::Tool;
@@ -375,7 +380,18 @@ impl Detector {
                 s.adversarial_suffix.weight,
             );
         }
-        if depth >= self.policy.limits.decode_depth {
+        if depth >= self.policy.limits.decode_depth || *budget == 0 {
+            // Out of depth or budget: if there is still something to
+            // decode, that itself is a finding (layer upon layer of
+            // encoding, or a decoy blob to exhaust the budget).
+            let mut probe = 256;
+            if !decode::segments(clean, folded.encoded.as_ref(), &mut probe).is_empty() {
+                found.add(
+                    Finding::DecodeLimit,
+                    Category::Smuggling,
+                    s.decode_limit.weight,
+                );
+            }
             return;
         }
         // Hidden and encoded text is scanned like the message; a rule
@@ -384,15 +400,15 @@ impl Detector {
         if !folded.hidden.is_empty() {
             inner.push(folded.hidden);
         }
-        if self
-            .rot13_gates
-            .iter()
-            .any(|g| folded.words.contains(g.as_str()))
-        {
+        if rot13 {
             inner.push(decode::rot13(clean));
+        }
+        if reversed >= 2 {
+            inner.push(clean.chars().rev().collect());
         }
         inner.extend(decode::segments(clean, folded.encoded.as_ref(), budget));
         inner.extend(decode::joined_assignments(clean, budget));
+        inner.extend(decode::concatenated(clean, budget));
         for text in inner {
             let before = found.len();
             self.scan_into(&text, source, depth + 1, budget, found);
@@ -439,73 +455,189 @@ fn matching<'a>(
         let lo = at.partition_point(|&(r, _)| r < i);
         let hi = at.partition_point(|&(r, _)| r <= i);
         let starts = &at[lo..hi];
+        // A match, unless its `unless` also matches it.
+        let counts = |input: Input<'_>| match &g.unless {
+            None => g.regex.is_match(input),
+            Some(unless) => g
+                .regex
+                .find(input)
+                .is_some_and(|m| !unless.is_match(&text[m.range()])),
+        };
         let found = if g.always || (!g.anchored && !starts.is_empty()) {
-            g.regex.is_match(text)
+            counts(Input::new(text))
         } else {
             let mut previous = usize::MAX;
             starts.iter().any(|&(_, s)| {
                 let fresh = s != previous;
                 previous = s;
-                fresh
-                    && g.regex
-                        .is_match(Input::new(text).range(s..).anchored(Anchored::Yes))
+                fresh && counts(Input::new(text).range(s..).anchored(Anchored::Yes))
             })
         };
         found.then_some(g.rule)
     })
 }
 
-/// The texts of a request the screen reads, with where they came from.
-pub fn texts<'a>(view: &RequestView<'a>, roles: &[ScanRole]) -> Vec<(usize, Source, &'a str)> {
-    let mut out = Vec::new();
-    let body = view.body;
-    match view.route {
-        Route::ChatCompletions => {
-            let Some(messages) = body.get("messages").and_then(Value::as_array) else {
-                return out;
-            };
-            for (i, m) in messages.iter().enumerate() {
-                let source = match m.get("role").and_then(Value::as_str) {
-                    Some("user") if roles.contains(&ScanRole::User) => Source::Direct,
-                    Some("system" | "developer") if roles.contains(&ScanRole::System) => {
-                        Source::Direct
-                    }
-                    Some("tool" | "function") if roles.contains(&ScanRole::Tool) => Source::Tool,
-                    _ => continue,
-                };
-                match m.get("content") {
-                    Some(Value::String(s)) => out.push((i, source, s.as_str())),
-                    Some(Value::Array(parts)) => {
-                        for p in parts {
-                            let text = match p {
-                                Value::String(s) => Some(s.as_str()),
-                                Value::Object(o) => o.get("text").and_then(Value::as_str),
-                                _ => None,
-                            };
-                            if let Some(t) = text {
-                                out.push((i, source, t));
-                            }
+/// Where a screened text is in the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    /// `message`, `prompt`, `suffix` or `tool_description`.
+    pub field: &'static str,
+    pub index: usize,
+    pub source: Source,
+}
+
+/// One text of a request the screen reads.
+#[derive(Debug)]
+pub struct Text<'a> {
+    pub place: Place,
+    pub text: Cow<'a, str>,
+}
+
+/// What the screen cannot read: a prompt given as token ids.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unreadable(pub &'static str);
+
+fn message_source(role: &str, roles: &[ScanRole]) -> Option<Source> {
+    let on = |r| roles.contains(&r);
+    match role.to_ascii_lowercase().as_str() {
+        "assistant" => None,
+        "system" | "developer" => on(ScanRole::System).then_some(Source::Direct),
+        "tool" | "function" => on(ScanRole::Tool).then_some(Source::Tool),
+        // `user`, and any role a provider might read as the caller's.
+        _ => on(ScanRole::User).then_some(Source::Direct),
+    }
+}
+
+/// A message's text: its content (a string, or its text parts joined,
+/// so an attack split across parts is read whole) and its `name`.
+fn message_text(m: &Value) -> Option<Cow<'_, str>> {
+    let mut pieces: Vec<&str> = Vec::new();
+    match m.get("content") {
+        Some(Value::String(s)) => pieces.push(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                match p {
+                    Value::String(s) => pieces.push(s),
+                    Value::Object(o) => {
+                        if let Some(t) = o.get("text").and_then(Value::as_str) {
+                            pieces.push(t);
                         }
                     }
                     _ => {}
                 }
             }
         }
-        Route::Completions if roles.contains(&ScanRole::User) => match body.get("prompt") {
-            Some(Value::String(s)) => out.push((0, Source::Direct, s.as_str())),
-            Some(Value::Array(items)) => {
-                for (i, s) in items.iter().enumerate() {
-                    if let Some(s) = s.as_str() {
-                        out.push((i, Source::Direct, s));
-                    }
+        _ => {}
+    }
+    if let Some(name) = m.get("name").and_then(Value::as_str) {
+        pieces.push(name);
+    }
+    match pieces.as_slice() {
+        [] => None,
+        [one] => Some(Cow::Borrowed(one)),
+        many => Some(Cow::Owned(many.join("\n"))),
+    }
+}
+
+/// Every `description` string in a tool declaration (the tool's and its
+/// parameters'), joined: tool poisoning hides orders there.
+fn descriptions(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, v) in o {
+                match (k.as_str(), v) {
+                    ("description", Value::String(s)) => out.push(s.clone()),
+                    _ => descriptions(v, out),
                 }
             }
-            _ => {}
-        },
+        }
+        Value::Array(items) => items.iter().for_each(|i| descriptions(i, out)),
+        _ => {}
+    }
+}
+
+/// The texts of a request the screen reads, or what it cannot read.
+pub fn texts<'a>(view: &RequestView<'a>, roles: &[ScanRole]) -> Result<Vec<Text<'a>>, Unreadable> {
+    let mut out = Vec::new();
+    let body = view.body;
+    let place = |field, index, source| Place {
+        field,
+        index,
+        source,
+    };
+    match view.route {
+        Route::ChatCompletions => {
+            for (i, m) in body
+                .get("messages")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+                let (Some(source), Some(text)) = (message_source(role, roles), message_text(m))
+                else {
+                    continue;
+                };
+                out.push(Text {
+                    place: place("message", i, source),
+                    text,
+                });
+            }
+        }
+        Route::Completions if roles.contains(&ScanRole::User) => {
+            let prompts: Vec<&Value> = match body.get("prompt") {
+                Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+                    items.iter().collect()
+                }
+                Some(Value::Array(items)) if items.is_empty() => Vec::new(),
+                Some(Value::Array(_)) => {
+                    return Err(Unreadable(
+                        "a prompt given as token ids cannot be screened for prompt injection; send text",
+                    ))
+                }
+                Some(p) => vec![p],
+                None => Vec::new(),
+            };
+            for (i, p) in prompts.into_iter().enumerate() {
+                if let Some(s) = p.as_str() {
+                    out.push(Text {
+                        place: place("prompt", i, Source::Direct),
+                        text: Cow::Borrowed(s),
+                    });
+                }
+            }
+            if let Some(s) = body.get("suffix").and_then(Value::as_str) {
+                out.push(Text {
+                    place: place("suffix", 0, Source::Direct),
+                    text: Cow::Borrowed(s),
+                });
+            }
+        }
         // Embeddings generate nothing that follows instructions.
         _ => {}
     }
-    out
+    if roles.contains(&ScanRole::Tool) {
+        for field in ["tools", "functions"] {
+            for (i, t) in body
+                .get(field)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let mut found = Vec::new();
+                descriptions(t, &mut found);
+                if !found.is_empty() {
+                    out.push(Text {
+                        place: place("tool_description", i, Source::Tool),
+                        text: Cow::Owned(found.join("\n")),
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The request filter.
@@ -534,22 +666,35 @@ impl Detector {
     /// The screen's verdict on a request.
     pub fn decide(&self, view: &RequestView<'_>) -> Verdict {
         let (mode, direct, tool) = self.settings_for(view.principal);
-        // The worst message: the one furthest past its block threshold.
-        let mut worst: Option<(f32, usize, Source, Scan, Thresholds)> = None;
-        for (index, source, text) in texts(view, &self.policy.roles) {
-            let scan = self.scan(text, source);
+        let texts = match texts(view, &self.policy.roles) {
+            Ok(t) => t,
+            Err(Unreadable(why)) if mode != Some(Mode::Monitor) => {
+                return Decision::Deny(Rejection::about_input(ErrorCode::InvalidRequest, why))
+                    .into();
+            }
+            Err(_) => Vec::new(),
+        };
+        // The worst text: the one furthest past its block threshold.
+        let mut worst: Option<(f32, Place, Scan, Thresholds)> = None;
+        for t in texts {
+            let scan = self.scan(&t.text, t.place.source);
             if scan.findings.is_empty() {
                 continue;
             }
-            let limits = if source == Source::Tool { tool } else { direct };
+            let limits = if t.place.source == Source::Tool {
+                tool
+            } else {
+                direct
+            };
             let margin = scan.score - limits.block;
             if worst.as_ref().is_none_or(|w| margin > w.0) {
-                worst = Some((margin, index, source, scan, limits));
+                worst = Some((margin, t.place, scan, limits));
             }
         }
-        let Some((_, index, source, scan, limits)) = worst else {
+        let Some((_, place, scan, limits)) = worst else {
             return Decision::Allow.into();
         };
+        let (index, source) = (place.index, place.source);
         let verdict = if scan.score >= limits.block {
             "block"
         } else if scan.score >= limits.flag {
@@ -579,7 +724,8 @@ impl Detector {
             Annotation {
                 key: "injection_source",
                 value: json!({
-                    "message": index,
+                    "field": place.field,
+                    place.field: index,
                     "role": if source == Source::Tool { "tool" } else { "user" },
                 }),
             },
@@ -603,7 +749,8 @@ impl Detector {
             None => ErrorCode::PromptInjection.public_message().to_string(),
         };
         let reason = format!(
-            "prompt injection in message {index} ({}): score {rounded} ≥ {}; {}",
+            "prompt injection in {} {index} ({}): score {rounded} ≥ {}; {}",
+            place.field,
             if source == Source::Tool {
                 "tool result"
             } else {

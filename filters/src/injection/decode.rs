@@ -1,9 +1,9 @@
 //! Payload smuggling: encoded segments are decoded, within a byte budget,
 //! and the detector scans what they say. Found here: base64 (standard and
 //! URL-safe), hex (runs, `\x69\x67` escapes, spaced byte pairs),
-//! percent-encoding, and instructions split into strings assigned to
-//! variables (`a = "ign"`, `b = "ore all…"`), joined in the variables'
-//! order. rot13 has no shape to find; the detector reads the
+//! percent-encoding, `\u` escapes and HTML numeric entities, and
+//! instructions split into strings assigned to variables (`a = "ign"`,
+//! `b = "ore all…"`, joined in the variables' order) or joined with `+`. rot13 has no shape to find; the detector reads the
 //! whole text through it when the text speaks of rot13 or a Caesar cipher.
 //!
 //! A decoded segment counts only when it reads as text: valid UTF-8,
@@ -42,18 +42,28 @@ fn is_base64(b: u8) -> bool {
     BASE64[usize::from(b)]
 }
 
-/// Whether decoded bytes read as text.
-fn readable(bytes: Vec<u8>) -> Option<String> {
-    let text = String::from_utf8(bytes).ok()?;
-    let (mut letters, mut total) = (0usize, 0usize);
-    for c in text.chars() {
-        total += 1;
-        if c.is_control() && !matches!(c, '\n' | '\r' | '\t') {
-            return None;
-        }
-        letters += usize::from(c.is_alphabetic() || c == ' ');
-    }
-    (total >= 4 && letters * 10 >= total * 7).then_some(text)
+/// Decoded bytes as text: valid UTF-8 (a character cut at the end by the
+/// budget is dropped), control characters read as spaces, and at least
+/// three letters. Random keys and binary data are not valid UTF-8.
+fn readable(bytes: &[u8]) -> Option<String> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&bytes[..e.valid_up_to()]).ok()?,
+        Err(_) => return None,
+    };
+    let mut letters = 0;
+    let text: String = text
+        .chars()
+        .map(|c| {
+            letters += usize::from(c.is_alphabetic());
+            if c.is_control() && !matches!(c, '\n' | '\t') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    (letters >= 3).then_some(text)
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -80,14 +90,14 @@ pub fn segments(
 ) -> Vec<String> {
     let mut found = Vec::new();
     let bytes = text.as_bytes();
+    // A segment larger than what is left of the budget is read up to the
+    // budget: a decoy blob cannot make the decoder skip what follows it
+    // unread without the budget running out (which the detector reports).
     let mut keep = |decoded: Option<Vec<u8>>, budget: &mut usize| {
         let Some(decoded) = decoded else { return };
-        if decoded.len() > *budget {
-            *budget = 0;
-            return;
-        }
-        *budget -= decoded.len();
-        if let Some(t) = readable(decoded) {
+        let take = decoded.len().min(*budget);
+        *budget -= take;
+        if let Some(t) = readable(&decoded[..take]) {
             found.push(t);
         }
     };
@@ -129,7 +139,7 @@ pub fn segments(
     let (escapes, spaced_hex) = match seen {
         Some(e) => (e.escapes, e.spaced_hex),
         None => (
-            bytes.iter().any(|&b| b == b'%' || b == b'\\'),
+            bytes.iter().any(|&b| matches!(b, b'%' | b'\\' | b'&')),
             bytes.windows(4).any(|w| {
                 w[0].is_ascii_hexdigit()
                     && w[1].is_ascii_hexdigit()
@@ -141,35 +151,71 @@ pub fn segments(
     if !escapes && !spaced_hex {
         return found;
     }
+    // The whole text with its escaped words unescaped, so an escaped
+    // word is read with its neighbours (`&#105;&#103;… all previous`).
+    let mut unescaped: Vec<u8> = Vec::new();
+    let mut changed = false;
     let mut pairs: Vec<u8> = Vec::new();
     for word in text.split_ascii_whitespace() {
-        if *budget == 0 {
-            break;
-        }
         let w = word.as_bytes();
         if w.len() == 2 {
             if let Some(b) = hex_pair(w) {
                 pairs.push(b);
-                continue;
             }
+        } else {
+            if pairs.len() >= MIN_ESCAPES {
+                keep(Some(std::mem::take(&mut pairs)), budget);
+            }
+            pairs.clear();
         }
-        if pairs.len() >= MIN_ESCAPES {
-            keep(Some(std::mem::take(&mut pairs)), budget);
+        // One `%xx` is enough (`ignore%20all%20…`); `\x`, `\u` and
+        // `&#` escapes from two on.
+        let percent = w
+            .windows(3)
+            .filter(|p| p[0] == b'%' && hex_pair(&p[1..]).is_some())
+            .count();
+        let others = w
+            .windows(2)
+            .filter(|p| p == b"\\x" || p == b"\\u" || p == b"&#")
+            .count();
+        if percent >= 1 || others >= 2 {
+            unescaped.extend_from_slice(&unescape(w));
+            changed = true;
+        } else {
+            unescaped.extend_from_slice(w);
         }
-        pairs.clear();
-        let percent = w.iter().filter(|&&b| b == b'%').count();
-        let backslash_x = w.windows(2).filter(|p| p == b"\\x").count();
-        if percent >= MIN_ESCAPES || backslash_x >= MIN_ESCAPES {
-            keep(Some(unescape(w)), budget);
-        }
+        unescaped.push(b' ');
     }
-    if pairs.len() >= MIN_ESCAPES && *budget > 0 {
+    if pairs.len() >= MIN_ESCAPES {
         keep(Some(pairs), budget);
+    }
+    if changed {
+        keep(Some(unescaped), budget);
     }
     found
 }
 
-/// `%xx` and `\xhh` replaced by their bytes, `+` by a space.
+/// A character from `&#105;`, `&#x69;` or `\u0069` at the start of `w`,
+/// and how many bytes it took.
+fn numeric_escape(w: &[u8]) -> Option<(char, usize)> {
+    let (digits, radix, skip) = if w.starts_with(b"&#x") || w.starts_with(b"&#X") {
+        (&w[3..], 16, 3)
+    } else if w.starts_with(b"&#") {
+        (&w[2..], 10, 2)
+    } else if w.starts_with(b"\\u") {
+        let hex = w.get(2..6)?;
+        let text = std::str::from_utf8(hex).ok()?;
+        return char::from_u32(u32::from_str_radix(text, 16).ok()?).map(|c| (c, 6));
+    } else {
+        return None;
+    };
+    let n = digits.iter().take(8).position(|&b| b == b';')?;
+    let text = std::str::from_utf8(&digits[..n]).ok()?;
+    char::from_u32(u32::from_str_radix(text, radix).ok()?).map(|c| (c, skip + n + 1))
+}
+
+/// `%xx`, `\xhh`, `\uhhhh` and HTML numeric entities replaced by what
+/// they stand for, `+` by a space.
 fn unescape(w: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(w.len());
     let mut i = 0;
@@ -181,16 +227,19 @@ fn unescape(w: &[u8]) -> Vec<u8> {
             }
             _ => None,
         };
-        match escaped {
-            Some((b, n)) => {
-                out.push(b);
-                i += n;
-            }
-            None => {
-                out.push(if w[i] == b'+' { b' ' } else { w[i] });
-                i += 1;
-            }
+        if let Some((b, n)) = escaped {
+            out.push(b);
+            i += n;
+            continue;
         }
+        if let Some((c, n)) = numeric_escape(&w[i..]) {
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            i += n;
+            continue;
+        }
+        out.push(if w[i] == b'+' { b' ' } else { w[i] });
+        i += 1;
     }
     out
 }
@@ -204,6 +253,37 @@ pub fn rot13(text: &str) -> String {
             _ => c,
         })
         .collect()
+}
+
+/// String literals joined with `+` (`"Ign" + "ore all"`), as one text.
+pub fn concatenated(text: &str, budget: &mut usize) -> Vec<String> {
+    static CHAIN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    static LITERAL: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    if !text.contains('+') {
+        return Vec::new();
+    }
+    let chain = CHAIN.get_or_init(|| {
+        regex::Regex::new(
+            r#"(?:"[^"\n]{0,300}"|'[^'\n]{0,300}')(?:\s*\+\s*(?:"[^"\n]{0,300}"|'[^'\n]{0,300}'))+"#,
+        )
+        .expect("a fixed pattern")
+    });
+    let literal = LITERAL
+        .get_or_init(|| regex::Regex::new(r#""([^"\n]*)"|'([^'\n]*)'"#).expect("a fixed pattern"));
+    let mut out = Vec::new();
+    for m in chain.find_iter(text).take(64) {
+        let joined: String = literal
+            .captures_iter(m.as_str())
+            .filter_map(|c| c.get(1).or(c.get(2)))
+            .map(|g| g.as_str())
+            .collect();
+        let take = joined.len().min(*budget);
+        *budget -= take;
+        if take == joined.len() {
+            out.push(joined);
+        }
+    }
+    out
 }
 
 /// Strings assigned to variables, joined in the order of the variables'

@@ -6,9 +6,13 @@
 //!   zero-width space inside a word joins it again), look-alike letters
 //!   folded to Latin inside words that mix scripts (`іgnore` with a
 //!   Cyrillic `і`), leetspeak digits and `@`/`$` read as letters inside
-//!   words that have letters (`1gn0re`, `p@$$word`), every run of
-//!   punctuation and white space turned into one space, and runs of three
-//!   or more one-letter words joined (`i.g.n.o.r.e`, `i g n o r e`). The
+//!   words where a letter follows one (`1gn0re`, `p@$$word`; `base64`,
+//!   `rot13` and `gpt4` stay), every run of
+//!   punctuation and white space turned into one space (but a hyphen or
+//!   middle dot between letters joins them: `ig-nore`), capitals and
+//!   styled letters that look Latin read as Latin (`ΙΝSΤRUCΤΙΟΝS`,
+//!   small capitals, squared and circled letters), and runs of three or
+//!   more one-letter words joined (`i.g.n.o.r.e`, `i g n 0 r e`). The
 //!   view starts and ends with a space, so ` word ` matches a whole word.
 //! - **clean**: the same characters in their own case, with punctuation
 //!   and line breaks kept, for rules about structure (chat-template delimiters, markdown images,
@@ -81,7 +85,75 @@ const CANCEL_TAG: char = '\u{E007F}';
 /// Arabic vowel and hamza marks, which writers often leave out; marks of
 /// other scripts are parts of their letters and stay.
 fn is_accent(c: char) -> bool {
-    matches!(c, '\u{0300}'..='\u{036F}' | '\u{064B}'..='\u{065F}' | '\u{0670}')
+    matches!(c,
+        '\u{0300}'..='\u{036F}' | '\u{0483}'..='\u{0489}' | '\u{064B}'..='\u{065F}' | '\u{0670}'
+        | '\u{1AB0}'..='\u{1AFF}' | '\u{1DC0}'..='\u{1DFF}' | '\u{20D0}'..='\u{20FF}'
+        | '\u{FE20}'..='\u{FE2F}')
+}
+
+/// Latin letters in disguise that compatibility decomposition leaves
+/// alone: small capitals, letters in squares and circles, regional
+/// indicators.
+fn styled(c: char) -> Option<char> {
+    let offset = |base: u32| char::from_u32(u32::from(b'a') + (c as u32 - base));
+    match c {
+        '\u{1F130}'..='\u{1F149}' => offset(0x1F130),
+        '\u{1F150}'..='\u{1F169}' => offset(0x1F150),
+        '\u{1F170}'..='\u{1F189}' => offset(0x1F170),
+        '\u{1F1E6}'..='\u{1F1FF}' => offset(0x1F1E6),
+        'ᴀ' => Some('a'),
+        'ʙ' => Some('b'),
+        'ᴄ' => Some('c'),
+        'ᴅ' => Some('d'),
+        'ᴇ' => Some('e'),
+        'ꜰ' => Some('f'),
+        'ɢ' => Some('g'),
+        'ʜ' => Some('h'),
+        'ɪ' => Some('i'),
+        'ᴊ' => Some('j'),
+        'ᴋ' => Some('k'),
+        'ʟ' => Some('l'),
+        'ᴍ' => Some('m'),
+        'ɴ' => Some('n'),
+        'ᴏ' => Some('o'),
+        'ᴘ' => Some('p'),
+        'ǫ' => Some('q'),
+        'ʀ' => Some('r'),
+        'ꜱ' => Some('s'),
+        'ᴛ' => Some('t'),
+        'ᴜ' => Some('u'),
+        'ᴠ' => Some('v'),
+        'ᴡ' => Some('w'),
+        'ʏ' => Some('y'),
+        'ᴢ' => Some('z'),
+        _ => None,
+    }
+}
+
+/// A Greek or Cyrillic capital that looks like a Latin one: read as that
+/// Latin letter in lower case (lower-casing would lose the likeness: `Т`
+/// is `т`, `Ν` is `ν`).
+fn confusable_capital(c: char) -> Option<u8> {
+    Some(match c {
+        'А' | 'Α' => b'a',
+        'В' | 'Β' => b'b',
+        'С' | 'Ϲ' => b'c',
+        'Е' | 'Ε' => b'e',
+        'Н' | 'Η' => b'h',
+        'І' | 'Ι' | 'Ӏ' => b'i',
+        'Ј' => b'j',
+        'К' | 'Κ' => b'k',
+        'М' | 'Μ' => b'm',
+        'Ν' => b'n',
+        'О' | 'Ο' => b'o',
+        'Р' | 'Ρ' => b'p',
+        'Ѕ' => b's',
+        'Т' | 'Τ' => b't',
+        'Х' | 'Χ' => b'x',
+        'У' | 'Υ' => b'y',
+        'Ζ' => b'z',
+        _ => return None,
+    })
 }
 
 /// A rule's regex with its non-ASCII letters decomposed, without accents
@@ -157,6 +229,8 @@ struct Word {
     confusables: usize,
     /// Digits, `@` or `$`.
     leet: usize,
+    /// A letter came after one of those: `1gn0re`, not `base64`.
+    leet_then_letter: bool,
 }
 
 struct Folder {
@@ -173,6 +247,12 @@ struct Folder {
     /// Where a run of one-letter words starts in `words` (at its space),
     /// and how many there are.
     singles: (usize, usize),
+    /// The current word with look-alikes read as Latin letters (text
+    /// that is not plain ASCII only).
+    shadow: String,
+    /// A `-` or `·` inside a word: it joins the word if a letter follows
+    /// (`ig-nore`).
+    joiner: bool,
 }
 
 /// How the ASCII fast path sees a byte.
@@ -207,26 +287,34 @@ impl Folder {
                 start: self.words.len(),
                 ..Word::default()
             };
+            self.shadow.clear();
         }
+        self.joiner = false;
     }
 
-    fn letter_or_digit(&mut self, c: char) {
+    /// A letter or digit (`latin`: the Latin letter it looks like).
+    fn letter_or_digit(&mut self, c: char, latin: Option<u8>) {
         self.begin_word();
         let w = &mut self.word;
         w.chars += 1;
         if c.is_ascii_digit() || c == '@' || c == '$' {
             w.leet += 1;
         } else if c.is_alphabetic() {
+            w.leet_then_letter |= w.leet > 0;
             w.letters += 1;
             if c.is_ascii() {
                 w.latin += 1;
-            } else if confusable(c).is_some() {
+            } else if latin.is_some() {
                 w.confusables += 1;
             }
         }
         let mut buf = [0u8; 4];
         self.words
             .extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+        match latin {
+            Some(b) => self.shadow.push(char::from(b)),
+            None => self.shadow.push(c),
+        }
     }
 
     fn end_word(&mut self) {
@@ -248,24 +336,16 @@ impl Folder {
                 words.truncate(w.start - 1);
                 return;
             }
-        } else if w.letters > 0 && w.confusables > 0 {
-            let fold_confusables = w.latin > 0 || w.confusables == w.letters;
-            let text = String::from_utf8_lossy(&words[w.start..]).into_owned();
+        } else if w.letters > 0 && w.confusables > 0 && (w.latin > 0 || w.confusables == w.letters)
+        {
+            // Look-alikes in a word that mixes scripts, or that is made of
+            // nothing else: the Latin reading.
             words.truncate(w.start);
-            for c in text.chars() {
-                match (
-                    c.is_ascii(),
-                    fold_confusables.then(|| confusable(c)).flatten(),
-                ) {
-                    (true, _) => words.push(leet(c as u8)),
-                    (false, Some(b)) => words.push(b),
-                    (false, None) => {
-                        let mut buf = [0u8; 4];
-                        words.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                    }
-                }
+            words.extend_from_slice(self.shadow.as_bytes());
+            if w.leet_then_letter {
+                words[w.start..].iter_mut().for_each(|b| *b = leet(*b));
             }
-        } else if w.letters > 0 && w.leet > 0 {
+        } else if w.letters > 0 && w.leet_then_letter {
             words[w.start..].iter_mut().for_each(|b| *b = leet(*b));
         }
         let one_letter = w.chars == 1 && (w.letters == 1 || w.leet == 1);
@@ -294,6 +374,11 @@ impl Folder {
             }
         }
         self.words.drain(to..end);
+        // `i g n 0 r e`: digits among the letters are leetspeak.
+        let joined = &mut self.words[start + 1..to];
+        if joined.iter().any(u8::is_ascii_alphabetic) {
+            joined.iter_mut().for_each(|b| *b = leet(*b));
+        }
     }
 
     /// One character after decomposition and lower-casing.
@@ -301,16 +386,27 @@ impl Folder {
         if c.is_ascii() {
             let b = c as u8;
             if b.is_ascii_alphanumeric() || b == b'@' || b == b'$' {
-                self.letter_or_digit(c);
+                self.letter_or_digit(c, None);
             } else {
-                self.end_word();
+                self.separator(c);
             }
         } else if c.is_alphanumeric() || is_combining_mark(c) {
             // Marks are parts of letters: Indic vowel signs, kana voicing.
-            self.letter_or_digit(c);
+            self.letter_or_digit(c, confusable(c));
         } else {
-            self.end_word();
+            self.separator(c);
         }
+    }
+
+    /// Punctuation or white space: the end of a word, unless it is a
+    /// hyphen or middle dot inside one (decided by what follows).
+    fn separator(&mut self, c: char) {
+        if self.word.active && !self.joiner && matches!(c, '-' | '·' | '‐' | '‑') {
+            self.joiner = true;
+            return;
+        }
+        self.joiner = false;
+        self.end_word();
     }
 
     /// A character of a text that is not plain ASCII, after compatibility
@@ -325,10 +421,10 @@ impl Folder {
                 None
             } else {
                 let mut lower = c.to_lowercase();
-                match (lower.next(), lower.next()) {
+                confusable_capital(c).or(match (lower.next(), lower.next()) {
                     (Some(l), None) => confusable(l),
                     _ => None,
-                }
+                })
             };
             clean.push(folded.map_or(c, char::from));
         }
@@ -336,11 +432,42 @@ impl Folder {
             self.push(c.to_ascii_lowercase());
             return;
         }
+        if let Some(b) = confusable_capital(c) {
+            let lower = c.to_lowercase().next().unwrap_or(c);
+            self.letter_or_digit(lower, Some(b));
+            return;
+        }
         for l in c.to_lowercase() {
             if !is_accent(l) {
                 self.push(l);
             }
         }
+    }
+
+    /// A finished run of tag characters: a subdivision flag (the black
+    /// flag, two to six tags of `a-z0-9`, a cancel tag: England, Scotland,
+    /// Wales) is an emoji; anything else is smuggling, counted, and what
+    /// it spells is kept to be scanned.
+    fn tag_run(&mut self, tags: &mut Vec<char>, after_flag: bool) {
+        if tags.is_empty() {
+            return;
+        }
+        let flag = after_flag
+            && (3..=7).contains(&tags.len())
+            && tags.last() == Some(&CANCEL_TAG)
+            && tags[..tags.len() - 1].iter().all(|&t| {
+                let a = char::from_u32(t as u32 - 0xE0000).unwrap_or(' ');
+                a.is_ascii_lowercase() || a.is_ascii_digit()
+            });
+        if !flag {
+            self.tags += tags.len();
+            for &t in tags.iter() {
+                if ('\u{E0020}'..='\u{E007E}').contains(&t) {
+                    self.hidden.push(char::from((t as u32 - 0xE0000) as u8));
+                }
+            }
+        }
+        tags.clear();
     }
 
     /// Plain ASCII: a word at a time (one table look-up per byte, the word
@@ -353,12 +480,22 @@ impl Folder {
         while i < text.len() {
             let b = text[i];
             if ASCII[usize::from(b & 0x7f)] == SEP {
+                // `ig-nore`: a hyphen between two letters joins them.
+                if b == b'-'
+                    && self.word.active
+                    && text
+                        .get(i + 1)
+                        .is_some_and(|&n| ASCII[usize::from(n & 0x7f)] != SEP)
+                {
+                    i += 1;
+                    continue;
+                }
                 if !matches!(b, b'+' | b'/' | b'-' | b'_') {
                     if i - run_start >= 20 {
                         encoded.runs.push((run_start, i));
                     }
                     run_start = i + 1;
-                    encoded.escapes |= b == b'%' || b == b'\\';
+                    encoded.escapes |= matches!(b, b'%' | b'\\' | b'&');
                 }
                 self.end_word();
                 i += 1;
@@ -366,9 +503,10 @@ impl Folder {
             }
             let start = i;
             let mut leet = 0;
+            let mut leet_then_letter = false;
             while i < text.len() {
                 match ASCII[usize::from(text[i] & 0x7f)] {
-                    LETTER => {}
+                    LETTER => leet_then_letter |= leet > 0,
                     LEET => leet += 1,
                     _ => break,
                 }
@@ -381,6 +519,7 @@ impl Folder {
             w.letters += n - leet;
             w.latin += n - leet;
             w.leet += leet;
+            w.leet_then_letter |= leet_then_letter;
             self.words
                 .extend(text[start..i].iter().map(u8::to_ascii_lowercase));
         }
@@ -404,31 +543,27 @@ pub fn fold(text: &str) -> Folded {
         hex_words: 0,
         spaced_hex: false,
         singles: (0, 0),
+        shadow: String::new(),
+        joiner: false,
     };
     let mut encoded = None;
     if ascii {
         encoded = Some(f.ascii(text.as_bytes()));
     } else {
         let mut previous = ' ';
-        let mut flag_tags = false;
+        // A run of tag characters, and whether a black flag came before it.
+        let mut tags: Vec<char> = Vec::new();
+        let mut after_flag = false;
         for c in text.chars() {
             if TAGS.contains(&c) {
-                // A subdivision flag (England, Scotland, Wales) is the
-                // black flag, a few tags and a cancel tag.
-                flag_tags = flag_tags || previous == BLACK_FLAG;
-                if !flag_tags {
-                    f.tags += 1;
-                    if ('\u{E0020}'..='\u{E007E}').contains(&c) {
-                        f.hidden.push(char::from((c as u32 - 0xE0000) as u8));
-                    }
+                if tags.is_empty() {
+                    after_flag = previous == BLACK_FLAG;
                 }
-                if c == CANCEL_TAG {
-                    flag_tags = false;
-                }
+                tags.push(c);
                 previous = c;
                 continue;
             }
-            flag_tags = false;
+            f.tag_run(&mut tags, after_flag);
             previous = c;
             if is_invisible(c) {
                 f.invisible += usize::from(is_suspicious_invisible(c));
@@ -436,6 +571,10 @@ pub fn fold(text: &str) -> Folded {
             }
             if c.is_ascii() {
                 f.push_decomposed(c);
+                continue;
+            }
+            if let Some(latin) = styled(c) {
+                f.push_decomposed(latin);
                 continue;
             }
             let mut parts = ['\0'; 4];
@@ -456,6 +595,7 @@ pub fn fold(text: &str) -> Folded {
                 }
             }
         }
+        f.tag_run(&mut tags, after_flag);
     }
     f.end_word();
     let end = f.words.len();

@@ -59,6 +59,11 @@ pub struct RuleSpec {
     /// literals every match of the regex starts with.
     #[serde(default)]
     pub keywords: Vec<String>,
+    /// A regex over what the rule's regex matched (in its view): when it
+    /// matches too, the match does not count (`my previous instructions`
+    /// are the caller's own).
+    #[serde(default)]
+    pub unless: Option<String>,
     #[serde(default)]
     pub scope: Scope,
     /// Texts the rule must find: checked by the test suite.
@@ -77,7 +82,17 @@ pub enum Target {
     /// words view, so the clean-view automaton keeps only keywords that
     /// start with punctuation (rare bytes it skips to).
     Raw(usize),
+    /// A common English word spelled backwards (` eht `): two or more say
+    /// the text may be written backwards.
+    Reversed,
+    /// A word that says the text is in rot13 or a Caesar cipher.
+    Rot13,
 }
+
+/// Common words backwards; none is an English word itself.
+const REVERSED: [&str; 8] = [
+    " eht ", " dna ", " uoy ", " lla ", " ruoy ", " fo ", " si ", " erongi ",
+];
 
 /// A compiled regex and its rule.
 pub struct Gated {
@@ -88,6 +103,8 @@ pub struct Gated {
     /// Its keywords are the prefixes of its matches: tried anchored at
     /// each, not over the whole text.
     pub anchored: bool,
+    /// Matches this also matches do not count.
+    pub unless: Option<Regex>,
 }
 
 fn compile(source: &str, case_insensitive: bool) -> Result<Regex, String> {
@@ -170,6 +187,18 @@ impl Rules {
             if r.phrases.is_empty() && r.regex.is_none() && r.raw_regex.is_none() {
                 errors.push(format!("{at}: needs phrases, regex or raw_regex"));
             }
+            let unless = match r
+                .unless
+                .as_deref()
+                .map(|u| compile(&regex_source(u), false))
+            {
+                Some(Ok(u)) => Some(u),
+                Some(Err(e)) => {
+                    errors.push(format!("{at}: unless: {e}"));
+                    None
+                }
+                None => None,
+            };
             if r.regex.is_some() && r.raw_regex.is_some() && !r.keywords.is_empty() {
                 errors.push(format!(
                     "{at}: keywords apply to one regex; split regex and raw_regex into two rules"
@@ -210,6 +239,7 @@ impl Rules {
                             rule: i,
                             always: keywords.is_none(),
                             anchored: r.keywords.is_empty(),
+                            unless: unless.clone(),
                         });
                     }
                     Err(e) => errors.push(format!("{at}: {e}")),
@@ -246,10 +276,21 @@ impl Rules {
                             // Positions in the words view are not
                             // positions in the clean view.
                             anchored: r.keywords.is_empty() && !by_letter,
+                            unless: unless.clone(),
                         });
                     }
                     Err(e) => errors.push(format!("{at}: {e}")),
                 }
+            }
+        }
+        for w in REVERSED {
+            patterns.push(w.as_bytes().to_vec());
+            targets.push(Target::Reversed);
+        }
+        for w in ["rot13", "rot 13", "caesar", "rot-13"] {
+            if let Some(p) = phrase_pattern(w) {
+                patterns.push(p.into_bytes());
+                targets.push(Target::Rot13);
             }
         }
         let words_automaton = AhoCorasick::builder()

@@ -34,6 +34,7 @@ pub enum Finding {
     TagCharacters,
     InvisibleCharacters,
     EncodedPayload,
+    DecodeLimit,
     AdversarialSuffix,
 }
 
