@@ -227,6 +227,35 @@ pub struct Scan {
     pub categories: Vec<(Category, f32)>,
     /// Rule ids and signal names.
     pub findings: Vec<String>,
+    /// Bytes read, the text's and every text derived from it.
+    pub scanned: usize,
+}
+
+/// What a request may cost the screen: a budget for derived texts, and
+/// what was read.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub budget: usize,
+    pub scanned: usize,
+    /// Something was left unread for want of budget.
+    pub exhausted: bool,
+}
+
+impl Work {
+    /// Take a derived text if the budget allows; a longer one is cut to
+    /// what is left (and the shortfall noted).
+    fn charge(&mut self, mut text: String) -> Option<String> {
+        if text.len() > self.budget {
+            self.exhausted = true;
+            let mut end = self.budget;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        self.budget -= text.len();
+        (!text.is_empty()).then_some(text)
+    }
 }
 
 /// The compiled screen.
@@ -279,11 +308,35 @@ impl Detector {
 
     /// Scan one text.
     pub fn scan(&self, text: &str, source: Source) -> Scan {
+        let mut work = self.work_for(text.len());
+        self.scan_with(text, source, &mut work)
+    }
+
+    /// The work allowance for texts of `bytes` in all: every text derived
+    /// from them (decoded, unescaped, read backwards or in rot13) is
+    /// charged to one budget of four times their size (at least
+    /// `limits.decode_bytes`), so the work per request stays linear in
+    /// its size whatever it holds.
+    pub fn work_for(&self, bytes: usize) -> Work {
+        Work {
+            budget: self.policy.limits.decode_bytes.max(bytes.saturating_mul(4)),
+            scanned: 0,
+            exhausted: false,
+        }
+    }
+
+    /// Scan one text, charging derived texts to `work`.
+    pub fn scan_with(&self, text: &str, source: Source, work: &mut Work) -> Scan {
         let mut findings = Findings::default();
-        // Every encoded byte can be read: decoding shrinks what it reads,
-        // so a budget the size of the text keeps the work linear.
-        let mut budget = self.policy.limits.decode_bytes.max(text.len());
-        self.scan_into(text, source, 0, &mut budget, &mut findings);
+        let scanned_before = work.scanned;
+        self.scan_into(text, source, 0, work, &mut findings);
+        if work.exhausted {
+            findings.add(
+                Finding::DecodeLimit,
+                Category::Smuggling,
+                self.policy.signals.decode_limit.weight,
+            );
+        }
         let mut names: Vec<String> = findings
             .iter()
             .map(|(f, _, _)| match f {
@@ -300,6 +353,7 @@ impl Detector {
             score: findings.score(),
             categories: findings.categories(),
             findings: names,
+            scanned: work.scanned - scanned_before,
         }
     }
 
@@ -308,9 +362,10 @@ impl Detector {
         text: &str,
         source: Source,
         depth: u8,
-        budget: &mut usize,
+        work: &mut Work,
         found: &mut Findings,
     ) {
+        work.scanned += text.len();
         let folded = normalise::fold(text);
         let rules = &self.rules;
         let rule = |i: usize, found: &mut Findings| {
@@ -380,7 +435,7 @@ impl Detector {
                 s.adversarial_suffix.weight,
             );
         }
-        if depth >= self.policy.limits.decode_depth || *budget == 0 {
+        if depth >= self.policy.limits.decode_depth || work.budget == 0 {
             // Out of depth or budget: if there is still something to
             // decode, that itself is a finding (layer upon layer of
             // encoding, or a decoy blob to exhaust the budget).
@@ -396,22 +451,46 @@ impl Detector {
         }
         // Hidden and encoded text is scanned like the message; a rule
         // that matches only there adds the encoded-payload signal.
+        // Small, targeted decoders first; whole-text readings (rot13,
+        // backwards, invisible characters as spaces) only of the text
+        // itself, never of what was derived from it.
         let mut inner: Vec<String> = Vec::new();
+        let mut take = |t: String, work: &mut Work| {
+            if let Some(t) = work.charge(t) {
+                inner.push(t);
+            }
+        };
         if !folded.hidden.is_empty() {
-            inner.push(folded.hidden);
+            take(folded.hidden, work);
         }
-        if rot13 {
-            inner.push(decode::rot13(clean));
+        for t in decode::concatenated(clean) {
+            take(t, work);
         }
-        if reversed >= 2 {
-            inner.push(clean.chars().rev().collect());
+        if let Some(t) = decode::joined_assignments(clean) {
+            take(t, work);
         }
-        inner.extend(decode::segments(clean, folded.encoded.as_ref(), budget));
-        inner.extend(decode::joined_assignments(clean, budget));
-        inner.extend(decode::concatenated(clean, budget));
+        if depth == 0 {
+            if rot13 {
+                take(decode::rot13(clean), work);
+            }
+            if reversed >= 2 {
+                take(clean.chars().rev().collect(), work);
+            }
+            if folded.invisible > 0 {
+                // `Ignore\u{200B}all\u{200B}previous`: read as spaces too.
+                take(invisible_as_spaces(text), work);
+            }
+        }
+        let before = work.budget;
+        inner.extend(decode::segments(
+            clean,
+            folded.encoded.as_ref(),
+            &mut work.budget,
+        ));
+        work.exhausted |= work.budget == 0 && before > 0;
         for text in inner {
             let before = found.len();
-            self.scan_into(&text, source, depth + 1, budget, found);
+            self.scan_into(&text, source, depth + 1, work, found);
             if found.len() > before {
                 found.add(
                     Finding::EncodedPayload,
@@ -436,6 +515,22 @@ impl Detector {
     }
 }
 
+/// The text with zero-width spaces and bidirectional controls read as
+/// spaces (the words view drops them, joining what they separate).
+fn invisible_as_spaces(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\u{200B}'
+            | '\u{2060}'
+            | '\u{180E}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}' => ' ',
+            c => c,
+        })
+        .collect()
+}
+
 /// The rules of the regexes in `gated` that match `text`, given where
 /// their keywords occur (`(regex, start)`): a regex whose keywords are
 /// its prefixes is tried anchored at each start, one with keywords of its
@@ -456,12 +551,14 @@ fn matching<'a>(
         let hi = at.partition_point(|&(r, _)| r <= i);
         let starts = &at[lo..hi];
         // A match, unless its `unless` also matches it.
+        // (every match is tried: a first one excused must not hide a
+        // later one that is not).
         let counts = |input: Input<'_>| match &g.unless {
             None => g.regex.is_match(input),
             Some(unless) => g
                 .regex
-                .find(input)
-                .is_some_and(|m| !unless.is_match(&text[m.range()])),
+                .find_iter(input)
+                .any(|m| !unless.is_match(&text[m.range()])),
         };
         let found = if g.always || (!g.anchored && !starts.is_empty()) {
             counts(Input::new(text))
@@ -539,19 +636,19 @@ fn message_text(m: &Value) -> Option<Cow<'_, str>> {
     }
 }
 
-/// Every `description` string in a tool declaration (the tool's and its
-/// parameters'), joined: tool poisoning hides orders there.
-fn descriptions(v: &Value, out: &mut Vec<String>) {
+/// Every string and key in a tool declaration (names, descriptions,
+/// titles, enums, defaults, examples, at any depth): tool poisoning hides
+/// orders in any of them.
+fn schema_strings(v: &Value, out: &mut Vec<String>) {
     match v {
+        Value::String(s) => out.push(s.clone()),
         Value::Object(o) => {
             for (k, v) in o {
-                match (k.as_str(), v) {
-                    ("description", Value::String(s)) => out.push(s.clone()),
-                    _ => descriptions(v, out),
-                }
+                out.push(k.clone());
+                schema_strings(v, out);
             }
         }
-        Value::Array(items) => items.iter().for_each(|i| descriptions(i, out)),
+        Value::Array(items) => items.iter().for_each(|i| schema_strings(i, out)),
         _ => {}
     }
 }
@@ -618,16 +715,15 @@ pub fn texts<'a>(view: &RequestView<'a>, roles: &[ScanRole]) -> Result<Vec<Text<
         _ => {}
     }
     if roles.contains(&ScanRole::Tool) {
-        for field in ["tools", "functions"] {
-            for (i, t) in body
-                .get(field)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
+        for field in ["tools", "functions", "response_format"] {
+            let declared: Vec<&Value> = match body.get(field) {
+                Some(Value::Array(items)) => items.iter().collect(),
+                Some(v @ Value::Object(_)) => vec![v],
+                _ => Vec::new(),
+            };
+            for (i, t) in declared.into_iter().enumerate() {
                 let mut found = Vec::new();
-                descriptions(t, &mut found);
+                schema_strings(t, &mut found);
                 if !found.is_empty() {
                     out.push(Text {
                         place: place("tool_description", i, Source::Tool),
@@ -674,10 +770,12 @@ impl Detector {
             }
             Err(_) => Vec::new(),
         };
-        // The worst text: the one furthest past its block threshold.
+        // The worst text: the one furthest past its block threshold. One
+        // work allowance for the whole request.
+        let mut work = self.work_for(texts.iter().map(|t| t.text.len()).sum());
         let mut worst: Option<(f32, Place, Scan, Thresholds)> = None;
         for t in texts {
-            let scan = self.scan(&t.text, t.place.source);
+            let scan = self.scan_with(&t.text, t.place.source, &mut work);
             if scan.findings.is_empty() {
                 continue;
             }

@@ -42,28 +42,26 @@ fn is_base64(b: u8) -> bool {
     BASE64[usize::from(b)]
 }
 
-/// Decoded bytes as text: valid UTF-8 (a character cut at the end by the
-/// budget is dropped), control characters read as spaces, and at least
-/// three letters. Random keys and binary data are not valid UTF-8.
+/// Decoded bytes as text: invalid bytes and control characters read as
+/// spaces; kept when they are at most a tenth of it and it has three
+/// letters. Random keys and binary data are mostly invalid UTF-8; a
+/// payload with a stray byte or a NUL is still read.
 fn readable(bytes: &[u8]) -> Option<String> {
-    let text = match std::str::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(e) if e.error_len().is_none() => std::str::from_utf8(&bytes[..e.valid_up_to()]).ok()?,
-        Err(_) => return None,
-    };
-    let mut letters = 0;
-    let text: String = text
+    let (mut letters, mut noise, mut total) = (0usize, 0usize, 0usize);
+    let text: String = String::from_utf8_lossy(bytes)
         .chars()
         .map(|c| {
+            total += 1;
             letters += usize::from(c.is_alphabetic());
-            if c.is_control() && !matches!(c, '\n' | '\t') {
+            if (c.is_control() && !matches!(c, '\n' | '\t')) || c == '\u{FFFD}' {
+                noise += 1;
                 ' '
             } else {
                 c
             }
         })
         .collect();
-    (letters >= 3).then_some(text)
+    (letters >= 3 && noise * 10 <= total).then_some(text)
 }
 
 fn hex_value(b: u8) -> Option<u8> {
@@ -120,7 +118,18 @@ pub fn segments(
         }
     };
     for (start, end) in runs {
-        let run = &bytes[start..end];
+        // Runs wrapped at 76 columns hold line breaks.
+        let unwrapped: Vec<u8>;
+        let run = if bytes[start..end].contains(&b'\n') {
+            unwrapped = bytes[start..end]
+                .iter()
+                .copied()
+                .filter(|b| !matches!(b, b'\n' | b'\r'))
+                .collect();
+            &unwrapped[..]
+        } else {
+            &bytes[start..end]
+        };
         if *budget == 0 {
             break;
         }
@@ -255,16 +264,17 @@ pub fn rot13(text: &str) -> String {
         .collect()
 }
 
-/// String literals joined with `+` (`"Ign" + "ore all"`), as one text.
-pub fn concatenated(text: &str, budget: &mut usize) -> Vec<String> {
+/// String literals joined with `+` or `.`, or just side by side (`"Ign" +
+/// "ore all"`, `'Ign' . 'ore'`, `"Ign" "ore"`), as one text.
+pub fn concatenated(text: &str) -> Vec<String> {
     static CHAIN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     static LITERAL: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    if !text.contains('+') {
+    if text.bytes().filter(|&b| b == b'"' || b == b'\'').count() < 4 {
         return Vec::new();
     }
     let chain = CHAIN.get_or_init(|| {
         regex::Regex::new(
-            r#"(?:"[^"\n]{0,300}"|'[^'\n]{0,300}')(?:\s*\+\s*(?:"[^"\n]{0,300}"|'[^'\n]{0,300}'))+"#,
+            r#"(?:"[^"\n]{0,300}"|'[^'\n]{0,300}')(?:(?:\s*[+.]\s*|[ \t]*)(?:"[^"\n]{0,300}"|'[^'\n]{0,300}'))+"#,
         )
         .expect("a fixed pattern")
     });
@@ -277,18 +287,14 @@ pub fn concatenated(text: &str, budget: &mut usize) -> Vec<String> {
             .filter_map(|c| c.get(1).or(c.get(2)))
             .map(|g| g.as_str())
             .collect();
-        let take = joined.len().min(*budget);
-        *budget -= take;
-        if take == joined.len() {
-            out.push(joined);
-        }
+        out.push(joined);
     }
     out
 }
 
 /// Strings assigned to variables, joined in the order of the variables'
 /// names (`a`, `b`, `c`), when there are at least two.
-pub fn joined_assignments(text: &str, budget: &mut usize) -> Option<String> {
+pub fn joined_assignments(text: &str) -> Option<String> {
     static ASSIGNMENT: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     if !text.contains('=') {
         return None;
@@ -310,12 +316,11 @@ pub fn joined_assignments(text: &str, budget: &mut usize) -> Option<String> {
     if parts.len() < 2 {
         return None;
     }
-    parts.sort_by_key(|(name, _)| *name);
-    let joined: String = parts.iter().map(|(_, v)| *v).collect();
-    if joined.len() > *budget {
-        *budget = 0;
-        return None;
-    }
-    *budget -= joined.len();
-    Some(joined)
+    // `v2` before `v10`: a name's trailing number counts as a number.
+    parts.sort_by_key(|(name, _)| {
+        let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        let (stem, number) = name.split_at(name.len() - digits);
+        (stem, number.parse::<u64>().unwrap_or(0))
+    });
+    Some(parts.iter().map(|(_, v)| *v).collect())
 }

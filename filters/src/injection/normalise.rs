@@ -152,6 +152,13 @@ fn confusable_capital(c: char) -> Option<u8> {
         'Х' | 'Χ' => b'x',
         'У' | 'Υ' => b'y',
         'Ζ' => b'z',
+        'Ꭵ' => b'i',
+        'Ꭺ' => b'a',
+        'Ꭼ' => b'e',
+        'Ꮇ' => b'm',
+        'Ꮢ' => b'r',
+        'Ꮪ' => b's',
+        'Ꭲ' => b't',
         _ => return None,
     })
 }
@@ -193,6 +200,9 @@ fn confusable(c: char) -> Option<u8> {
         'ј' | 'ϳ' => b'j',
         'κ' => b'k',
         'о' | 'ο' | 'օ' => b'o',
+        'ս' => b'u',
+        'ո' => b'n',
+        'հ' => b'h',
         'р' | 'ρ' => b'p',
         'ԛ' => b'q',
         'ѕ' => b's',
@@ -401,7 +411,10 @@ impl Folder {
     /// Punctuation or white space: the end of a word, unless it is a
     /// hyphen or middle dot inside one (decided by what follows).
     fn separator(&mut self, c: char) {
-        if self.word.active && !self.joiner && matches!(c, '-' | '·' | '‐' | '‑') {
+        if self.word.active
+            && !self.joiner
+            && matches!(c, '-' | '·' | '\u{2010}'..='\u{2015}' | '\u{2212}')
+        {
             self.joiner = true;
             return;
         }
@@ -452,21 +465,21 @@ impl Folder {
         if tags.is_empty() {
             return;
         }
+        let spelled: String = tags
+            .iter()
+            .filter(|t| ('\u{E0020}'..='\u{E007E}').contains(*t))
+            .map(|&t| char::from((t as u32 - 0xE0000) as u8))
+            .collect();
+        // The only subdivision flags emoji have: England, Scotland, Wales.
         let flag = after_flag
-            && (3..=7).contains(&tags.len())
             && tags.last() == Some(&CANCEL_TAG)
-            && tags[..tags.len() - 1].iter().all(|&t| {
-                let a = char::from_u32(t as u32 - 0xE0000).unwrap_or(' ');
-                a.is_ascii_lowercase() || a.is_ascii_digit()
-            });
+            && matches!(spelled.as_str(), "gbeng" | "gbsct" | "gbwls");
         if !flag {
             self.tags += tags.len();
-            for &t in tags.iter() {
-                if ('\u{E0020}'..='\u{E007E}').contains(&t) {
-                    self.hidden.push(char::from((t as u32 - 0xE0000) as u8));
-                }
-            }
         }
+        // What tags spell is read in every case.
+        self.hidden.push_str(&spelled);
+        self.hidden.push(' ');
         tags.clear();
     }
 
@@ -480,6 +493,18 @@ impl Folder {
         while i < text.len() {
             let b = text[i];
             if ASCII[usize::from(b & 0x7f)] == SEP {
+                // Base64 wrapped at 76 columns: a line break inside a long
+                // run does not end it.
+                if b == b'\n'
+                    && i - run_start >= 40
+                    && text
+                        .get(i + 1)
+                        .is_some_and(|&n| ASCII[usize::from(n & 0x7f)] != SEP)
+                {
+                    self.end_word();
+                    i += 1;
+                    continue;
+                }
                 // `ig-nore`: a hyphen between two letters joins them.
                 if b == b'-'
                     && self.word.active
