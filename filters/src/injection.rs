@@ -463,10 +463,10 @@ impl Detector {
         if !folded.hidden.is_empty() {
             take(folded.hidden, work);
         }
-        for t in decode::concatenated(clean) {
+        for t in decode::concatenated(clean, folded.encoded.as_ref()) {
             take(t, work);
         }
-        if let Some(t) = decode::joined_assignments(clean) {
+        if let Some(t) = decode::joined_assignments(clean, folded.encoded.as_ref()) {
             take(t, work);
         }
         if depth == 0 {

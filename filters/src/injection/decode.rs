@@ -264,12 +264,40 @@ pub fn rot13(text: &str) -> String {
         .collect()
 }
 
+/// How often a byte `first` accepts is followed, after blanks, by a quote
+/// (a cheap look before a regex runs over the whole text).
+fn followed_by_quote(b: &[u8], first: impl Fn(u8) -> bool) -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    while i < b.len() {
+        if first(b[i]) {
+            let mut j = i + 1;
+            while j < b.len() && (b[j] == b' ' || b[j] == b'\t') {
+                j += 1;
+            }
+            if j < b.len()
+                && (b[j] == b'"' || b[j] == b'\'')
+                && j > i + usize::from(matches!(b[i], b'"' | b'\''))
+            {
+                n += 1;
+            }
+        }
+        i += 1;
+    }
+    n
+}
+
 /// String literals joined with `+` or `.`, or just side by side (`"Ign" +
 /// "ore all"`, `'Ign' . 'ore'`, `"Ign" "ore"`), as one text.
-pub fn concatenated(text: &str) -> Vec<String> {
+pub fn concatenated(text: &str, seen: Option<&super::normalise::Encoded>) -> Vec<String> {
     static CHAIN: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     static LITERAL: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    if text.bytes().filter(|&b| b == b'"' || b == b'\'').count() < 4 {
+    // A quote, then `+`, `.` or nothing, then another quote.
+    let possible = match seen {
+        Some(e) => e.joined_literals,
+        None => followed_by_quote(text.as_bytes(), |b| matches!(b, b'"' | b'\'' | b'+' | b'.')) > 0,
+    };
+    if !possible {
         return Vec::new();
     }
     let chain = CHAIN.get_or_init(|| {
@@ -294,9 +322,14 @@ pub fn concatenated(text: &str) -> Vec<String> {
 
 /// Strings assigned to variables, joined in the order of the variables'
 /// names (`a`, `b`, `c`), when there are at least two.
-pub fn joined_assignments(text: &str) -> Option<String> {
+pub fn joined_assignments(text: &str, seen: Option<&super::normalise::Encoded>) -> Option<String> {
     static ASSIGNMENT: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    if !text.contains('=') {
+    // Two `= "` (or `= '`) at least, else nothing to join.
+    let assignments = match seen {
+        Some(e) => e.assignments,
+        None => followed_by_quote(text.as_bytes(), |b| b == b'='),
+    };
+    if assignments < 2 {
         return None;
     }
     let re = ASSIGNMENT.get_or_init(|| {

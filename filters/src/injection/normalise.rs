@@ -55,6 +55,10 @@ pub struct Encoded {
     pub escapes: bool,
     /// Six or more two-digit hex words in a row (`69 67 6e …`).
     pub spaced_hex: bool,
+    /// How often `=` is followed by a quote (`a = "…"`).
+    pub assignments: usize,
+    /// A quote, `+` or `.` followed by a quote (`"Ign" + "ore"`).
+    pub joined_literals: bool,
 }
 
 /// Characters removed without leaving a word break: zero-width spaces and
@@ -289,6 +293,7 @@ const fn ascii_classes() -> [u8; 128] {
 static ASCII: [u8; 128] = ascii_classes();
 
 impl Folder {
+    #[inline]
     fn begin_word(&mut self) {
         if !self.word.active {
             self.words.push(b' ');
@@ -327,6 +332,7 @@ impl Folder {
         }
     }
 
+    #[inline]
     fn end_word(&mut self) {
         if !self.word.active {
             return;
@@ -365,7 +371,9 @@ impl Folder {
             }
             self.singles.1 += 1;
         } else {
-            self.end_singles(w.start - 1);
+            if self.singles.1 != 0 {
+                self.end_singles(w.start - 1);
+            }
         }
     }
 
@@ -514,6 +522,19 @@ impl Folder {
                 {
                     i += 1;
                     continue;
+                }
+                if matches!(b, b'=' | b'"' | b'\'' | b'+' | b'.') {
+                    let mut j = i + 1;
+                    while j < text.len() && matches!(text[j], b' ' | b'\t') {
+                        j += 1;
+                    }
+                    if j < text.len() && matches!(text[j], b'"' | b'\'') {
+                        if b == b'=' {
+                            encoded.assignments += 1;
+                        } else if !(matches!(b, b'"' | b'\'') && j == i + 1) {
+                            encoded.joined_literals = true;
+                        }
+                    }
                 }
                 if !matches!(b, b'+' | b'/' | b'-' | b'_') {
                     if i - run_start >= 20 {
