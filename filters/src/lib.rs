@@ -10,6 +10,7 @@
 pub mod chain;
 pub mod clock;
 pub mod error;
+pub mod guard;
 pub mod injection;
 pub mod json;
 pub mod jwt_auth;

@@ -1,0 +1,261 @@
+//! Guard-model screening: the decisions. A guard is a safety model (Llama
+//! Guard behind an OpenAI-compatible server, an OpenAI-style moderation
+//! endpoint, or a single-verdict classifier such as Granite Guardian or
+//! ShieldGemma) that judges what is sent to it. This module decides what
+//! is sent ([`turns`]), how each protocol is spoken and read
+//! ([`protocol`]), what a verdict means under `policies/guard.yaml`
+//! ([`GuardPolicy::action`]), and keeps the circuit breaker ([`breaker`])
+//! and the verdict cache ([`cache`]). The HTTP calls are the gateway's.
+
+pub mod breaker;
+pub mod cache;
+pub mod protocol;
+
+use crate::request::Principal;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Who spoke a turn sent to a guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+/// One turn of what a guard judges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    pub role: Role,
+    pub text: String,
+}
+
+/// What a verdict's category leads to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Allow,
+    Flag,
+    #[default]
+    Block,
+}
+
+/// Which parts of a chat request are sent to the guard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Send {
+    /// The last user message (the cheapest, and what most guards judge).
+    #[default]
+    LastUser,
+    /// Every user and assistant message.
+    Conversation,
+    /// The conversation and the tool results.
+    ConversationAndTools,
+}
+
+/// A category as the policy names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Category {
+    /// `S1`…`S14` for Llama Guard, a moderation category name, a risk.
+    pub code: String,
+    pub name: String,
+    #[serde(default)]
+    pub action: Action,
+}
+
+/// Different actions for some callers: the first entry whose `tenant`
+/// and `role` (each optional) match applies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Category code → action.
+    pub actions: BTreeMap<String, Action>,
+}
+
+/// `policies/guard.yaml`: categories and what they lead to, overrides,
+/// what is sent and how much.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardPolicy {
+    pub categories: Vec<Category>,
+    /// A category a guard names that the policy does not list.
+    #[serde(default)]
+    pub unknown_category: Action,
+    #[serde(default)]
+    pub overrides: Vec<Override>,
+    #[serde(default)]
+    pub send: Send,
+    /// Characters sent at most: the end of the text is kept (the last
+    /// turns matter most) and the cut is recorded.
+    #[serde(default = "default_max_chars")]
+    pub max_chars: usize,
+}
+
+fn default_max_chars() -> usize {
+    16_000
+}
+
+impl GuardPolicy {
+    pub fn check(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.categories {
+            if c.code.is_empty() || !seen.insert(c.code.as_str()) {
+                errors.push(format!(
+                    "category '{}': codes must be present and unique",
+                    c.code
+                ));
+            }
+        }
+        for (i, o) in self.overrides.iter().enumerate() {
+            for code in o.actions.keys() {
+                if !seen.contains(code.as_str()) {
+                    errors.push(format!("overrides[{i}]: no category '{code}'"));
+                }
+            }
+        }
+        if self.max_chars == 0 {
+            errors.push("max_chars must be above 0".into());
+        }
+        errors
+    }
+
+    /// `(code, name)` of every category, for a prompt built here.
+    pub fn category_list(&self) -> Vec<(String, String)> {
+        self.categories
+            .iter()
+            .map(|c| (c.code.clone(), c.name.clone()))
+            .collect()
+    }
+
+    /// A category's name for messages (`S9: Indiscriminate Weapons`).
+    pub fn describe(&self, code: &str) -> String {
+        match self.categories.iter().find(|c| c.code == code) {
+            Some(c) => format!("{}: {}", c.code, c.name),
+            None => code.to_string(),
+        }
+    }
+
+    /// What the categories a guard named lead to for this caller: the
+    /// strictest of their actions, and the category that decided it.
+    pub fn action(
+        &self,
+        named: &[String],
+        principal: Option<&Principal>,
+    ) -> (Action, Option<String>) {
+        let o = self.overrides.iter().find(|o| {
+            o.tenant
+                .as_deref()
+                .is_none_or(|t| principal.is_some_and(|p| p.tenant == t))
+                && o.role
+                    .as_deref()
+                    .is_none_or(|r| principal.is_some_and(|p| p.roles.iter().any(|x| x == r)))
+        });
+        let mut worst = (Action::Allow, None);
+        for code in named {
+            let action = o
+                .and_then(|o| o.actions.get(code).copied())
+                .or_else(|| {
+                    self.categories
+                        .iter()
+                        .find(|c| c.code.eq_ignore_ascii_case(code))
+                        .map(|c| c.action)
+                })
+                .unwrap_or(self.unknown_category);
+            if action > worst.0 || worst.1.is_none() {
+                worst = (action.max(worst.0), Some(code.clone()));
+            }
+        }
+        worst
+    }
+}
+
+/// The text of one chat message: a string, or its text parts joined.
+fn message_text(m: &Value) -> Option<String> {
+    match m.get("content")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => {
+            let texts: Vec<&str> = parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str).or(p.as_str()))
+                .collect();
+            (!texts.is_empty()).then(|| texts.join("\n"))
+        }
+        _ => None,
+    }
+}
+
+/// The turns of a chat request (or a completions prompt) to send, cut to
+/// `max_chars` from the end; and whether anything was cut.
+pub fn turns(body: &Value, send: Send, max_chars: usize) -> (Vec<Turn>, bool) {
+    let mut out = Vec::new();
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        for m in messages {
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some("assistant") => Role::Assistant,
+                Some("tool" | "function") => Role::Tool,
+                Some("system" | "developer") => continue,
+                _ => Role::User,
+            };
+            let wanted = match send {
+                Send::LastUser => role == Role::User,
+                Send::Conversation => role != Role::Tool,
+                Send::ConversationAndTools => true,
+            };
+            if let (true, Some(text)) = (wanted, message_text(m)) {
+                out.push(Turn { role, text });
+            }
+        }
+        if send == Send::LastUser {
+            out = out.pop().into_iter().collect();
+        }
+    } else if let Some(prompt) = body.get("prompt") {
+        let text = match prompt {
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => String::new(),
+        };
+        out.push(Turn {
+            role: Role::User,
+            text,
+        });
+    }
+    // Keep the end: drop whole early turns, then cut the first kept one.
+    let mut total: usize = out.iter().map(|t| t.text.chars().count()).sum();
+    let cut = total > max_chars;
+    while total > max_chars && !out.is_empty() {
+        let first = out[0].text.chars().count();
+        if total - first >= max_chars && out.len() > 1 {
+            out.remove(0);
+            total -= first;
+        } else {
+            let keep = max_chars.saturating_sub(total - first);
+            out[0].text = out[0].text.chars().skip(first - keep).collect();
+            total = max_chars;
+        }
+    }
+    (out, cut)
+}
+
+#[cfg(test)]
+mod tests;
