@@ -9,6 +9,7 @@
 
 pub mod breaker;
 pub mod cache;
+pub mod filter;
 pub mod protocol;
 
 use crate::request::Principal;
@@ -54,7 +55,7 @@ pub enum Action {
 /// Which parts of a chat request are sent to the guard.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Send {
+pub enum Messages {
     /// The last user message (the cheapest, and what most guards judge).
     #[default]
     LastUser,
@@ -100,7 +101,7 @@ pub struct GuardPolicy {
     #[serde(default)]
     pub overrides: Vec<Override>,
     #[serde(default)]
-    pub send: Send,
+    pub send: Messages,
     /// Characters sent at most: the end of the text is kept (the last
     /// turns matter most) and the cut is recorded.
     #[serde(default = "default_max_chars")]
@@ -203,7 +204,7 @@ fn message_text(m: &Value) -> Option<String> {
 
 /// The turns of a chat request (or a completions prompt) to send, cut to
 /// `max_chars` from the end; and whether anything was cut.
-pub fn turns(body: &Value, send: Send, max_chars: usize) -> (Vec<Turn>, bool) {
+pub fn turns(body: &Value, send: Messages, max_chars: usize) -> (Vec<Turn>, bool) {
     let mut out = Vec::new();
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         for m in messages {
@@ -214,15 +215,15 @@ pub fn turns(body: &Value, send: Send, max_chars: usize) -> (Vec<Turn>, bool) {
                 _ => Role::User,
             };
             let wanted = match send {
-                Send::LastUser => role == Role::User,
-                Send::Conversation => role != Role::Tool,
-                Send::ConversationAndTools => true,
+                Messages::LastUser => role == Role::User,
+                Messages::Conversation => role != Role::Tool,
+                Messages::ConversationAndTools => true,
             };
             if let (true, Some(text)) = (wanted, message_text(m)) {
                 out.push(Turn { role, text });
             }
         }
-        if send == Send::LastUser {
+        if send == Messages::LastUser {
             out = out.pop().into_iter().collect();
         }
     } else if let Some(prompt) = body.get("prompt") {
