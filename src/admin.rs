@@ -87,6 +87,7 @@ pub struct AdminApi {
     pub redactor: Option<(Arc<Shared<Redactor>>, PathBuf)>,
     pub tools: Option<(Arc<Shared<ToolPolicy>>, PathBuf)>,
     pub injection: Option<(Arc<Shared<Detector>>, PathBuf)>,
+    pub guard: Option<(Arc<Shared<filters::guard::GuardPolicy>>, PathBuf)>,
     pub providers: BTreeSet<String>,
     pub roles: AdminSection,
     pub audit: AuditLog,
@@ -315,6 +316,14 @@ impl AdminApi {
             )),
             None => None,
         };
+        let guard = match &self.guard {
+            Some((shared, path)) => Some((
+                shared,
+                pipeline::load_guard_policy(path).map_err(|e| e.join("; "))?,
+                path,
+            )),
+            None => None,
+        };
         let mut done = Vec::new();
         if let Some((l, policy, path)) = limits {
             l.set_policy(policy);
@@ -330,6 +339,10 @@ impl AdminApi {
         }
         if let Some((shared, d, path)) = injection {
             shared.set(d);
+            done.push(path.display().to_string());
+        }
+        if let Some((shared, g, path)) = guard {
+            shared.set(g);
             done.push(path.display().to_string());
         }
         Ok(if done.is_empty() {

@@ -394,6 +394,103 @@ pub struct InjectionSection {
     pub policy: PathBuf,
 }
 
+/// `guard:` — a guard model that judges each request before the provider
+/// sees it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardSection {
+    #[serde(default)]
+    pub mode: filters::Mode,
+    /// What a guard that cannot answer leads to: `deny` (503
+    /// `guard_unavailable`, the default) or `allow`.
+    #[serde(default)]
+    pub on_error: filters::OnError,
+    /// Categories and actions, e.g. `../policies/guard.yaml`.
+    pub policy: PathBuf,
+    /// The provider (from `providers:`) that serves the guard.
+    pub provider: String,
+    pub model: String,
+    /// `llama-guard` | `openai-moderation` | `yes-no`.
+    pub protocol: GuardProtocol,
+    /// llama-guard: `server` (chat messages; the server's template adds
+    /// the categories) or `gateway` (the whole prompt built here).
+    #[serde(default)]
+    pub prompt: filters::guard::protocol::LlamaGuardPrompt,
+    /// llama-guard: `string` (Llama Guard 3 8B) or `parts` (3 1B, 4).
+    #[serde(default)]
+    pub content: filters::guard::protocol::ContentShape,
+    /// openai-moderation: category → score that counts.
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, f64>,
+    /// yes-no: the risks asked about, one call each.
+    #[serde(default)]
+    pub risks: Vec<String>,
+    /// The longest wait for one guard answer.
+    #[serde(default = "guard_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Guard calls in flight at most; more are errors (`on_error`).
+    #[serde(default = "guard_concurrency")]
+    pub max_concurrency: usize,
+    #[serde(default)]
+    pub breaker: filters::guard::breaker::BreakerSettings,
+    #[serde(default)]
+    pub cache: GuardCacheSection,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuardProtocol {
+    LlamaGuard,
+    OpenaiModeration,
+    YesNo,
+}
+
+/// Verdicts remembered by the hash of what was sent.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardCacheSection {
+    pub capacity: usize,
+    pub ttl_secs: u64,
+}
+
+impl Default for GuardCacheSection {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            ttl_secs: 300,
+        }
+    }
+}
+
+fn guard_timeout_ms() -> u64 {
+    2_000
+}
+fn guard_concurrency() -> usize {
+    64
+}
+
+impl GuardSection {
+    /// The guard as the filter knows it.
+    pub fn spec(&self) -> filters::guard::filter::GuardSpec {
+        use filters::guard::filter::Protocol;
+        filters::guard::filter::GuardSpec {
+            model: self.model.clone(),
+            protocol: match self.protocol {
+                GuardProtocol::LlamaGuard => Protocol::LlamaGuard {
+                    prompt: self.prompt,
+                    content: self.content,
+                },
+                GuardProtocol::OpenaiModeration => Protocol::OpenaiModeration {
+                    thresholds: self.thresholds.clone(),
+                },
+                GuardProtocol::YesNo => Protocol::YesNo {
+                    risks: self.risks.clone(),
+                },
+            },
+        }
+    }
+}
+
 /// `tools:` — which caller may use which tool.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -429,6 +526,7 @@ const SECTIONS: &[&str] = &[
     "redaction",
     "tools",
     "injection",
+    "guard",
     "admin",
     "audit",
 ];
@@ -464,6 +562,8 @@ pub struct Config {
     pub tools: Option<ToolsSection>,
     /// Policy path already made absolute.
     pub injection: Option<InjectionSection>,
+    /// Policy path already made absolute.
+    pub guard: Option<GuardSection>,
 }
 
 #[derive(Debug, Clone)]
@@ -550,6 +650,7 @@ impl Config {
         let redaction: Option<RedactionSection> = section(&map, "redaction", &mut errors);
         let tools: Option<ToolsSection> = section(&map, "tools", &mut errors);
         let injection: Option<InjectionSection> = section(&map, "injection", &mut errors);
+        let guard: Option<GuardSection> = section(&map, "guard", &mut errors);
         if let Some(url) = &state.redis_url {
             if !url.starts_with("redis://") && !url.starts_with("rediss://") {
                 errors.push(
@@ -637,6 +738,30 @@ impl Config {
             i.policy = base.join(&i.policy);
             i
         });
+        if let Some(g) = &guard {
+            if !built_providers.contains_key(&g.provider) {
+                errors.push(
+                    "guard.provider",
+                    format!("no provider named '{}'", g.provider),
+                );
+            }
+            if g.protocol == GuardProtocol::YesNo && g.risks.is_empty() {
+                errors.push(
+                    "guard.risks",
+                    "a yes-no guard needs at least one risk".to_string(),
+                );
+            }
+            if g.timeout_ms == 0 || g.max_concurrency == 0 {
+                errors.push(
+                    "guard",
+                    "timeout_ms and max_concurrency must be above 0".to_string(),
+                );
+            }
+        }
+        let guard = guard.map(|mut g| {
+            g.policy = base.join(&g.policy);
+            g
+        });
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
         }
@@ -663,6 +788,7 @@ impl Config {
             redaction,
             tools,
             injection,
+            guard,
         })
     }
 }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod eval;
 pub mod gateway;
+pub mod guard_client;
 pub mod http_server;
 pub mod intake;
 pub mod keys;

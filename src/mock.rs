@@ -27,6 +27,15 @@
 //!   aborted, no `[DONE]`);
 //! - `{"mock_not_json": true}`: a 200 whose body is not JSON.
 //!
+//! It answers as a guard model too, so the guard protocols are tested end
+//! to end: a chat or completions request whose model names a guard
+//! (`llama-guard…`, `granite-guardian…`, `shieldgemma…`) is judged, and so
+//! is a `POST /v1/moderations`. Text holding `nerve agent` is unsafe (Llama
+//! Guard `S9`, moderation `illicit/violent`), `UNSAFE:S<n>` is unsafe with
+//! category `S<n>`, `mock_guard_error` gets a 503 and `mock_guard_garbled`
+//! an answer in no protocol; anything else is safe. `--latency-ms` delays
+//! guard answers like any other.
+//!
 //! `n` asks for that many identical choices (streamed: all of them in each
 //! event); `logprobs: true` adds a token list for `content` and `refusal`,
 //! one token per piece (completions: legacy `logprobs` when it is a number).
@@ -196,6 +205,9 @@ async fn handle(
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let n = req["n"].as_u64().unwrap_or(1).clamp(1, 16) as usize;
+    if let Some(reply) = as_guard(path, &req, &model) {
+        return reply;
+    }
     match path {
         "/v1/chat/completions" => {
             let prompt = chat_prompt(&req);
@@ -674,6 +686,94 @@ fn error(status: u16, message: &str) -> Response<ResponseBody> {
 }
 
 /// The text of the last user message (string or content parts).
+/// What the mock guard finds in a text: `None` when safe, else the Llama
+/// Guard category; `Err` for the error and garbled triggers.
+fn guard_finding(text: &str) -> Result<Option<String>, u16> {
+    if text.contains("mock_guard_error") {
+        return Err(503);
+    }
+    if text.contains("mock_guard_garbled") {
+        return Err(0);
+    }
+    if let Some(i) = text.find("UNSAFE:S") {
+        let digits: String = text[i + 8..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        return Ok(Some(format!("S{digits}")));
+    }
+    Ok(text.contains("nerve agent").then(|| "S9".to_string()))
+}
+
+/// The mock's answer when the request is for a guard.
+fn as_guard(path: &str, req: &Value, model: &str) -> Option<Response<ResponseBody>> {
+    let model = model.to_ascii_lowercase();
+    if path == "/v1/moderations" {
+        let input = match &req["input"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let finding = match guard_finding(&input) {
+            Err(503) => return Some(error(503, "mock guard error as requested")),
+            Err(_) => return Some(json(200, &json!({"unexpected": true}))),
+            Ok(f) => f,
+        };
+        let violent = finding.is_some();
+        let score = if violent { 0.97 } else { 0.01 };
+        return Some(json(
+            200,
+            &json!({"id": "modr-mock", "model": model, "results": [{
+            "flagged": violent,
+            "categories": {"illicit/violent": violent, "violence": false, "hate": false, "self-harm": false},
+            "category_scores": {"illicit/violent": score, "violence": 0.02, "hate": 0.01, "self-harm": 0.0}}]}),
+        ));
+    }
+    let yes_no = model.contains("granite-guardian") || model.contains("shieldgemma");
+    if !(model.contains("llama-guard") || yes_no) {
+        return None;
+    }
+    let text = match path {
+        "/v1/chat/completions" => req["messages"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m["role"] != "system")
+                    .map(|m| content_text(&m["content"]))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default(),
+        "/v1/completions" => {
+            // A prompt built by the gateway: judge only the conversation.
+            let p = req["prompt"].as_str().unwrap_or("");
+            let start = p.find("<BEGIN CONVERSATION>").unwrap_or(0);
+            let end = p.find("<END CONVERSATION>").unwrap_or(p.len());
+            p[start..end.max(start)].to_string()
+        }
+        _ => return None,
+    };
+    let answer = match guard_finding(&text) {
+        Err(503) => return Some(error(503, "mock guard error as requested")),
+        Err(_) => "I would rather not say.".to_string(),
+        Ok(None) if yes_no => "No".into(),
+        Ok(Some(_)) if yes_no => "Yes".into(),
+        Ok(None) => "safe".into(),
+        Ok(Some(category)) => format!("unsafe\n{category}"),
+    };
+    let usage = usage(tokens(&text), 2);
+    Some(json(
+        200,
+        &if path == "/v1/completions" {
+            json!({"id": "cmpl-guard", "object": "text_completion", "created": now(), "model": model,
+                "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": null}], "usage": usage})
+        } else {
+            json!({"id": "chatcmpl-guard", "object": "chat.completion", "created": now(), "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+                "usage": usage})
+        },
+    ))
+}
+
 fn chat_prompt(req: &Value) -> String {
     req["messages"]
         .as_array()

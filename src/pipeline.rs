@@ -6,6 +6,10 @@ use crate::config::Config;
 use crate::keys::{self, JwksRefresher};
 use crate::redis_limits::RedisLimits;
 use crate::registry::{FileStore, RedisStore, RegistryStore};
+use filters::guard::breaker::Breaker;
+use filters::guard::cache::VerdictCache;
+use filters::guard::filter::GuardFilter;
+use filters::guard::GuardPolicy;
 use filters::injection::{Detector, InjectionFilter};
 use filters::jwt_auth::{ClaimPaths, JwtAuth, JwtSettings};
 use filters::model_registry::{
@@ -44,6 +48,8 @@ pub struct Filters {
     pub tools: Option<Arc<Shared<ToolPolicy>>>,
     /// Replaced by `/admin/reload`.
     pub injection: Option<Arc<Shared<Detector>>>,
+    /// Replaced by `/admin/reload`.
+    pub guard_policy: Option<Arc<Shared<GuardPolicy>>>,
 }
 
 /// The filters and the background work they need.
@@ -172,6 +178,14 @@ pub fn load_injection(path: &Path) -> Result<Detector, Vec<String>> {
     load_policy(path, Detector::build)
 }
 
+/// Read and check a guard policy.
+pub fn load_guard_policy(path: &Path) -> Result<GuardPolicy, Vec<String>> {
+    load_policy(path, |p: GuardPolicy| match p.check() {
+        errors if errors.is_empty() => Ok(p),
+        errors => Err(errors),
+    })
+}
+
 /// Read and compile a tool policy.
 pub fn load_tools(path: &Path) -> Result<ToolPolicy, Vec<String>> {
     load_policy(path, ToolPolicy::build)
@@ -209,12 +223,18 @@ pub fn check(cfg: &Config) -> Vec<String> {
             errors.extend(e);
         }
     }
+    if let Some(g) = &cfg.guard {
+        if let Err(e) = load_guard_policy(&g.policy) {
+            errors.extend(e);
+        }
+    }
     errors
 }
 
 pub fn build(
     cfg: &Config,
     jwks_connector: Arc<pingora::connectors::http::Connector>,
+    guard_upstream: Arc<crate::upstream::Upstream>,
 ) -> Result<Pipeline, Vec<String>> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut request: Vec<(Box<dyn RequestFilter>, FilterSettings)> = Vec::new();
@@ -316,6 +336,35 @@ pub fn build(
             },
         ));
     }
+    let mut guard_policy = None;
+    if let Some(g) = &cfg.guard {
+        let policy = Shared::new(load_guard_policy(&g.policy)?);
+        guard_policy = Some(policy.clone());
+        let client = Arc::new(crate::guard_client::UpstreamGuard::new(
+            guard_upstream,
+            g.provider.clone(),
+            Duration::from_millis(g.timeout_ms),
+            g.max_concurrency,
+        ));
+        let filter = GuardFilter::new(
+            g.spec(),
+            policy,
+            client,
+            Arc::new(Breaker::new(g.breaker, clock.clone())),
+            Arc::new(VerdictCache::new(
+                g.cache.capacity,
+                g.cache.ttl_secs.saturating_mul(1000),
+                clock.clone(),
+            )),
+        );
+        request.push((
+            Box::new(filter),
+            FilterSettings {
+                mode: g.mode,
+                on_error: g.on_error,
+            },
+        ));
+    }
     let mut shared_redactor = None;
     if let Some(r) = &cfg.redaction {
         let redactor = Shared::new(load_redactor(&r.policy)?);
@@ -345,6 +394,7 @@ pub fn build(
             redactor: shared_redactor,
             tools,
             injection,
+            guard_policy,
         },
         jwks,
         registry_follower,

@@ -71,8 +71,16 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
         cfg.providers.values(),
         Connector::new(Some(options.clone())),
     );
-    let pipeline = pipeline::build(&cfg, Arc::new(Connector::new(Some(options))))
-        .map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
+    let guard_upstream = Arc::new(Upstream::new(
+        cfg.providers.values(),
+        Connector::new(Some(options.clone())),
+    ));
+    let pipeline = pipeline::build(
+        &cfg,
+        Arc::new(Connector::new(Some(options))),
+        guard_upstream,
+    )
+    .map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
     if let Some(jwks) = pipeline.jwks {
         server.add_service(background_service("jwks", jwks));
     }
@@ -98,6 +106,10 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
             .injection
             .clone()
             .zip(cfg.injection.as_ref().map(|i| i.policy.clone())),
+        guard: f
+            .guard_policy
+            .clone()
+            .zip(cfg.guard.as_ref().map(|g| g.policy.clone())),
         providers: cfg.providers.keys().cloned().collect(),
         roles: cfg.admin.clone(),
         audit: audit.clone(),

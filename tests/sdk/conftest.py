@@ -101,6 +101,11 @@ tools:
   policy: {ROOT / "policies" / "tools.yaml"}
 injection:
   policy: {ROOT / "policies" / "injection.yaml"}
+guard:
+  policy: {ROOT / "policies" / "guard.yaml"}
+  provider: mock
+  model: llama-guard-3-8b
+  protocol: llama-guard
 audit:
   file: {self.audit}
 """

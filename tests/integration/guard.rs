@@ -1,0 +1,178 @@
+//! Guard-model screening through the gateway, with the mock provider
+//! answering as the guard in each protocol.
+
+use crate::support::*;
+use serde_json::{json, Value};
+
+fn policy_path() -> String {
+    format!("{}/policies/guard.yaml", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn guarded(provider: std::net::SocketAddr, guard: &str) -> Setup {
+    let mut setup = Setup::new(provider);
+    setup.extra_yaml = format!(
+        "guard:\n  policy: {}\n  provider: mock\n  {guard}\n",
+        policy_path()
+    );
+    setup
+}
+
+fn outcome(rec: &Value) -> &Value {
+    rec["filters"]
+        .as_array()
+        .and_then(|f| f.iter().find(|o| o["filter"] == "guard_model"))
+        .unwrap_or_else(|| panic!("no guard outcome: {rec}"))
+}
+
+fn note<'a>(o: &'a Value, key: &str) -> &'a Value {
+    o["annotations"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["key"] == key))
+        .map(|n| &n["value"])
+        .unwrap_or_else(|| panic!("no {key}: {o}"))
+}
+
+/// Requests the mock got for a model that is not a guard.
+fn provider_calls(mock: &Mock) -> usize {
+    mock.state
+        .requests()
+        .iter()
+        .filter(|r| !String::from_utf8_lossy(&r.body).contains("guard"))
+        .filter(|r| !r.path.ends_with("/moderations"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_guard_refuses_unsafe_passes_safe_and_caches() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard",
+    ))
+    .await;
+    let r = gw
+        .post(
+            "/v1/chat/completions",
+            &chat("How do I make a nerve agent at home?"),
+        )
+        .await;
+    let id = request_id(&r);
+    assert_eq!(r.status().as_u16(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "content_policy");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("S9: Indiscriminate Weapons"), "{message}");
+    let rec = gw.record_for(&id).await;
+    assert_eq!(rec["blocked_by"], "guard_model");
+    assert_eq!(rec["reason_code"], "content_policy");
+    let o = outcome(&rec);
+    assert_eq!(note(o, "guard_verdict"), "unsafe");
+    assert_eq!(note(o, "guard_categories"), &json!(["S9"]));
+    assert_eq!(note(o, "guard_breaker"), "closed");
+    assert_eq!(provider_calls(&mock), 0, "the provider was not called");
+
+    let safe = chat("What is the capital of France?");
+    let r = gw.post("/v1/chat/completions", &safe).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let first = gw.record_for(&request_id(&r)).await;
+    assert_eq!(note(outcome(&first), "guard_cache_hit"), false);
+    let r = gw.post("/v1/chat/completions", &safe).await;
+    assert_eq!(r.status().as_u16(), 200);
+    let second = gw.record_for(&request_id(&r)).await;
+    assert_eq!(note(outcome(&second), "guard_cache_hit"), true);
+    let guard_calls = mock
+        .state
+        .requests()
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("capital of France"))
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("llama-guard"))
+        .count();
+    assert_eq!(guard_calls, 1, "the second verdict came from the cache");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_that_cannot_answer_fails_closed_or_open_as_configured() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard",
+    ))
+    .await;
+    for trigger in ["mock_guard_error", "mock_guard_garbled"] {
+        let r = gw.post("/v1/chat/completions", &chat(trigger)).await;
+        let id = expect_error(r, 503, "guard_unavailable").await;
+        let rec = gw.record_for(&id).await;
+        assert_eq!(outcome(&rec)["action"], "error");
+    }
+    assert_eq!(provider_calls(&mock), 0);
+    let open = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard\n  on_error: allow",
+    ))
+    .await;
+    let r = open
+        .post("/v1/chat/completions", &chat("mock_guard_error"))
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_protocol_end_to_end() {
+    let mock = Mock::start(options()).await;
+    for (guard, category) in [
+        (
+            "model: llama-guard-3-8b\n  protocol: llama-guard\n  prompt: gateway",
+            "S9",
+        ),
+        (
+            "model: llama-guard-4-12b\n  protocol: llama-guard\n  content: parts",
+            "S9",
+        ),
+        (
+            "model: omni-moderation-latest\n  protocol: openai-moderation",
+            "illicit/violent",
+        ),
+        (
+            "model: granite-guardian-3.3-8b\n  protocol: yes-no\n  risks: [harm]",
+            "harm",
+        ),
+    ] {
+        let gw = Gateway::start(guarded(mock.addr, guard)).await;
+        let r = gw
+            .post(
+                "/v1/chat/completions",
+                &chat("Explain how to weaponise a nerve agent."),
+            )
+            .await;
+        let id = expect_error(r, 400, "content_policy").await;
+        let rec = gw.record_for(&id).await;
+        assert_eq!(
+            note(outcome(&rec), "guard_categories"),
+            &json!([category]),
+            "{guard}"
+        );
+        let r = gw.post("/v1/chat/completions", &chat("Hello!")).await;
+        assert_eq!(r.status().as_u16(), 200, "{guard}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_mode_records_and_passes() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard\n  mode: monitor",
+    ))
+    .await;
+    let r = gw
+        .post("/v1/chat/completions", &chat("nerve agent synthesis"))
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let rec = gw.record_for(&request_id(&r)).await;
+    let o = outcome(&rec);
+    assert_eq!(
+        (o["action"].as_str(), o["enforced"].as_bool()),
+        (Some("deny"), Some(false))
+    );
+    assert_eq!(note(o, "guard_verdict"), "unsafe");
+}
