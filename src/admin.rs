@@ -88,6 +88,7 @@ pub struct AdminApi {
     pub tools: Option<(Arc<Shared<ToolPolicy>>, PathBuf)>,
     pub injection: Option<(Arc<Shared<Detector>>, PathBuf)>,
     pub guard: Option<(Arc<Shared<filters::guard::GuardPolicy>>, PathBuf)>,
+    pub guard_breaker: Option<Arc<filters::guard::breaker::Breaker>>,
     pub providers: BTreeSet<String>,
     pub roles: AdminSection,
     pub audit: AuditLog,
@@ -179,6 +180,14 @@ async fn handle(
             }
         }
         Ok(("/metrics", _)) => {
+            if let Some(b) = &api.guard_breaker {
+                use filters::guard::breaker::State;
+                metrics::GUARD_BREAKER.set(match b.state() {
+                    State::Closed => 0,
+                    State::HalfOpen => 1,
+                    State::Open => 2,
+                });
+            }
             let mut r = Response::new(full(metrics::render()));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,

@@ -92,6 +92,15 @@ pub static PANICS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+pub static GUARD_BREAKER: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge_with_registry!(
+        "portcullis_guard_breaker_state",
+        "The guard model's circuit breaker: 0 closed, 1 half-open (a probe is allowed), 2 open (calls are not made).",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
 /// Make every metric appear in `/metrics` from the start, before it is used.
 pub fn init() {
     LazyLock::force(&REQUESTS);
@@ -102,6 +111,7 @@ pub fn init() {
     LazyLock::force(&AUDIT_RECORDS_WRITTEN);
     LazyLock::force(&AUDIT_WRITE_ERRORS);
     LazyLock::force(&PANICS);
+    LazyLock::force(&GUARD_BREAKER);
 }
 
 /// The Prometheus text exposition of every metric.

@@ -50,6 +50,8 @@ pub struct Filters {
     pub injection: Option<Arc<Shared<Detector>>>,
     /// Replaced by `/admin/reload`.
     pub guard_policy: Option<Arc<Shared<GuardPolicy>>>,
+    /// Its state is shown in `/metrics`.
+    pub guard_breaker: Option<Arc<Breaker>>,
 }
 
 /// The filters and the background work they need.
@@ -337,6 +339,7 @@ pub fn build(
         ));
     }
     let mut guard_policy = None;
+    let mut guard_breaker = None;
     if let Some(g) = &cfg.guard {
         let policy = Shared::new(load_guard_policy(&g.policy)?);
         guard_policy = Some(policy.clone());
@@ -346,11 +349,13 @@ pub fn build(
             Duration::from_millis(g.timeout_ms),
             g.max_concurrency,
         ));
+        let breaker = Arc::new(Breaker::new(g.breaker, clock.clone()));
+        guard_breaker = Some(breaker.clone());
         let filter = GuardFilter::new(
             g.spec(),
             policy,
             client,
-            Arc::new(Breaker::new(g.breaker, clock.clone())),
+            breaker,
             Arc::new(VerdictCache::new(
                 g.cache.capacity,
                 g.cache.ttl_secs.saturating_mul(1000),
@@ -395,6 +400,7 @@ pub fn build(
             tools,
             injection,
             guard_policy,
+            guard_breaker,
         },
         jwks,
         registry_follower,

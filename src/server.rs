@@ -106,6 +106,7 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
             .injection
             .clone()
             .zip(cfg.injection.as_ref().map(|i| i.policy.clone())),
+        guard_breaker: f.guard_breaker.clone(),
         guard: f
             .guard_policy
             .clone()

@@ -176,3 +176,80 @@ async fn monitor_mode_records_and_passes() {
     );
     assert_eq!(note(o, "guard_verdict"), "unsafe");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guard_slower_than_its_timeout_is_unavailable() {
+    let mut slow = options();
+    slow.latency_ms = 1_500;
+    let mock = Mock::start(slow).await;
+    let gw = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard\n  timeout_ms: 100",
+    ))
+    .await;
+    let r = gw.post("/v1/chat/completions", &chat("Hello")).await;
+    let id = expect_error(r, 503, "guard_unavailable").await;
+    let rec = gw.record_for(&id).await;
+    let reason = outcome(&rec)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("within 100 ms"), "{reason}");
+    assert_eq!(provider_calls(&mock), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_and_metrics_show_it() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard\n  breaker: { failures: 2, window_ms: 60000, open_ms: 60000 }",
+    ))
+    .await;
+    let state = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("portcullis_guard_breaker_state "))
+            .map(str::to_string)
+    };
+    let metrics = reqwest::get(format!("{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        state(&metrics).as_deref(),
+        Some("portcullis_guard_breaker_state 0")
+    );
+    for _ in 0..2 {
+        let r = gw
+            .post("/v1/chat/completions", &chat("mock_guard_error"))
+            .await;
+        expect_error(r, 503, "guard_unavailable").await;
+    }
+    let before = mock.state.requests().len();
+    let r = gw
+        .post("/v1/chat/completions", &chat("a perfectly fine question"))
+        .await;
+    let id = expect_error(r, 503, "guard_unavailable").await;
+    assert_eq!(
+        mock.state.requests().len(),
+        before,
+        "an open breaker makes no call"
+    );
+    let rec = gw.record_for(&id).await;
+    assert!(outcome(&rec)["reason"]
+        .as_str()
+        .unwrap()
+        .contains("circuit breaker"));
+    let metrics = reqwest::get(format!("{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        state(&metrics).as_deref(),
+        Some("portcullis_guard_breaker_state 2")
+    );
+}
