@@ -435,6 +435,19 @@ pub struct GuardSection {
     pub breaker: filters::guard::breaker::BreakerSettings,
     #[serde(default)]
     pub cache: GuardCacheSection,
+    /// `sequential`: the provider is called after a safe verdict;
+    /// `parallel`: at once, beside the guard, and nothing of its reply
+    /// reaches the client before a safe verdict.
+    #[serde(default)]
+    pub timing: GuardTiming,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardTiming {
+    #[default]
+    Sequential,
+    Parallel,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -18,7 +18,8 @@ use bytes::Bytes;
 use filters::model_registry::ModelGate;
 use filters::rate_limit::{RateLimiter, Reservation};
 use filters::{
-    ErrorCode, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent, SseFramer,
+    ErrorCode, FilterKind, Rejection, RequestView, ResponseChain, ResponseContext, Route, SseEvent,
+    SseFramer,
 };
 use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
@@ -100,7 +101,12 @@ impl Gateway {
             stream,
             client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
         };
-        let report = self.chain.run(&view).await;
+        // In parallel timing the guard runs later, beside the provider call.
+        let parallel = self.parallel_guard();
+        let report = self
+            .chain
+            .run_filtered(&view, |k| !(parallel && k == FilterKind::GuardModel))
+            .await;
         for o in &report.outcomes {
             metrics::FILTER_SECONDS
                 .with_label_values(&[o.filter.as_str()])
@@ -123,6 +129,13 @@ impl Gateway {
             strip_tools: report.strip_tools,
             body: report.body,
         }
+    }
+
+    fn parallel_guard(&self) -> bool {
+        self.cfg
+            .guard
+            .as_ref()
+            .is_some_and(|g| g.timing == crate::config::GuardTiming::Parallel)
     }
 
     /// `GET /v1/models` and `GET /v1/models/{id}`: the models the caller
@@ -265,6 +278,13 @@ impl Gateway {
         ctx.strip_usage = parsed.stream
             && !ctx.reservations.is_empty()
             && parsed.json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true));
+        // The guard, in parallel timing, reads the request as it came.
+        let guard_body = if self.parallel_guard() {
+            parsed.json.clone()
+        } else {
+            Value::Null
+        };
+        let parsed_model = parsed.model.clone();
         let strip = screened.strip_tools;
         let rewritten = screened.body;
         let out_body = if upstream_model == parsed.model
@@ -295,16 +315,78 @@ impl Gateway {
             ..Default::default()
         };
         let sent = Instant::now();
-        let result = self
-            .upstream
-            .post(
+        let request_id = ctx.rec.request_id.clone();
+        let principal = ctx.principal.clone();
+        let parallel = self.parallel_guard();
+        let (guard_report, result) = {
+            let post = self.upstream.post(
                 &provider,
                 route.upstream_path(),
-                &ctx.rec.request_id,
+                &request_id,
                 out_body,
                 parsed.stream,
-            )
-            .await;
+            );
+            if parallel {
+                // The provider call starts at once; the guard runs beside
+                // it. Nothing is relayed before both are done, and an
+                // unsafe verdict drops the provider call (its connection
+                // is closed).
+                let view = RequestView {
+                    request_id: &request_id,
+                    authorization: None,
+                    principal: principal.as_ref(),
+                    dry_run: false,
+                    route,
+                    body: &guard_body,
+                    model: Some(&parsed_model),
+                    stream: parsed.stream,
+                    client_ip: None,
+                };
+                let guard = self
+                    .chain
+                    .run_filtered(&view, |k| k == FilterKind::GuardModel);
+                tokio::pin!(post);
+                tokio::pin!(guard);
+                tokio::select! {
+                    report = &mut guard => {
+                        if report.rejection.is_some() {
+                            (Some(report), None)
+                        } else {
+                            (Some(report), Some(post.as_mut().await))
+                        }
+                    }
+                    result = &mut post => (Some(guard.as_mut().await), Some(result)),
+                }
+            } else {
+                (None, Some(post.await))
+            }
+        };
+        if let Some(mut report) = guard_report {
+            for o in &mut report.outcomes {
+                metrics::FILTER_SECONDS
+                    .with_label_values(&[o.filter.as_str()])
+                    .observe(o.latency_us as f64 / 1e6);
+                for a in &mut o.annotations {
+                    if a.key == "guard_timing" {
+                        a.value = json!("parallel");
+                    }
+                }
+            }
+            ctx.rec.filters.extend(report.outcomes);
+            if let Some((kind, r)) = report.rejection {
+                upstream.error = Some("cancelled: the guard judged the request unsafe".into());
+                ctx.rec.upstream = Some(upstream);
+                if let Some(Ok(exchange)) = result {
+                    exchange.finish().await;
+                }
+                self.refuse(s, ctx, kind.as_str(), r).await;
+                return self.settle(ctx, Some(0)).await;
+            }
+        }
+        let Some(result) = result else {
+            // Only an unsafe verdict leaves the call unmade (above).
+            return self.internal_error(s, ctx).await;
+        };
         let latency = sent.elapsed();
         upstream.latency_ms = Some(latency.as_secs_f64() * 1e3);
         metrics::UPSTREAM_SECONDS

@@ -244,8 +244,18 @@ impl Chain {
     }
 
     pub async fn run(&self, request: &RequestView<'_>) -> ChainReport {
+        self.run_filtered(request, |_| true).await
+    }
+
+    /// Run only the filters `keep` accepts, in the chain's order (the
+    /// gateway runs the guard model beside the provider call this way).
+    pub async fn run_filtered(
+        &self,
+        request: &RequestView<'_>,
+        keep: impl Fn(FilterKind) -> bool,
+    ) -> ChainReport {
         let mut report = ChainReport::default();
-        for (filter, settings) in &self.filters {
+        for (filter, settings) in self.filters.iter().filter(|(f, _)| keep(f.kind())) {
             let view = RequestView {
                 principal: report.principal.as_ref().or(request.principal),
                 ..*request
