@@ -764,6 +764,14 @@ impl Config {
                     "a yes-no guard needs at least one risk".to_string(),
                 );
             }
+            for (category, t) in &g.thresholds {
+                if !(0.0..=1.0).contains(t) {
+                    errors.push(
+                        &format!("guard.thresholds.{category}"),
+                        format!("{t} is not a score in [0, 1]"),
+                    );
+                }
+            }
             if g.timeout_ms == 0 || g.max_concurrency == 0 {
                 errors.push(
                     "guard",

@@ -380,7 +380,9 @@ impl Gateway {
                     exchange.finish().await;
                 }
                 self.refuse(s, ctx, kind.as_str(), r).await;
-                return self.settle(ctx, Some(0)).await;
+                // The provider may have generated already: the budget
+                // keeps what was reserved.
+                return self.settle(ctx, None).await;
             }
         }
         let Some(result) = result else {

@@ -6,7 +6,7 @@
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use bytes::Bytes;
-use filters::guard::filter::GuardClient;
+use filters::guard::filter::{CallError, GuardClient};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,13 +40,13 @@ impl UpstreamGuard {
 
 #[async_trait]
 impl GuardClient for UpstreamGuard {
-    async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+    async fn post(&self, path: &str, body: Value) -> Result<Value, CallError> {
         // Over the cap: an error now (the filter's on_error decides), not
         // a queue that grows while the guard is slow.
         let _slot = self
             .slots
             .try_acquire()
-            .map_err(|_| "too many guard calls in flight".to_string())?;
+            .map_err(|_| CallError::Overloaded("too many guard calls in flight".into()))?;
         let call = async {
             let mut exchange = self
                 .upstream
@@ -58,18 +58,31 @@ impl GuardClient for UpstreamGuard {
                     false,
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| CallError::Unavailable(e.to_string()))?;
             let status = exchange.status();
-            let answer = exchange.body(MAX_ANSWER).await.map_err(|e| e.to_string())?;
+            let answer = exchange
+                .body(MAX_ANSWER)
+                .await
+                .map_err(|e| CallError::Unavailable(e.to_string()))?;
             exchange.finish().await;
-            if status != 200 {
-                return Err(format!("the guard answered {status}"));
+            match status {
+                200 => {}
+                400..=499 => {
+                    return Err(CallError::Rejected(format!("the guard answered {status}")))
+                }
+                _ => {
+                    return Err(CallError::Unavailable(format!(
+                        "the guard answered {status}"
+                    )))
+                }
             }
             serde_json::from_slice::<Value>(&answer)
-                .map_err(|e| format!("the guard's answer is not JSON: {e}"))
+                .map_err(|e| CallError::Rejected(format!("the guard's answer is not JSON: {e}")))
         };
         tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|_| format!("no answer within {} ms", self.timeout.as_millis()))?
+            .map_err(|_| {
+                CallError::Unavailable(format!("no answer within {} ms", self.timeout.as_millis()))
+            })?
     }
 }

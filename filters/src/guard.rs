@@ -202,60 +202,145 @@ fn message_text(m: &Value) -> Option<String> {
     }
 }
 
-/// The turns of a chat request (or a completions prompt) to send, cut to
-/// `max_chars` from the end; and whether anything was cut.
-pub fn turns(body: &Value, send: Messages, max_chars: usize) -> (Vec<Turn>, bool) {
-    let mut out = Vec::new();
+/// Why a request cannot be judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unjudgeable(pub &'static str);
+
+/// The turns of a chat request (or a completions prompt) to send, and
+/// whether anything was cut to fit `max_chars`.
+///
+/// System and developer messages are the caller's too (the caller writes
+/// the whole request) and are sent as user turns. With `last_user`, the
+/// last user turn that has text is sent, with the system messages; an
+/// assistant turn after it (a prefill the provider will continue) is
+/// joined to it, since guards judge only the last turn. Text longer than
+/// `max_chars` keeps its beginning and its end.
+pub fn turns(
+    body: &Value,
+    send: Messages,
+    max_chars: usize,
+) -> Result<(Vec<Turn>, bool), Unjudgeable> {
+    let mut all: Vec<Turn> = Vec::new();
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         for m in messages {
             let role = match m.get("role").and_then(Value::as_str) {
                 Some("assistant") => Role::Assistant,
                 Some("tool" | "function") => Role::Tool,
-                Some("system" | "developer") => continue,
                 _ => Role::User,
             };
-            let wanted = match send {
-                Messages::LastUser => role == Role::User,
-                Messages::Conversation => role != Role::Tool,
-                Messages::ConversationAndTools => true,
-            };
-            if let (true, Some(text)) = (wanted, message_text(m)) {
-                out.push(Turn { role, text });
+            if let Some(text) = message_text(m).filter(|t| !t.trim().is_empty()) {
+                all.push(Turn { role, text });
             }
         }
-        if send == Messages::LastUser {
-            out = out.pop().into_iter().collect();
-        }
     } else if let Some(prompt) = body.get("prompt") {
-        let text = match prompt {
-            Value::String(s) => s.clone(),
-            Value::Array(items) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join("\n"),
-            _ => String::new(),
-        };
-        out.push(Turn {
+        let parts: Vec<&str> =
+            match prompt {
+                Value::String(s) => vec![s.as_str()],
+                Value::Array(items) if items.iter().all(Value::is_string) => {
+                    items.iter().filter_map(Value::as_str).collect()
+                }
+                Value::Array(items) if items.is_empty() => Vec::new(),
+                _ => return Err(Unjudgeable(
+                    "a prompt given as token ids cannot be judged by the guard model; send text",
+                )),
+            };
+        let mut text = parts.join("\n");
+        if let Some(suffix) = body.get("suffix").and_then(Value::as_str) {
+            text.push('\n');
+            text.push_str(suffix);
+        }
+        all.push(Turn {
             role: Role::User,
             text,
         });
     }
-    // Keep the end: drop whole early turns, then cut the first kept one.
-    let mut total: usize = out.iter().map(|t| t.text.chars().count()).sum();
-    let cut = total > max_chars;
-    while total > max_chars && !out.is_empty() {
-        let first = out[0].text.chars().count();
-        if total - first >= max_chars && out.len() > 1 {
-            out.remove(0);
-            total -= first;
-        } else {
-            let keep = max_chars.saturating_sub(total - first);
-            out[0].text = out[0].text.chars().skip(first - keep).collect();
-            total = max_chars;
+    // Guards judge the last turn: a trailing assistant turn (a prefill)
+    // is read with the user turn before it.
+    let last_user = all.iter().rposition(|t| t.role == Role::User);
+    if let Some(u) = last_user {
+        let tail: Vec<String> = all
+            .drain(u + 1..)
+            .filter(|t| t.role == Role::Assistant)
+            .map(|t| t.text)
+            .collect();
+        if !tail.is_empty() {
+            all[u].text = format!("{}\n{}", all[u].text, tail.join("\n"));
         }
     }
-    (out, cut)
+    let mut out: Vec<Turn> = match send {
+        Messages::LastUser => {
+            let mut out: Vec<Turn> = Vec::new();
+            if let Some(u) = all.iter().rposition(|t| t.role == Role::User) {
+                // The system messages (users too here) before it, joined.
+                let mut text: Vec<&str> = all[..u]
+                    .iter()
+                    .filter(|t| t.role == Role::User && is_system_like(body, &t.text))
+                    .map(|t| t.text.as_str())
+                    .collect();
+                text.push(&all[u].text);
+                out.push(Turn {
+                    role: Role::User,
+                    text: text.join("\n"),
+                });
+            }
+            out
+        }
+        Messages::Conversation => all.into_iter().filter(|t| t.role != Role::Tool).collect(),
+        Messages::ConversationAndTools => all,
+    };
+    // Keep the beginning and the end: the first turn and as many of the
+    // last as fit, then cut the middle of each kept turn to its share.
+    let lens: Vec<usize> = out.iter().map(|t| t.text.chars().count()).collect();
+    if lens.iter().sum::<usize>() <= max_chars {
+        return Ok((out, false));
+    }
+    if out.len() > 2 {
+        // Keep out[from..]: the last turn, and those before it that fit.
+        let mut from = out.len() - 1;
+        let mut room = max_chars.saturating_sub(lens[0]).saturating_sub(lens[from]);
+        while from > 1 && lens[from - 1] <= room {
+            room -= lens[from - 1];
+            from -= 1;
+        }
+        let tail: Vec<Turn> = out.drain(from..).collect();
+        out.truncate(1);
+        out.extend(tail);
+    }
+    let mut left = max_chars;
+    let n = out.len();
+    for (i, t) in out.iter_mut().enumerate() {
+        let share = left / (n - i);
+        let len = t.text.chars().count();
+        if len > share {
+            let head = share / 2;
+            let tail = share - head;
+            let chars: Vec<char> = t.text.chars().collect();
+            t.text = chars[..head]
+                .iter()
+                .chain(std::iter::once(&'\n'))
+                .chain(chars[len - tail..].iter())
+                .collect();
+            left -= share;
+        } else {
+            left -= len;
+        }
+    }
+    Ok((out, true))
+}
+
+/// Whether `text` is the text of one of the request's system or
+/// developer messages.
+fn is_system_like(body: &Value, text: &str) -> bool {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .is_some_and(|ms| {
+            ms.iter().any(|m| {
+                matches!(
+                    m.get("role").and_then(Value::as_str),
+                    Some("system" | "developer")
+                ) && message_text(m).as_deref() == Some(text)
+            })
+        })
 }
 
 #[cfg(test)]

@@ -53,8 +53,9 @@ struct Inner {
     /// Times of recent errors (closed state).
     errors: VecDeque<u64>,
     opened_at: u64,
-    /// A half-open probe is in flight.
+    /// A half-open probe is in flight, since `probe_at`.
     probing: bool,
+    probe_at: u64,
 }
 
 pub struct Breaker {
@@ -82,6 +83,7 @@ impl Breaker {
                 errors: VecDeque::new(),
                 opened_at: 0,
                 probing: false,
+                probe_at: 0,
             }),
         }
     }
@@ -100,12 +102,25 @@ impl Breaker {
         i.state
     }
 
-    /// Open long enough: half-open.
+    /// Open long enough: half-open. A probe that never reported (its
+    /// call was dropped) is given up after the same time.
     fn advance(&self, i: &mut Inner, now: u64) {
         if i.state == State::Open && now.saturating_sub(i.opened_at) >= self.settings.open_ms {
             i.state = State::HalfOpen;
             i.probing = false;
         }
+        if i.state == State::HalfOpen
+            && i.probing
+            && now.saturating_sub(i.probe_at) >= self.settings.open_ms
+        {
+            i.probing = false;
+        }
+    }
+
+    /// A call that was not made (over the concurrency cap): a probe's
+    /// place is given back.
+    pub fn release(&self) {
+        self.lock().probing = false;
     }
 
     /// Ask before calling the guard.
@@ -119,6 +134,7 @@ impl Breaker {
             State::HalfOpen if i.probing => Permit::Refused,
             State::HalfOpen => {
                 i.probing = true;
+                i.probe_at = now;
                 Permit::Probe
             }
         }

@@ -22,11 +22,30 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Why a guard call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// No answer: timeout, connection, a 5xx. Counts toward the breaker.
+    Unavailable(String),
+    /// The call was not made: too many in flight.
+    Overloaded(String),
+    /// The guard answered, refusing what it was sent (a 4xx).
+    Rejected(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unavailable(m) | Self::Overloaded(m) | Self::Rejected(m) => f.write_str(m),
+        }
+    }
+}
+
 /// The gateway's side: POST `body` to `path` under the guard's provider
 /// and return the parsed JSON reply (the timeout is the client's).
 #[async_trait]
 pub trait GuardClient: Send + Sync {
-    async fn post(&self, path: &str, body: Value) -> Result<Value, String>;
+    async fn post(&self, path: &str, body: Value) -> Result<Value, CallError>;
 }
 
 /// Which protocol a guard speaks.
@@ -142,18 +161,26 @@ impl GuardFilter {
         if self.breaker.permit() == Permit::Refused {
             return Err("the guard's circuit breaker is open".into());
         }
-        let answer = match self.client.post(path, body).await {
-            Ok(reply) => self.read(&reply, risk).map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        match answer {
-            Ok(j) => {
+        // Only a guard that does not answer counts toward the breaker: a
+        // caller can make a guard refuse or ramble, or fill the cap, but
+        // must not be able to open the breaker for everyone.
+        match self.client.post(path, body).await {
+            Ok(reply) => {
                 self.breaker.success();
+                let j = self.read(&reply, risk).map_err(|e| e.to_string())?;
                 self.cache.put(k, j.clone());
                 Ok((j, false))
             }
-            Err(e) => {
+            Err(CallError::Unavailable(e)) => {
                 self.breaker.failure();
+                Err(e)
+            }
+            Err(CallError::Rejected(e)) => {
+                self.breaker.success();
+                Err(e)
+            }
+            Err(CallError::Overloaded(e)) => {
+                self.breaker.release();
                 Err(e)
             }
         }
@@ -171,8 +198,16 @@ impl RequestFilter for GuardFilter {
             return Ok(Decision::Allow.into());
         }
         let policy = self.policy.get();
-        let (turns, cut) = turns(view.body, policy.send, policy.max_chars);
-        if turns.iter().all(|t| t.text.trim().is_empty()) {
+        let (turns, cut) = match turns(view.body, policy.send, policy.max_chars) {
+            Ok(t) => t,
+            Err(super::Unjudgeable(why)) => {
+                return Ok(
+                    Decision::Deny(Rejection::about_input(ErrorCode::InvalidRequest, why)).into(),
+                )
+            }
+        };
+        if turns.is_empty() {
+            // No text at all (an empty conversation): nothing to judge.
             return Ok(Decision::Allow.into());
         }
         let started = Instant::now();

@@ -74,13 +74,13 @@ pub fn llama_guard_request(
                 .collect();
             (
                 "/chat/completions",
-                json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": 20}),
+                json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": 32}),
             )
         }
         LlamaGuardPrompt::Gateway => (
             "/completions",
             json!({"model": model, "prompt": llama_guard_prompt(turns, categories),
-                "temperature": 0, "max_tokens": 20}),
+                "temperature": 0, "max_tokens": 32}),
         ),
     }
 }
@@ -105,14 +105,32 @@ pub fn llama_guard_prompt(turns: &[Turn], categories: &[(String, String)]) -> St
             super::Role::Assistant => "Agent",
             _ => "User",
         };
-        // The conversation's own text must not close the section.
-        let text = t.text.replace("<END CONVERSATION>", "< END CONVERSATION >");
-        p += &format!("{who}: {text}\n\n");
+        p += &format!("{who}: {}\n\n", neutral(&t.text));
     }
     p += &format!(
         "<END CONVERSATION>\n\nProvide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line must include a comma-separated list of violated categories.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     );
     p
+}
+
+/// A turn's text made unable to pose as the prompt's own structure: no
+/// special tokens (`<|…|>`), no section markers, no line that starts a
+/// turn (`User:`, `Agent:`) of its own.
+fn neutral(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let lower = line.trim_start().to_ascii_lowercase();
+        if lower.starts_with("user") || lower.starts_with("agent") || lower.starts_with('<') {
+            out.push_str("| ");
+        }
+        out.push_str(line);
+    }
+    out.replace("<|", "< |")
+        .replace("|>", "| >")
+        .replace(['<', '>'], " ")
 }
 
 /// The generated text of a chat or completions reply.
@@ -141,24 +159,20 @@ pub fn parse_llama_guard(text: &str) -> Result<Judgement, Unreadable> {
     match first.as_str() {
         "safe" => Ok(Judgement::Safe),
         "unsafe" => {
-            let categories = match lines.next() {
-                None => Vec::new(),
-                Some(line) => line
-                    .split([',', ' '])
-                    .map(|c| c.trim().trim_end_matches('.').to_ascii_uppercase())
-                    .filter(|c| !c.is_empty())
-                    .map(|c| {
-                        if c.len() > 1
-                            && c.starts_with('S')
-                            && c[1..].bytes().all(|b| b.is_ascii_digit())
-                        {
-                            Ok(c)
-                        } else {
-                            Err(unreadable(format!("category {c:?}")))
-                        }
-                    })
-                    .collect::<Result<_, _>>()?,
-            };
+            // Unsafe is unsafe whatever follows: codes the policy does not
+            // know (Llama Guard 1/2's `O1`, a name, a list cut short) are
+            // passed on for its `unknown_category`.
+            let categories = lines
+                .next()
+                .map(|line| {
+                    line.split([',', ' '])
+                        .map(|c| c.trim().trim_end_matches('.').to_ascii_uppercase())
+                        .filter(|c| !c.is_empty())
+                        .take(32)
+                        .map(|c| c.chars().take(40).collect())
+                        .collect()
+                })
+                .unwrap_or_default();
             Ok(Judgement::Unsafe(categories))
         }
         other => Err(unreadable(format!("first line {other:?}"))),
@@ -191,6 +205,8 @@ pub fn parse_moderation(
             .get("category_scores")
             .and_then(Value::as_object)
             .ok_or_else(|| unreadable("no category_scores"))?;
+        let flagged_result = r.get("flagged").and_then(Value::as_bool) == Some(true);
+        let before = hit.len();
         for (name, flagged) in categories {
             let flagged = flagged
                 .as_bool()
@@ -206,6 +222,10 @@ pub fn parse_moderation(
             if over && !hit.contains(name) {
                 hit.push(name.clone());
             }
+        }
+        // Flagged with no category that counts: unsafe all the same.
+        if flagged_result && hit.len() == before && thresholds.is_empty() {
+            hit.push("unspecified".into());
         }
     }
     Ok(if hit.is_empty() {
@@ -265,7 +285,8 @@ pub fn yes_no_request(model: &str, risk: &str, turns: &[Turn]) -> (&'static str,
     );
     (
         "/chat/completions",
-        json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": 20,
+        // Room for a `<think>` block before the verdict (Granite 3.3).
+        json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": 512,
             "chat_template_kwargs": {"guardian_config": {"risk_name": risk}}}),
     )
 }

@@ -37,16 +37,18 @@ fn llama_guard_answers_are_read_leniently_and_nothing_else_is_safe() {
         Ok(Judgement::Unsafe(vec!["S9".into(), "S14".into()]))
     );
     assert_eq!(parse_llama_guard("unsafe"), Ok(Judgement::Unsafe(vec![])));
-    for bad in [
-        "",
-        "   ",
-        "I think it is safe",
-        "maybe",
-        "unsafe\nviolence",
-        "safe-ish",
-    ] {
+    for bad in ["", "   ", "I think it is safe", "maybe", "safe-ish"] {
         assert!(parse_llama_guard(bad).is_err(), "{bad:?}");
     }
+    // Unsafe is unsafe, whatever the codes (the policy's unknown_category
+    // decides what unknown ones lead to).
+    assert_eq!(
+        parse_llama_guard(
+            "unsafe
+O1, violence"
+        ),
+        Ok(Judgement::Unsafe(vec!["O1".into(), "VIOLENCE".into()]))
+    );
     let reply = json!({"choices": [{"message": {"role": "assistant", "content": "unsafe\nS2"}}]});
     assert_eq!(completion_text(&reply), Ok("unsafe\nS2"));
     let legacy = json!({"choices": [{"text": "safe"}]});
@@ -136,6 +138,14 @@ fn moderation_replies_use_thresholds_or_the_flag() {
         &strict
     )
     .is_err());
+    // Flagged with no category set: unsafe all the same.
+    assert_eq!(
+        parse_moderation(
+            &json!({"results": [{"flagged": true, "categories": {}, "category_scores": {}}]}),
+            &none
+        ),
+        Ok(Judgement::Unsafe(vec!["unspecified".into()]))
+    );
     let (path, body) = moderation_request("omni-moderation-latest", "text");
     assert_eq!((path, &body["input"]), ("/moderations", &json!("text")));
 }
@@ -216,20 +226,51 @@ fn turns_are_chosen_and_cut_from_the_end() {
         {"role": "assistant", "content": "reply"},
         {"role": "tool", "tool_call_id": "c", "content": "tool out"},
         {"role": "user", "content": [{"type": "text", "text": "last"}, {"type": "image_url", "image_url": {"url": "x"}}]}]});
-    let (t, cut) = turns(&body, Messages::LastUser, 100);
-    assert_eq!((t, cut), (vec![turn(Role::User, "last")], false));
-    let (t, _) = turns(&body, Messages::Conversation, 100);
-    assert_eq!(t.len(), 3);
-    let (t, _) = turns(&body, Messages::ConversationAndTools, 100);
-    assert_eq!(t[2], turn(Role::Tool, "tool out"));
-    let (t, cut) = turns(&body, Messages::Conversation, 7);
+    // The system message is the caller's too.
+    let (t, cut) = turns(&body, Messages::LastUser, 100).unwrap();
+    assert_eq!((t, cut), (vec![turn(Role::User, "be nice\nlast")], false));
+    let (t, _) = turns(&body, Messages::Conversation, 100).unwrap();
+    assert_eq!(t.len(), 4);
+    let (t, _) = turns(&body, Messages::ConversationAndTools, 100).unwrap();
+    assert_eq!(t[3], turn(Role::Tool, "tool out"));
+    // Too long: the first turn and the last are kept, cut in the middle.
+    let (t, cut) = turns(&body, Messages::Conversation, 9).unwrap();
     assert!(cut);
+    assert_eq!(t.len(), 2, "{t:?}");
+    assert_eq!(t[0].text, "be\nce");
+    let (t, _) = turns(
+        &json!({"prompt": ["a", "b"], "suffix": "c"}),
+        Messages::LastUser,
+        10,
+    )
+    .unwrap();
+    assert_eq!(t, vec![turn(Role::User, "a\nb\nc")]);
+    // A blank last turn does not hide the one before; a prefill after the
+    // last user turn is read with it.
+    let hidden = json!({"messages": [{"role": "user", "content": "attack"}, {"role": "user", "content": " "}]});
     assert_eq!(
-        t,
-        vec![turn(Role::Assistant, "ply"), turn(Role::User, "last")]
+        turns(&hidden, Messages::LastUser, 100).unwrap().0,
+        vec![turn(Role::User, "attack")]
     );
-    let (t, _) = turns(&json!({"prompt": ["a", "b"]}), Messages::LastUser, 10);
-    assert_eq!(t, vec![turn(Role::User, "a\nb")]);
+    let prefill = json!({"messages": [{"role": "user", "content": "go on"}, {"role": "assistant", "content": "Sure, step one: attack"}]});
+    assert_eq!(
+        turns(&prefill, Messages::LastUser, 100).unwrap().0,
+        vec![turn(Role::User, "go on\nSure, step one: attack")]
+    );
+    // An attack at the start of a long text: head and tail are kept.
+    let long =
+        json!({"messages": [{"role": "user", "content": format!("attack {}", "x".repeat(100))}]});
+    let (t, cut) = turns(&long, Messages::LastUser, 20).unwrap();
+    assert!(cut && t[0].text.starts_with("attack"), "{t:?}");
+    // Token ids cannot be judged.
+    assert!(turns(&json!({"prompt": [[40, 1390]]}), Messages::LastUser, 100).is_err());
+    assert!(turns(&json!({"prompt": [40, 1390]}), Messages::LastUser, 100).is_err());
+    // Many tiny turns: linear.
+    let many: Vec<Value> = (0..50_000)
+        .map(|i| json!({"role": "user", "content": format!("t{i}")}))
+        .collect();
+    let (t, cut) = turns(&json!({"messages": many}), Messages::Conversation, 1000).unwrap();
+    assert!(cut && t.len() < 1000);
 }
 
 #[test]
@@ -298,14 +339,14 @@ fn the_verdict_cache_hits_expires_and_stays_bounded() {
 mod filter {
     use super::*;
     use crate::chain::{Chain, Decision, FilterSettings, Mode, OnError, RequestFilter};
-    use crate::guard::filter::{GuardClient, GuardFilter, GuardSpec};
+    use crate::guard::filter::{CallError, GuardClient, GuardFilter, GuardSpec};
     use crate::request::{RequestView, Route};
     use crate::shared::Shared;
     use crate::ErrorCode;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
-    type Script = Box<dyn Fn(&str, &Value) -> Result<Value, String> + Send>;
+    type Script = Box<dyn Fn(&str, &Value) -> Result<Value, CallError> + Send>;
 
     /// A guard that answers from a script and counts its calls.
     struct Scripted {
@@ -315,7 +356,7 @@ mod filter {
 
     #[async_trait::async_trait]
     impl GuardClient for Scripted {
-        async fn post(&self, path: &str, body: Value) -> Result<Value, String> {
+        async fn post(&self, path: &str, body: Value) -> Result<Value, CallError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             (self.answer.lock().unwrap())(path, &body)
         }
@@ -326,7 +367,7 @@ mod filter {
     }
 
     fn scripted(
-        f: impl Fn(&str, &Value) -> Result<Value, String> + Send + 'static,
+        f: impl Fn(&str, &Value) -> Result<Value, CallError> + Send + 'static,
     ) -> Arc<Scripted> {
         Arc::new(Scripted {
             answer: Mutex::new(Box::new(f)),
@@ -338,6 +379,9 @@ mod filter {
     fn llama() -> Arc<Scripted> {
         scripted(|_, body| {
             let text = body.to_string();
+            if text.contains("guard down") {
+                return Err(CallError::Unavailable("connection refused".into()));
+            }
             Ok(chat_reply(if text.contains("nerve agent") {
                 "unsafe\nS9"
             } else if text.contains("garbled") {
@@ -424,13 +468,17 @@ mod filter {
     }
 
     #[tokio::test]
-    async fn unreadable_answers_and_errors_open_the_breaker_and_on_error_decides() {
+    async fn unreadable_answers_are_errors_and_a_guard_that_is_down_opens_the_breaker() {
         let clock = Arc::new(ManualClock::at_ms(0));
         let client = llama();
         let f = Arc::new(filter(LLAMA, client.clone(), clock.clone()));
-        let garbled = ask("garbled");
-        let err = f.check(&view(&garbled)).await.unwrap_err();
-        assert_eq!(err.code, ErrorCode::GuardUnavailable);
+        // An answer in no protocol is an error, but the guard is up: the
+        // breaker stays closed (a caller must not be able to open it).
+        for _ in 0..3 {
+            let err = f.check(&view(&ask("garbled"))).await.unwrap_err();
+            assert_eq!(err.code, ErrorCode::GuardUnavailable);
+        }
+        assert_eq!(f_state(&f).await, "closed");
         // Through the chain: deny is a 503, allow lets it through.
         for (on_error, refused) in [(OnError::Deny, true), (OnError::Allow, false)] {
             let chain = Chain::new(vec![(
@@ -440,13 +488,13 @@ mod filter {
                     on_error,
                 },
             )]);
-            let report = chain.run(&view(&ask("garbled again"))).await;
+            let report = chain.run(&view(&ask("guard down"))).await;
             assert_eq!(report.rejection.is_some(), refused, "{on_error:?}");
             if let Some((_, r)) = &report.rejection {
                 assert_eq!(r.code.status(), 503);
             }
         }
-        // Two failures opened it: the next call is not even made.
+        // Two calls with no answer opened it: the next is not even made.
         let before = client.calls.load(Ordering::SeqCst);
         let err = f.check(&view(&ask("a fresh question"))).await.unwrap_err();
         assert!(err.reason.contains("circuit breaker"), "{}", err.reason);
@@ -456,6 +504,22 @@ mod filter {
         f.check(&view(&ask("a fresh question"))).await.unwrap();
         assert_eq!(client.calls.load(Ordering::SeqCst), before + 1);
         f.check(&view(&ask("another one"))).await.unwrap();
+    }
+
+    async fn f_state(f: &GuardFilter) -> String {
+        let body = ask("what state");
+        let v = f.check(&view(&body)).await;
+        let Ok(v) = v else { return "error".into() };
+        let notes = match &v.decision {
+            Decision::Annotate(n) => n.clone(),
+            _ => Vec::new(),
+        };
+        notes
+            .iter()
+            .find(|n| n.key == "guard_breaker")
+            .and_then(|n| n.value.as_str())
+            .unwrap_or("?")
+            .to_string()
     }
 
     #[tokio::test]
