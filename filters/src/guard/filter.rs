@@ -147,14 +147,16 @@ impl GuardFilter {
         }
     }
 
-    /// One call, through the cache and the breaker.
+    /// One call, through the cache (per tenant: one tenant cannot learn
+    /// from a cache hit what another sent) and the breaker.
     async fn judge(
         &self,
+        tenant: &str,
         path: &str,
         body: Value,
         risk: &str,
     ) -> Result<(Judgement, bool), String> {
-        let k = key(&self.spec.model, &json!([path, &body]));
+        let k = key(&self.spec.model, &json!([tenant, path, &body]));
         if let Some(j) = self.cache.get(&k) {
             return Ok((j, true));
         }
@@ -197,6 +199,15 @@ impl RequestFilter for GuardFilter {
         if !matches!(view.route, Route::ChatCompletions | Route::Completions) {
             return Ok(Decision::Allow.into());
         }
+        if view.dry_run {
+            // A simulation spends nothing: no guard call, no breaker count.
+            return Ok(Decision::Annotate(vec![Annotation {
+                key: "guard_verdict",
+                value: json!("not judged in a simulation"),
+            }])
+            .into());
+        }
+        let tenant = view.principal.map_or("", |p| p.tenant.as_str());
         let policy = self.policy.get();
         let (turns, cut) = match turns(view.body, policy.send, policy.max_chars) {
             Ok(t) => t,
@@ -216,7 +227,7 @@ impl RequestFilter for GuardFilter {
         let calls = self.requests(&turns, &policy);
         let n = calls.len();
         for (path, body, risk) in calls {
-            let (j, hit) = self.judge(path, body, &risk).await.map_err(|e| {
+            let (j, hit) = self.judge(tenant, path, body, &risk).await.map_err(|e| {
                 FilterError::new(
                     ErrorCode::GuardUnavailable,
                     format!("guard {}: {e}", self.spec.model),

@@ -523,6 +523,47 @@ mod filter {
     }
 
     #[tokio::test]
+    async fn the_cache_is_per_tenant_and_simulations_call_nothing() {
+        use crate::request::Principal;
+        let clock = Arc::new(ManualClock::at_ms(0));
+        let client = llama();
+        let f = filter(LLAMA, client.clone(), clock);
+        let body = ask("the same question");
+        let who = |tenant: &str| Principal {
+            subject: "s".into(),
+            tenant: tenant.into(),
+            roles: vec![],
+        };
+        let (a, b) = (who("a"), who("b"));
+        for p in [&a, &a, &b] {
+            f.check(&RequestView {
+                principal: Some(p),
+                ..view(&body)
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            client.calls.load(Ordering::SeqCst),
+            2,
+            "a hit for a, none for b"
+        );
+        let v = f
+            .check(&RequestView {
+                dry_run: true,
+                ..view(&ask("a nerve agent, simulated"))
+            })
+            .await
+            .unwrap();
+        assert!(matches!(v.decision, Decision::Annotate(_)));
+        assert_eq!(
+            client.calls.load(Ordering::SeqCst),
+            2,
+            "no call in a simulation"
+        );
+    }
+
+    #[tokio::test]
     async fn monitor_mode_records_and_passes() {
         let clock = Arc::new(ManualClock::at_ms(0));
         let f = filter(LLAMA, llama(), clock);
