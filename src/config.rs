@@ -440,6 +440,36 @@ pub struct GuardSection {
     /// reaches the client before a safe verdict.
     #[serde(default)]
     pub timing: GuardTiming,
+    /// Judge requests (default true); `false` with an `output` mode
+    /// judges only what models write.
+    #[serde(default = "yes")]
+    pub input: bool,
+    /// Judge what models write: `off` (default), `held` (a stream's text
+    /// is released only once the window holding it was judged safe) or
+    /// `sampled` (text flows; what has been written is judged every
+    /// `output_window` characters and at the end). JSON replies are
+    /// judged before release in both modes.
+    #[serde(default)]
+    pub output: GuardOutput,
+    /// Characters per judged window of a streamed reply.
+    #[serde(default = "guard_window")]
+    pub output_window: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardOutput {
+    #[default]
+    Off,
+    Held,
+    Sampled,
+}
+
+fn yes() -> bool {
+    true
+}
+fn guard_window() -> usize {
+    400
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]

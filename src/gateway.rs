@@ -8,6 +8,7 @@
 
 use crate::audit::{AuditLog, RequestRecord, UpstreamRecord, Verdict};
 use crate::config::Config;
+use crate::config::GuardOutput;
 use crate::intake::{self, Endpoint};
 use crate::metrics;
 use crate::pipeline::Filters;
@@ -42,6 +43,8 @@ pub struct Gateway {
     gate: Arc<ModelGate>,
     upstream: Upstream,
     audit: AuditLog,
+    /// Judges replies when `guard.output` is on.
+    guard: Option<Arc<filters::guard::filter::GuardFilter>>,
 }
 
 /// Per-request state, written only by the gateway.
@@ -59,6 +62,8 @@ pub struct Ctx {
     /// The caller, once the chain identified it.
     principal: Option<filters::Principal>,
     rec: RequestRecord,
+    /// The request as parsed, kept when replies are judged.
+    request_json: Option<Value>,
 }
 
 impl Gateway {
@@ -69,6 +74,7 @@ impl Gateway {
             responses: filters.responses,
             limiter: filters.limiter,
             gate: filters.gate,
+            guard: filters.guard,
             upstream,
             audit,
         }
@@ -129,6 +135,75 @@ impl Gateway {
             strip_tools: report.strip_tools,
             body: report.body,
         }
+    }
+
+    fn output_mode(&self) -> GuardOutput {
+        match (&self.guard, &self.cfg.guard) {
+            (Some(_), Some(g)) => g.output,
+            _ => GuardOutput::Off,
+        }
+    }
+
+    /// The guard's verdict on what a model wrote, as the `output_guard`
+    /// outcome, and `Some(rejection)` when the reply must not be released:
+    /// `content_policy` (unsafe) or `guard_unavailable`.
+    async fn judge_output(
+        &self,
+        ctx: &Ctx,
+        text: &str,
+    ) -> Option<(Option<Rejection>, filters::FilterOutcome)> {
+        let (Some(guard), Some(g)) = (&self.guard, &self.cfg.guard) else {
+            return None;
+        };
+        if text.trim().is_empty() {
+            return None;
+        }
+        let started = Instant::now();
+        let body = ctx.request_json.clone().unwrap_or(Value::Null);
+        let result = guard.judge_reply(&body, text, ctx.principal.as_ref()).await;
+        let mut outcome = filters::FilterOutcome {
+            filter: FilterKind::OutputGuard,
+            mode: g.mode,
+            action: filters::Action::Allow,
+            enforced: false,
+            code: None,
+            reason: None,
+            annotations: Vec::new(),
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        };
+        let enforce = g.mode == filters::Mode::Enforce;
+        let rejection = match result {
+            Ok(v) => {
+                outcome.annotations.push(filters::Annotation {
+                    key: "guard_categories",
+                    value: json!(v.named),
+                });
+                match (v.action, v.category) {
+                    (filters::guard::Action::Block, Some(category)) => {
+                        outcome.action = filters::Action::Deny;
+                        outcome.code = Some(ErrorCode::ContentPolicy);
+                        outcome.reason = Some(format!("reply judged unsafe: {category}"));
+                        enforce.then(|| {
+                            Rejection::new(ErrorCode::ContentPolicy, format!("reply: {category}"))
+                        })
+                    }
+                    (filters::guard::Action::Flag, _) => {
+                        outcome.action = filters::Action::Annotate;
+                        None
+                    }
+                    _ => None,
+                }
+            }
+            Err(e) => {
+                outcome.action = filters::Action::Error;
+                outcome.code = Some(e.code);
+                outcome.reason = Some(e.reason.clone());
+                (enforce && g.on_error == filters::OnError::Deny)
+                    .then(|| Rejection::new(e.code, e.reason))
+            }
+        };
+        outcome.enforced = rejection.is_some();
+        Some((rejection, outcome))
     }
 
     fn parallel_guard(&self) -> bool {
@@ -278,6 +353,9 @@ impl Gateway {
         ctx.strip_usage = parsed.stream
             && !ctx.reservations.is_empty()
             && parsed.json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true));
+        if self.output_mode() != GuardOutput::Off {
+            ctx.request_json = Some(parsed.json.clone());
+        }
         // The guard, in parallel timing, reads the request as it came.
         let guard_body = if self.parallel_guard() {
             parsed.json.clone()
@@ -472,6 +550,26 @@ impl Gateway {
             }
             Bytes::from(json.to_string())
         };
+        let body = if self.output_mode() != GuardOutput::Off {
+            let text = reply_text(&json);
+            let judged = self.judge_output(ctx, &text).await;
+            let rejection = judged.and_then(|(r, outcome)| {
+                ctx.rec.filters.push(outcome);
+                r
+            });
+            match rejection {
+                Some(r) if r.code == ErrorCode::ContentPolicy => {
+                    // As hosted providers end a filtered reply: 200, the
+                    // content withheld, `finish_reason: content_filter`.
+                    content_filtered(&mut json);
+                    Bytes::from(json.to_string())
+                }
+                Some(r) => return self.refuse(s, ctx, "output_guard", r).await,
+                None => body,
+            }
+        } else {
+            body
+        };
         if self.cfg.audit.record_content {
             if let Some(Value::Object(c)) = ctx.rec.content.as_mut() {
                 c.insert(
@@ -515,6 +613,21 @@ impl Gateway {
             principal: ctx.principal.as_ref(),
         };
         let mut stages = self.responses.stream(&rctx);
+        // The output guard: what the model wrote so far, how much of it is
+        // not judged yet, the events held back (all of them in `held`
+        // mode; the closing ones in `sampled`), the last verdict, and
+        // whether the reply was cut.
+        let output = self.output_mode();
+        let window = self
+            .cfg
+            .guard
+            .as_ref()
+            .map_or(400, |g| g.output_window.max(1));
+        let mut written = String::new();
+        let mut unjudged = 0usize;
+        let mut held: Vec<SseEvent> = Vec::new();
+        let mut last_outcome: Option<filters::FilterOutcome> = None;
+        let mut filtered = false;
         let mut framer = SseFramer::new();
         let mut wire = Vec::with_capacity(4096);
         let mut seen = Seen::default();
@@ -547,12 +660,41 @@ impl Gateway {
                     continue;
                 }
                 for out in stages.push(event) {
-                    out.write_to(&mut wire);
+                    route_event(
+                        output,
+                        out,
+                        &mut written,
+                        &mut unjudged,
+                        &mut held,
+                        &mut wire,
+                    );
                 }
             }
             if let Some((_, r)) = stages.stopped() {
                 failure = Some(r.clone());
                 break;
+            }
+            if output != GuardOutput::Off && unjudged >= window {
+                unjudged = 0;
+                if let Some((r, outcome)) = self.judge_output(ctx, &written).await {
+                    last_outcome = Some(outcome);
+                    match r {
+                        Some(r) if r.code == ErrorCode::ContentPolicy => {
+                            filtered = true;
+                            break;
+                        }
+                        Some(r) => {
+                            failure = Some(r);
+                            break;
+                        }
+                        None => {}
+                    }
+                }
+                if output == GuardOutput::Held {
+                    for e in held.drain(..) {
+                        e.write_to(&mut wire);
+                    }
+                }
             }
             if !wire.is_empty()
                 && s.write_response_body(Some(Bytes::copy_from_slice(&wire)), false)
@@ -566,12 +708,19 @@ impl Gateway {
             ctx.rec.response_bytes += wire.len();
         }
         wire.clear();
-        if !ctx.rec.client_gone && failure.is_none() {
+        if !ctx.rec.client_gone && failure.is_none() && !filtered {
             match framer.finish() {
                 Ok(Some(event)) => match seen.note(&event) {
                     Ok(()) => {
                         for out in stages.push(event) {
-                            out.write_to(&mut wire);
+                            route_event(
+                                output,
+                                out,
+                                &mut written,
+                                &mut unjudged,
+                                &mut held,
+                                &mut wire,
+                            );
                         }
                     }
                     Err(why) => failure = Some(broken(why)),
@@ -581,7 +730,32 @@ impl Gateway {
             }
             if failure.is_none() {
                 for out in stages.finish() {
-                    out.write_to(&mut wire);
+                    route_event(
+                        output,
+                        out,
+                        &mut written,
+                        &mut unjudged,
+                        &mut held,
+                        &mut wire,
+                    );
+                }
+            }
+            // The last judgement, before anything held is released.
+            if output != GuardOutput::Off && failure.is_none() {
+                if unjudged > 0 {
+                    if let Some((r, outcome)) = self.judge_output(ctx, &written).await {
+                        last_outcome = Some(outcome);
+                        match r {
+                            Some(r) if r.code == ErrorCode::ContentPolicy => filtered = true,
+                            Some(r) => failure = Some(r),
+                            None => {}
+                        }
+                    }
+                }
+                if !filtered && failure.is_none() {
+                    for e in held.drain(..) {
+                        e.write_to(&mut wire);
+                    }
                 }
             }
             if let Some((_, r)) = stages.stopped() {
@@ -590,10 +764,22 @@ impl Gateway {
                 failure = Some(broken("provider stream ended without [DONE]".into()));
             }
         }
+        if filtered {
+            // Cut the way hosted providers end a filtered stream: a final
+            // event with `finish_reason: content_filter`, then `[DONE]`.
+            // Held text is dropped; in `sampled` mode some may be sent.
+            held.clear();
+            for e in content_filter_end(route) {
+                e.write_to(&mut wire);
+            }
+            ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
+            ctx.rec.reason = Some("the output guard judged the reply unsafe".into());
+        }
         ex.finish().await;
         ctx.rec.usage = seen.usage;
         ctx.generated_chars = Some(seen.generated_chars);
         ctx.rec.filters.extend(stages.outcomes());
+        ctx.rec.filters.extend(last_outcome);
         if ctx.rec.client_gone {
             ctx.rec.decision = Verdict::Error;
             ctx.rec.reason = Some("client disconnected mid-stream".into());
@@ -685,6 +871,7 @@ impl ProxyHttp for Gateway {
             strip_usage: false,
             generated_chars: None,
             principal: None,
+            request_json: None,
             rec: RequestRecord {
                 kind: "request",
                 ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -982,6 +1169,113 @@ fn text_chars(v: &Value) -> u64 {
             .map(|(_, v)| text_chars(v))
             .sum(),
         _ => 0,
+    }
+}
+
+/// The text of a reply's choices (content, content parts, refusal,
+/// completions text), for the output guard.
+fn reply_text(json: &Value) -> String {
+    let mut out = String::new();
+    for c in json
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for v in [
+            c.pointer("/message/content"),
+            c.pointer("/message/refusal"),
+            c.pointer("/delta/content"),
+            c.pointer("/delta/refusal"),
+            c.get("text"),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            match v {
+                Value::String(s) => out.push_str(s),
+                Value::Array(parts) => {
+                    for p in parts {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            out.push_str(t);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A reply the output guard withheld: every choice's content, tool calls
+/// and text removed, `finish_reason: content_filter`.
+fn content_filtered(json: &mut Value) {
+    for c in json
+        .get_mut("choices")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        let Some(c) = c.as_object_mut() else { continue };
+        if let Some(m) = c.get_mut("message").and_then(Value::as_object_mut) {
+            m.insert("content".into(), Value::Null);
+            m.remove("tool_calls");
+            m.remove("function_call");
+        }
+        if c.contains_key("text") {
+            c.insert("text".into(), json!(""));
+        }
+        if c.contains_key("logprobs") {
+            c.insert("logprobs".into(), Value::Null);
+        }
+        c.insert("finish_reason".into(), json!("content_filter"));
+    }
+}
+
+/// The events that end a stream the output guard cut.
+fn content_filter_end(route: Route) -> Vec<SseEvent> {
+    let chunk = if route == Route::Completions {
+        json!({"object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": "content_filter", "logprobs": null}]})
+    } else {
+        json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]})
+    };
+    vec![SseEvent::data(chunk.to_string()), SseEvent::data("[DONE]")]
+}
+
+/// Where an event goes under the output guard: held (all of them in
+/// `held` mode; closing events in `sampled` mode, so a stream can still be
+/// cut after its last judgement) or written; its text is counted.
+fn route_event(
+    output: GuardOutput,
+    event: SseEvent,
+    written: &mut String,
+    unjudged: &mut usize,
+    held: &mut Vec<SseEvent>,
+    wire: &mut Vec<u8>,
+) {
+    if output == GuardOutput::Off {
+        event.write_to(wire);
+        return;
+    }
+    let json = event.json();
+    if let Some(j) = &json {
+        let t = reply_text(j);
+        let t = t.trim_end_matches('\n');
+        *unjudged += t.chars().count();
+        written.push_str(t);
+    }
+    let closing = event.data.as_deref() == Some("[DONE]")
+        || json.as_ref().is_some_and(|j| {
+            j.get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| cs.iter().any(|c| !c["finish_reason"].is_null()))
+        });
+    if output == GuardOutput::Held || closing {
+        held.push(event);
+    } else {
+        event.write_to(wire);
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Filters {
     pub guard_policy: Option<Arc<Shared<GuardPolicy>>>,
     /// Its state is shown in `/metrics`.
     pub guard_breaker: Option<Arc<Breaker>>,
+    /// Judges replies too, when the config asks.
+    pub guard: Option<Arc<GuardFilter>>,
 }
 
 /// The filters and the background work they need.
@@ -340,6 +342,7 @@ pub fn build(
     }
     let mut guard_policy = None;
     let mut guard_breaker = None;
+    let mut guard_filter = None;
     if let Some(g) = &cfg.guard {
         let policy = Shared::new(load_guard_policy(&g.policy)?);
         guard_policy = Some(policy.clone());
@@ -362,13 +365,17 @@ pub fn build(
                 clock.clone(),
             )),
         );
-        request.push((
-            Box::new(filter),
-            FilterSettings {
-                mode: g.mode,
-                on_error: g.on_error,
-            },
-        ));
+        let filter = Arc::new(filter);
+        guard_filter = Some(filter.clone());
+        if g.input {
+            request.push((
+                Box::new(filter),
+                FilterSettings {
+                    mode: g.mode,
+                    on_error: g.on_error,
+                },
+            ));
+        }
     }
     let mut shared_redactor = None;
     if let Some(r) = &cfg.redaction {
@@ -401,6 +408,7 @@ pub fn build(
             injection,
             guard_policy,
             guard_breaker,
+            guard: guard_filter,
         },
         jwks,
         registry_follower,

@@ -318,3 +318,94 @@ async fn parallel_timing_cancels_the_provider_call_and_leaks_nothing() {
     assert_eq!(note(outcome(&rec), "guard_verdict"), "safe");
     assert_eq!(note(outcome(&rec), "guard_timing"), "parallel");
 }
+
+/// The events of an SSE body, parsed.
+fn events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|b| b.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn streamed_text(events: &[String]) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut finishes = Vec::new();
+    for e in events {
+        let Ok(v) = serde_json::from_str::<Value>(e) else {
+            continue;
+        };
+        for c in v["choices"].as_array().into_iter().flatten() {
+            text.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            if let Some(f) = c["finish_reason"].as_str() {
+                finishes.push(f.to_string());
+            }
+        }
+    }
+    (text, finishes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_guard_withholds_unsafe_replies_json_and_streamed() {
+    let mock = Mock::start(options()).await;
+    for mode in ["held", "sampled"] {
+        let gw = Gateway::start(guarded(
+            mock.addr,
+            &format!("model: llama-guard-3-8b\n  protocol: llama-guard\n  input: false\n  output: {mode}\n  output_window: 12"),
+        ))
+        .await;
+        // JSON: 200, the content withheld, finish_reason content_filter.
+        let r = gw
+            .post(
+                "/v1/chat/completions",
+                &chat("Here is how a nerve agent is made, step by step."),
+            )
+            .await;
+        assert_eq!(r.status().as_u16(), 200, "{mode}");
+        let id = request_id(&r);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            body["choices"][0]["finish_reason"], "content_filter",
+            "{mode}: {body}"
+        );
+        assert!(body["choices"][0]["message"]["content"].is_null(), "{body}");
+        let rec = gw.record_for(&id).await;
+        let o = rec["filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["filter"] == "output_guard")
+            .unwrap_or_else(|| panic!("{rec}"));
+        assert_eq!(o["action"], "deny");
+
+        // Streamed: cut with content_filter, then [DONE]; in held mode the
+        // text after the last window judged safe never leaves.
+        let mut ask = chat("Here is how a nerve agent is made, step by step, recipe follows.");
+        ask["stream"] = json!(true);
+        let r = gw.post("/v1/chat/completions", &ask).await;
+        assert_eq!(r.status().as_u16(), 200);
+        let body = r.text().await.unwrap();
+        let ev = events(&body);
+        let (text, finishes) = streamed_text(&ev);
+        assert_eq!(
+            finishes,
+            vec!["content_filter".to_string()],
+            "{mode}: {body}"
+        );
+        assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+        if mode == "held" {
+            assert!(!text.contains("recipe"), "{text}");
+        }
+
+        // A safe stream is whole.
+        let mut ask = chat("Llamas are friendly animals that live in the Andes.");
+        ask["stream"] = json!(true);
+        let r = gw.post("/v1/chat/completions", &ask).await;
+        let body = r.text().await.unwrap();
+        let (text, finishes) = streamed_text(&events(&body));
+        assert_eq!(
+            text, "Llamas are friendly animals that live in the Andes.",
+            "{mode}"
+        );
+        assert_eq!(finishes, vec!["stop".to_string()]);
+    }
+}

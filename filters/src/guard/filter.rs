@@ -189,6 +189,64 @@ impl GuardFilter {
     }
 }
 
+/// The guard's verdict on a reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplyVerdict {
+    pub action: Action,
+    /// The category that decided, described (`S9: Indiscriminate Weapons`).
+    pub category: Option<String>,
+    pub named: Vec<String>,
+}
+
+impl GuardFilter {
+    /// Judge what a model wrote (`reply`) after the request `body`: the
+    /// request's turns, then the reply as the assistant's turn (the one
+    /// guards judge). Moderation endpoints judge the reply alone.
+    pub async fn judge_reply(
+        &self,
+        body: &Value,
+        reply: &str,
+        principal: Option<&crate::request::Principal>,
+    ) -> Result<ReplyVerdict, FilterError> {
+        let policy = self.policy.get();
+        let mut turns = match &self.spec.protocol {
+            Protocol::OpenaiModeration { .. } => Vec::new(),
+            _ => turns(body, policy.send, policy.max_chars)
+                .map(|(t, _)| t)
+                .unwrap_or_default(),
+        };
+        // The reply keeps its end when it is long.
+        let chars: Vec<char> = reply.chars().collect();
+        let keep = policy.max_chars.min(chars.len());
+        turns.push(Turn {
+            role: super::Role::Assistant,
+            text: chars[chars.len() - keep..].iter().collect(),
+        });
+        let tenant = principal.map_or("", |p| p.tenant.as_str());
+        let mut named = Vec::new();
+        for (path, body, risk) in self.requests(&turns, &policy) {
+            let (j, _) = self.judge(tenant, path, body, &risk).await.map_err(|e| {
+                FilterError::new(
+                    ErrorCode::GuardUnavailable,
+                    format!("guard {} on the reply: {e}", self.spec.model),
+                )
+            })?;
+            if let Judgement::Unsafe(categories) = j {
+                if categories.is_empty() {
+                    named.push("unspecified".into());
+                }
+                named.extend(categories);
+            }
+        }
+        let (action, deciding) = policy.action(&named, principal);
+        Ok(ReplyVerdict {
+            action,
+            category: deciding.map(|c| policy.describe(&c)),
+            named,
+        })
+    }
+}
+
 #[async_trait]
 impl RequestFilter for GuardFilter {
     fn kind(&self) -> FilterKind {
