@@ -206,6 +206,13 @@ impl Gateway {
         Some((rejection, outcome))
     }
 
+    /// Characters of a reply judged in one guard call: well inside the
+    /// policy's `max_chars`, which would otherwise cut the reply.
+    fn output_piece(&self) -> usize {
+        let window = self.cfg.guard.as_ref().map_or(400, |g| g.output_window);
+        window.clamp(1, 8_000)
+    }
+
     fn parallel_guard(&self) -> bool {
         self.cfg
             .guard
@@ -551,12 +558,30 @@ impl Gateway {
             Bytes::from(json.to_string())
         };
         let body = if self.output_mode() != GuardOutput::Off {
+            // A reply longer than the guard's window is judged in
+            // overlapping pieces, the first unsafe one deciding.
             let text = reply_text(&json);
-            let judged = self.judge_output(ctx, &text).await;
-            let rejection = judged.and_then(|(r, outcome)| {
-                ctx.rec.filters.push(outcome);
-                r
-            });
+            let chars: Vec<char> = text.chars().collect();
+            let piece = 8_000;
+            let mut rejection = None;
+            let mut last = None;
+            let mut start = 0;
+            loop {
+                let end = (start + piece).min(chars.len());
+                let part: String = chars[start..end].iter().collect();
+                if let Some((r, outcome)) = self.judge_output(ctx, &part).await {
+                    last = Some(outcome);
+                    if r.is_some() {
+                        rejection = r;
+                        break;
+                    }
+                }
+                if end >= chars.len() {
+                    break;
+                }
+                start = end.saturating_sub(200);
+            }
+            ctx.rec.filters.extend(last);
             match rejection {
                 Some(r) if r.code == ErrorCode::ContentPolicy => {
                     // As hosted providers end a filtered reply: 200, the
@@ -618,11 +643,7 @@ impl Gateway {
         // mode; the closing ones in `sampled`), the last verdict, and
         // whether the reply was cut.
         let output = self.output_mode();
-        let window = self
-            .cfg
-            .guard
-            .as_ref()
-            .map_or(400, |g| g.output_window.max(1));
+        let window = self.output_piece();
         let mut written = String::new();
         let mut unjudged = 0usize;
         let mut held: Vec<SseEvent> = Vec::new();
@@ -764,11 +785,16 @@ impl Gateway {
                 failure = Some(broken("provider stream ended without [DONE]".into()));
             }
         }
+        if filtered || (output != GuardOutput::Off && failure.is_some()) {
+            // Nothing judged unsafe, or not judged, goes out: what the
+            // end of the stream brought is dropped with what was held.
+            wire.clear();
+            held.clear();
+        }
         if filtered {
             // Cut the way hosted providers end a filtered stream: a final
             // event with `finish_reason: content_filter`, then `[DONE]`.
-            // Held text is dropped; in `sampled` mode some may be sent.
-            held.clear();
+            // In `sampled` mode what came before has been sent.
             for e in content_filter_end(route) {
                 e.write_to(&mut wire);
             }
@@ -1172,9 +1198,24 @@ fn text_chars(v: &Value) -> u64 {
     }
 }
 
-/// The text of a reply's choices (content, content parts, refusal,
-/// completions text), for the output guard.
+/// The text of a reply's choices, everything a model generates: content
+/// (string or parts), refusal, reasoning, audio transcripts, tool-call and
+/// legacy function-call arguments, completions text; for the output guard.
 fn reply_text(json: &Value) -> String {
+    fn push(out: &mut String, v: &Value) {
+        match v {
+            // Streamed pieces join as they were cut: no separator.
+            Value::String(s) => out.push_str(s),
+            Value::Array(parts) => {
+                for p in parts {
+                    if let Some(t) = p.get("text").and_then(Value::as_str) {
+                        out.push_str(t);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
     let mut out = String::new();
     for c in json
         .get("choices")
@@ -1182,26 +1223,32 @@ fn reply_text(json: &Value) -> String {
         .into_iter()
         .flatten()
     {
-        for v in [
-            c.pointer("/message/content"),
-            c.pointer("/message/refusal"),
-            c.pointer("/delta/content"),
-            c.pointer("/delta/refusal"),
-            c.get("text"),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            match v {
-                Value::String(s) => out.push_str(s),
-                Value::Array(parts) => {
-                    for p in parts {
-                        if let Some(t) = p.get("text").and_then(Value::as_str) {
-                            out.push_str(t);
-                        }
+        if let Some(t) = c.get("text") {
+            push(&mut out, t);
+        }
+        for m in [c.get("message"), c.get("delta")].into_iter().flatten() {
+            for key in ["content", "refusal", "reasoning_content", "reasoning"] {
+                if let Some(v) = m.get(key) {
+                    push(&mut out, v);
+                }
+            }
+            if let Some(t) = m.pointer("/audio/transcript") {
+                push(&mut out, t);
+            }
+            if let Some(a) = m.pointer("/function_call/arguments") {
+                push(&mut out, a);
+            }
+            for call in m
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for p in ["/function/arguments", "/custom/input"] {
+                    if let Some(a) = call.pointer(p) {
+                        push(&mut out, a);
                     }
                 }
-                _ => {}
             }
         }
         out.push('\n');
@@ -1221,8 +1268,16 @@ fn content_filtered(json: &mut Value) {
         let Some(c) = c.as_object_mut() else { continue };
         if let Some(m) = c.get_mut("message").and_then(Value::as_object_mut) {
             m.insert("content".into(), Value::Null);
-            m.remove("tool_calls");
-            m.remove("function_call");
+            for generated in [
+                "tool_calls",
+                "function_call",
+                "refusal",
+                "reasoning_content",
+                "reasoning",
+                "audio",
+            ] {
+                m.remove(generated);
+            }
         }
         if c.contains_key("text") {
             c.insert("text".into(), json!(""));

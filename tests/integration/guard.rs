@@ -409,3 +409,35 @@ async fn the_output_guard_withholds_unsafe_replies_json_and_streamed() {
         assert_eq!(finishes, vec!["stop".to_string()]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_reply_is_judged_whole_and_tool_call_arguments_too() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard\n  input: false\n  output: held",
+    ))
+    .await;
+    // Harmful text first, then more than the guard's window of filler.
+    let long = format!(
+        "A nerve agent is made like this. {}",
+        "Filler text. ".repeat(3000)
+    );
+    let r = gw.post("/v1/chat/completions", &chat(&long)).await;
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["choices"][0]["finish_reason"], "content_filter");
+    // A reply that is only a tool call is judged by its arguments.
+    let call = json!({"mock_tool_call": {"name": "get_weather", "arguments": {"city": "nerve agent lab"}}});
+    let r = gw
+        .post("/v1/chat/completions", &chat(&call.to_string()))
+        .await;
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["finish_reason"], "content_filter",
+        "{body}"
+    );
+    assert!(
+        body["choices"][0]["message"].get("tool_calls").is_none(),
+        "{body}"
+    );
+}
