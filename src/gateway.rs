@@ -587,6 +587,8 @@ impl Gateway {
                     // As hosted providers end a filtered reply: 200, the
                     // content withheld, `finish_reason: content_filter`.
                     content_filtered(&mut json);
+                    ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
+                    ctx.rec.reason = Some(r.reason);
                     Bytes::from(json.to_string())
                 }
                 Some(r) => return self.refuse(s, ctx, "output_guard", r).await,
@@ -795,7 +797,7 @@ impl Gateway {
             // Cut the way hosted providers end a filtered stream: a final
             // event with `finish_reason: content_filter`, then `[DONE]`.
             // In `sampled` mode what came before has been sent.
-            for e in content_filter_end(route) {
+            for e in content_filter_end(route, ctx.rec.model.as_deref()) {
                 e.write_to(&mut wire);
             }
             ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
@@ -1290,11 +1292,16 @@ fn content_filtered(json: &mut Value) {
 }
 
 /// The events that end a stream the output guard cut.
-fn content_filter_end(route: Route) -> Vec<SseEvent> {
+fn content_filter_end(route: Route, model: Option<&str>) -> Vec<SseEvent> {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let chunk = if route == Route::Completions {
-        json!({"object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": "content_filter", "logprobs": null}]})
+        json!({"id": "cmpl-filtered", "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": "", "finish_reason": "content_filter", "logprobs": null}]})
     } else {
-        json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]})
+        json!({"id": "chatcmpl-filtered", "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]})
     };
     vec![SseEvent::data(chunk.to_string()), SseEvent::data("[DONE]")]
 }
@@ -1321,11 +1328,18 @@ fn route_event(
         *unjudged += t.chars().count();
         written.push_str(t);
     }
+    // Closing: `[DONE]`, a finish reason, or a usage-only chunk (it
+    // follows the finish and must stay after it).
     let closing = event.data.as_deref() == Some("[DONE]")
         || json.as_ref().is_some_and(|j| {
             j.get("choices")
                 .and_then(Value::as_array)
-                .is_some_and(|cs| cs.iter().any(|c| !c["finish_reason"].is_null()))
+                .is_some_and(|cs| {
+                    cs.is_empty()
+                        || cs
+                            .iter()
+                            .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()))
+                })
         });
     if output == GuardOutput::Held || closing {
         held.push(event);

@@ -376,6 +376,7 @@ async fn the_output_guard_withholds_unsafe_replies_json_and_streamed() {
             .find(|o| o["filter"] == "output_guard")
             .unwrap_or_else(|| panic!("{rec}"));
         assert_eq!(o["action"], "deny");
+        assert_eq!(rec["reason_code"], "content_policy", "{rec}");
 
         // Streamed: cut with content_filter, then [DONE]; in held mode the
         // text after the last window judged safe never leaves.
@@ -392,6 +393,8 @@ async fn the_output_guard_withholds_unsafe_replies_json_and_streamed() {
             "{mode}: {body}"
         );
         assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+        let end: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+        assert_eq!(end["model"], "mock-small", "{end}");
         if mode == "held" {
             assert!(!text.contains("recipe"), "{text}");
         }
