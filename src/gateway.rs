@@ -35,6 +35,12 @@ use std::time::{Duration, Instant, SystemTime};
 /// (nginx's convention).
 pub const CLIENT_CLOSED: u16 = 499;
 
+/// Most characters of a reply sent to the output guard in one call.
+const OUTPUT_PIECE: usize = 8_000;
+/// Characters of already judged text sent again with the next piece, so
+/// harm cut across a piece or window boundary is still seen whole.
+const OUTPUT_OVERLAP: usize = 200;
+
 pub struct Gateway {
     cfg: Arc<Config>,
     chain: Arc<filters::Chain>,
@@ -206,11 +212,42 @@ impl Gateway {
         Some((rejection, outcome))
     }
 
+    /// Judge a reply's text in overlapping pieces of at most
+    /// [`OUTPUT_PIECE`] characters (so the policy's `max_chars` never cuts
+    /// it), the first unsafe or failed piece deciding. Returns the deciding
+    /// rejection and the last verdict.
+    async fn judge_output_pieces(
+        &self,
+        ctx: &Ctx,
+        text: &str,
+    ) -> (Option<Rejection>, Option<filters::FilterOutcome>) {
+        let chars: Vec<(usize, char)> = text.char_indices().collect();
+        let byte_at = |i: usize| chars.get(i).map_or(text.len(), |c| c.0);
+        let mut last = None;
+        let mut start = 0;
+        loop {
+            let end = (start + OUTPUT_PIECE).min(chars.len());
+            if let Some((r, outcome)) = self
+                .judge_output(ctx, &text[byte_at(start)..byte_at(end)])
+                .await
+            {
+                last = Some(outcome);
+                if r.is_some() {
+                    return (r, last);
+                }
+            }
+            if end >= chars.len() {
+                return (None, last);
+            }
+            start = end.saturating_sub(OUTPUT_OVERLAP);
+        }
+    }
+
     /// Characters of a reply judged in one guard call: well inside the
     /// policy's `max_chars`, which would otherwise cut the reply.
     fn output_piece(&self) -> usize {
         let window = self.cfg.guard.as_ref().map_or(400, |g| g.output_window);
-        window.clamp(1, 8_000)
+        window.clamp(1, OUTPUT_PIECE)
     }
 
     fn parallel_guard(&self) -> bool {
@@ -558,29 +595,7 @@ impl Gateway {
             Bytes::from(json.to_string())
         };
         let body = if self.output_mode() != GuardOutput::Off {
-            // A reply longer than the guard's window is judged in
-            // overlapping pieces, the first unsafe one deciding.
-            let text = reply_text(&json);
-            let chars: Vec<char> = text.chars().collect();
-            let piece = 8_000;
-            let mut rejection = None;
-            let mut last = None;
-            let mut start = 0;
-            loop {
-                let end = (start + piece).min(chars.len());
-                let part: String = chars[start..end].iter().collect();
-                if let Some((r, outcome)) = self.judge_output(ctx, &part).await {
-                    last = Some(outcome);
-                    if r.is_some() {
-                        rejection = r;
-                        break;
-                    }
-                }
-                if end >= chars.len() {
-                    break;
-                }
-                start = end.saturating_sub(200);
-            }
+            let (rejection, last) = self.judge_output_pieces(ctx, &reply_text(&json)).await;
             ctx.rec.filters.extend(last);
             match rejection {
                 Some(r) if r.code == ErrorCode::ContentPolicy => {
@@ -640,8 +655,8 @@ impl Gateway {
             principal: ctx.principal.as_ref(),
         };
         let mut stages = self.responses.stream(&rctx);
-        // The output guard: what the model wrote so far, how much of it is
-        // not judged yet, the events held back (all of them in `held`
+        // The output guard: what the model wrote and is not judged yet
+        // (after the overlap kept from the last window), how much of it, the events held back (all of them in `held`
         // mode; the closing ones in `sampled`), the last verdict, and
         // whether the reply was cut.
         let output = self.output_mode();
@@ -699,19 +714,18 @@ impl Gateway {
             }
             if output != GuardOutput::Off && unjudged >= window {
                 unjudged = 0;
-                if let Some((r, outcome)) = self.judge_output(ctx, &written).await {
-                    last_outcome = Some(outcome);
-                    match r {
-                        Some(r) if r.code == ErrorCode::ContentPolicy => {
-                            filtered = true;
-                            break;
-                        }
-                        Some(r) => {
-                            failure = Some(r);
-                            break;
-                        }
-                        None => {}
+                let (r, outcome) = self.judge_output_pieces(ctx, &written).await;
+                last_outcome = outcome.or(last_outcome);
+                match r {
+                    Some(r) if r.code == ErrorCode::ContentPolicy => {
+                        filtered = true;
+                        break;
                     }
+                    Some(r) => {
+                        failure = Some(r);
+                        break;
+                    }
+                    None => keep_tail(&mut written, OUTPUT_OVERLAP),
                 }
                 if output == GuardOutput::Held {
                     for e in held.drain(..) {
@@ -766,13 +780,12 @@ impl Gateway {
             // The last judgement, before anything held is released.
             if output != GuardOutput::Off && failure.is_none() {
                 if unjudged > 0 {
-                    if let Some((r, outcome)) = self.judge_output(ctx, &written).await {
-                        last_outcome = Some(outcome);
-                        match r {
-                            Some(r) if r.code == ErrorCode::ContentPolicy => filtered = true,
-                            Some(r) => failure = Some(r),
-                            None => {}
-                        }
+                    let (r, outcome) = self.judge_output_pieces(ctx, &written).await;
+                    last_outcome = outcome.or(last_outcome);
+                    match r {
+                        Some(r) if r.code == ErrorCode::ContentPolicy => filtered = true,
+                        Some(r) => failure = Some(r),
+                        None => {}
                     }
                 }
                 if !filtered && failure.is_none() {
@@ -1306,6 +1319,17 @@ fn content_filter_end(route: Route, model: Option<&str>) -> Vec<SseEvent> {
     vec![SseEvent::data(chunk.to_string()), SseEvent::data("[DONE]")]
 }
 
+/// Keep only the last `n` characters of `text`: a stream's judged text
+/// is dropped once judged, but for an overlap sent again with the next
+/// window, so the output guard's memory does not grow with the reply.
+fn keep_tail(text: &mut String, n: usize) {
+    let len = text.chars().count();
+    if len > n {
+        let cut = text.char_indices().nth(len - n).map_or(text.len(), |c| c.0);
+        text.drain(..cut);
+    }
+}
+
 /// Where an event goes under the output guard: held (all of them in
 /// `held` mode; closing events in `sampled` mode, so a stream can still be
 /// cut after its last judgement) or written; its text is counted.
@@ -1369,5 +1393,16 @@ mod tests {
         assert!(!passes_through(401));
         assert!(!passes_through(403));
         assert!(!passes_through(500));
+    }
+
+    #[test]
+    fn judged_stream_text_keeps_only_the_overlap() {
+        let mut t = "ab€dé".to_string();
+        keep_tail(&mut t, 3);
+        assert_eq!(t, "€dé");
+        keep_tail(&mut t, 10);
+        assert_eq!(t, "€dé");
+        keep_tail(&mut t, 0);
+        assert_eq!(t, "");
     }
 }

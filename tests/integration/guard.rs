@@ -429,6 +429,30 @@ async fn a_long_reply_is_judged_whole_and_tool_call_arguments_too() {
     let r = gw.post("/v1/chat/completions", &chat(&long)).await;
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["choices"][0]["finish_reason"], "content_filter");
+    // Streamed, the judged text is only the newest window and an overlap:
+    // harm deep in a long stream, wherever the windows fall, is still cut
+    // with nothing after it released; a long safe stream arrives whole.
+    for (at, harmful) in [(2_000, true), (2_000, false), (37, true)] {
+        let head = "Filler text. ".repeat(at / 13);
+        let middle = if harmful {
+            "nerve agent"
+        } else {
+            "garden gnome"
+        };
+        let tail = format!(" marker {}", "More filler. ".repeat(300));
+        let mut ask = chat(&format!("{head}{middle}{tail}"));
+        ask["stream"] = json!(true);
+        let r = gw.post("/v1/chat/completions", &ask).await;
+        let body = r.text().await.unwrap();
+        let (text, finishes) = streamed_text(&events(&body));
+        if harmful {
+            assert_eq!(finishes, vec!["content_filter".to_string()], "{at}");
+            assert!(!text.contains("marker"), "{at}: {text}");
+        } else {
+            assert_eq!(finishes, vec!["stop".to_string()]);
+            assert_eq!(text, format!("{head}{middle}{tail}"));
+        }
+    }
     // A reply that is only a tool call is judged by its arguments.
     let call = json!({"mock_tool_call": {"name": "get_weather", "arguments": {"city": "nerve agent lab"}}});
     let r = gw
