@@ -243,6 +243,30 @@ impl Gateway {
         }
     }
 
+    /// Judge each choice's new text (with the overlap before it), the
+    /// first unsafe or failed one deciding; what was judged safe is
+    /// dropped but for the overlap.
+    async fn judge_unjudged(
+        &self,
+        ctx: &Ctx,
+        unjudged: &mut Unjudged,
+    ) -> (Option<Rejection>, Option<filters::FilterOutcome>) {
+        unjudged.chars = 0;
+        let mut last = None;
+        for (text, fresh) in unjudged.choices.values_mut() {
+            if !std::mem::take(fresh) {
+                continue;
+            }
+            let (r, outcome) = self.judge_output_pieces(ctx, text).await;
+            last = outcome.or(last);
+            if r.is_some() {
+                return (r, last);
+            }
+            keep_tail(text, OUTPUT_OVERLAP);
+        }
+        (None, last)
+    }
+
     /// Characters of a reply judged in one guard call: well inside the
     /// policy's `max_chars`, which would otherwise cut the reply.
     fn output_piece(&self) -> usize {
@@ -595,7 +619,9 @@ impl Gateway {
             Bytes::from(json.to_string())
         };
         let body = if self.output_mode() != GuardOutput::Off {
-            let (rejection, last) = self.judge_output_pieces(ctx, &reply_text(&json)).await;
+            let mut unjudged = Unjudged::default();
+            unjudged.push(&json);
+            let (rejection, last) = self.judge_unjudged(ctx, &mut unjudged).await;
             ctx.rec.filters.extend(last);
             match rejection {
                 Some(r) if r.code == ErrorCode::ContentPolicy => {
@@ -661,8 +687,7 @@ impl Gateway {
         // whether the reply was cut.
         let output = self.output_mode();
         let window = self.output_piece();
-        let mut written = String::new();
-        let mut unjudged = 0usize;
+        let mut unjudged = Unjudged::default();
         let mut held: Vec<SseEvent> = Vec::new();
         let mut last_outcome: Option<filters::FilterOutcome> = None;
         let mut filtered = false;
@@ -698,23 +723,15 @@ impl Gateway {
                     continue;
                 }
                 for out in stages.push(event) {
-                    route_event(
-                        output,
-                        out,
-                        &mut written,
-                        &mut unjudged,
-                        &mut held,
-                        &mut wire,
-                    );
+                    route_event(output, out, &mut unjudged, &mut held, &mut wire);
                 }
             }
             if let Some((_, r)) = stages.stopped() {
                 failure = Some(r.clone());
                 break;
             }
-            if output != GuardOutput::Off && unjudged >= window {
-                unjudged = 0;
-                let (r, outcome) = self.judge_output_pieces(ctx, &written).await;
+            if output != GuardOutput::Off && unjudged.chars >= window {
+                let (r, outcome) = self.judge_unjudged(ctx, &mut unjudged).await;
                 last_outcome = outcome.or(last_outcome);
                 match r {
                     Some(r) if r.code == ErrorCode::ContentPolicy => {
@@ -725,7 +742,7 @@ impl Gateway {
                         failure = Some(r);
                         break;
                     }
-                    None => keep_tail(&mut written, OUTPUT_OVERLAP),
+                    None => {}
                 }
                 if output == GuardOutput::Held {
                     for e in held.drain(..) {
@@ -750,14 +767,7 @@ impl Gateway {
                 Ok(Some(event)) => match seen.note(&event) {
                     Ok(()) => {
                         for out in stages.push(event) {
-                            route_event(
-                                output,
-                                out,
-                                &mut written,
-                                &mut unjudged,
-                                &mut held,
-                                &mut wire,
-                            );
+                            route_event(output, out, &mut unjudged, &mut held, &mut wire);
                         }
                     }
                     Err(why) => failure = Some(broken(why)),
@@ -767,20 +777,13 @@ impl Gateway {
             }
             if failure.is_none() {
                 for out in stages.finish() {
-                    route_event(
-                        output,
-                        out,
-                        &mut written,
-                        &mut unjudged,
-                        &mut held,
-                        &mut wire,
-                    );
+                    route_event(output, out, &mut unjudged, &mut held, &mut wire);
                 }
             }
             // The last judgement, before anything held is released.
             if output != GuardOutput::Off && failure.is_none() {
-                if unjudged > 0 {
-                    let (r, outcome) = self.judge_output_pieces(ctx, &written).await;
+                if unjudged.chars > 0 {
+                    let (r, outcome) = self.judge_unjudged(ctx, &mut unjudged).await;
                     last_outcome = outcome.or(last_outcome);
                     match r {
                         Some(r) if r.code == ErrorCode::ContentPolicy => filtered = true,
@@ -810,7 +813,13 @@ impl Gateway {
             // Cut the way hosted providers end a filtered stream: a final
             // event with `finish_reason: content_filter`, then `[DONE]`.
             // In `sampled` mode what came before has been sent.
-            for e in content_filter_end(route, ctx.rec.model.as_deref()) {
+            let n = ctx
+                .request_json
+                .as_ref()
+                .and_then(|j| j.get("n"))
+                .and_then(Value::as_u64)
+                .unwrap_or(1);
+            for e in content_filter_end(route, ctx.rec.model.as_deref(), n) {
                 e.write_to(&mut wire);
             }
             ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
@@ -1216,7 +1225,7 @@ fn text_chars(v: &Value) -> u64 {
 /// The text of a reply's choices, everything a model generates: content
 /// (string or parts), refusal, reasoning, audio transcripts, tool-call and
 /// legacy function-call arguments, completions text; for the output guard.
-fn reply_text(json: &Value) -> String {
+fn reply_texts(json: &Value) -> Vec<(u64, String)> {
     fn push(out: &mut String, v: &Value) {
         match v {
             // Streamed pieces join as they were cut: no separator.
@@ -1231,13 +1240,15 @@ fn reply_text(json: &Value) -> String {
             _ => {}
         }
     }
-    let mut out = String::new();
-    for c in json
+    let mut texts = Vec::new();
+    for (at, c) in json
         .get("choices")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
+        .enumerate()
     {
+        let mut out = String::new();
         if let Some(t) = c.get("text") {
             push(&mut out, t);
         }
@@ -1266,9 +1277,37 @@ fn reply_text(json: &Value) -> String {
                 }
             }
         }
-        out.push('\n');
+        // Choices are judged apart; a provider's index beyond the
+        // request's cap of 128 shares the last one's text.
+        let index = c.get("index").and_then(Value::as_u64).unwrap_or(at as u64);
+        texts.push((index.min(127), out));
     }
-    out
+    texts
+}
+
+/// The text of a reply the output guard has not judged yet, per choice,
+/// each after the overlap kept from its last window (so a stream's
+/// judged text is dropped and memory does not grow with the reply).
+#[derive(Default)]
+struct Unjudged {
+    /// Per choice index: the text, and whether any of it is new.
+    choices: std::collections::BTreeMap<u64, (String, bool)>,
+    /// New characters since the last judgement, all choices together.
+    chars: usize,
+}
+
+impl Unjudged {
+    fn push(&mut self, json: &Value) {
+        for (index, t) in reply_texts(json) {
+            if t.is_empty() {
+                continue;
+            }
+            self.chars += t.chars().count();
+            let (text, fresh) = self.choices.entry(index).or_default();
+            text.push_str(&t);
+            *fresh = true;
+        }
+    }
 }
 
 /// A reply the output guard withheld: every choice's content, tool calls
@@ -1304,17 +1343,26 @@ fn content_filtered(json: &mut Value) {
     }
 }
 
-/// The events that end a stream the output guard cut.
-fn content_filter_end(route: Route, model: Option<&str>) -> Vec<SseEvent> {
+/// The events that end a stream the output guard cut: every one of the
+/// request's `n` choices (at most 128) ends with `content_filter`.
+fn content_filter_end(route: Route, model: Option<&str>, n: u64) -> Vec<SseEvent> {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let chunk = if route == Route::Completions {
-        json!({"id": "cmpl-filtered", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": "", "finish_reason": "content_filter", "logprobs": null}]})
+    let completions = route == Route::Completions;
+    let choices: Vec<Value> = (0..n.clamp(1, 128))
+        .map(|index| {
+            if completions {
+                json!({"index": index, "text": "", "finish_reason": "content_filter", "logprobs": null})
+            } else {
+                json!({"index": index, "delta": {}, "finish_reason": "content_filter"})
+            }
+        })
+        .collect();
+    let chunk = if completions {
+        json!({"id": "cmpl-filtered", "object": "text_completion", "created": created, "model": model, "choices": choices})
     } else {
-        json!({"id": "chatcmpl-filtered", "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]})
+        json!({"id": "chatcmpl-filtered", "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices})
     };
     vec![SseEvent::data(chunk.to_string()), SseEvent::data("[DONE]")]
 }
@@ -1336,8 +1384,7 @@ fn keep_tail(text: &mut String, n: usize) {
 fn route_event(
     output: GuardOutput,
     event: SseEvent,
-    written: &mut String,
-    unjudged: &mut usize,
+    unjudged: &mut Unjudged,
     held: &mut Vec<SseEvent>,
     wire: &mut Vec<u8>,
 ) {
@@ -1347,10 +1394,7 @@ fn route_event(
     }
     let json = event.json();
     if let Some(j) = &json {
-        let t = reply_text(j);
-        let t = t.trim_end_matches('\n');
-        *unjudged += t.chars().count();
-        written.push_str(t);
+        unjudged.push(j);
     }
     // Closing: `[DONE]`, a finish reason, or a usage-only chunk (it
     // follows the finish and must stay after it).

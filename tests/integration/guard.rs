@@ -398,6 +398,36 @@ async fn the_output_guard_withholds_unsafe_replies_json_and_streamed() {
         if mode == "held" {
             assert!(!text.contains("recipe"), "{text}");
         }
+        // With several choices, every one of them ends content_filter.
+        ask["n"] = json!(3);
+        let r = gw.post("/v1/chat/completions", &ask).await;
+        let body = r.text().await.unwrap();
+        let ev = events(&body);
+        let end: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+        let ends: Vec<(u64, &str)> = end["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["index"].as_u64().unwrap(),
+                    c["finish_reason"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ends,
+            vec![
+                (0, "content_filter"),
+                (1, "content_filter"),
+                (2, "content_filter")
+            ],
+            "{mode}: {body}"
+        );
+        assert!(
+            !streamed_text(&ev).1.iter().any(|f| f == "stop"),
+            "{mode}: {body}"
+        );
 
         // A safe stream is whole.
         let mut ask = chat("Llamas are friendly animals that live in the Andes.");
