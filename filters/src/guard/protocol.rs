@@ -65,9 +65,12 @@ pub fn llama_guard_request(
             let messages: Vec<Value> = turns
                 .iter()
                 .map(|t| {
+                    // Servers that parse special tokens inside message text
+                    // (`<|eot_id|>…`) would let a turn close itself early.
+                    let text = no_special_tokens(&t.text);
                     let content = match shape {
-                        ContentShape::String => json!(t.text),
-                        ContentShape::Parts => json!([{"type": "text", "text": t.text}]),
+                        ContentShape::String => json!(text),
+                        ContentShape::Parts => json!([{"type": "text", "text": text}]),
                     };
                     json!({"role": t.role.as_str(), "content": content})
                 })
@@ -128,9 +131,13 @@ fn neutral(text: &str) -> String {
         }
         out.push_str(line);
     }
-    out.replace("<|", "< |")
-        .replace("|>", "| >")
-        .replace(['<', '>'], " ")
+    no_special_tokens(&out).replace(['<', '>'], " ")
+}
+
+/// Special-token spellings (`<|eot_id|>`, `<|start_header_id|>`) broken
+/// up, so no server reads them as the template's own tokens.
+fn no_special_tokens(text: &str) -> String {
+    text.replace("<|", "< |").replace("|>", "| >")
 }
 
 /// The generated text of a chat or completions reply.
