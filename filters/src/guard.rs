@@ -161,12 +161,7 @@ impl GuardPolicy {
         principal: Option<&Principal>,
     ) -> (Action, Option<String>) {
         let o = self.overrides.iter().find(|o| {
-            o.tenant
-                .as_deref()
-                .is_none_or(|t| principal.is_some_and(|p| p.tenant == t))
-                && o.role
-                    .as_deref()
-                    .is_none_or(|r| principal.is_some_and(|p| p.roles.iter().any(|x| x == r)))
+            crate::request::Principal::fits(principal, o.tenant.as_deref(), o.role.as_deref())
         });
         let mut worst = (Action::Allow, None);
         for code in named {

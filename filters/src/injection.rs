@@ -171,15 +171,7 @@ pub struct Override {
 
 impl Override {
     fn matches(&self, p: Option<&Principal>) -> bool {
-        let tenant = self
-            .tenant
-            .as_deref()
-            .is_none_or(|t| p.is_some_and(|p| p.tenant == t));
-        let role = self
-            .role
-            .as_deref()
-            .is_none_or(|r| p.is_some_and(|p| p.roles.iter().any(|x| x == r)));
-        tenant && role
+        Principal::fits(p, self.tenant.as_deref(), self.role.as_deref())
     }
 }
 

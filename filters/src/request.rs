@@ -45,6 +45,16 @@ pub struct Principal {
     pub roles: Vec<String>,
 }
 
+impl Principal {
+    /// Whether a policy override naming `tenant` and `role` (each
+    /// optional) applies to the caller `p`; an unauthenticated caller
+    /// fits only an override that names neither.
+    pub fn fits(p: Option<&Principal>, tenant: Option<&str>, role: Option<&str>) -> bool {
+        tenant.is_none_or(|t| p.is_some_and(|p| p.tenant == t))
+            && role.is_none_or(|r| p.is_some_and(|p| p.roles.iter().any(|x| x == r)))
+    }
+}
+
 /// A parsed request as the request chain sees it. Read-only: filters
 /// return facts and decisions, the chain applies them.
 #[derive(Debug, Clone, Copy)]
