@@ -165,8 +165,8 @@ impl Gateway {
             return None;
         }
         let started = Instant::now();
-        let body = ctx.request_json.clone().unwrap_or(Value::Null);
-        let result = guard.judge_reply(&body, text, ctx.principal.as_ref()).await;
+        let body = ctx.request_json.as_ref().unwrap_or(&Value::Null);
+        let result = guard.judge_reply(body, text, ctx.principal.as_ref()).await;
         let mut outcome = filters::FilterOutcome {
             filter: FilterKind::OutputGuard,
             mode: g.mode,
