@@ -174,8 +174,15 @@ async fn handle(
             .await;
             let registry = api.registry.snapshot().is_ok();
             match probe {
-                Ok(Ok(_)) if registry => text(200, "ready\n"),
-                Ok(Ok(_)) => text(503, "model registry not loaded\n"),
+                Ok(Ok(_)) if !registry => text(503, "model registry not loaded\n"),
+                Ok(Ok(_)) => match api.audit.failure() {
+                    None => text(200, "ready\n"),
+                    Some(why) => {
+                        let mut r = Response::new(full(format!("audit sink failing: {why}\n")));
+                        *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                        r
+                    }
+                },
                 _ => text(503, "proxy listener not accepting connections\n"),
             }
         }
@@ -396,6 +403,12 @@ impl AdminApi {
             // Who is asking is settled from the headers alone, before a
             // byte of the body is read.
             let who = self.authorize(&mut rec, authorization, pattern, &params)?;
+            // A change that cannot be audited is not made.
+            if rec.method != "GET" {
+                self.audit
+                    .admit()
+                    .map_err(|why| Rejection::new(ErrorCode::AuditUnavailable, why))?;
+            }
             let body = read_body(body, declared_len).await?;
             self.act(&mut rec, who, pattern, &params, &body).await
         }

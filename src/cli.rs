@@ -1,7 +1,7 @@
 //! The `portcullis` command line.
 
 use crate::admin_cli::AdminClient;
-use crate::audit::{self, Verification};
+use crate::audit;
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::keys::{self, DevKeys, TokenRequest};
 use crate::mock::{self, MockOptions, MockState};
@@ -252,9 +252,20 @@ impl From<MockArgs> for MockOptions {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain of an audit file: print the record count, exit
-    /// non-zero on any edited, deleted, inserted or reordered line.
-    Verify { file: PathBuf },
+    /// Check the hash chain of an audit file, of a folder of rotated audit
+    /// files (each chain in order, across files), or of a Redis Stream
+    /// (`--redis URL STREAM`, each instance's chain): print the record
+    /// counts, exit 1 on any edited, deleted, inserted or reordered record.
+    Verify {
+        /// An audit file, a folder of them, or with `--redis` a stream name.
+        target: PathBuf,
+        /// The audit key of a keyed (HMAC) chain.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Verify the stream TARGET in this Redis.
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -416,24 +427,90 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => match audit::verify(&file) {
-            Ok(Verification::Intact { records }) => {
-                println!("{}: {records} records, chain intact", file.display());
+            command: AuditCommand::Verify { target, key, redis },
+        } => verify_audit(&target, key.as_deref(), redis.as_deref()),
+    }
+}
+
+/// `audit verify`: 0 intact, 1 broken, 2 could not be checked.
+fn verify_audit(target: &Path, key: Option<&Path>, redis: Option<&str>) -> ExitCode {
+    let key = match key.map(audit::AuditKey::load).transpose() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let resumes = |r: &Option<String>| match r {
+        Some(h) => format!(" (resumes from {h}: earlier records are not here)"),
+        None => String::new(),
+    };
+    if let Some(url) = redis {
+        let stream = target.to_string_lossy();
+        return match audit::redis::verify_stream(url, &stream, key.as_ref()) {
+            Ok(Ok(chains)) => {
+                for c in &chains {
+                    println!(
+                        "{stream}: instance {}: {} records, chain intact{}",
+                        c.instance,
+                        c.records,
+                        resumes(&c.resumes_from)
+                    );
+                }
+                if chains.is_empty() {
+                    println!("{stream}: no records");
+                }
                 ExitCode::SUCCESS
             }
-            Ok(Verification::Broken { records, line, why }) => {
-                println!(
-                    "{}: chain broken at line {line}: {why} ({records} records verified before it)",
-                    file.display()
-                );
+            Ok(Err(why)) => {
+                println!("{stream}: chain broken: {why}");
                 ExitCode::FAILURE
             }
             Err(e) => {
-                eprintln!("{}: {e}", file.display());
+                eprintln!("{stream}: {e}");
                 ExitCode::from(2)
             }
-        },
+        };
+    }
+    let checked = if target.is_dir() {
+        audit::verify::verify_dir(target, key.as_ref())
+    } else {
+        audit::verify::verify_file(target, key.as_ref()).map(|r| r.map(|i| vec![i]))
+    };
+    match checked {
+        Ok(Ok(chains)) => {
+            for c in &chains {
+                let files = if c.files > 1 {
+                    format!(" in {} files", c.files)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{}: {} records{files}, chain intact{}",
+                    c.name,
+                    c.records,
+                    resumes(&c.resumes_from)
+                );
+            }
+            if chains.is_empty() {
+                println!("{}: no audit files", target.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(b)) => {
+            println!(
+                "{}: chain broken at line {}: {} ({} records verified before it)",
+                b.file.display(),
+                b.line,
+                b.why,
+                b.records
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", target.display());
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -549,8 +626,7 @@ fn demo(config: &Path) -> ExitCode {
     };
     let base = format!("http://{}/v1", cfg.listen);
     let audit = cfg
-        .audit
-        .file
+        .audit_file()
         .as_ref()
         .map(|f| f.display().to_string())
         .unwrap_or_else(|| "(none)".into());

@@ -76,6 +76,10 @@ pub struct ServerSection {
     pub threads: usize,
     /// Seconds in-flight requests get to finish after SIGTERM.
     pub shutdown_grace_secs: u64,
+    /// Names this process in audit records (and in `{instance}` of
+    /// `audit.file`). Default: the host name and the proxy port,
+    /// `HOST-PORT`.
+    pub instance_id: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -85,6 +89,7 @@ impl Default for ServerSection {
             admin_listen: DEFAULT_ADMIN_LISTEN.into(),
             threads: 2,
             shutdown_grace_secs: 2,
+            instance_id: None,
         }
     }
 }
@@ -210,16 +215,78 @@ impl Default for AdminSection {
     }
 }
 
-/// `audit:` — where audit records go.
-#[derive(Debug, Clone, Deserialize, Default)]
+/// `audit:` — where audit records go and what happens when they cannot.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditSection {
-    /// JSON-lines file, hash-chained across restarts.
+    /// JSON-lines file, hash-chained across restarts and rotations. A
+    /// `{instance}` in the name is replaced by the instance id, so that
+    /// instances on one host each write their own file (one file has one
+    /// writer: a second process is refused at start).
     pub file: Option<PathBuf>,
     /// Also write each record to standard output.
     pub stdout: bool,
     /// Record raw prompts and completions (off: only their SHA-256).
     pub record_content: bool,
+    /// Rotate the file at this size (MiB); 0: never.
+    pub rotate_mib: u64,
+    /// Rotate the file when the UTC day changes.
+    pub rotate_daily: bool,
+    /// Longest time a written record waits for its fsync; 0: fsync after
+    /// every batch.
+    pub fsync_ms: u64,
+    /// A key file (at least 16 bytes, kept outside the audit folder):
+    /// records are chained with HMAC-SHA-256, so a rewrite of the file is
+    /// found by `audit verify --key`.
+    pub key_file: Option<PathBuf>,
+    /// When a sink cannot be written: `deny` refuses new requests with 503
+    /// `audit_unavailable` until it can; `allow` serves them and holds
+    /// their records (up to `queue_capacity`) for a retry.
+    pub on_error: filters::OnError,
+    /// Records queued or held for the writer at most; beyond it they are
+    /// dropped and an `audit_gap` record counts them.
+    pub queue_capacity: usize,
+    /// Records also go to a Redis Stream (one chain per instance).
+    pub redis: Option<AuditRedisSection>,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        Self {
+            file: None,
+            stdout: false,
+            record_content: false,
+            rotate_mib: 100,
+            rotate_daily: true,
+            fsync_ms: 0,
+            key_file: None,
+            on_error: filters::OnError::Deny,
+            queue_capacity: 10_000,
+            redis: None,
+        }
+    }
+}
+
+/// `audit.redis:` — the Redis Streams sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRedisSection {
+    /// Defaults to `state.redis_url`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_audit_stream")]
+    pub stream: String,
+    /// The stream is trimmed to about this many entries.
+    #[serde(default = "default_audit_max_len")]
+    pub max_len: u64,
+}
+
+fn default_audit_stream() -> String {
+    "portcullis:audit".into()
+}
+
+fn default_audit_max_len() -> u64 {
+    1_000_000
 }
 
 /// `auth:` — JWT authentication. Without this section every request is
@@ -584,6 +651,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub threads: usize,
+    /// `server.instance_id`; [`Config::instance`] gives the default.
+    pub instance_id: Option<String>,
     pub shutdown_grace: Duration,
     pub limits: LimitsSection,
     pub state_dir: PathBuf,
@@ -630,6 +699,43 @@ pub struct ModelRoute {
 }
 
 impl Config {
+    /// This process's instance id: `server.instance_id`, or `HOST-PORT`.
+    pub fn instance(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| {
+                h.trim()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect::<String>()
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".into());
+        let mut id = format!("{host}-{}", self.listen.port());
+        id.truncate(64);
+        id
+    }
+
+    /// `audit.file` with `{instance}` replaced.
+    pub fn audit_file(&self) -> Option<PathBuf> {
+        let f = self.audit.file.as_ref()?;
+        let s = f.to_string_lossy();
+        if s.contains("{instance}") {
+            Some(PathBuf::from(s.replace("{instance}", &self.instance())))
+        } else {
+            Some(f.clone())
+        }
+    }
+
     /// Read, interpolate, parse and check a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -756,6 +862,36 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let mut audit = audit;
         audit.file = audit.file.map(|f| base.join(f));
+        audit.key_file = audit.key_file.map(|f| base.join(f));
+        if let (Some(key), Some(file)) = (&audit.key_file, &audit.file) {
+            let folder = file.parent().unwrap_or(Path::new("."));
+            if key.parent().unwrap_or(Path::new(".")) == folder {
+                errors.push(
+                    "audit.key_file",
+                    "keep the audit key outside the audit folder: whoever can rewrite the records must not be able to read it",
+                );
+            }
+        }
+        if audit.queue_capacity < 4 {
+            errors.push("audit.queue_capacity", "must be at least 4");
+        }
+        if let Some(r) = &mut audit.redis {
+            r.url = r.url.take().or_else(|| state.redis_url.clone());
+            if r.url.is_none() {
+                errors.push(
+                    "audit.redis.url",
+                    "no Redis URL: set audit.redis.url or state.redis_url",
+                );
+            }
+        }
+        if let Some(id) = &server.instance_id {
+            if !valid_instance_id(id) {
+                errors.push(
+                    "server.instance_id",
+                    "1 to 64 characters from A-Z a-z 0-9 . _ -",
+                );
+            }
+        }
         let auth = auth.map(|mut a| {
             for k in &mut a.keys {
                 k.dir = k.dir.take().map(|p| base.join(p));
@@ -825,6 +961,7 @@ impl Config {
             listen,
             admin_listen,
             threads: server.threads,
+            instance_id: server.instance_id,
             shutdown_grace: Duration::from_secs(server.shutdown_grace_secs),
             limits,
             state_dir: base.join(state_dir),
@@ -861,6 +998,14 @@ impl Errors {
 
 /// Deserialize one top-level section, recording the error with its full
 /// key path.
+/// An instance id is used in file names and Redis keys.
+pub fn valid_instance_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 fn section<T: DeserializeOwned>(
     map: &serde_yaml::Mapping,
     name: &str,

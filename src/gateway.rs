@@ -321,7 +321,8 @@ impl Gateway {
 
     async fn handle(&self, s: &mut Session, ctx: &mut Ctx) {
         let header = s.req_header();
-        ctx.rec.request_id = request_id(header.headers.get("x-request-id").map(|v| v.as_bytes()));
+        ctx.rec.client_request_id =
+            client_request_id(header.headers.get("x-request-id").map(|v| v.as_bytes()));
         ctx.rec.method = header.method.to_string();
         ctx.rec.path = header.uri.path().to_string();
         ctx.rec.client_ip = s
@@ -335,6 +336,10 @@ impl Gateway {
             && header.headers.contains_key("x-portcullis-test-panic")
         {
             panic!("test panic requested");
+        }
+        if let Err(why) = self.audit.admit() {
+            let r = Rejection::new(ErrorCode::AuditUnavailable, why);
+            return self.refuse(s, ctx, "audit", r).await;
         }
         match intake::resolve(&ctx.rec.method, &ctx.rec.path) {
             Err(r) => self.refuse(s, ctx, "intake", r).await,
@@ -925,6 +930,7 @@ impl ProxyHttp for Gateway {
             rec: RequestRecord {
                 kind: "request",
                 ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                request_id: uuid::Uuid::new_v4().to_string(),
                 ..Default::default()
             },
         }
@@ -1048,8 +1054,10 @@ fn response_header(status: u16, ctx: &Ctx) -> pingora::Result<ResponseHeader> {
     Ok(h)
 }
 
-/// A well-formed incoming `x-request-id` is kept; otherwise a new one.
-fn request_id(incoming: Option<&[u8]>) -> String {
+/// A well-formed incoming `x-request-id`, kept in the record's
+/// `client_request_id` (the record's own `request_id` is always new:
+/// clients may send any id, the same one twice included).
+fn client_request_id(incoming: Option<&[u8]>) -> Option<String> {
     match incoming {
         Some(id)
             if (1..=128).contains(&id.len())
@@ -1057,9 +1065,9 @@ fn request_id(incoming: Option<&[u8]>) -> String {
                     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
                 }) =>
         {
-            String::from_utf8_lossy(id).into_owned()
+            Some(String::from_utf8_lossy(id).into_owned())
         }
-        _ => uuid::Uuid::new_v4().to_string(),
+        _ => None,
     }
 }
 
@@ -1421,13 +1429,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_ids() {
-        assert_eq!(request_id(Some(b"abc-123_x.y:z")), "abc-123_x.y:z");
+    fn client_request_ids() {
+        assert_eq!(
+            client_request_id(Some(b"abc-123_x.y:z")).as_deref(),
+            Some("abc-123_x.y:z")
+        );
         for bad in [&b""[..], b"has space", b"\xff", &[b'a'; 129]] {
-            let id = request_id(Some(bad));
-            assert_eq!(id.len(), 36, "{bad:?} must be replaced");
+            assert_eq!(
+                client_request_id(Some(bad)),
+                None,
+                "{bad:?} must be dropped"
+            );
         }
-        assert_ne!(request_id(None), request_id(None));
     }
 
     #[test]

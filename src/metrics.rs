@@ -77,7 +77,25 @@ pub static AUDIT_RECORDS_WRITTEN: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static AUDIT_WRITE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter_with_registry!(
         "portcullis_audit_write_errors_total",
-        "Audit records that could not be written.",
+        "Failed attempts to write audit records (they are retried).",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static AUDIT_SINK_FAILING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge_with_registry!(
+        "portcullis_audit_sink_failing",
+        "1 while an audit sink cannot be written (records are held and retried; with on_error: deny new requests get 503 audit_unavailable).",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static AUDIT_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "portcullis_audit_dropped_total",
+        "Audit records dropped because the writer's queue was full (an audit_gap record says how many).",
         REGISTRY
     )
     .expect("static metric")
@@ -110,6 +128,8 @@ pub fn init() {
     LazyLock::force(&AUDIT_QUEUE_DEPTH);
     LazyLock::force(&AUDIT_RECORDS_WRITTEN);
     LazyLock::force(&AUDIT_WRITE_ERRORS);
+    LazyLock::force(&AUDIT_SINK_FAILING);
+    LazyLock::force(&AUDIT_DROPPED);
     LazyLock::force(&PANICS);
     LazyLock::force(&GUARD_BREAKER);
 }

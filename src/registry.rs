@@ -12,6 +12,11 @@
 //!
 //! The seed (models from the config and `registry.seed_file`) is written
 //! only when no state exists yet: once the registry has state, it wins.
+//! If Redis loses the registry (restarted without persistence), running
+//! instances put back their last snapshot, also over a seed another
+//! instance wrote meanwhile (revisions only grow), and a change is never
+//! applied to a missing registry. To reset a Redis registry to its seed,
+//! stop every instance, delete the key, start again.
 
 use async_trait::async_trait;
 use filters::model_registry::{RegistryError, RegistryState, RegistryView};
@@ -248,10 +253,30 @@ impl RedisStore {
         let state = if unchanged {
             None
         } else {
-            Some(Arc::new(
-                serde_json::from_str::<RegistryState>(&raw)
-                    .map_err(|e| format!("registry in Redis is corrupt: {e}"))?,
-            ))
+            let state = serde_json::from_str::<RegistryState>(&raw)
+                .map_err(|e| format!("registry in Redis is corrupt: {e}"))?;
+            if let Some((last_raw, last)) = self.newer_snapshot(state.revision) {
+                // Revisions only grow: an older one means Redis lost its
+                // data and another instance seeded it again. Put back the
+                // newer state (compare-and-set: a concurrent change wins).
+                log::warn!(
+                    "registry in Redis went back from revision {} to {}; restoring this instance's snapshot",
+                    last.revision,
+                    state.revision
+                );
+                let _: i64 = self
+                    .cas
+                    .key(KEY)
+                    .arg(&raw)
+                    .arg(&last_raw)
+                    .arg(CHANNEL)
+                    .arg(last.revision)
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| format!("redis: {e}"))?;
+                return Box::pin(self.reload_once()).await;
+            }
+            Some(Arc::new(state))
         };
         if let Ok(mut c) = self.cache.write() {
             let state = match (state, c.take()) {
@@ -262,6 +287,13 @@ impl RedisStore {
             *c = Some((Instant::now(), raw, state));
         }
         Ok(())
+    }
+
+    /// This instance's snapshot, when it is newer than `revision`.
+    fn newer_snapshot(&self, revision: u64) -> Option<(String, Arc<RegistryState>)> {
+        let cache = self.cache.read().ok()?;
+        let (_, raw, state) = cache.as_ref()?;
+        (state.revision > revision).then(|| (raw.clone(), state.clone()))
     }
 
     /// Keep the snapshot current: reload on every announcement, and poll.
@@ -343,13 +375,15 @@ impl RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| UpdateError::Store(e.to_string()))?;
-            let raw = raw.unwrap_or_default();
-            let mut state: RegistryState = if raw.is_empty() {
-                RegistryState::default()
-            } else {
-                serde_json::from_str(&raw)
-                    .map_err(|e| UpdateError::Store(format!("corrupt registry: {e}")))?
+            let Some(raw) = raw else {
+                // Redis lost the registry: never apply a change to an empty
+                // one (that would wipe every approval and freeze). Put back
+                // this instance's last snapshot, or fail.
+                self.reload_once().await.map_err(UpdateError::Store)?;
+                continue;
             };
+            let mut state: RegistryState = serde_json::from_str(&raw)
+                .map_err(|e| UpdateError::Store(format!("corrupt registry: {e}")))?;
             let result = change(&mut state)?;
             let next =
                 serde_json::to_string(&state).map_err(|e| UpdateError::Store(e.to_string()))?;

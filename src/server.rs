@@ -2,7 +2,9 @@
 //! listener, optionally the built-in mock provider, and the audit writer.
 
 use crate::admin::{AdminApi, AdminService};
-use crate::audit::{AuditLog, AuditTargets, AuditWriter};
+use crate::audit::file::FileOptions;
+use crate::audit::redis::RedisOptions;
+use crate::audit::{AuditKey, AuditLog, AuditOptions, AuditWriter, Sealer};
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::metrics;
@@ -142,26 +144,52 @@ pub fn run(cfg: Config, mock: Option<MockService>) -> anyhow::Result<()> {
     if let Some(m) = &mock {
         check_bindable(m.listen, "mock provider")?;
     }
-    let (writer, audit) = AuditWriter::start(AuditTargets {
-        file: cfg.audit.file.clone(),
-        stdout: cfg.audit.stdout,
-    })?;
+    let (writer, audit) = AuditWriter::start(audit_options(&cfg)?)?;
     let cfg = Arc::new(cfg);
-    log::info!(
-        "portcullis listening on {} (admin {}), config {}",
-        cfg.listen,
-        cfg.admin_listen,
-        cfg.source.display()
-    );
-    let server = match build(cfg, audit, mock) {
+    let server = match build(cfg.clone(), audit, mock) {
         Ok(s) => s,
         Err(e) => {
             writer.close();
             return Err(e);
         }
     };
+    // Everything is checked and loaded: only now is the gateway ready.
+    log::info!(
+        "portcullis listening on {} (admin {}), config {}, instance {}",
+        cfg.listen,
+        cfg.admin_listen,
+        cfg.source.display(),
+        cfg.instance()
+    );
     server.run(RunArgs::default());
     writer.close();
     log::info!("portcullis stopped; audit records flushed");
     Ok(())
+}
+
+/// The audit writer's options from the config.
+fn audit_options(cfg: &Config) -> anyhow::Result<AuditOptions> {
+    let a = &cfg.audit;
+    let key = a.key_file.as_deref().map(AuditKey::load).transpose()?;
+    Ok(AuditOptions {
+        file: cfg.audit_file().map(|path| FileOptions {
+            path,
+            rotate_bytes: a.rotate_mib.saturating_mul(1 << 20),
+            rotate_daily: a.rotate_daily,
+            fsync_every: std::time::Duration::from_millis(a.fsync_ms),
+        }),
+        stdout: a.stdout,
+        redis: a.redis.as_ref().map(|r| RedisOptions {
+            url: r.url.clone().unwrap_or_default(),
+            stream: r.stream.clone(),
+            max_len: r.max_len,
+            timeout: std::time::Duration::from_millis(cfg.state.redis_timeout_ms.unwrap_or(500)),
+        }),
+        sealer: Sealer {
+            key,
+            instance: Some(cfg.instance()),
+        },
+        capacity: a.queue_capacity,
+        on_error: a.on_error,
+    })
 }

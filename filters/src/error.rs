@@ -38,12 +38,13 @@ pub enum ErrorCode {
     LimiterUnavailable,
     RegistryUnavailable,
     FilterUnavailable,
+    AuditUnavailable,
     InternalError,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 28] = [
+    pub const ALL: [ErrorCode; 29] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
@@ -71,6 +72,7 @@ impl ErrorCode {
         Self::LimiterUnavailable,
         Self::RegistryUnavailable,
         Self::FilterUnavailable,
+        Self::AuditUnavailable,
         Self::InternalError,
     ];
 
@@ -103,6 +105,7 @@ impl ErrorCode {
             Self::LimiterUnavailable => "limiter_unavailable",
             Self::RegistryUnavailable => "registry_unavailable",
             Self::FilterUnavailable => "filter_unavailable",
+            Self::AuditUnavailable => "audit_unavailable",
             Self::InternalError => "internal_error",
         }
     }
@@ -130,7 +133,8 @@ impl ErrorCode {
             Self::GuardUnavailable
             | Self::LimiterUnavailable
             | Self::RegistryUnavailable
-            | Self::FilterUnavailable => 503,
+            | Self::FilterUnavailable
+            | Self::AuditUnavailable => 503,
             Self::UpstreamTimeout => 504,
         }
     }
@@ -181,8 +185,20 @@ impl ErrorCode {
             Self::LimiterUnavailable => "The rate limiter is unavailable; retry later.",
             Self::RegistryUnavailable => "The model registry is unavailable; retry later.",
             Self::FilterUnavailable => "A required security check could not be made.",
+            Self::AuditUnavailable => "The audit trail cannot be written; retry later.",
             Self::InternalError => "Internal gateway error.",
         }
+    }
+}
+
+/// A value the client chose, fit for an audit reason: quoted with
+/// escapes (no control characters reach the log) and cut to 64
+/// characters, with the full length said.
+pub fn untrusted(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &value[..cut], value.len()),
     }
 }
 

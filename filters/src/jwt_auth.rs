@@ -14,7 +14,7 @@
 
 use crate::chain::{Decision, Fact, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::clock::Clock;
-use crate::error::{ErrorCode, Rejection};
+use crate::error::{untrusted, ErrorCode, Rejection};
 use crate::request::{Principal, RequestView};
 use async_trait::async_trait;
 use base64::Engine;
@@ -399,13 +399,13 @@ impl JwtAuth {
         }
         let alg: Algorithm = alg_name
             .parse()
-            .map_err(|_| refuse(format!("unsupported alg '{alg_name}'")))?;
+            .map_err(|_| refuse(format!("unsupported alg {}", untrusted(alg_name))))?;
         let kid = header["kid"].as_str();
         let Some(key) = self.keys.key(kid) else {
             return Err(match kid {
                 Some(kid) => {
                     self.keys.unknown_kid(kid);
-                    refuse(format!("unknown kid '{kid}'"))
+                    refuse(format!("unknown kid {}", untrusted(kid)))
                 }
                 None => refuse("token has no kid and the key cannot be chosen"),
             });
@@ -555,7 +555,10 @@ fn bearer(header: Option<&str>) -> Result<&str, String> {
     let header = header.ok_or("no Authorization header")?;
     let (scheme, token) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(format!("authorization scheme '{scheme}' is not Bearer"));
+        return Err(format!(
+            "authorization scheme {} is not Bearer",
+            untrusted(scheme)
+        ));
     }
     let token = token.trim();
     if token.is_empty() {

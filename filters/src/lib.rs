@@ -28,7 +28,7 @@ pub use chain::{
     FilterSettings, Mode, OnError, RequestFilter, Verdict,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::{ErrorCode, Rejection};
+pub use error::{untrusted, ErrorCode, Rejection};
 pub use request::{Principal, RequestView, Route};
 pub use response::{ResponseChain, ResponseContext, ResponseStage, ResponseStream, StreamStage};
 pub use sse::{SseEvent, SseFramer};

@@ -251,7 +251,7 @@ async fn jwks_url_keys_are_followed_added_and_removed() {
     assert!(gw.record_for(&id).await["reason"]
         .as_str()
         .unwrap()
-        .contains("unknown kid 'k1'"));
+        .contains("unknown kid \"k1\""));
 }
 
 /// Issue 8, item 12: a JWKS document with an encryption key beside the

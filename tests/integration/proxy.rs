@@ -146,7 +146,7 @@ async fn completions_embeddings_and_models() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_ids_are_kept_when_well_formed() {
+async fn request_ids_are_unique_and_the_clients_id_is_kept_beside_them() {
     let mock = Mock::start(options()).await;
     let gw = Gateway::start(Setup::new(mock.addr)).await;
     let client = reqwest::Client::new();
@@ -157,11 +157,18 @@ async fn request_ids_are_kept_when_well_formed() {
             .json(&chat("x"))
             .send()
     };
-    let r = send("trace-abc-123").await.unwrap();
-    assert_eq!(request_id(&r), "trace-abc-123");
+    // The same client id twice: two records, two ids, both keeping it.
+    let first = request_id(&send("trace-abc-123").await.unwrap());
+    let second = request_id(&send("trace-abc-123").await.unwrap());
+    assert_ne!(first, second);
+    for id in [&first, &second] {
+        assert_eq!(id.len(), 36, "{id}");
+        let rec = gw.record_for(id).await;
+        assert_eq!(rec["client_request_id"], "trace-abc-123");
+    }
     let r = send("bad id with spaces").await.unwrap();
-    assert_ne!(request_id(&r), "bad id with spaces");
-    assert_eq!(request_id(&r).len(), 36);
+    let id = request_id(&r);
+    assert_eq!(gw.record_for(&id).await["client_request_id"], Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -228,3 +228,90 @@ async fn a_freeze_on_one_instance_is_applied_by_the_other() {
         .unwrap();
     assert_eq!(v["status"], "frozen");
 }
+
+/// Redis restarts without its data while instance `a` runs; instance `b`
+/// then starts and may seed a fresh registry. `a` puts its newer snapshot
+/// back (revisions only grow), and an admin change made after that is
+/// applied to the restored registry: the freeze made before the loss
+/// still holds everywhere, and so do the approvals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_lost_by_redis_is_restored_not_wiped() {
+    let port = free_port();
+    let mut redis = Redis::start(port).await;
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let a = Gateway::start(clustered(mock.addr, &keys, &redis)).await;
+    let root = keys.token("root", &["portcullis:admin"]);
+    let mallory = keys.token("mallory", &["user"]);
+    let r = admin(
+        &a,
+        Some(&root),
+        "POST",
+        "/admin/subjects/mallory/freeze",
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    expect_error(post_as(&a, &mallory, &small()).await, 403, "subject_frozen").await;
+
+    redis.kill();
+    let _redis = Redis::start(port).await;
+    let b = Gateway::start(clustered(mock.addr, &keys, &_redis)).await;
+    let deadline = Instant::now() + PATIENCE;
+    while post_as(&b, &mallory, &small()).await.status() != 403 {
+        assert!(
+            Instant::now() < deadline,
+            "the freeze was lost with Redis's data"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A change after the loss lands on the restored registry.
+    let r = admin(&b, Some(&root), "POST", "/admin/subjects/eve/freeze", None).await;
+    assert_eq!(r.status(), 200);
+    let eve = keys.token("eve", &["user"]);
+    let deadline = Instant::now() + PATIENCE;
+    while post_as(&a, &eve, &small()).await.status() != 403 {
+        assert!(Instant::now() < deadline, "eve's freeze never reached a");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    expect_error(post_as(&b, &mallory, &small()).await, 403, "subject_frozen").await;
+    expect_error(post_as(&a, &mallory, &small()).await, 403, "subject_frozen").await;
+    let user = keys.token("user", &["user"]);
+    assert_eq!(
+        post_as(&a, &user, &small()).await.status(),
+        200,
+        "approvals kept"
+    );
+
+    // The data goes again, and a change comes at once, before any reload
+    // could restore it: the change must not be applied to an empty
+    // registry.
+    let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("FLUSHALL").query(&mut con).unwrap();
+    let r = admin(
+        &a,
+        Some(&root),
+        "POST",
+        "/admin/subjects/trudy/freeze",
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _: () = redis::cmd("PING").query(&mut con).unwrap();
+    expect_error(post_as(&a, &mallory, &small()).await, 403, "subject_frozen").await;
+    assert_eq!(
+        post_as(&a, &user, &small()).await.status(),
+        200,
+        "approvals kept"
+    );
+    let state: String = redis::cmd("GET")
+        .arg("portcullis:registry")
+        .query(&mut con)
+        .unwrap();
+    for who in ["mallory", "eve", "trudy"] {
+        assert!(state.contains(who), "{who} missing from {state}");
+    }
+}

@@ -492,3 +492,32 @@ fn a_key_source_scopes_its_tokens() {
     let (p, ..) = auth.verify(&own).unwrap();
     assert_eq!(p.tenant, "billing");
 }
+
+#[tokio::test]
+async fn unverified_header_values_reach_the_reason_cut_and_escaped() {
+    let f = fixture();
+    let long = format!("k\u{1b}[31m\n{}", "x".repeat(10_000));
+    for header in [
+        json!({"alg": "RS256", "kid": long}),
+        json!({"alg": long, "kid": "rsa"}),
+    ] {
+        let token = format!("{}.{}.c2ln", b64(&header), b64(&claims()));
+        let v = check(&f, Some(&format!("Bearer {token}"))).await;
+        let Decision::Deny(r) = &v.decision else {
+            panic!("allowed: {v:?}")
+        };
+        assert!(r.reason.len() < 200, "{}", r.reason);
+        assert!(r.reason.contains("10007 bytes"), "{}", r.reason);
+        assert!(
+            !r.reason.contains('\u{1b}') && !r.reason.contains('\n'),
+            "{}",
+            r.reason
+        );
+    }
+    let scheme = "X".repeat(5_000);
+    let v = check(&f, Some(&format!("{scheme} token"))).await;
+    let Decision::Deny(r) = &v.decision else {
+        panic!("allowed")
+    };
+    assert!(r.reason.len() < 200, "{}", r.reason);
+}
