@@ -228,8 +228,9 @@ pub struct AuditSection {
     pub stdout: bool,
     /// Record raw prompts and completions (off: only their SHA-256).
     pub record_content: bool,
-    /// Rotate the file at this size (MiB); 0: never.
-    pub rotate_mib: u64,
+    /// Rotate the file at this size: bytes, or with a unit (`100 MiB`,
+    /// `512 KiB`, `1 GiB`); 0: never.
+    pub rotate_size: ByteSize,
     /// Rotate the file when the UTC day changes.
     pub rotate_daily: bool,
     /// Longest time a written record waits for its fsync; 0: fsync after
@@ -256,7 +257,7 @@ impl Default for AuditSection {
             file: None,
             stdout: false,
             record_content: false,
-            rotate_mib: 100,
+            rotate_size: ByteSize(100 << 20),
             rotate_daily: true,
             fsync_ms: 0,
             key_file: None,
@@ -265,6 +266,46 @@ impl Default for AuditSection {
             redis: None,
         }
     }
+}
+
+/// A size in bytes, written as a number of bytes or as a string with a
+/// unit: `B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB` (both spellings mean
+/// powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(t) => parse_size(&t).map(ByteSize).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "'{t}' is not a size (e.g. 100 MiB, 512 KiB, 1048576)"
+                ))
+            }),
+        }
+    }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
 }
 
 /// `audit.redis:` — the Redis Streams sink.
@@ -1274,6 +1315,64 @@ models:
 audit:
   file: ../audit/audit.jsonl
 "#;
+
+    #[test]
+    fn sizes_and_the_audit_section() {
+        assert_eq!(parse_size("100 MiB"), Some(100 << 20));
+        assert_eq!(parse_size("512KiB"), Some(512 << 10));
+        assert_eq!(parse_size("1 gb"), Some(1 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        for bad in [
+            "",
+            "MiB",
+            "1.5 MiB",
+            "-1",
+            "10 TiB",
+            "99999999999999999999 GiB",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+        let c = load(&format!("{GOOD}  rotate_size: 2 MiB\n  on_error: allow\n")).unwrap();
+        assert_eq!(c.audit.rotate_size, ByteSize(2 << 20));
+        assert_eq!(c.audit.on_error, filters::OnError::Allow);
+        let e = load(&format!("{GOOD}  rotate_size: lots\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a size"), "{e}");
+        // The key must live outside the audit folder.
+        let e = load(&format!("{GOOD}  key_file: ../audit/audit.key\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside the audit folder"), "{e}");
+        assert!(load(&format!("{GOOD}  key_file: keys/audit.key\n")).is_ok());
+        let e = load(&format!("{GOOD}  redis: {{}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no Redis URL"), "{e}");
+        let e = load(&format!("{GOOD}server:\n  instance_id: a/b\n"));
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn instances_on_one_host_get_their_own_audit_file() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let path = root.join("config/cluster.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut a = Config::from_yaml(&path, &text, &|_| None).unwrap();
+        let mut b = a.clone();
+        a.listen = "127.0.0.1:8080".parse().unwrap();
+        b.listen = "127.0.0.1:8090".parse().unwrap();
+        assert_ne!(a.instance(), b.instance());
+        assert_ne!(a.audit_file(), b.audit_file());
+        let file = a.audit_file().unwrap();
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with("audit-") && name.ends_with("-8080.jsonl"),
+            "{name}"
+        );
+        a.instance_id = Some("gw-a".into());
+        assert!(a.audit_file().unwrap().ends_with("audit-gw-a.jsonl"));
+    }
 
     #[test]
     fn a_good_file_builds() {

@@ -174,7 +174,7 @@ fn audit_options(cfg: &Config) -> anyhow::Result<AuditOptions> {
     Ok(AuditOptions {
         file: cfg.audit_file().map(|path| FileOptions {
             path,
-            rotate_bytes: a.rotate_mib.saturating_mul(1 << 20),
+            rotate_bytes: a.rotate_size.0,
             rotate_daily: a.rotate_daily,
             fsync_every: std::time::Duration::from_millis(a.fsync_ms),
         }),

@@ -1,6 +1,6 @@
 //! The command line: config checking and every shipped config file.
 
-use crate::support::bin;
+use crate::support::{bin, shipped_tree};
 use std::process::Command;
 
 fn check(path: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
@@ -13,29 +13,6 @@ fn check(path: &std::path::Path, env: &[(&str, &str)]) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
-}
-
-/// Copies of the shipped `config/` and `policies/` with a fresh dev key pair
-/// beside them (the configs load `../keys` and `../policies`).
-fn shipped_tree() -> tempfile::TempDir {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tmp = tempfile::tempdir().unwrap();
-    for sub in ["config", "policies"] {
-        std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
-        for entry in std::fs::read_dir(root.join(sub)).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_file() {
-                std::fs::copy(&path, tmp.path().join(sub).join(path.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    let out = Command::new(bin())
-        .args(["keys", "generate", "--dir"])
-        .arg(tmp.path().join("keys"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    tmp
 }
 
 /// The operator's keys for `config/portcullis.yaml`: a folder with one

@@ -315,3 +315,151 @@ async fn a_registry_lost_by_redis_is_restored_not_wiped() {
         assert!(state.contains(who), "{who} missing from {state}");
     }
 }
+
+fn verify_stream(port: u16, stream: &str) -> (bool, String) {
+    let out = Command::new(bin())
+        .args(["audit", "verify", "--redis"])
+        .arg(format!("redis://127.0.0.1:{port}"))
+        .arg(stream)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Two instances write their records to one Redis Stream, each its own
+/// chain (its instance id in every record); `audit verify --redis`
+/// checks each, and finds a record deleted from the middle of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_stream_holds_one_chain_per_instance() {
+    let redis = Redis::start(free_port()).await;
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut gws = Vec::new();
+    for _ in 0..2 {
+        // Each instance's id defaults to HOST-PORT: two ids.
+        let mut setup = clustered(mock.addr, &keys, &redis);
+        setup.audit_extra = "  redis: { stream: audit-test }\n".into();
+        gws.push(Gateway::start(setup).await);
+    }
+    let t = keys.token("user", &["user"]);
+    for (gw, n) in gws.iter().zip([3, 2]) {
+        for _ in 0..n {
+            assert_eq!(post_as(gw, &t, &small()).await.status(), 200);
+        }
+    }
+    for gw in &mut gws {
+        gw.stop();
+    }
+    let (ok, out) = verify_stream(redis.port, "audit-test");
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("chain intact").count(), 2, "{out}");
+    assert!(
+        out.contains(": 3 records") && out.contains(": 2 records"),
+        "{out}"
+    );
+
+    let mut con = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg("audit-test")
+        .arg("-")
+        .arg("+")
+        .query(&mut con)
+        .unwrap();
+    // The second record of the instance that wrote three.
+    let instance_of = |e: &(String, Vec<(String, String)>)| e.1[0].1.clone();
+    let busy = entries
+        .iter()
+        .map(instance_of)
+        .find(|i| entries.iter().filter(|e| instance_of(e) == *i).count() == 3)
+        .unwrap();
+    let second = entries
+        .iter()
+        .filter(|e| instance_of(e) == busy)
+        .nth(1)
+        .unwrap();
+    let _: i64 = redis::cmd("XDEL")
+        .arg("audit-test")
+        .arg(&second.0)
+        .query(&mut con)
+        .unwrap();
+    let (ok, out) = verify_stream(redis.port, "audit-test");
+    assert!(!ok, "{out}");
+    assert!(out.contains(&busy) && out.contains("prev_hash"), "{out}");
+}
+
+/// `config/cluster.yaml` as shipped: two instances on one host, each with
+/// its own audit file; `audit verify` on the folder checks both chains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_cluster_config_runs_two_instances_on_one_host() {
+    let redis = Redis::start(free_port()).await;
+    let mock = Mock::start(options()).await;
+    let tree = shipped_tree();
+    let var = tree.path().join("var");
+    let mut children = Vec::new();
+    let mut bases = Vec::new();
+    for _ in 0..2 {
+        let (port, admin_port) = (free_port(), free_port());
+        let child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(tree.path().join("config/cluster.yaml"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .env("REDIS_URL", format!("redis://127.0.0.1:{}", redis.port))
+            .env("PROVIDER_BASE_URL", format!("http://{}/v1", mock.addr))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        children.push(child);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + PATIENCE;
+        while client
+            .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .send()
+            .await
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "instance not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bases.push(format!("http://127.0.0.1:{port}"));
+    }
+    let out = Command::new(bin())
+        .args(["token", "--sub", "ann", "--roles", "user", "--key"])
+        .arg(tree.path().join("keys/private/dev.key"))
+        .output()
+        .unwrap();
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    for base in &bases {
+        for _ in 0..2 {
+            let r = reqwest::Client::new()
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(&token)
+                .json(&small())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    for mut c in children {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        assert!(c.wait().unwrap().success());
+    }
+    let out = Command::new(bin())
+        .args(["audit", "verify"])
+        .arg(&var)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("2 records, chain intact").count(), 2, "{text}");
+}

@@ -73,7 +73,8 @@ pub struct Gateway {
     pub audit_path: PathBuf,
     pub dir: tempfile::TempDir,
     child: Option<Child>,
-    config: PathBuf,
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 /// Knobs for the generated config.
@@ -93,6 +94,10 @@ pub struct Setup {
     pub registry_yaml: String,
     /// Files to write into the gateway's folder before it starts.
     pub files: Vec<(String, Vec<u8>)>,
+    /// `audit.file`; default `audit.jsonl` in the gateway's folder.
+    pub audit_file: Option<PathBuf>,
+    /// More lines of the `audit:` section (indented by two spaces).
+    pub audit_extra: String,
 }
 
 impl Setup {
@@ -108,6 +113,8 @@ impl Setup {
             extra_yaml: String::new(),
             registry_yaml: "registry:\n  approve_seed: true\n".into(),
             files: Vec::new(),
+            audit_file: None,
+            audit_extra: String::new(),
         }
     }
 }
@@ -116,9 +123,21 @@ pub const PROVIDER_KEY: &str = "sk-provider-secret";
 
 impl Gateway {
     pub async fn start(setup: Setup) -> Gateway {
+        let mut gw = Gateway::prepare(setup);
+        gw.child = Some(gw.spawn(&gw.env));
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Write the config and files, without starting the gateway.
+    pub fn prepare(setup: Setup) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let admin_port = free_port();
+        let audit_path = setup
+            .audit_file
+            .clone()
+            .unwrap_or_else(|| dir.path().join("audit.jsonl"));
         let yaml = format!(
             r#"
 server:
@@ -139,10 +158,13 @@ models:
   mock-large: {{ provider: mock, upstream_model: mock-large-2026-01 }}
 {registry}
 audit:
-  file: audit.jsonl
+  file: {audit_file}
   record_content: {record_content}
+{audit_extra}
 {extra}
 "#,
+            audit_file = audit_path.display(),
+            audit_extra = setup.audit_extra,
             extra = setup.extra_yaml,
             registry = setup.registry_yaml,
             max = setup.max_body_bytes,
@@ -161,17 +183,15 @@ audit:
         }
         let config = dir.path().join("gateway.yaml");
         std::fs::write(&config, yaml).unwrap();
-        let mut gw = Gateway {
+        Gateway {
             base: format!("http://127.0.0.1:{port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
-            audit_path: dir.path().join("audit.jsonl"),
+            audit_path,
             dir,
             child: None,
             config,
-        };
-        gw.child = Some(gw.spawn(&setup.env));
-        gw.wait_ready().await;
-        gw
+            env: setup.env,
+        }
     }
 
     fn spawn(&self, env: &[(String, String)]) -> Child {
@@ -196,7 +216,7 @@ audit:
 
     /// Start the gateway again on the same folder and config.
     pub async fn restart(&mut self) {
-        self.child = Some(self.spawn(&[]));
+        self.child = Some(self.spawn(&self.env));
         self.wait_ready().await;
     }
 
@@ -205,6 +225,7 @@ audit:
         let out = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .unwrap();
         assert!(!out.status.success(), "gateway started");
@@ -470,4 +491,27 @@ pub async fn admin(
         req = req.json(b);
     }
     req.send().await.expect("admin API answers")
+}
+
+/// Copies of the shipped `config/` and `policies/` with a fresh dev key pair
+/// beside them (the configs load `../keys` and `../policies`).
+pub fn shipped_tree() -> tempfile::TempDir {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    for sub in ["config", "policies"] {
+        std::fs::create_dir_all(tmp.path().join(sub)).unwrap();
+        for entry in std::fs::read_dir(root.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::copy(&path, tmp.path().join(sub).join(path.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let out = Command::new(bin())
+        .args(["keys", "generate", "--dir"])
+        .arg(tmp.path().join("keys"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    tmp
 }
