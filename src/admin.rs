@@ -92,6 +92,8 @@ pub struct AdminApi {
     pub providers: BTreeSet<String>,
     pub roles: AdminSection,
     pub audit: AuditLog,
+    /// Draining after SIGTERM: `/readyz` says 503.
+    pub lifecycle: Arc<crate::gateway::Lifecycle>,
 }
 
 pub struct AdminService {
@@ -174,6 +176,7 @@ async fn handle(
             .await;
             let registry = api.registry.snapshot().is_ok();
             match probe {
+                _ if api.lifecycle.draining() => text(503, "shutting down\n"),
                 Ok(Ok(_)) if !registry => text(503, "model registry not loaded\n"),
                 Ok(Ok(_)) => match api.audit.failure() {
                     None => text(200, "ready\n"),
@@ -298,8 +301,18 @@ fn registry_error(e: UpdateError) -> Rejection {
 
 impl AdminApi {
     /// Re-read every policy file: all are loaded and checked first, and
-    /// only if all are good are they swapped in. Returns what was reloaded.
+    /// only if all are good are they swapped in (a broken file keeps every
+    /// old policy). Returns what was reloaded; counted in
+    /// `portcullis_policy_reloads_total{result}`.
     pub fn reload(&self) -> Result<String, String> {
+        let result = self.reload_policies();
+        metrics::POLICY_RELOADS
+            .with_label_values(&[if result.is_ok() { "ok" } else { "failed" }])
+            .inc();
+        result
+    }
+
+    fn reload_policies(&self) -> Result<String, String> {
         let limits = match (&self.limiter, &self.rate_limit_policy) {
             (Some(l), Some(path)) => Some((
                 l,

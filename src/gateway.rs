@@ -28,6 +28,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,6 +50,7 @@ pub struct Gateway {
     gate: Arc<ModelGate>,
     upstream: Upstream,
     audit: AuditLog,
+    lifecycle: Arc<Lifecycle>,
     /// Judges replies when `guard.output` is on.
     guard: Option<Arc<filters::guard::filter::GuardFilter>>,
 }
@@ -70,11 +72,90 @@ pub struct Ctx {
     rec: RequestRecord,
     /// The request as parsed, kept when replies are judged.
     request_json: Option<Value>,
+    /// Where the record goes, once: from `logging`, or, for a request cut
+    /// off before that (the runtime shut down under it), from `Drop`.
+    audit: AuditLog,
+    logged: bool,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// Requests in flight, and whether the process is draining after SIGTERM.
+#[derive(Default)]
+pub struct Lifecycle {
+    in_flight: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl Lifecycle {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}
+
+impl Ctx {
+    /// Settle the record and hand it to the audit writer.
+    fn close(&mut self) {
+        if std::mem::replace(&mut self.logged, true) {
+            return;
+        }
+        let rec = &mut self.rec;
+        if rec.status == 0 || (rec.client_gone && rec.status != 200) {
+            rec.status = CLIENT_CLOSED;
+        }
+        let elapsed = self.started.elapsed();
+        rec.duration_ms = elapsed.as_secs_f64() * 1e3;
+        let route = rec.route.map(Route::as_str).unwrap_or("other");
+        let decision = match rec.decision {
+            Verdict::Allowed => "allowed",
+            Verdict::Blocked => "blocked",
+            Verdict::Error => "error",
+        };
+        metrics::REQUESTS
+            .with_label_values(&[route, &rec.status.to_string(), decision])
+            .inc();
+        metrics::REQUEST_SECONDS
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        self.audit.send(rec);
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if !self.logged {
+            self.rec.decision = Verdict::Error;
+            self.rec.reason = Some(format!(
+                "cut off before it finished (the gateway shut down){}",
+                self.rec
+                    .reason
+                    .as_deref()
+                    .map(|r| format!("; earlier: {r}"))
+                    .unwrap_or_default()
+            ));
+            self.close();
+        }
+        self.lifecycle.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Gateway {
-    pub fn new(cfg: Arc<Config>, filters: Filters, upstream: Upstream, audit: AuditLog) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        filters: Filters,
+        upstream: Upstream,
+        audit: AuditLog,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
         Self {
+            lifecycle,
             cfg,
             chain: filters.chain,
             responses: filters.responses,
@@ -927,6 +1008,12 @@ impl ProxyHttp for Gateway {
             generated_chars: None,
             principal: None,
             request_json: None,
+            audit: self.audit.clone(),
+            logged: false,
+            lifecycle: {
+                self.lifecycle.in_flight.fetch_add(1, Ordering::AcqRel);
+                self.lifecycle.clone()
+            },
             rec: RequestRecord {
                 kind: "request",
                 ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -973,29 +1060,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, _session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {
-        let rec = &mut ctx.rec;
         if let Some(e) = error {
-            rec.decision = Verdict::Error;
-            rec.reason.get_or_insert_with(|| e.to_string());
+            ctx.rec.decision = Verdict::Error;
+            ctx.rec.reason.get_or_insert_with(|| e.to_string());
         }
-        if rec.status == 0 || (rec.client_gone && rec.status != 200) {
-            rec.status = CLIENT_CLOSED;
-        }
-        let elapsed = ctx.started.elapsed();
-        rec.duration_ms = elapsed.as_secs_f64() * 1e3;
-        let route = rec.route.map(Route::as_str).unwrap_or("other");
-        let decision = match rec.decision {
-            Verdict::Allowed => "allowed",
-            Verdict::Blocked => "blocked",
-            Verdict::Error => "error",
-        };
-        metrics::REQUESTS
-            .with_label_values(&[route, &rec.status.to_string(), decision])
-            .inc();
-        metrics::REQUEST_SECONDS
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
-        self.audit.send(rec);
+        ctx.close();
     }
 }
 

@@ -101,6 +101,16 @@ pub static AUDIT_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+pub static POLICY_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec_with_registry!(
+        "portcullis_policy_reloads_total",
+        "Policy reloads (SIGHUP or POST /admin/reload) by result: ok, or failed (every old policy kept).",
+        &["result"],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
 pub static PANICS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter_with_registry!(
         "portcullis_panics_total",
@@ -131,6 +141,9 @@ pub fn init() {
     LazyLock::force(&AUDIT_SINK_FAILING);
     LazyLock::force(&AUDIT_DROPPED);
     LazyLock::force(&PANICS);
+    for result in ["ok", "failed"] {
+        POLICY_RELOADS.with_label_values(&[result]);
+    }
     LazyLock::force(&GUARD_BREAKER);
 }
 

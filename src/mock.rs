@@ -20,12 +20,15 @@
 //! - `{"mock_raw": VALUE}`: a 200 whose JSON body is VALUE;
 //! - `{"mock_raw_events": [...]}`: an SSE stream of these events (a string
 //!   is sent as the `data:` line as it is, anything else as JSON), then
-//!   `[DONE]`;
+//!   `[DONE]` (not with `"mock_no_done": true` beside it);
 //! - `{"mock_error": STATUS}`: an OpenAI-shaped error with that status (a
 //!   429 carries `Retry-After: 7` and `x-ratelimit-*`);
 //! - `{"mock_broken_stream": true}`: a stream cut off mid-way (connection
 //!   aborted, no `[DONE]`);
-//! - `{"mock_not_json": true}`: a 200 whose body is not JSON.
+//! - `{"mock_not_json": true}`: a 200 whose body is not JSON;
+//! - `{"mock_reset": true}`: the connection is closed after the whole
+//!   request was read, with no response (a provider that crashed while it
+//!   worked on the request).
 //!
 //! It answers as a guard model too, so the guard protocols are tested end
 //! to end: a chat or completions request whose model names a guard
@@ -223,7 +226,10 @@ async fn handle(
                     return r;
                 }
                 Trigger::Raw(v) => return json(200, &v),
-                Trigger::RawEvents(events) => {
+                // Unwinding the connection's task drops the socket without
+                // a response; `resume_unwind` prints no panic message.
+                Trigger::Reset => std::panic::resume_unwind(Box::new("mock reset")),
+                Trigger::RawEvents(events, done) => {
                     let frames = events
                         .iter()
                         .map(|e| match e {
@@ -231,7 +237,7 @@ async fn handle(
                             other => other.to_string(),
                         })
                         .collect();
-                    return sse(frames, false, opts, state);
+                    return sse(frames, Ending::Done(done), opts, state);
                 }
                 other => other,
             };
@@ -244,7 +250,11 @@ async fn handle(
             if stream {
                 let events = chat.stream_events(&reply, opts.chunk_bytes, include_usage);
                 let frames = events.iter().map(Value::to_string).collect();
-                sse(frames, matches!(reply, Trigger::Broken(_)), opts, state)
+                let ending = match reply {
+                    Trigger::Broken(_) => Ending::Cut,
+                    _ => Ending::Done(true),
+                };
+                sse(frames, ending, opts, state)
             } else {
                 json(200, &chat.completion(&reply))
             }
@@ -287,7 +297,7 @@ async fn handle(
                 }
                 sse(
                     events.iter().map(Value::to_string).collect(),
-                    false,
+                    Ending::Done(true),
                     opts,
                     state,
                 )
@@ -351,8 +361,10 @@ enum Trigger {
     Error(u16),
     Broken(String),
     NotJson,
+    Reset,
     Raw(Value),
-    RawEvents(Vec<Value>),
+    /// Events, and whether `[DONE]` follows them.
+    RawEvents(Vec<Value>, bool),
 }
 
 impl Trigger {
@@ -383,7 +395,8 @@ impl Trigger {
             return Trigger::Raw(v);
         }
         if let Some(Value::Array(events)) = obj.remove("mock_raw_events") {
-            return Trigger::RawEvents(events);
+            let done = obj.get("mock_no_done").is_none();
+            return Trigger::RawEvents(events, done);
         }
         if let Some(status) = obj.get("mock_error").and_then(Value::as_u64) {
             return Trigger::Error(u16::try_from(status).unwrap_or(500));
@@ -393,6 +406,9 @@ impl Trigger {
         }
         if obj.get("mock_not_json").is_some() {
             return Trigger::NotJson;
+        }
+        if obj.get("mock_reset").is_some() {
+            return Trigger::Reset;
         }
         echo()
     }
@@ -618,21 +634,32 @@ impl Chat {
 
 /// Send `events` as SSE, then `[DONE]`; with `broken`, abort the
 /// connection half-way instead.
+/// How a mock stream ends.
+#[derive(Clone, Copy)]
+enum Ending {
+    /// Cleanly, with or without `[DONE]`.
+    Done(bool),
+    /// Cut off half-way (the connection aborted).
+    Cut,
+}
+
 fn sse(
     events: Vec<String>,
-    broken: bool,
+    ending: Ending,
     opts: MockOptions,
     state: Arc<MockState>,
 ) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let cut_at = broken.then_some(events.len() / 2);
+    let cut_at = matches!(ending, Ending::Cut).then_some(events.len() / 2);
     tokio::spawn(async move {
         let gate = state.gate();
         let mut frames: Vec<Bytes> = events
             .iter()
             .map(|e| Bytes::from(format!("data: {e}\n\n")))
             .collect();
-        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        if !matches!(ending, Ending::Done(false)) {
+            frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        }
         for (i, frame) in frames.into_iter().enumerate() {
             if Some(i) == cut_at {
                 let _ = tx

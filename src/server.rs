@@ -6,7 +6,7 @@ use crate::audit::file::FileOptions;
 use crate::audit::redis::RedisOptions;
 use crate::audit::{AuditKey, AuditLog, AuditOptions, AuditWriter, Sealer};
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Lifecycle};
 use crate::metrics;
 use crate::mock::{self, MockOptions, MockState};
 use crate::pipeline;
@@ -16,7 +16,7 @@ use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +52,58 @@ impl BackgroundService for RegistryFollower {
     }
 }
 
+/// How the process stops. SIGTERM (or SIGQUIT): `/readyz` turns 503 so
+/// that load balancers stop sending, requests in flight get up to
+/// `server.shutdown_grace_secs` to finish (the wait ends as soon as none
+/// is left; new requests meanwhile are still served), then the listeners
+/// close and whatever is still running is cut off (and audited as cut
+/// off). SIGINT: stop at once.
+struct Drain {
+    lifecycle: Arc<Lifecycle>,
+    grace: std::time::Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Drain {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut quit), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::quit()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = quit.recv() => {}
+            _ = int.recv() => return ShutdownSignal::FastShutdown,
+        }
+        self.lifecycle.start_draining();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        log::info!(
+            "SIGTERM: draining {} requests in flight (at most {:?})",
+            self.lifecycle.in_flight(),
+            self.grace
+        );
+        while self.lifecycle.in_flight() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                log::warn!(
+                    "shutdown grace over: {} requests in flight are cut off",
+                    self.lifecycle.in_flight()
+                );
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                _ = int.recv() => return ShutdownSignal::FastShutdown,
+            }
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
 /// Fail early, with the address in the message, when a listener cannot bind.
 fn check_bindable(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     std::net::TcpListener::bind(addr)
@@ -59,10 +111,17 @@ fn check_bindable(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
 }
 
-fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow::Result<Server> {
+fn build(
+    cfg: Arc<Config>,
+    audit: AuditLog,
+    lifecycle: Arc<Lifecycle>,
+    mock: Option<MockService>,
+) -> anyhow::Result<Server> {
     let conf = ServerConf {
         threads: cfg.threads,
-        grace_period_seconds: Some(cfg.shutdown_grace.as_secs()),
+        // The grace period is spent in `Drain` (ended early once nothing
+        // is in flight); after it, the runtimes stop at once.
+        grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(5),
         ..ServerConf::default()
     };
@@ -116,8 +175,15 @@ fn build(cfg: Arc<Config>, audit: AuditLog, mock: Option<MockService>) -> anyhow
         providers: cfg.providers.keys().cloned().collect(),
         roles: cfg.admin.clone(),
         audit: audit.clone(),
+        lifecycle: lifecycle.clone(),
     });
-    let gateway = Gateway::new(cfg.clone(), pipeline.filters, upstream, audit);
+    let gateway = Gateway::new(
+        cfg.clone(),
+        pipeline.filters,
+        upstream,
+        audit,
+        lifecycle.clone(),
+    );
     let mut proxy = http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&cfg.listen.to_string());
     server.add_service(proxy);
@@ -146,7 +212,8 @@ pub fn run(cfg: Config, mock: Option<MockService>) -> anyhow::Result<()> {
     }
     let (writer, audit) = AuditWriter::start(audit_options(&cfg)?)?;
     let cfg = Arc::new(cfg);
-    let server = match build(cfg.clone(), audit, mock) {
+    let lifecycle = Arc::new(Lifecycle::default());
+    let server = match build(cfg.clone(), audit, lifecycle.clone(), mock) {
         Ok(s) => s,
         Err(e) => {
             writer.close();
@@ -161,7 +228,12 @@ pub fn run(cfg: Config, mock: Option<MockService>) -> anyhow::Result<()> {
         cfg.source.display(),
         cfg.instance()
     );
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Drain {
+            lifecycle,
+            grace: cfg.shutdown_grace,
+        }),
+    });
     writer.close();
     log::info!("portcullis stopped; audit records flushed");
     Ok(())

@@ -5,8 +5,12 @@
 //! Every timeout is set: connect, connect plus TLS, each read, each write,
 //! pooled idle time, and a deadline for the whole exchange. Host names are
 //! resolved asynchronously and cached for [`DNS_TTL`]; https providers get
-//! SNI and certificate verification. A pooled connection that turns out to
-//! be closed is retried once on a fresh one, before any response byte.
+//! SNI and certificate verification. A pooled connection found closed when
+//! it is taken from the pool is not used (Pingora checks it); one that
+//! fails while the request is still being written is retried once on a
+//! fresh connection. Once the whole request is out, a failure is never
+//! retried: the provider may have processed (and billed) it, and a second
+//! completion must not be bought behind the client's back.
 
 use crate::config::{Provider, TimeoutsSection};
 use bytes::Bytes;
@@ -126,14 +130,34 @@ impl Upstream {
                     .map_err(|_| UpstreamError::Timeout("connecting".into()))??;
             session.set_read_timeout(Some(Duration::from_millis(t.read_ms)));
             session.set_write_timeout(Some(Duration::from_millis(t.write_ms)));
-            let sent = timeout_at(deadline, async {
+            let wrote = timeout_at(deadline, async {
                 session.write_request_header(Box::new(header)).await?;
                 session.write_request_body(body.clone(), true).await?;
-                session.finish_request_body().await?;
-                session.read_response_header().await
+                session.finish_request_body().await
             })
             .await;
-            match sent {
+            match wrote {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    session.shutdown().await;
+                    let e = UpstreamError::from(e);
+                    // A pooled connection the provider had closed, found
+                    // before the whole request was sent: the provider
+                    // cannot have acted on it, so a new connection may.
+                    if reused && matches!(e, UpstreamError::Failed(_)) {
+                        last_error = Some(e);
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(_) => {
+                    session.shutdown().await;
+                    return Err(UpstreamError::Timeout("sending the request".into()));
+                }
+            }
+            // The whole request is out: whatever happens now, the provider
+            // may have processed it (and billed it). Never sent twice.
+            match timeout_at(deadline, session.read_response_header()).await {
                 Ok(Ok(())) => {
                     return Ok(Exchange {
                         session: Some(session),
@@ -145,13 +169,7 @@ impl Upstream {
                 }
                 Ok(Err(e)) => {
                     session.shutdown().await;
-                    let e = UpstreamError::from(e);
-                    // A pooled connection the provider closed: try a new one.
-                    if reused && matches!(e, UpstreamError::Failed(_)) {
-                        last_error = Some(e);
-                        continue;
-                    }
-                    return Err(e);
+                    return Err(UpstreamError::from(e));
                 }
                 Err(_) => {
                     session.shutdown().await;

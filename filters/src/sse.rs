@@ -8,8 +8,9 @@
 
 use std::fmt;
 
-/// The most an unfinished event may grow to before the stream is treated as
-/// broken (a provider that never sends a blank line must not exhaust memory).
+/// The largest event accepted, whole or unfinished: a larger one ends the
+/// stream as broken (a provider that never sends a blank line must not
+/// exhaust memory), however its bytes were chunked.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// One SSE event.
@@ -129,6 +130,10 @@ impl SseFramer {
         while i < self.buf.len() {
             if let Some(len) = boundary_at(&self.buf[start..], i - start) {
                 let block = &self.buf[start..i];
+                // However the bytes were chunked: one rule for every event.
+                if block.len() > MAX_EVENT_BYTES {
+                    return Err(SseError::EventTooLarge);
+                }
                 if !block.iter().all(|b| *b == b'\r' || *b == b'\n') {
                     let text = std::str::from_utf8(block).map_err(|_| SseError::NotUtf8)?;
                     events.push(SseEvent::parse(text));
@@ -153,6 +158,9 @@ impl SseFramer {
     pub fn finish(&mut self) -> Result<Option<SseEvent>, SseError> {
         let rest = std::mem::take(&mut self.buf);
         self.scanned = 0;
+        if rest.len() > MAX_EVENT_BYTES {
+            return Err(SseError::EventTooLarge);
+        }
         if rest.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(None);
         }
@@ -262,6 +270,32 @@ mod tests {
             }
         }
         assert_eq!(result, Err(SseError::EventTooLarge));
+    }
+
+    #[test]
+    fn an_event_over_the_cap_is_an_error_however_it_is_chunked() {
+        let event = format!("data: {}\n\ndata: [DONE]\n\n", "x".repeat(MAX_EVENT_BYTES));
+        for chunk in [event.len(), 64 * 1024, 7] {
+            let mut framer = SseFramer::new();
+            let mut result = Ok(Vec::new());
+            for piece in event.as_bytes().chunks(chunk) {
+                result = framer.push(piece);
+                if result.is_err() {
+                    break;
+                }
+            }
+            assert_eq!(result, Err(SseError::EventTooLarge), "chunks of {chunk}");
+        }
+        // Just under the cap passes.
+        let mut framer = SseFramer::new();
+        let fits = format!("data: {}\n\n", "x".repeat(MAX_EVENT_BYTES - 6));
+        assert_eq!(framer.push(fits.as_bytes()).unwrap().len(), 1);
+        let mut framer = SseFramer::new();
+        let unterminated = format!("data: {}", "x".repeat(MAX_EVENT_BYTES));
+        for piece in unterminated.as_bytes().chunks(1 << 19) {
+            let _ = framer.push(piece);
+        }
+        assert!(framer.finish().is_err());
     }
 
     #[test]

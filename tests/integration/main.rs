@@ -4,6 +4,7 @@ mod admin;
 mod audit;
 mod auth;
 mod cli;
+mod faults;
 mod guard;
 mod image;
 mod injection;

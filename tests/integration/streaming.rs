@@ -6,53 +6,6 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// Reads SSE `data:` payloads from a response body.
-struct Events {
-    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: String,
-}
-
-impl Events {
-    fn new(resp: reqwest::Response) -> Self {
-        Self {
-            body: resp.bytes_stream().boxed(),
-            buf: String::new(),
-        }
-    }
-
-    /// The next event's data, `None` at the end of the body.
-    async fn next(&mut self) -> Option<String> {
-        loop {
-            if let Some(pos) = self.buf.find("\n\n") {
-                let event: String = self.buf.drain(..pos + 2).collect();
-                let data = event
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data: "))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                return Some(data);
-            }
-            let chunk = tokio::time::timeout(PATIENCE, self.body.next())
-                .await
-                .expect("no event within the deadline")?;
-            self.buf.push_str(&String::from_utf8_lossy(&chunk.ok()?));
-        }
-    }
-
-    async fn rest(&mut self) -> Vec<String> {
-        let mut all = Vec::new();
-        while let Some(e) = self.next().await {
-            all.push(e);
-        }
-        all
-    }
-}
-
-fn stream_chat(content: &str) -> Value {
-    json!({"model": "mock-small", "stream": true, "stream_options": {"include_usage": true},
-        "messages": [{"role": "user", "content": content}]})
-}
-
 fn text_of(events: &[String]) -> String {
     events
         .iter()

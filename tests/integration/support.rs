@@ -1,8 +1,9 @@
 //! Shared helpers: free ports, an in-process mock provider, and the real
 //! gateway binary started on a temporary config.
 
+use futures_util::StreamExt;
 use portcullis::mock::{self, MockOptions, MockState};
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -98,6 +99,7 @@ pub struct Setup {
     pub audit_file: Option<PathBuf>,
     /// More lines of the `audit:` section (indented by two spaces).
     pub audit_extra: String,
+    pub shutdown_grace_secs: u64,
 }
 
 impl Setup {
@@ -115,6 +117,7 @@ impl Setup {
             files: Vec::new(),
             audit_file: None,
             audit_extra: String::new(),
+            shutdown_grace_secs: 0,
         }
     }
 }
@@ -144,7 +147,7 @@ server:
   listen: 127.0.0.1:{port}
   admin_listen: 127.0.0.1:{admin_port}
   threads: 2
-  shutdown_grace_secs: 0
+  shutdown_grace_secs: {grace}
 limits:
   max_body_bytes: {max}
   client_body_timeout_secs: {body_timeout}
@@ -164,6 +167,7 @@ audit:
 {extra}
 "#,
             audit_file = audit_path.display(),
+            grace = setup.shutdown_grace_secs,
             audit_extra = setup.audit_extra,
             extra = setup.extra_yaml,
             registry = setup.registry_yaml,
@@ -314,6 +318,27 @@ audit:
                 "no audit record for {request_id}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Wait for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gateway did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -514,4 +539,51 @@ pub fn shipped_tree() -> tempfile::TempDir {
         .unwrap();
     assert!(out.status.success());
     tmp
+}
+
+/// Reads SSE `data:` payloads from a response body.
+pub struct Events {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buf: String,
+}
+
+impl Events {
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self {
+            body: resp.bytes_stream().boxed(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event's data, `None` at the end of the body.
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(pos) = self.buf.find("\n\n") {
+                let event: String = self.buf.drain(..pos + 2).collect();
+                let data = event
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                return Some(data);
+            }
+            let chunk = tokio::time::timeout(PATIENCE, self.body.next())
+                .await
+                .expect("no event within the deadline")?;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk.ok()?));
+        }
+    }
+
+    pub async fn rest(&mut self) -> Vec<String> {
+        let mut all = Vec::new();
+        while let Some(e) = self.next().await {
+            all.push(e);
+        }
+        all
+    }
+}
+
+pub fn stream_chat(content: &str) -> Value {
+    json!({"model": "mock-small", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": content}]})
 }
