@@ -104,6 +104,9 @@ pub struct LimitsSection {
     pub max_response_bytes: usize,
     /// Seconds a client has to send its whole request body.
     pub client_body_timeout_secs: u64,
+    /// Longest wait for one write to the client: a client that stops
+    /// reading a stream is cut off (and the provider call with it).
+    pub client_write_timeout_secs: u64,
 }
 
 impl Default for LimitsSection {
@@ -112,6 +115,7 @@ impl Default for LimitsSection {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_response_bytes: 64 * 1024 * 1024,
             client_body_timeout_secs: 30,
+            client_write_timeout_secs: 30,
         }
     }
 }

@@ -418,6 +418,9 @@ impl Gateway {
         {
             panic!("test panic requested");
         }
+        s.set_write_timeout(Some(Duration::from_secs(
+            self.cfg.limits.client_write_timeout_secs.max(1),
+        )));
         if let Err(why) = self.audit.admit() {
             let r = Rejection::new(ErrorCode::AuditUnavailable, why);
             return self.refuse(s, ctx, "audit", r).await;

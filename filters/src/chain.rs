@@ -143,7 +143,8 @@ impl Verdict {
     }
 }
 
-/// A filter could not decide. The chain applies the filter's `on_error`.
+/// A filter could not decide. The chain applies the filter's `on_error`,
+/// except to a limit (see [`FilterError::limit`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {reason}")]
 pub struct FilterError {
@@ -151,6 +152,10 @@ pub struct FilterError {
     /// (for example `guard_unavailable`).
     pub code: ErrorCode,
     pub reason: String,
+    /// A safety limit was reached (not a dependency lost): an enforcing
+    /// filter stops the request or stream whatever `on_error` says, since
+    /// going on would pass something unchecked.
+    pub limit: bool,
 }
 
 impl FilterError {
@@ -158,6 +163,15 @@ impl FilterError {
         Self {
             code,
             reason: reason.into(),
+            limit: false,
+        }
+    }
+
+    /// A limit reached: enforced even with `on_error: allow`.
+    pub fn limit(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Self {
+            limit: true,
+            ..Self::new(code, reason)
         }
     }
 }
@@ -329,7 +343,7 @@ pub(crate) fn apply(
             outcome.action = Action::Error;
             outcome.code = Some(error.code);
             outcome.reason = Some(error.reason.clone());
-            (enforcing && settings.on_error == OnError::Deny)
+            (enforcing && (settings.on_error == OnError::Deny || error.limit))
                 .then(|| Rejection::new(error.code, error.reason))
         }
     };
@@ -512,6 +526,31 @@ mod tests {
             report.outcomes[0].reason.as_deref(),
             Some("connection refused")
         );
+    }
+
+    #[test]
+    fn a_limit_is_enforced_even_with_on_error_allow() {
+        let limit = FilterError::limit(ErrorCode::UnscreenableOutput, "held too much");
+        for on_error in [OnError::Allow, OnError::Deny] {
+            let (outcome, rejection) = apply(
+                FilterKind::Redact,
+                settings(Mode::Enforce, on_error),
+                Err(limit.clone()),
+                0,
+            );
+            assert_eq!(
+                rejection.map(|r| r.code),
+                Some(ErrorCode::UnscreenableOutput)
+            );
+            assert!(outcome.enforced);
+        }
+        let (_, rejection) = apply(
+            FilterKind::Redact,
+            settings(Mode::Monitor, OnError::Deny),
+            Err(limit),
+            0,
+        );
+        assert!(rejection.is_none(), "monitor mode never enforces");
     }
 
     #[tokio::test]

@@ -39,12 +39,13 @@ pub enum ErrorCode {
     RegistryUnavailable,
     FilterUnavailable,
     AuditUnavailable,
+    UnscreenableOutput,
     InternalError,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
@@ -73,6 +74,7 @@ impl ErrorCode {
         Self::RegistryUnavailable,
         Self::FilterUnavailable,
         Self::AuditUnavailable,
+        Self::UnscreenableOutput,
         Self::InternalError,
     ];
 
@@ -106,6 +108,7 @@ impl ErrorCode {
             Self::RegistryUnavailable => "registry_unavailable",
             Self::FilterUnavailable => "filter_unavailable",
             Self::AuditUnavailable => "audit_unavailable",
+            Self::UnscreenableOutput => "unscreenable_output",
             Self::InternalError => "internal_error",
         }
     }
@@ -129,7 +132,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => 415,
             Self::RateLimited | Self::TokenBudgetExceeded => 429,
             Self::InternalError => 500,
-            Self::UpstreamError => 502,
+            Self::UpstreamError | Self::UnscreenableOutput => 502,
             Self::GuardUnavailable
             | Self::LimiterUnavailable
             | Self::RegistryUnavailable
@@ -186,6 +189,9 @@ impl ErrorCode {
             Self::RegistryUnavailable => "The model registry is unavailable; retry later.",
             Self::FilterUnavailable => "A required security check could not be made.",
             Self::AuditUnavailable => "The audit trail cannot be written; retry later.",
+            Self::UnscreenableOutput => {
+                "The reply could not be screened for secrets, so it was stopped."
+            }
             Self::InternalError => "Internal gateway error.",
         }
     }

@@ -14,6 +14,13 @@ use crate::request::Route;
 use crate::sse::SseEvent;
 use std::time::Instant;
 
+/// The most one stage holds of one stream besides text runs that may be
+/// secrets (tool-call arguments until the call is complete, audio until
+/// its transcript is screened, events of a choice with tool calls). Over
+/// it the stream is stopped with `unscreenable_output`: a stage never
+/// releases what it could not check, and never grows without bound.
+pub const MAX_STREAM_HOLD: usize = 8 << 20;
+
 /// What a response stage knows about the exchange.
 #[derive(Debug, Clone, Copy)]
 pub struct ResponseContext<'a> {

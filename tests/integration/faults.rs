@@ -297,3 +297,105 @@ async fn a_stream_outlasting_the_grace_period_is_cut_off_and_still_audited() {
     assert!(rec["reason"].as_str().unwrap().contains("cut off"), "{rec}");
     verified(&gw);
 }
+
+/// A streamed reply opens a PEM private key block and never ends it, for
+/// more than the redactor may hold (64 KiB). The held text is never
+/// released: the stream ends with `unscreenable_output`, also when the
+/// redaction filter is set to fail open (`on_error: allow`), since going
+/// on would release unscreened text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_run_over_the_cap_stops_the_stream_and_releases_nothing() {
+    let line = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7abcdefghijkl";
+    let prompt = format!(
+        "here it is: -----BEGIN PRIVATE KEY-----\n{}",
+        format!("{line}\n").repeat(1100)
+    );
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/redaction.yaml");
+    for on_error in ["deny", "allow"] {
+        let mock = Mock::start(MockOptions {
+            chunk_bytes: 256,
+            ..options()
+        })
+        .await;
+        let mut setup = Setup::new(mock.addr);
+        setup.extra_yaml = format!(
+            "redaction:\n  policy: {}\n  on_error: {on_error}\n",
+            policy.display()
+        );
+        let mut gw = Gateway::start(setup).await;
+        let r = gw.post("/v1/chat/completions", &stream_chat(&prompt)).await;
+        assert_eq!(r.status(), 200);
+        let id = request_id(&r);
+        let events = Events::new(r).rest().await;
+        assert!(
+            !events.iter().any(|e| e.contains("MIIEvQ")),
+            "on_error {on_error}: key material released"
+        );
+        ends_with_error(&events, "unscreenable_output");
+        let rec = error_record(&gw, &id, "unscreenable_output").await;
+        assert!(
+            rec["reason"].as_str().unwrap().contains("over the cap"),
+            "{rec}"
+        );
+        gw.stop();
+        verified(&gw);
+    }
+}
+
+/// A client that asks for a stream and stops reading: once its socket is
+/// full, the gateway's write times out, the provider stream is abandoned
+/// and the record says the client was cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_and_the_provider_released() {
+    use tokio::io::AsyncWriteExt;
+    let mock = Mock::start(MockOptions {
+        chunk_bytes: 32 * 1024,
+        ..options()
+    })
+    .await;
+    let mut setup = Setup::new(mock.addr);
+    setup.client_write_timeout_secs = 1;
+    let mut gw = Gateway::start(setup).await;
+    // 16 choices of a 512 KiB echo (8 MiB) to a client with a 4 KiB
+    // receive buffer: far more than the sockets hold.
+    let mut body = stream_chat(&"z".repeat(1 << 19));
+    body["n"] = json!(16);
+    let body = body.to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = gw.base.trim_start_matches("http://").parse().unwrap();
+    let mut conn = socket.connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    // Never read. Wait for the gateway to give up on this client.
+    let deadline = Instant::now() + PATIENCE;
+    let rec = loop {
+        let found = read_records(&gw.audit_path)
+            .into_iter()
+            .find(|r| r["route"] == "chat/completions");
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the stalled write never ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(rec["client_gone"], true, "{rec}");
+    assert_eq!(rec["decision"], "error", "{rec}");
+    let deadline = Instant::now() + PATIENCE;
+    while mock
+        .state
+        .streams_aborted
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the provider stream was kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(conn);
+    gw.stop();
+    verified(&gw);
+}

@@ -87,6 +87,7 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     pub max_body_bytes: usize,
     pub client_body_timeout_secs: u64,
+    pub client_write_timeout_secs: u64,
     pub read_ms: u64,
     pub record_content: bool,
     /// Appended to the generated config (auth, rate_limit, state sections).
@@ -110,6 +111,7 @@ impl Setup {
             env: Vec::new(),
             max_body_bytes: 4 * 1024 * 1024,
             client_body_timeout_secs: 30,
+            client_write_timeout_secs: 30,
             read_ms: 10_000,
             record_content: false,
             extra_yaml: String::new(),
@@ -151,6 +153,7 @@ server:
 limits:
   max_body_bytes: {max}
   client_body_timeout_secs: {body_timeout}
+  client_write_timeout_secs: {write_timeout}
 providers:
   mock:
     base_url: {provider_url}
@@ -173,6 +176,7 @@ audit:
             registry = setup.registry_yaml,
             max = setup.max_body_bytes,
             body_timeout = setup.client_body_timeout_secs,
+            write_timeout = setup.client_write_timeout_secs,
             provider_url = setup
                 .provider_url
                 .clone()

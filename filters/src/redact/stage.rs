@@ -25,12 +25,13 @@
 //! In a stream, what a choice still holds is released with its
 //! `finish_reason` event, or in an event of its own before `[DONE]`.
 
-use super::stream::StreamRedactor;
+use super::stream::{StreamRedactor, MAX_HELD};
 use super::tokens::{legacy_arrays, legacy_entries, TokenRedactor};
 use super::{Kind, Redactor};
 use crate::chain::{Annotation, Decision, FilterError, FilterKind};
+use crate::error::ErrorCode;
 use crate::request::{Principal, Route};
-use crate::response::{ResponseContext, ResponseStage, StreamStage};
+use crate::response::{ResponseContext, ResponseStage, StreamStage, MAX_STREAM_HOLD};
 use crate::shared::Shared;
 use crate::sse::SseEvent;
 use crate::tool_authz::{Access, RedactArguments, ToolPolicy};
@@ -319,7 +320,7 @@ impl Pass {
     /// `message.content` as an array of parts: their texts are one text,
     /// redacted as such, so a secret split across parts is caught.
     fn parts(&mut self, parts: &mut [Value]) {
-        let mut r = StreamRedactor::new(self.redactor.clone());
+        let mut r = StreamRedactor::whole(self.redactor.clone());
         let mut last_text: Option<&mut String> = None;
         for part in parts.iter_mut() {
             let text = match part {
@@ -511,6 +512,49 @@ fn content() -> Field {
 }
 
 impl RedactStream {
+    /// What the stream holds stays under the caps: a text run that may be
+    /// a secret under [`MAX_HELD`] per field, everything held (tool-call
+    /// arguments, audio, token lists) under [`MAX_STREAM_HOLD`]. Over
+    /// either, the stream is stopped, never released unscreened.
+    fn check_holds(&self) -> Result<(), FilterError> {
+        let over = |what: &str, n: usize, cap: usize| {
+            Err(FilterError::limit(
+                ErrorCode::UnscreenableOutput,
+                format!("{what}: {n} bytes held for screening, over the cap of {cap}"),
+            ))
+        };
+        let mut total = 0;
+        for state in self.choices.values() {
+            for r in state.texts.values() {
+                if let Some(n) = r.overflow() {
+                    return over("a text run that may hold a secret", n, MAX_HELD);
+                }
+                total += r.held();
+            }
+            for t in state.tokens.values() {
+                let (held, overflow) = t.held();
+                if let Some(n) = overflow {
+                    return over("logprobs tokens that may spell a secret", n, MAX_HELD);
+                }
+                total += held;
+            }
+            total += state
+                .tool_args
+                .values()
+                .map(|(_, args, name)| args.len() + name.len())
+                .sum::<usize>();
+            total += state
+                .function_args
+                .as_ref()
+                .map_or(0, |(args, name)| args.len() + name.len());
+            total += state.audio.as_ref().map_or(0, Vec::len);
+        }
+        if total > MAX_STREAM_HOLD {
+            return over("tool-call arguments and audio", total, MAX_STREAM_HOLD);
+        }
+        Ok(())
+    }
+
     /// One streamed chat `delta`.
     fn delta(&mut self, state: &mut ChoiceState, delta: &mut Map<String, Value>) {
         let redactor = self.pass.redactor.clone();
@@ -847,6 +891,7 @@ impl StreamStage for RedactStream {
                 }
             }
         }
+        self.check_holds()?;
         event.data = Some(v.to_string());
         out.push(event);
         Ok(())

@@ -10,14 +10,22 @@
 //!   or reaches the end of what has arrived (a match still growing);
 //! - the start of the last run of non-space characters when it reaches the
 //!   end (a token still growing: a long JWT or bearer token whose pattern
-//!   cannot match until its second part arrives), up to [`MAX_TOKEN`] bytes;
+//!   cannot match until its second part arrives);
 //! - the start of a PEM block (`-----BEGIN`) whose end line
-//!   (`-----END ...-----`) has not arrived whole, up to [`MAX_BLOCK`] bytes.
+//!   (`-----END ...-----`) has not arrived whole.
 //!
-//! A block or token longer than its limit is released as ordinary text: no
-//! key or token format the rules know comes near either. A short
-//! [`CONTEXT`] of released text is kept so that `\b` and similar
-//! assertions see what precedes.
+//! **Linear work.** When a scan releases nothing, the next one waits for
+//! what could change that: the end marker of a held PEM block (looked for
+//! in the new bytes only), a space after a held token, or, for anything
+//! else, the held text doubling. Releasing later is always safe, so the
+//! result is the same, and each byte is scanned a bounded number of times
+//! however long a held run grows.
+//!
+//! **A cap.** Held text never grows past [`MAX_HELD`]: a longer run that
+//! might still be (part of) a secret is not released unscreened, the
+//! redactor reports an overflow instead, and the stream stage ends the
+//! stream with an error. A short [`CONTEXT`] of released text is kept so
+//! that `\b` and similar assertions see what precedes.
 
 use super::Redactor;
 use std::collections::BTreeMap;
@@ -27,13 +35,26 @@ use std::sync::Arc;
 pub const HOLD: usize = 256;
 /// Bytes of released text kept as left context.
 pub const CONTEXT: usize = 16;
-/// The longest run of non-space characters held while it grows.
-pub const MAX_TOKEN: usize = 16 * 1024;
-/// The longest PEM block held until its end line arrives (an RSA 16384-bit
-/// private key is about 12 KiB).
-pub const MAX_BLOCK: usize = 64 * 1024;
+/// The most text held at once (an RSA 16384-bit private key in PEM is
+/// about 12 KiB; a JWT a few KiB). Beyond it: [`StreamRedactor::overflow`].
+pub const MAX_HELD: usize = 64 * 1024;
 const BLOCK_OPEN: &str = "-----BEGIN";
 const BLOCK_CLOSE: &str = "-----END";
+
+/// Why the last scan released nothing, and so when the next is worth it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Scan on the next piece.
+    No,
+    /// A PEM block is open and no end marker has arrived: scan once one
+    /// does (looked for from this byte on).
+    BlockEnd { from: usize },
+    /// A token is growing at the start of what is held: scan once a space
+    /// arrives.
+    Space,
+    /// Scan once the text reaches this length (the held part doubled).
+    Length(usize),
+}
 
 pub struct StreamRedactor {
     redactor: Arc<Redactor>,
@@ -45,6 +66,14 @@ pub struct StreamRedactor {
     counts: BTreeMap<String, usize>,
     /// Released findings in whole-text byte offsets, kept when tracking.
     track: Option<Vec<Released>>,
+    wait: Wait,
+    /// Held bytes, once they went over [`MAX_HELD`].
+    overflow: Option<usize>,
+    /// Whether [`MAX_HELD`] applies (a stream) or not (pieces of a text
+    /// that is already whole, such as a JSON message's content parts).
+    capped: bool,
+    /// Bytes handed to the rules so far (the work done).
+    scanned: usize,
 }
 
 /// A finding that was released, in byte offsets of the whole text.
@@ -64,6 +93,18 @@ impl StreamRedactor {
             drained: 0,
             counts: BTreeMap::new(),
             track: None,
+            wait: Wait::No,
+            overflow: None,
+            capped: true,
+            scanned: 0,
+        }
+    }
+
+    /// For a text that is already whole but comes in parts: no cap.
+    pub fn whole(redactor: Arc<Redactor>) -> Self {
+        Self {
+            capped: false,
+            ..Self::new(redactor)
         }
     }
 
@@ -87,9 +128,48 @@ impl StreamRedactor {
     }
 
     /// Add a piece; returns the redacted text that can be released now.
+    /// Once more than [`MAX_HELD`] bytes would stay held, nothing more is
+    /// released and [`StreamRedactor::overflow`] says so.
     pub fn push(&mut self, piece: &str) -> String {
+        if self.overflow.is_some() {
+            return String::new();
+        }
+        let start = self.buf.len();
         self.buf.push_str(piece);
-        self.release(false)
+        let due = match self.wait {
+            Wait::No => true,
+            Wait::BlockEnd { from } => {
+                let from = from.min(start.saturating_sub(BLOCK_CLOSE.len()));
+                let found = self.buf[from..].contains(BLOCK_CLOSE);
+                self.wait = Wait::BlockEnd {
+                    from: self.buf.len().saturating_sub(BLOCK_CLOSE.len()),
+                };
+                found
+            }
+            Wait::Space => piece.contains(char::is_whitespace),
+            Wait::Length(at) => self.buf.len() >= at,
+        };
+        let over = self.capped && self.held() > MAX_HELD;
+        let out = if due || over {
+            self.release(false)
+        } else {
+            String::new()
+        };
+        if self.capped && self.held() > MAX_HELD {
+            self.overflow = Some(self.held());
+        }
+        out
+    }
+
+    /// Bytes handed to the rules so far: the work done.
+    pub fn scanned(&self) -> usize {
+        self.scanned
+    }
+
+    /// Set when more than [`MAX_HELD`] bytes had to stay held: the text
+    /// was not released and the stream must end.
+    pub fn overflow(&self) -> Option<usize> {
+        self.overflow
     }
 
     /// The text is complete: release the rest.
@@ -109,18 +189,23 @@ impl StreamRedactor {
 
     fn release(&mut self, done: bool) -> String {
         let end = self.buf.len();
+        self.scanned += end;
         let scan = self.redactor.scan(&self.buf, self.from);
         let mut cut = if done {
             end
         } else {
             end.saturating_sub(HOLD).max(self.from)
         };
+        let mut open = None;
+        let mut token = None;
         if !done {
             let pending = &self.buf[self.from..];
-            if let Some(open) = open_block(pending) {
+            open = open_block(pending);
+            token = growing_token(pending);
+            if let Some(open) = open {
                 cut = cut.min(self.from + open);
             }
-            if let Some(token) = growing_token(pending) {
+            if let Some(token) = token {
                 cut = cut.min(self.from + token);
             }
             // Never inside a match, nor before the end of one still growing.
@@ -145,6 +230,17 @@ impl StreamRedactor {
                 cut -= 1;
             }
         }
+        self.wait = if done || cut > self.from {
+            Wait::No
+        } else if open == Some(0) && !self.buf[self.from..].contains(BLOCK_CLOSE) {
+            Wait::BlockEnd {
+                from: end.saturating_sub(BLOCK_CLOSE.len()),
+            }
+        } else if token == Some(0) {
+            Wait::Space
+        } else {
+            Wait::Length(end + (end - self.from).max(HOLD))
+        };
         let mut out = String::new();
         let mut at = self.from;
         for f in scan.findings.iter().filter(|f| f.end <= cut) {
@@ -174,18 +270,17 @@ impl StreamRedactor {
     }
 }
 
-/// Where the first PEM block that has not ended yet starts, if one does
-/// and it is not longer than [`MAX_BLOCK`]. A block has ended when its end
-/// line has arrived whole: `-----END`, a label, and the closing dashes (or
-/// a line break, for a malformed end line).
+/// Where the first PEM block that has not ended yet starts, if one does. A
+/// block has ended when its end line has arrived whole: `-----END`, a
+/// label, and the closing dashes (or a line break, for a malformed end
+/// line).
 fn open_block(text: &str) -> Option<usize> {
     let mut from = 0;
     while let Some(found) = text[from..].find(BLOCK_OPEN) {
         let open = from + found;
         let body = &text[open + BLOCK_OPEN.len()..];
         match body.find(BLOCK_CLOSE) {
-            None if text.len() - open <= MAX_BLOCK => return Some(open),
-            None => return None,
+            None => return Some(open),
             Some(close) => {
                 let tail = &body[close + BLOCK_CLOSE.len()..];
                 let dashes = tail.find("-----").map(|d| d + 5);
@@ -205,7 +300,7 @@ fn open_block(text: &str) -> Option<usize> {
 }
 
 /// Where the last run of non-space characters starts, when it reaches the
-/// end of the text and is not longer than [`MAX_TOKEN`].
+/// end of the text.
 fn growing_token(text: &str) -> Option<usize> {
     if text.ends_with(char::is_whitespace) {
         return None;
@@ -215,5 +310,5 @@ fn growing_token(text: &str) -> Option<usize> {
         .rev()
         .find(|(_, c)| c.is_whitespace())
         .map_or(0, |(i, c)| i + c.len_utf8());
-    (text.len() - start <= MAX_TOKEN).then_some(start)
+    Some(start)
 }

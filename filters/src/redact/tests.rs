@@ -1161,7 +1161,7 @@ mod windows {
 
 mod streaming {
     use super::*;
-    use crate::redact::stream::{StreamRedactor, HOLD};
+    use crate::redact::stream::{StreamRedactor, HOLD, MAX_HELD};
     use proptest::prelude::*;
     use std::sync::Arc;
 
@@ -1335,6 +1335,74 @@ mod streaming {
             assert!(s.held() <= HOLD + 64, "held {}", s.held());
         }
         assert!(released > 8000);
+    }
+
+    /// Bytes the rules saw to stream `text` in 4-byte pieces.
+    fn work(text: &str) -> usize {
+        let mut s = StreamRedactor::new(redactor());
+        for piece in text.as_bytes().chunks(4) {
+            s.push(std::str::from_utf8(piece).unwrap());
+        }
+        assert_eq!(s.overflow(), None);
+        s.scanned()
+    }
+
+    #[test]
+    fn work_is_linear_in_a_long_held_run() {
+        let pem_body = |lines: usize| {
+            format!(
+                "key: -----BEGIN PRIVATE KEY-----\n{}",
+                (0..lines)
+                    .map(|i| chars(i as u64, 64, BASE64) + "\n")
+                    .collect::<String>()
+            )
+        };
+        let token = |n: usize| format!("token {}", chars(7, n, BASE64));
+        let prose = |n: usize| "plain words of a reply ".repeat(n / 23);
+        for (what, small, large) in [
+            ("an unterminated PEM block", pem_body(200), pem_body(400)),
+            ("a growing token", token(13_000), token(26_000)),
+            ("prose", prose(13_000), prose(26_000)),
+        ] {
+            let (a, b) = (work(&small), work(&large));
+            // Quadratic work would quadruple; linear work doubles.
+            assert!(
+                b * 10 <= a * 25,
+                "{what}: {a} bytes scanned for {}, {b} for {}",
+                small.len(),
+                large.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_hold_over_the_cap_stops_and_releases_nothing_unscreened() {
+        let lines = MAX_HELD / 65 + 10;
+        let block = pem("PRIVATE KEY", 4242, lines);
+        let unterminated = &block[..block.find("-----END").unwrap()];
+        let token = format!("bearer {}", chars(9, MAX_HELD + 100, BASE64));
+        for (what, text) in [("PEM block", unterminated.to_string()), ("token", token)] {
+            let mut s = StreamRedactor::new(redactor());
+            let mut out = String::new();
+            for piece in text.as_bytes().chunks(64) {
+                out += &s.push(std::str::from_utf8(piece).unwrap());
+            }
+            assert!(s.overflow().is_some_and(|n| n > MAX_HELD), "{what}");
+            assert!(out.len() < 100, "{what}: released {} bytes", out.len());
+            // Nothing more comes out once over.
+            assert_eq!(s.push(" and more text "), "");
+        }
+        // Just under the cap, the block still ends and is redacted whole.
+        let fits = pem("PRIVATE KEY", 77, MAX_HELD / 65 - 20);
+        let mut s = StreamRedactor::new(redactor());
+        let mut out = String::new();
+        for piece in fits.as_bytes().chunks(4) {
+            out += &s.push(std::str::from_utf8(piece).unwrap());
+        }
+        out += &s.finish();
+        assert_eq!(s.overflow(), None);
+        assert_eq!(out, redactor().redact(&fits).0);
+        assert!(out.contains("[REDACTED:private-key]"), "{}", &out[..80]);
     }
 
     #[test]

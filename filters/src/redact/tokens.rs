@@ -44,6 +44,11 @@ impl TokenRedactor {
         }
     }
 
+    /// Bytes of token text held, and whether the hold went over the cap.
+    pub fn held(&self) -> (usize, Option<usize>) {
+        (self.text.held(), self.text.overflow())
+    }
+
     /// Queue token entries; returns those that can be released now.
     pub fn push(&mut self, entries: impl IntoIterator<Item = Value>) -> Vec<Value> {
         for entry in entries {

@@ -10,7 +10,7 @@ use super::{call_parts, OnCalled, ToolPolicy, ToolVerdict};
 use crate::chain::{Annotation, Decision, FilterError, FilterKind};
 use crate::error::{ErrorCode, Rejection};
 use crate::request::Principal;
-use crate::response::{ResponseContext, ResponseStage, StreamStage};
+use crate::response::{ResponseContext, ResponseStage, StreamStage, MAX_STREAM_HOLD};
 use crate::shared::Shared;
 use crate::sse::SseEvent;
 use serde_json::{json, Value};
@@ -165,6 +165,7 @@ impl ResponseStage for ResponseToolAuthz {
             policy: self.policy.get(),
             principal: ctx.principal.cloned(),
             held: BTreeMap::new(),
+            held_bytes: BTreeMap::new(),
             calls: BTreeMap::new(),
             called: Vec::new(),
             refused: Vec::new(),
@@ -177,6 +178,9 @@ struct ToolStream {
     principal: Option<Principal>,
     /// Choice index → its held events, each carrying that choice only.
     held: BTreeMap<u64, Vec<Value>>,
+    /// Choice index → bytes of the upstream events it holds parts of (an
+    /// upper bound of what it holds), kept under [`MAX_STREAM_HOLD`].
+    held_bytes: BTreeMap<u64, usize>,
     /// (choice, tool index or [`FUNCTION_CALL`]) → (name, arguments so far).
     calls: BTreeMap<(u64, u64), (String, String)>,
     called: Vec<String>,
@@ -258,6 +262,7 @@ impl ToolStream {
         out: &mut Vec<SseEvent>,
     ) -> Result<(), FilterError> {
         let events = self.held.remove(&choice).unwrap_or_default();
+        self.held_bytes.remove(&choice);
         let mut refused_here = Vec::new();
         let keys: Vec<(u64, u64)> = self
             .calls
@@ -347,6 +352,7 @@ impl StreamStage for ToolStream {
             out.push(event);
             return Ok(());
         };
+        let event_bytes = event.data.as_ref().map_or(0, String::len);
         let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) else {
             out.push(event);
             return Ok(());
@@ -381,6 +387,7 @@ impl StreamStage for ToolStream {
             if carries_calls(&choice) {
                 self.collect(index, &choice);
                 self.held.entry(index).or_default().push(single(choice));
+                *self.held_bytes.entry(index).or_default() += event_bytes;
                 if finished {
                     settled.push((index, None));
                 }
@@ -397,6 +404,16 @@ impl StreamStage for ToolStream {
         }
         for (index, finish) in settled {
             self.settle(index, finish, out)?;
+        }
+        let held: usize = self.held_bytes.values().sum();
+        if held > MAX_STREAM_HOLD {
+            // A call is judged whole or not at all: never released in part.
+            return Err(FilterError::limit(
+                ErrorCode::UnscreenableOutput,
+                format!(
+                    "tool calls still being streamed: {held} bytes held, over the cap of {MAX_STREAM_HOLD}"
+                ),
+            ));
         }
         Ok(())
     }

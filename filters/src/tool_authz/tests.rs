@@ -376,3 +376,26 @@ fn streamed_calls_in_several_choices_per_event() {
     );
     assert!(finishes.contains(&(0, "tool_calls".into())) && finishes.contains(&(3, "stop".into())));
 }
+
+#[test]
+fn a_streamed_call_larger_than_the_hold_cap_stops_the_stream() {
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let mut s = stage.stream(&ctx(&user));
+    let mut out = Vec::new();
+    let start = json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "send_email", "arguments": ""}}]}, "finish_reason": null}]});
+    s.on_event(SseEvent::data(start.to_string()), &mut out)
+        .unwrap();
+    let piece = "x".repeat(64 * 1024);
+    let fragment = json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, "finish_reason": null}]}).to_string();
+    let mut result = Ok(());
+    for _ in 0..(crate::response::MAX_STREAM_HOLD / piece.len() + 2) {
+        result = s.on_event(SseEvent::data(fragment.clone()), &mut out);
+        if result.is_err() {
+            break;
+        }
+    }
+    let e = result.unwrap_err();
+    assert!(e.limit && e.code == ErrorCode::UnscreenableOutput, "{e:?}");
+    assert!(out.is_empty(), "nothing of the call was released");
+}
