@@ -116,9 +116,15 @@ impl RegistryStore for FileStore {
         let _one_writer = self.writer.lock().await;
         let mut next = (*self.snapshot().map_err(UpdateError::Store)?).clone();
         let result = change(&mut next)?;
-        write_atomically(&self.path, &next).map_err(UpdateError::Store)?;
+        // The fsyncs block: off the async workers that serve requests.
+        let next = Arc::new(next);
+        let (path, state) = (self.path.clone(), next.clone());
+        tokio::task::spawn_blocking(move || write_atomically(&path, &state))
+            .await
+            .map_err(|e| UpdateError::Store(format!("registry writer: {e}")))?
+            .map_err(UpdateError::Store)?;
         if let Ok(mut s) = self.state.write() {
-            *s = Arc::new(next);
+            *s = next;
         }
         Ok(result)
     }

@@ -58,6 +58,23 @@ fn jwt(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { auth.check(&view(&body, Some(&bearer), None)).await.unwrap() })
     });
+    // Two threads at once (this machine has two cores): the time per check
+    // when every request of both workers goes through the cache.
+    c.bench_function("jwt cached lookup, 2 threads at once (per lookup)", |b| {
+        b.iter_custom(|iters| {
+            let started = std::time::Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..2 {
+                    s.spawn(|| {
+                        for _ in 0..iters {
+                            std::hint::black_box(auth.authenticate(Some(&bearer)).unwrap());
+                        }
+                    });
+                }
+            });
+            started.elapsed() / 2
+        })
+    });
 }
 
 fn limits(c: &mut Criterion) {
@@ -92,6 +109,38 @@ fn limits(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| async { limiter.check(&view(&body, None, Some(&who))).await.unwrap() })
     });
+    // Two threads deciding for different callers at once.
+    let callers: Vec<Principal> = (0..2)
+        .map(|i| Principal {
+            subject: format!("caller-{i}"),
+            ..who.clone()
+        })
+        .collect();
+    c.bench_function(
+        "rate limit decision, 2 threads at once (per decision)",
+        |b| {
+            b.iter_custom(|iters| {
+                let started = std::time::Instant::now();
+                std::thread::scope(|s| {
+                    for who in &callers {
+                        let limiter = &limiter;
+                        let body = &body;
+                        s.spawn(move || {
+                            let rt = tokio::runtime::Builder::new_current_thread()
+                                .build()
+                                .unwrap();
+                            rt.block_on(async {
+                                for _ in 0..iters {
+                                    limiter.check(&view(body, None, Some(who))).await.unwrap();
+                                }
+                            })
+                        });
+                    }
+                });
+                started.elapsed() / 2
+            })
+        },
+    );
 }
 
 trait BenchNow {

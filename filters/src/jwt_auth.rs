@@ -16,6 +16,7 @@ use crate::chain::{Decision, Fact, FilterError, FilterKind, RequestFilter, Verdi
 use crate::clock::Clock;
 use crate::error::{untrusted, ErrorCode, Rejection};
 use crate::request::{Principal, RequestView};
+use crate::sharded::{Sharded, SHARDS};
 use async_trait::async_trait;
 use base64::Engine;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
@@ -23,7 +24,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A verification key, pinned to one algorithm.
 #[derive(Clone)]
@@ -344,7 +345,7 @@ pub struct JwtAuth {
     settings: JwtSettings,
     keys: Arc<dyn KeySource>,
     clock: Arc<dyn Clock>,
-    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    cache: Sharded<[u8; 32], Cached>,
     verifications: std::sync::atomic::AtomicU64,
 }
 
@@ -361,7 +362,7 @@ impl JwtAuth {
             settings,
             keys,
             clock,
-            cache: Mutex::new(HashMap::new()),
+            cache: Sharded::default(),
             verifications: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -515,8 +516,10 @@ impl JwtAuth {
     fn cached(&self, digest: &[u8; 32]) -> Option<Principal> {
         let now = self.clock.now_secs();
         let hit = {
-            let cache = self.cache.lock().ok()?;
-            let c = cache.get(digest)?;
+            let shard = self
+                .cache
+                .lock(Sharded::<[u8; 32], Cached>::shard_of_random(digest[0]));
+            let c = shard.map.get(digest)?;
             if now >= c.exp.saturating_add(self.settings.leeway_secs) {
                 return None;
             }
@@ -527,21 +530,27 @@ impl JwtAuth {
         Arc::ptr_eq(&current, &key).then_some(principal)
     }
 
+    /// Cache a verified token. Each shard holds its share of
+    /// `cache_size`; a full shard first drops expired tokens, then, if it
+    /// is still more than three-quarters full, everything (a cache miss
+    /// only costs one verification).
     fn remember(&self, digest: [u8; 32], entry: Cached) {
-        let Ok(mut cache) = self.cache.lock() else {
+        let per_shard = self.settings.cache_size.div_ceil(SHARDS);
+        if per_shard == 0 {
             return;
-        };
-        if cache.len() >= self.settings.cache_size {
+        }
+        let mut shard = self
+            .cache
+            .lock(Sharded::<[u8; 32], Cached>::shard_of_random(digest[0]));
+        if shard.map.len() >= per_shard {
             let now = self.clock.now_secs();
             let leeway = self.settings.leeway_secs;
-            cache.retain(|_, c| now < c.exp.saturating_add(leeway));
-            if cache.len() >= self.settings.cache_size {
-                cache.clear();
+            shard.map.retain(|_, c| now < c.exp.saturating_add(leeway));
+            if shard.map.len() > per_shard / 4 * 3 {
+                shard.map.clear();
             }
         }
-        if self.settings.cache_size > 0 {
-            cache.insert(digest, entry);
-        }
+        shard.map.insert(digest, entry);
     }
 }
 

@@ -19,6 +19,7 @@ pub mod rate_limit;
 pub mod redact;
 pub mod request;
 pub mod response;
+pub mod sharded;
 pub mod shared;
 pub mod sse;
 pub mod tool_authz;

@@ -29,11 +29,11 @@ use crate::chain::{Decision, Fact, FilterError, FilterKind, RequestFilter, Verdi
 use crate::clock::Clock;
 use crate::error::{ErrorCode, Rejection};
 use crate::request::{RequestView, Route};
+use crate::sharded::{Sharded, SHARDS};
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// `policies/rate-limits.yaml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -218,14 +218,16 @@ pub trait LimitStore: Send + Sync {
     ) -> Result<Vec<LimitState>, String>;
 }
 
-/// GCRA state in this process.
+/// GCRA state in this process, sharded so that callers with different
+/// keys do not wait for each other.
 #[derive(Default)]
 pub struct MemoryStore {
-    tats: Mutex<HashMap<String, f64>>,
+    tats: Sharded<String, f64>,
 }
 
-/// Past this many keys, idle ones (back to full burst) are dropped.
-const MEMORY_STORE_SWEEP: usize = 100_000;
+/// Past this many keys in a shard, idle ones (back to full burst) are
+/// dropped, at most each time the shard doubles.
+const MEMORY_STORE_SWEEP: usize = 100_000 / SHARDS;
 
 #[async_trait]
 impl LimitStore for MemoryStore {
@@ -235,21 +237,29 @@ impl LimitStore for MemoryStore {
         now_ms: f64,
         commit: bool,
     ) -> Result<Vec<LimitState>, String> {
-        let mut tats = self
-            .tats
-            .lock()
-            .map_err(|_| "limiter state poisoned".to_string())?;
+        // Every shard the charges touch, locked in order: all charges are
+        // decided and stored as one.
+        let shard_of: Vec<usize> = charges.iter().map(|c| self.tats.shard_of(&c.key)).collect();
+        let mut guards = self.tats.lock_many(shard_of.clone());
+        let slot = |shard: usize| {
+            guards
+                .iter()
+                .position(|(s, _)| *s == shard)
+                .expect("every charge's shard is locked")
+        };
+        let slots: Vec<usize> = shard_of.iter().map(|s| slot(*s)).collect();
         let decided: Vec<(f64, LimitState)> = charges
             .iter()
-            .map(|c| gcra(tats.get(&c.key).copied(), now_ms, c))
+            .zip(&slots)
+            .map(|(c, &i)| gcra(guards[i].1.map.get(&c.key).copied(), now_ms, c))
             .collect();
         if commit && decided.iter().all(|(_, s)| s.allowed) {
-            for (c, (tat, _)) in charges.iter().zip(&decided) {
-                tats.insert(c.key.clone(), *tat);
+            for ((c, (tat, _)), &i) in charges.iter().zip(&decided).zip(&slots) {
+                guards[i].1.map.insert(c.key.clone(), *tat);
             }
         }
-        if tats.len() > MEMORY_STORE_SWEEP {
-            tats.retain(|_, tat| *tat > now_ms);
+        for (_, shard) in &mut guards {
+            shard.sweep_if_grown(MEMORY_STORE_SWEEP, |m| m.retain(|_, tat| *tat > now_ms));
         }
         Ok(decided.into_iter().map(|(_, s)| s).collect())
     }

@@ -5,6 +5,7 @@ use crate::request::Route;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use serde_json::json;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 const RSA_PRIVATE: &[u8] = include_bytes!("testdata/rsa-test.key");
 const RSA_PUBLIC: &[u8] = include_bytes!("testdata/rsa-test.pub");
