@@ -224,6 +224,41 @@ impl Gateway {
         }
     }
 
+    /// Run only the authentication filter, before the body is read. The
+    /// whole chain runs again once it is (a verified token is then a cache
+    /// hit), so mode and `on_error` apply as everywhere else.
+    async fn authenticate_early(
+        &self,
+        s: &Session,
+        ctx: &mut Ctx,
+        route: Route,
+    ) -> Option<(&'static str, Rejection)> {
+        let authorization = s
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let view = RequestView {
+            request_id: &ctx.rec.request_id,
+            authorization,
+            principal: None,
+            dry_run: false,
+            route,
+            body: &Value::Null,
+            model: None,
+            stream: false,
+            client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        };
+        let report = self
+            .chain
+            .run_filtered(&view, |k| k == FilterKind::JwtAuth)
+            .await;
+        let (kind, r) = report.rejection?;
+        ctx.rec.filters = report.outcomes;
+        ctx.headers = report.headers;
+        Some((kind.as_str(), r))
+    }
+
     fn output_mode(&self) -> GuardOutput {
         match (&self.guard, &self.cfg.guard) {
             (Some(_), Some(g)) => g.output,
@@ -446,6 +481,11 @@ impl Gateway {
         let max = self.cfg.limits.max_body_bytes;
         if content_length(s).is_some_and(|len| len > max) {
             return self.refuse(s, ctx, "intake", too_large(max)).await;
+        }
+        // Who is asking is settled from the headers alone: a client without
+        // a valid token gets no `100 Continue` and no byte of its body read.
+        if let Some((by, r)) = self.authenticate_early(s, ctx, route).await {
+            return self.refuse(s, ctx, by, r).await;
         }
         if expects_continue(s) {
             // Without this a client that waits for 100 stalls until its own

@@ -331,3 +331,54 @@ async fn jwks_with_an_encryption_key_http_urls_and_scoped_sources() {
         "{text}"
     );
 }
+
+/// The token is checked from the headers alone: a client without a valid
+/// one gets 401 at once, with no `100 Continue` and no byte of its body
+/// read, and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_is_refused_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let gw = Gateway::start(secured(mock.addr, &keys, TEST_LIMITS)).await;
+    for token in ["Bearer forged.token.here", ""] {
+        let mut conn = tokio::net::TcpStream::connect(gw.base.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        let auth = if token.is_empty() {
+            String::new()
+        } else {
+            format!("authorization: {token}\r\n")
+        };
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{auth}content-length: 3000000\r\nexpect: 100-continue\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // Not a byte of the body is sent: the answer must come anyway.
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(PATIENCE, conn.read(&mut buf))
+                .await
+                .expect("an answer without the body")
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(!text.contains("100 Continue"), "{text}");
+        let id = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-request-id: "))
+            .unwrap()
+            .trim()
+            .to_string();
+        let rec = gw.record_for(&id).await;
+        assert_eq!(rec["reason_code"], "invalid_token");
+        assert_eq!(rec["request_bytes"], 0);
+    }
+    assert!(mock.state.requests().is_empty());
+}
