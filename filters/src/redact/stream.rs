@@ -139,8 +139,12 @@ impl StreamRedactor {
         let due = match self.wait {
             Wait::No => true,
             Wait::BlockEnd { from } => {
+                // Byte offsets, searched as bytes: `from` may fall inside a
+                // multi-byte character.
                 let from = from.min(start.saturating_sub(BLOCK_CLOSE.len()));
-                let found = self.buf[from..].contains(BLOCK_CLOSE);
+                let found = self.buf.as_bytes()[from..]
+                    .windows(BLOCK_CLOSE.len())
+                    .any(|w| w == BLOCK_CLOSE.as_bytes());
                 self.wait = Wait::BlockEnd {
                     from: self.buf.len().saturating_sub(BLOCK_CLOSE.len()),
                 };
@@ -280,7 +284,7 @@ fn open_block(text: &str) -> Option<usize> {
         let open = from + found;
         let body = &text[open + BLOCK_OPEN.len()..];
         match body.find(BLOCK_CLOSE) {
-            None => return Some(open),
+            None => return Some(reach_back(text, open)),
             Some(close) => {
                 let tail = &body[close + BLOCK_CLOSE.len()..];
                 let dashes = tail.find("-----").map(|d| d + 5);
@@ -290,13 +294,34 @@ fn open_block(text: &str) -> Option<usize> {
                     (d, b) => d.or(b),
                 };
                 match end {
-                    Some(end) => from = open + BLOCK_OPEN.len() + close + BLOCK_CLOSE.len() + end,
-                    None => return Some(open),
+                    // Look for the next block right after `-----END`: its
+                    // `-----BEGIN` may share the dashes taken as this end
+                    // line's closing ones.
+                    Some(_) => from = open + BLOCK_OPEN.len() + close + BLOCK_CLOSE.len(),
+                    None => return Some(reach_back(text, open)),
                 }
             }
         }
     }
     None
+}
+
+/// A PEM label may hold spaces, dashes and capitals (up to 100 of them),
+/// so a `-----BEGIN` shortly before an open block can start the same match
+/// (`-----BEGIN -----END -----BEGIN RSA PRIVATE KEY-----…` is one match
+/// for the whole text): hold from the earliest such one.
+fn reach_back(text: &str, mut open: usize) -> usize {
+    const LABEL: usize = 110;
+    loop {
+        let mut lo = open.saturating_sub(BLOCK_OPEN.len() + LABEL);
+        while !text.is_char_boundary(lo) {
+            lo -= 1;
+        }
+        match text[lo..open].find(BLOCK_OPEN) {
+            Some(i) => open = lo + i,
+            None => return open,
+        }
+    }
 }
 
 /// Where the last run of non-space characters starts, when it reaches the

@@ -1206,6 +1206,11 @@ mod streaming {
         "=",
         "12",
         "ok.",
+        "-----BEGIN",
+        "-----END",
+        "-----",
+        " KEY-----",
+        "MIIEvQIBADANBgkqhkiG9w0BAQ",
     ];
 
     /// Split `text` into pieces of `n` characters, as a provider streams
@@ -1372,6 +1377,38 @@ mod streaming {
                 small.len(),
                 large.len()
             );
+        }
+    }
+
+    /// Waiting positions are byte offsets: multi-byte text around an open
+    /// block, a growing token or a partial end line must neither panic nor
+    /// change the result.
+    #[test]
+    fn waits_survive_multi_byte_text_and_partial_end_lines() {
+        let key = pem("PRIVATE KEY", 31, 3);
+        let texts = [
+            "-----BEGIN日本語 and more 🦀 text".to_string(),
+            format!("前 {key} 後 日本語🦀"),
+            format!("{}日本{}", &key[..40], &key[40..]),
+            "-----BEGIN KEY-----\nabc\n-----END".to_string() + " KEY-----\nnext 日本語",
+            "tok日本語🦀🦀🦀 -----BEGIN é".to_string(),
+        ];
+        for text in &texts {
+            for size in 1..12 {
+                let mut s = StreamRedactor::new(redactor());
+                let mut out = String::new();
+                let mut at = 0;
+                while at < text.len() {
+                    let mut end = (at + size).min(text.len());
+                    while !text.is_char_boundary(end) {
+                        end += 1;
+                    }
+                    out += &s.push(&text[at..end]);
+                    at = end;
+                }
+                out += &s.finish();
+                assert_eq!(out, redactor().redact(text).0, "{text:?} in pieces of {size}");
+            }
         }
     }
 
