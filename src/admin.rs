@@ -178,9 +178,13 @@ async fn handle(
             match probe {
                 _ if api.lifecycle.draining() => text(503, "shutting down\n"),
                 Ok(Ok(_)) if !registry => text(503, "model registry not loaded\n"),
-                Ok(Ok(_)) => match api.audit.failure() {
-                    None => text(200, "ready\n"),
-                    Some(why) => {
+                // Not ready while requests would be refused for want of an
+                // audit trail (`on_error: deny`); with `allow` the failure
+                // shows in `portcullis_audit_sink_failing` only, so that a
+                // shared sink's outage does not take every instance out.
+                Ok(Ok(_)) => match api.audit.admit() {
+                    Ok(()) => text(200, "ready\n"),
+                    Err(why) => {
                         let mut r = Response::new(full(format!("audit sink failing: {why}\n")));
                         *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                         r

@@ -458,7 +458,8 @@ fn verify_audit(target: &Path, key: Option<&Path>, redis: Option<&str>) -> ExitC
                     );
                 }
                 if chains.is_empty() {
-                    println!("{stream}: no records");
+                    println!("{stream}: no records (is it the right stream?)");
+                    return ExitCode::FAILURE;
                 }
                 ExitCode::SUCCESS
             }
@@ -494,6 +495,7 @@ fn verify_audit(target: &Path, key: Option<&Path>, redis: Option<&str>) -> ExitC
             }
             if chains.is_empty() {
                 println!("{}: no audit files", target.display());
+                return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }

@@ -909,8 +909,8 @@ impl Config {
         audit.file = audit.file.map(|f| base.join(f));
         audit.key_file = audit.key_file.map(|f| base.join(f));
         if let (Some(key), Some(file)) = (&audit.key_file, &audit.file) {
-            let folder = file.parent().unwrap_or(Path::new("."));
-            if key.parent().unwrap_or(Path::new(".")) == folder {
+            let folder = lexical(file.parent().unwrap_or(Path::new(".")));
+            if lexical(key).starts_with(&folder) {
                 errors.push(
                     "audit.key_file",
                     "keep the audit key outside the audit folder: whoever can rewrite the records must not be able to read it",
@@ -921,6 +921,9 @@ impl Config {
             errors.push("audit.queue_capacity", "must be at least 4");
         }
         if let Some(r) = &mut audit.redis {
+            if r.max_len == 0 {
+                errors.push("audit.redis.max_len", "must be at least 1");
+            }
             r.url = r.url.take().or_else(|| state.redis_url.clone());
             if r.url.is_none() {
                 errors.push(
@@ -1043,6 +1046,22 @@ impl Errors {
 
 /// Deserialize one top-level section, recording the error with its full
 /// key path.
+/// A path with `.` and `..` resolved by their names (no file system look-up).
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// An instance id is used in file names and Redis keys.
 pub fn valid_instance_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
@@ -1344,10 +1363,17 @@ audit:
             .to_string();
         assert!(e.contains("is not a size"), "{e}");
         // The key must live outside the audit folder.
-        let e = load(&format!("{GOOD}  key_file: ../audit/audit.key\n"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("outside the audit folder"), "{e}");
+        for inside in [
+            "../audit/audit.key",
+            "../audit/./k",
+            "../audit/sub/k",
+            "../x/../audit/k",
+        ] {
+            let e = load(&format!("{GOOD}  key_file: {inside}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("outside the audit folder"), "{inside}: {e}");
+        }
         assert!(load(&format!("{GOOD}  key_file: keys/audit.key\n")).is_ok());
         let e = load(&format!("{GOOD}  redis: {{}}\n"))
             .unwrap_err()

@@ -220,6 +220,13 @@ impl RedisStore {
     }
 
     async fn reload_once(&self) -> Result<(), String> {
+        self.reload_at(0).await
+    }
+
+    /// `restores`: how many snapshot restores this reload already made; a
+    /// few at most (two instances each holding a newer snapshot could
+    /// otherwise trade them back and forth).
+    async fn reload_at(&self, restores: u8) -> Result<(), String> {
         let mut conn = self.connection().await?;
         let raw: Option<String> = redis::cmd("GET")
             .arg(KEY)
@@ -261,7 +268,9 @@ impl RedisStore {
         } else {
             let state = serde_json::from_str::<RegistryState>(&raw)
                 .map_err(|e| format!("registry in Redis is corrupt: {e}"))?;
-            if let Some((last_raw, last)) = self.newer_snapshot(state.revision) {
+            if let Some((last_raw, last)) =
+                self.newer_snapshot(state.revision).filter(|_| restores < 3)
+            {
                 // Revisions only grow: an older one means Redis lost its
                 // data and another instance seeded it again. Put back the
                 // newer state (compare-and-set: a concurrent change wins).
@@ -280,7 +289,7 @@ impl RedisStore {
                     .invoke_async(&mut conn)
                     .await
                     .map_err(|e| format!("redis: {e}"))?;
-                return Box::pin(self.reload_once()).await;
+                return Box::pin(self.reload_at(restores + 1)).await;
             }
             Some(Arc::new(state))
         };

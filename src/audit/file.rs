@@ -41,6 +41,8 @@ pub struct FileSink {
     day: u64,
     prev: String,
     unsynced_since: Option<Instant>,
+    /// The last fsync failed: its error, and when to try again.
+    sync_failed: Option<(String, Instant)>,
 }
 
 impl FileSink {
@@ -64,9 +66,24 @@ impl FileSink {
             .open(path)
             .map_err(|e| anyhow::anyhow!("audit file {}: {e}", path.display()))?;
         let len = repair_tail(path, &file)?;
-        let prev = match last_hash_of(path, &file, len)? {
-            Some(h) => h,
-            None => previous_file_hash(path)?,
+        let last = match last_hash_of(path, &file, len)? {
+            Some(last) => Some(last),
+            None => previous_file_last(path)?,
+        };
+        let prev = match last {
+            Some((hash, keyed)) => {
+                if keyed != sealer.key.is_some() {
+                    anyhow::bail!(
+                        "audit file {} was written {} an audit key, and the config says {}: one file \
+                         holds one kind of chain. Move the file aside (or rotate it) before changing `audit.key_file`",
+                        path.display(),
+                        if keyed { "with" } else { "without" },
+                        if keyed { "none" } else { "to use one" }
+                    );
+                }
+                hash
+            }
+            None => GENESIS.into(),
         };
         let modified = file
             .metadata()
@@ -81,6 +98,7 @@ impl FileSink {
             len,
             prev,
             unsynced_since: None,
+            sync_failed: None,
         })
     }
 
@@ -90,12 +108,16 @@ impl FileSink {
                 || (self.opts.rotate_daily && today() != self.day))
     }
 
-    /// Close the active file under a dated name and start a new one.
+    /// Close the active file under a dated name and start a new one. If
+    /// an earlier attempt renamed the file but could not open the new one,
+    /// the rename is not made again.
     fn rotate(&mut self) -> std::io::Result<()> {
         self.file.sync_all()?;
         self.unsynced_since = None;
         let target = free_rotated_name(&self.opts.path);
-        std::fs::rename(&self.opts.path, &target)?;
+        if self.opts.path.exists() {
+            std::fs::rename(&self.opts.path, &target)?;
+        }
         self.file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -118,8 +140,18 @@ impl FileSink {
     }
 
     fn try_write(&mut self, records: &[Value]) -> std::io::Result<()> {
-        // An earlier failed write may have left part of a line.
-        if self.file.metadata()?.len() != self.len {
+        // An earlier failed write may have left part of a line; a file
+        // shorter than what was written was cut by someone else, and is not
+        // padded back (that would put zeros into the chain).
+        let actual = self.file.metadata()?.len();
+        if actual < self.len {
+            return Err(std::io::Error::other(format!(
+                "the file was truncated by another process ({actual} bytes, {} written); \
+                 the chain cannot go on in it",
+                self.len
+            )));
+        }
+        if actual > self.len {
             self.file.set_len(self.len)?;
         }
         if self.rotate_due() {
@@ -150,23 +182,39 @@ impl Sink for FileSink {
     }
 
     fn write(&mut self, records: &[Value]) -> Result<(), String> {
-        self.try_write(records).map_err(|e| e.to_string())?;
-        self.sync_if_due(false)
+        self.try_write(records).map_err(|e| e.to_string())
     }
 
+    /// fsync when due. A failure is reported (the sink counts as failing)
+    /// and tried again a second later, not in a tight loop; the records
+    /// stay written (they are not written twice).
     fn sync_if_due(&mut self, force: bool) -> Result<(), String> {
         let Some(since) = self.unsynced_since else {
             return Ok(());
         };
+        if let Some((e, retry_at)) = &self.sync_failed {
+            if !force && Instant::now() < *retry_at {
+                return Err(e.clone());
+            }
+        }
         if force || since.elapsed() >= self.opts.fsync_every {
-            self.file.sync_data().map_err(|e| format!("fsync: {e}"))?;
+            if let Err(e) = self.file.sync_data() {
+                let e = format!("fsync: {e}");
+                self.sync_failed = Some((e.clone(), Instant::now() + Duration::from_secs(1)));
+                return Err(e);
+            }
             self.unsynced_since = None;
+            self.sync_failed = None;
         }
         Ok(())
     }
 
     fn sync_deadline(&self) -> Option<Instant> {
-        self.unsynced_since.map(|t| t + self.opts.fsync_every)
+        let due = self.unsynced_since.map(|t| t + self.opts.fsync_every)?;
+        Some(match &self.sync_failed {
+            Some((_, retry_at)) => due.max(*retry_at),
+            None => due,
+        })
     }
 }
 
@@ -236,9 +284,10 @@ fn repair_tail(path: &Path, file: &File) -> anyhow::Result<u64> {
     Ok(keep)
 }
 
-/// The `hash` of the last record in the first `len` bytes, `None` when
-/// there is none. A last line that is not a record stops the start.
-fn last_hash_of(path: &Path, file: &File, len: u64) -> anyhow::Result<Option<String>> {
+/// The `hash` of the last record in the first `len` bytes and whether it
+/// is keyed, `None` when there is none. A last line that is not a record
+/// stops the start.
+fn last_hash_of(path: &Path, file: &File, len: u64) -> anyhow::Result<Option<(String, bool)>> {
     if len == 0 {
         return Ok(None);
     }
@@ -249,7 +298,10 @@ fn last_hash_of(path: &Path, file: &File, len: u64) -> anyhow::Result<Option<Str
     read_at(file, start, &mut line)?;
     serde_json::from_slice::<Value>(&line)
         .ok()
-        .and_then(|v| v.get("hash")?.as_str().map(str::to_string))
+        .and_then(|v| {
+            let hash = v.get("hash")?.as_str()?.to_string();
+            Some((hash, v.get("mac").is_some()))
+        })
         .map(Some)
         .ok_or_else(|| {
             anyhow::anyhow!(
@@ -261,14 +313,14 @@ fn last_hash_of(path: &Path, file: &File, len: u64) -> anyhow::Result<Option<Str
 }
 
 /// Where a new (or emptied) active file continues the chain: the last
-/// hash of the newest rotated file, or the genesis hash.
-fn previous_file_hash(path: &Path) -> anyhow::Result<String> {
+/// record of the newest rotated file (its hash, and whether it is keyed).
+fn previous_file_last(path: &Path) -> anyhow::Result<Option<(String, bool)>> {
     let Some(newest) = rotated_files(path)?.pop() else {
-        return Ok(GENESIS.into());
+        return Ok(None);
     };
     let file = OpenOptions::new().read(true).write(true).open(&newest)?;
     let len = repair_tail(&newest, &file)?;
-    Ok(last_hash_of(&newest, &file, len)?.unwrap_or_else(|| GENESIS.into()))
+    last_hash_of(&newest, &file, len)
 }
 
 fn byte_at(file: &File, pos: u64) -> std::io::Result<u8> {

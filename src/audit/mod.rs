@@ -393,6 +393,160 @@ mod tests {
     }
 
     #[test]
+    fn turning_the_key_on_for_an_existing_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_records(&path, 2);
+        let mut opts = options(&path);
+        opts.sealer.key = Some(AuditKey::from_bytes(b"0123456789abcdef0123"));
+        let err = AuditWriter::start(opts).err().unwrap().to_string();
+        assert!(err.contains("written without an audit key"), "{err}");
+        assert_eq!(verify(&path).unwrap().records, 2);
+    }
+
+    #[test]
+    fn a_file_cut_by_someone_else_is_not_padded_and_the_sink_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (writer, log) = AuditWriter::start(options(&path)).unwrap();
+        log.send(&json!({"kind": "request", "n": 1}));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lines(&path).is_empty() {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        log.send(&json!({"kind": "request", "n": 2}));
+        while log.failure().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cut was not noticed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(log
+            .failure()
+            .unwrap()
+            .contains("truncated by another process"));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 10, "not padded");
+        drop(writer);
+    }
+
+    /// A sink that records what it is given; its fsync fails the first
+    /// `sync_failures` times, and its writes panic when `panic` is set.
+    struct Fake {
+        written: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+        syncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        sync_failures: usize,
+        panic: bool,
+        unsynced: bool,
+        retry_at: Option<std::time::Instant>,
+    }
+
+    impl writer::Sink for Fake {
+        fn name(&self) -> String {
+            "fake".into()
+        }
+        fn write(&mut self, records: &[Value]) -> Result<(), String> {
+            assert!(!self.panic, "fake sink panics");
+            self.written.lock().unwrap().extend_from_slice(records);
+            self.unsynced = true;
+            Ok(())
+        }
+        fn sync_if_due(&mut self, _force: bool) -> Result<(), String> {
+            if !self.unsynced {
+                return Ok(());
+            }
+            if self.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+                return Err("fsync failed".into());
+            }
+            let n = self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < self.sync_failures {
+                self.retry_at = Some(std::time::Instant::now() + Duration::from_millis(100));
+                return Err("fsync failed".into());
+            }
+            self.unsynced = false;
+            Ok(())
+        }
+        fn sync_deadline(&self) -> Option<std::time::Instant> {
+            self.unsynced
+                .then(|| self.retry_at.unwrap_or_else(std::time::Instant::now))
+        }
+    }
+
+    fn fake(
+        sync_failures: usize,
+        panic: bool,
+    ) -> (
+        Fake,
+        std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let written = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let syncs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            Fake {
+                written: written.clone(),
+                syncs: syncs.clone(),
+                sync_failures,
+                panic,
+                unsynced: false,
+                retry_at: None,
+            },
+            written,
+            syncs,
+        )
+    }
+
+    #[test]
+    fn a_failing_fsync_neither_rewrites_records_nor_spins() {
+        let (sink, written, syncs) = fake(3, false);
+        let (writer, log) = AuditWriter::start_with(vec![Box::new(sink)], AuditOptions::default());
+        for i in 0..5 {
+            log.send(&json!({"kind": "request", "n": i}));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while syncs.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+            assert!(std::time::Instant::now() < deadline, "fsync never retried");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        writer.close();
+        let n: Vec<u64> = written
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|v| v["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(n, [0, 1, 2, 3, 4], "each record written once");
+        // Three failures 100 ms apart, then success: a handful of attempts,
+        // not thousands.
+        assert!(syncs.load(std::sync::atomic::Ordering::SeqCst) <= 6);
+    }
+
+    #[test]
+    fn a_writer_that_dies_stops_admission() {
+        let (sink, _, _) = fake(0, true);
+        let (writer, log) = AuditWriter::start_with(vec![Box::new(sink)], AuditOptions::default());
+        assert!(log.admit().is_ok());
+        log.send(&json!({"kind": "request"}));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.admit().is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a dead writer went unnoticed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(log.admit().unwrap_err().contains("stopped"));
+        writer.close();
+    }
+
+    #[test]
     fn canonical_sorts_keys_at_every_level() {
         let v = json!({"b": {"z": 1, "a": null}, "a": [true, "x\"y"]});
         assert_eq!(canonical(&v), r#"{"a":[true,"x\"y"],"b":{"a":null,"z":1}}"#);

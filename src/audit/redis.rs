@@ -47,9 +47,22 @@ pub struct RedisSink {
     instance: String,
     client: redis::Client,
     con: Option<redis::Connection>,
-    prev: String,
+    /// The chain head; read from Redis on the first connection (so that an
+    /// unreachable Redis does not stop the gateway from starting: the sink
+    /// starts as failing, and `audit.on_error` decides).
+    prev: Option<String>,
     script: redis::Script,
+    /// Records at the front of the next batch already appended (a batch
+    /// that failed part-way).
+    committed: usize,
+    /// The last append got no answer: the head it would have set and how
+    /// many records it carried. If Redis holds that head, it ran.
+    unsure: Option<(String, usize)>,
 }
+
+/// Records appended by one script call at most (a long script blocks
+/// Redis for everyone else).
+const MAX_APPEND: usize = 500;
 
 /// The key holding an instance's chain head.
 pub fn head_key(stream: &str, instance: &str) -> String {
@@ -64,25 +77,130 @@ fn connect(client: &redis::Client, timeout: Duration) -> redis::RedisResult<redi
 }
 
 impl RedisSink {
+    /// Check the URL; the connection is made on the first write.
     pub fn open(opts: RedisOptions, sealer: Sealer) -> anyhow::Result<Self> {
         let instance = sealer.instance.clone().unwrap_or_else(|| "default".into());
         let client = redis::Client::open(opts.url.as_str())
             .map_err(|e| anyhow::anyhow!("audit.redis.url: {e}"))?;
-        let mut con = connect(&client, opts.timeout)
-            .map_err(|e| anyhow::anyhow!("audit Redis stream {}: {e}", opts.stream))?;
-        let head: Option<String> = redis::cmd("GET")
-            .arg(head_key(&opts.stream, &instance))
-            .query(&mut con)
-            .map_err(|e| anyhow::anyhow!("audit Redis stream {}: {e}", opts.stream))?;
         Ok(Self {
-            prev: head.unwrap_or_else(|| GENESIS.into()),
-            con: Some(con),
+            prev: None,
+            con: None,
             client,
             instance,
             sealer,
             opts,
             script: redis::Script::new(APPEND),
+            committed: 0,
+            unsure: None,
         })
+    }
+
+    fn head(&mut self) -> redis::RedisResult<Option<String>> {
+        let key = head_key(&self.opts.stream, &self.instance);
+        let con = self.connection()?;
+        redis::cmd("GET").arg(key).query(con)
+    }
+
+    fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
+        match self.con {
+            Some(ref mut c) => Ok(c),
+            None => Ok(self.con.insert(connect(&self.client, self.opts.timeout)?)),
+        }
+    }
+
+    /// Append one batch after `expected` (the head Redis should hold).
+    fn append(&mut self, lines: &[String], expected: &str, last: &str) -> Result<String, String> {
+        if self.con.is_none() {
+            self.con = Some(connect(&self.client, self.opts.timeout).map_err(|e| e.to_string())?);
+        }
+        let Some(con) = self.con.as_mut() else {
+            return Err("no connection".into());
+        };
+        let mut call = self.script.prepare_invoke();
+        call.key(&self.opts.stream)
+            .key(head_key(&self.opts.stream, &self.instance))
+            .arg(self.opts.max_len)
+            .arg(&self.instance)
+            .arg(expected)
+            .arg(last);
+        for l in lines {
+            call.arg(l);
+        }
+        call.invoke::<String>(con).map_err(|e| e.to_string())
+    }
+
+    fn try_write(&mut self, records: &[Value]) -> Result<(), String> {
+        if self.prev.is_none() {
+            let head = self.head().map_err(|e| e.to_string())?;
+            self.prev = Some(head.unwrap_or_else(|| GENESIS.into()));
+        }
+        let mut records = &records[self.committed.min(records.len())..];
+        if let Some((hash, n)) = self.unsure.take() {
+            if self.head().map_err(|e| e.to_string())?.as_deref() == Some(hash.as_str()) {
+                // The unanswered append ran: those records are in.
+                let n = n.min(records.len());
+                records = &records[n..];
+                self.committed += n;
+                self.prev = Some(hash);
+            }
+        }
+        for chunk in records.chunks(MAX_APPEND) {
+            let prev = self.prev.clone().unwrap_or_else(|| GENESIS.into());
+            let mut lines = Vec::with_capacity(chunk.len());
+            let mut last = prev.clone();
+            for r in chunk {
+                let (line, hash) = self.sealer.seal(r, &last);
+                lines.push(line);
+                last = hash;
+            }
+            let reply = match self.append(&lines, &prev, &last) {
+                Ok(r) => r,
+                Err(e) => {
+                    // The reply may be lost after the script ran: the next
+                    // attempt asks Redis.
+                    self.con = None;
+                    self.unsure = Some((last, chunk.len()));
+                    return Err(e);
+                }
+            };
+            match reply.as_str() {
+                "ok" | "done" => {}
+                "resumed" => log::warn!(
+                    "{}: the head of instance {} was missing (Redis lost its data?); the chain resumes, \
+                     and `audit verify --redis` shows where",
+                    self.name(),
+                    self.instance
+                ),
+                other => {
+                    // The head moved elsewhere: Redis went back in time (a
+                    // failover to a replica behind), or another process
+                    // uses this instance id. Going on from this instance's
+                    // own chain leaves a visible break rather than a gap
+                    // nobody sees, and the sink does not stay stuck.
+                    let seen = other.strip_prefix("conflict:").unwrap_or(other).to_string();
+                    log::error!(
+                        "{}: the chain head of instance {} is {seen}, not {prev}: records were lost \
+                         from Redis or another writer uses this instance id; appending after it (verify \
+                         will show the break)",
+                        self.name(),
+                        self.instance
+                    );
+                    match self.append(&lines, &seen, &last) {
+                        Ok(r) if r == "ok" || r == "done" => {}
+                        Ok(r) => return Err(format!("chain head keeps moving ({r})")),
+                        Err(e) => {
+                            self.con = None;
+                            self.unsure = Some((last, chunk.len()));
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            self.committed += chunk.len();
+            self.prev = Some(last);
+        }
+        self.committed = 0;
+        Ok(())
     }
 }
 
@@ -92,58 +210,7 @@ impl Sink for RedisSink {
     }
 
     fn write(&mut self, records: &[Value]) -> Result<(), String> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let mut lines = Vec::with_capacity(records.len());
-        let mut prev = self.prev.clone();
-        for r in records {
-            let (line, hash) = self.sealer.seal(r, &prev);
-            lines.push(line);
-            prev = hash;
-        }
-        let con = match self.con.as_mut() {
-            Some(c) => c,
-            None => self
-                .con
-                .insert(connect(&self.client, self.opts.timeout).map_err(|e| e.to_string())?),
-        };
-        let mut call = self.script.prepare_invoke();
-        call.key(&self.opts.stream)
-            .key(head_key(&self.opts.stream, &self.instance))
-            .arg(self.opts.max_len)
-            .arg(&self.instance)
-            .arg(&self.prev)
-            .arg(&prev);
-        for l in &lines {
-            call.arg(l);
-        }
-        let reply: String = match call.invoke(con) {
-            Ok(r) => r,
-            Err(e) => {
-                // The reply may be lost after the script ran: the next
-                // attempt's head check tells.
-                self.con = None;
-                return Err(e.to_string());
-            }
-        };
-        match reply.as_str() {
-            "ok" | "done" => {}
-            "resumed" => log::warn!(
-                "{}: the head of instance {} was missing (Redis lost its data?); the chain resumes",
-                self.name(),
-                self.instance
-            ),
-            other => {
-                return Err(format!(
-                    "the chain head of instance {} was moved by another writer ({other}); \
-                     every instance needs its own `server.instance_id`",
-                    self.instance
-                ))
-            }
-        }
-        self.prev = prev;
-        Ok(())
+        self.try_write(records)
     }
 }
 
@@ -208,16 +275,39 @@ pub fn verify_stream(
         }
         start = format!("({last_id}");
     }
+    // Every instance that ever wrote has a head: one without records lost
+    // them all.
+    let prefix = head_key(stream, "");
+    let heads: Vec<String> = {
+        use redis::Commands;
+        con.scan_match::<_, String>(format!("{}*", redis_glob_escape(&prefix)))?
+            .collect::<Result<_, _>>()?
+    };
+    for key in &heads {
+        let instance = key.strip_prefix(&prefix).unwrap_or(key);
+        if !chains.contains_key(instance) {
+            return Ok(Err(format!(
+                "instance {instance}: it has a chain head but no records in the stream (they were deleted)"
+            )));
+        }
+    }
     let mut out = Vec::new();
     for (instance, (records, resumes_from, last)) in chains {
         let head: Option<String> = redis::cmd("GET")
             .arg(head_key(stream, &instance))
             .query(&mut con)?;
-        if let Some(head) = head.filter(|h| *h != last) {
-            return Ok(Err(format!(
-                "instance {instance}: the stream ends at {last} but the chain head is {head} \
-                 (records after it were deleted)"
-            )));
+        match head {
+            None => return Ok(Err(format!(
+                "instance {instance}: its chain head key is missing, so records cut from the end \
+                     cannot be ruled out"
+            ))),
+            Some(head) if head != last => {
+                return Ok(Err(format!(
+                    "instance {instance}: the stream ends at {last} but the chain head is {head} \
+                     (records after it were deleted)"
+                )))
+            }
+            Some(_) => {}
         }
         out.push(StreamChain {
             instance,
@@ -226,4 +316,16 @@ pub fn verify_stream(
         });
     }
     Ok(Ok(out))
+}
+
+/// `s` with Redis glob characters escaped.
+fn redis_glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }

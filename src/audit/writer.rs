@@ -218,6 +218,11 @@ impl AuditWriter {
                 prev: super::chain::GENESIS.into(),
             }));
         }
+        Ok(Self::start_with(sinks, opts))
+    }
+
+    /// Start the writer thread over sinks already opened.
+    pub fn start_with(sinks: Vec<Box<dyn Sink>>, opts: AuditOptions) -> (AuditWriter, AuditLog) {
         let shared = Arc::new(Shared {
             depth: AtomicUsize::new(0),
             capacity: opts.capacity.max(1),
@@ -231,15 +236,23 @@ impl AuditWriter {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("audit-writer".into())
-                .spawn(move || Writer::new(sinks, shared).run(rx))?
+                .spawn(move || Writer::new(sinks, shared).run(rx))
         };
-        Ok((
+        let thread = match thread {
+            Ok(t) => Some(t),
+            Err(e) => {
+                log::error!("audit writer thread: {e}");
+                shared.failing.store(true, Ordering::Release);
+                None
+            }
+        };
+        (
             AuditWriter {
                 tx: tx.clone(),
-                thread: Some(thread),
+                thread,
             },
             AuditLog { tx, shared },
-        ))
+        )
     }
 
     /// Write everything queued so far, fsync, and stop the thread.
@@ -251,27 +264,59 @@ impl AuditWriter {
     }
 }
 
+/// One sink as the writer drives it.
+struct SinkRun {
+    sink: Box<dyn Sink>,
+    /// How many of `held` this sink has written.
+    done: usize,
+    /// After a failed write: not before this.
+    retry_at: Option<Instant>,
+    /// Why the last write or fsync failed, while it does.
+    error: Option<String>,
+}
+
 struct Writer {
-    sinks: Vec<Box<dyn Sink>>,
-    /// How many of `held` each sink has written.
-    done: Vec<usize>,
+    runs: Vec<SinkRun>,
     held: VecDeque<Value>,
     shared: Arc<Shared>,
-    retry_at: Option<Instant>,
 }
+
+/// However the writer thread ends (a panic included), new requests are
+/// refused from then on under `on_error: deny`: nothing writes records.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.0.why.lock() {
+            *w = "the audit writer has stopped".into();
+        }
+        self.0.failing.store(true, Ordering::Release);
+    }
+}
+
+/// How long the writer keeps taking records after `Close` once they stop
+/// coming (requests cut off while the runtimes stop still send theirs).
+const CLOSE_QUIET: Duration = Duration::from_millis(200);
 
 impl Writer {
     fn new(sinks: Vec<Box<dyn Sink>>, shared: Arc<Shared>) -> Self {
         Self {
-            done: vec![0; sinks.len()],
-            sinks,
+            runs: sinks
+                .into_iter()
+                .map(|sink| SinkRun {
+                    sink,
+                    done: 0,
+                    retry_at: None,
+                    error: None,
+                })
+                .collect(),
             held: VecDeque::new(),
             shared,
-            retry_at: None,
         }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let _guard = ExitGuard(self.shared.clone());
         let mut closing = false;
         while !closing {
             let first = match self.deadline() {
@@ -296,8 +341,16 @@ impl Writer {
             }
             self.step(closing);
         }
+        // Records still on their way (a request cut off while the runtimes
+        // stop sends its record from its destructor).
+        while let Ok(msg) = rx.recv_timeout(CLOSE_QUIET) {
+            if let Msg::Record(v) = msg {
+                self.held.push_back(v);
+            }
+        }
+        self.step(true);
         for attempt in 1..=CLOSE_ATTEMPTS {
-            if self.held.is_empty() && self.sync_all().is_ok() {
+            if self.held.is_empty() && self.runs.iter().all(|r| r.error.is_none()) {
                 return;
             }
             std::thread::sleep(RETRY);
@@ -318,14 +371,15 @@ impl Writer {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.sinks
+        self.runs
             .iter()
-            .filter_map(|s| s.sync_deadline())
-            .chain(self.retry_at)
+            .filter_map(|r| r.sink.sync_deadline())
+            .chain(self.runs.iter().filter_map(|r| r.retry_at))
             .min()
     }
 
-    /// Write what is held where due, and settle the bookkeeping.
+    /// Write what is held to every sink that is due, and settle the
+    /// bookkeeping. A failing sink waits for its retry; the others go on.
     fn step(&mut self, force: bool) {
         let dropped = self.shared.dropped.swap(0, Ordering::AcqRel);
         if dropped > 0 {
@@ -338,43 +392,56 @@ impl Writer {
             }));
         }
         let now = Instant::now();
-        if !force && self.retry_at.is_some_and(|t| now < t) {
-            // A sink is failing: wait for the retry, but keep syncing.
-            let _ = self.sync_all_due(false);
-            return;
-        }
-        let mut errors = Vec::new();
         let records = self.held.make_contiguous();
-        for (sink, done) in self.sinks.iter_mut().zip(self.done.iter_mut()) {
-            if *done < records.len() {
-                match sink.write(&records[*done..]) {
-                    Ok(()) => *done = records.len(),
-                    Err(e) => errors.push(format!("{}: {e}", sink.name())),
+        for run in &mut self.runs {
+            let due = force || run.retry_at.is_none_or(|t| now >= t);
+            if run.done < records.len() && due {
+                match run.sink.write(&records[run.done..]) {
+                    Ok(()) => {
+                        run.done = records.len();
+                        run.retry_at = None;
+                        run.error = None;
+                    }
+                    Err(e) => {
+                        metrics::AUDIT_WRITE_ERRORS.inc();
+                        run.retry_at = Some(now + RETRY);
+                        run.error = Some(format!("{}: {e}", run.sink.name()));
+                    }
+                }
+            }
+            if run.retry_at.is_none() {
+                match run.sink.sync_if_due(force) {
+                    Ok(()) => run.error = None,
+                    Err(e) => run.error = Some(format!("{}: {e}", run.sink.name())),
                 }
             }
         }
-        if let Err(e) = self.sync_all_due(force) {
-            errors.push(e);
-        }
-        let n = self.done.iter().copied().min().unwrap_or(self.held.len());
+        let n = self
+            .runs
+            .iter()
+            .map(|r| r.done)
+            .min()
+            .unwrap_or(self.held.len());
         self.held.drain(..n);
-        for d in &mut self.done {
-            *d -= n;
+        for run in &mut self.runs {
+            run.done -= n;
         }
         if n > 0 {
             self.shared.depth.fetch_sub(n, Ordering::AcqRel);
             metrics::AUDIT_RECORDS_WRITTEN.inc_by(n as u64);
         }
         metrics::AUDIT_QUEUE_DEPTH.set(self.shared.depth.load(Ordering::Acquire) as i64);
+        let errors: Vec<&str> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.error.as_deref())
+            .collect();
         if errors.is_empty() {
-            self.retry_at = None;
             if self.shared.failing.swap(false, Ordering::AcqRel) {
-                log::info!("audit: writing again; {n} held records written");
+                log::info!("audit: writing again");
             }
             metrics::AUDIT_SINK_FAILING.set(0);
         } else {
-            self.retry_at = Some(now + RETRY);
-            metrics::AUDIT_WRITE_ERRORS.inc();
             metrics::AUDIT_SINK_FAILING.set(1);
             let why = errors.join("; ");
             if !self.shared.failing.swap(true, Ordering::AcqRel) {
@@ -384,23 +451,5 @@ impl Writer {
                 *w = why;
             }
         }
-    }
-
-    fn sync_all_due(&mut self, force: bool) -> Result<(), String> {
-        let mut errors = Vec::new();
-        for s in &mut self.sinks {
-            if let Err(e) = s.sync_if_due(force) {
-                errors.push(format!("{}: {e}", s.name()));
-            }
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
-    }
-
-    fn sync_all(&mut self) -> Result<(), String> {
-        self.sync_all_due(true)
     }
 }

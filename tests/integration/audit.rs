@@ -187,6 +187,10 @@ async fn rotated_files_keep_one_chain_that_verify_checks_across_the_folder() {
     let (ok, out) = verify_with(&[files[1].as_os_str()]);
     assert!(ok && out.contains("resumes from"), "{out}");
 
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, out) = verify_with(&[empty.path().as_os_str()]);
+    assert!(!ok && out.contains("no audit files"), "{out}");
+
     std::fs::remove_file(&files[1]).unwrap();
     let (ok, out) = verify_with(&[folder.path().as_os_str()]);
     assert!(!ok, "{out}");
@@ -391,10 +395,15 @@ async fn on_error_allow_serves_through_a_full_disk_and_writes_the_records_later(
         ids.push(request_id(&r));
     }
     let deadline = std::time::Instant::now() + PATIENCE;
-    while gw.get("/readyz").await.status() != 503 {
-        assert!(std::time::Instant::now() < deadline, "readyz never said so");
+    while metric(&gw, "portcullis_audit_sink_failing").await != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the metric never said so"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // Still ready: with `allow` the instance keeps serving.
+    assert_eq!(gw.get("/readyz").await.status(), 200);
     assert_eq!(read_records(&gw.audit_path).len(), 0);
     disk.free();
     gw.records(10).await;

@@ -463,3 +463,115 @@ async fn the_shipped_cluster_config_runs_two_instances_on_one_host() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches("2 records, chain intact").count(), 2, "{text}");
 }
+
+/// The Redis audit sink driven directly. Redis loses the newest records
+/// of an instance while it runs (a failover to a replica behind: the head
+/// goes back): the sink does not stay stuck, and verify shows the break.
+/// Records cut from the end with their head deleted, or an instance's
+/// records deleted with its head left, are found too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_stream_sink_survives_a_head_that_goes_back_and_verify_sees_it() {
+    use portcullis::audit::redis::RedisOptions;
+    use portcullis::audit::{AuditOptions, AuditWriter, Sealer};
+    let redis = Redis::start(free_port()).await;
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let opts = |stream: &str, instance: &str| AuditOptions {
+        redis: Some(RedisOptions {
+            url: url.clone(),
+            stream: stream.into(),
+            max_len: 10_000,
+            timeout: Duration::from_millis(500),
+        }),
+        sealer: Sealer {
+            key: None,
+            instance: Some(instance.into()),
+        },
+        ..AuditOptions::default()
+    };
+    let write = |stream: &str, instance: &str, n: u64| {
+        let (writer, log) = AuditWriter::start(opts(stream, instance)).unwrap();
+        for i in 0..n {
+            log.send(&json!({"kind": "request", "n": i}));
+        }
+        writer.close();
+    };
+    let mut con = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let entries = |con: &mut redis::Connection, stream: &str, instance: &str| {
+        let all: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(con)
+            .unwrap();
+        all.into_iter()
+            .filter(|e| e.1[0].1 == instance)
+            .collect::<Vec<_>>()
+    };
+
+    // The head goes back under a running sink.
+    let (writer, log) = AuditWriter::start(opts("failover", "a")).unwrap();
+    for i in 0..3 {
+        log.send(&json!({"kind": "request", "n": i}));
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while entries(&mut con, "failover", "a").len() < 3 {
+        assert!(Instant::now() < deadline, "not written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = entries(&mut con, "failover", "a");
+    let second: serde_json::Value = serde_json::from_str(&first[1].1[1].1).unwrap();
+    let _: i64 = redis::cmd("XDEL")
+        .arg("failover")
+        .arg(&first[2].0)
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("failover:head:a")
+        .arg(second["hash"].as_str().unwrap())
+        .query(&mut con)
+        .unwrap();
+    log.send(&json!({"kind": "request", "n": 3}));
+    while entries(&mut con, "failover", "a").len() < 3 {
+        assert!(Instant::now() < deadline, "stuck: {:?}", log.failure());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer.close();
+    let (ok, out) = verify_stream(redis.port, "failover");
+    assert!(
+        !ok && out.contains("prev_hash"),
+        "the lost record is not shown: {out}"
+    );
+
+    // Cut from the end, head deleted.
+    write("cut", "a", 3);
+    write("cut", "b", 2);
+    let (ok, out) = verify_stream(redis.port, "cut");
+    assert!(ok, "{out}");
+    let a = entries(&mut con, "cut", "a");
+    let _: i64 = redis::cmd("XDEL")
+        .arg("cut")
+        .arg(&a.last().unwrap().0)
+        .query(&mut con)
+        .unwrap();
+    let _: i64 = redis::cmd("DEL").arg("cut:head:a").query(&mut con).unwrap();
+    let (ok, out) = verify_stream(redis.port, "cut");
+    assert!(!ok && out.contains("head key is missing"), "{out}");
+
+    // Every record of one instance deleted, its head left.
+    write("gone", "a", 2);
+    write("gone", "b", 2);
+    for (id, _) in entries(&mut con, "gone", "b") {
+        let _: i64 = redis::cmd("XDEL")
+            .arg("gone")
+            .arg(&id)
+            .query(&mut con)
+            .unwrap();
+    }
+    let (ok, out) = verify_stream(redis.port, "gone");
+    assert!(!ok && out.contains("instance b"), "{out}");
+    let (ok, out) = verify_stream(redis.port, "no-such-stream");
+    assert!(!ok && out.contains("no records"), "{out}");
+}

@@ -427,6 +427,7 @@ impl ResponseStage for RedactStage {
             choices: BTreeMap::new(),
             meta: Map::new(),
             audio_withheld: 0,
+            overflowed: None,
         })
     }
 }
@@ -456,6 +457,8 @@ struct RedactStream {
     /// Top-level fields of the first event, for events made here.
     meta: Map<String, Value>,
     audio_withheld: usize,
+    /// Bytes a released choice's text held when it went over the cap.
+    overflowed: Option<usize>,
 }
 
 /// A text that streams in pieces.
@@ -523,6 +526,9 @@ impl RedactStream {
                 format!("{what}: {n} bytes held for screening, over the cap of {cap}"),
             ))
         };
+        if let Some(n) = self.overflowed {
+            return over("a text run that may hold a secret", n, MAX_HELD);
+        }
         let mut total = 0;
         for state in self.choices.values() {
             for r in state.texts.values() {
@@ -719,6 +725,9 @@ impl RedactStream {
     fn release(&mut self, mut state: ChoiceState, choice: &mut Map<String, Value>) {
         let mut transcript_found = false;
         for (field, mut r) in std::mem::take(&mut state.texts) {
+            if let Some(n) = r.overflow() {
+                self.overflowed.get_or_insert(n);
+            }
             let rest = r.finish();
             add(&mut self.pass.counts, r.counts());
             transcript_found |= field == Field::Transcript && !r.counts().is_empty();
@@ -829,6 +838,7 @@ impl StreamStage for RedactStream {
     ) -> Result<(), FilterError> {
         if event.is_done() {
             self.flush_all(out);
+            self.check_holds()?;
             out.push(event);
             return Ok(());
         }
@@ -899,7 +909,7 @@ impl StreamStage for RedactStream {
 
     fn finish(&mut self, out: &mut Vec<SseEvent>) -> Result<(), FilterError> {
         self.flush_all(out);
-        Ok(())
+        self.check_holds()
     }
 
     fn report(&self) -> Vec<Annotation> {

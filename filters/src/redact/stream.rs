@@ -176,8 +176,13 @@ impl StreamRedactor {
         self.overflow
     }
 
-    /// The text is complete: release the rest.
+    /// The text is complete: release the rest (nothing, once the hold
+    /// went over the cap: pieces were dropped, so what is held is not the
+    /// text and must not be released as if it were).
     pub fn finish(&mut self) -> String {
+        if self.overflow.is_some() {
+            return String::new();
+        }
         self.release(true)
     }
 

@@ -1407,7 +1407,11 @@ mod streaming {
                     at = end;
                 }
                 out += &s.finish();
-                assert_eq!(out, redactor().redact(text).0, "{text:?} in pieces of {size}");
+                assert_eq!(
+                    out,
+                    redactor().redact(text).0,
+                    "{text:?} in pieces of {size}"
+                );
             }
         }
     }
@@ -1605,6 +1609,32 @@ mod stage {
         s.on_event(SseEvent::data("[DONE]"), &mut out).unwrap();
         s.finish(&mut out).unwrap();
         out.iter().filter_map(SseEvent::json).collect()
+    }
+
+    /// A hold that goes over the cap in the very event that finishes the
+    /// choice (several content parts, then `finish_reason`): the stage
+    /// stops, and the truncated text is not released as if it were whole.
+    #[test]
+    fn an_overflow_in_the_finishing_event_stops_the_stream() {
+        use crate::redact::stream::MAX_HELD;
+        let line = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7abcdefghijkl\n";
+        let body = line.repeat(MAX_HELD / line.len() + 8);
+        let parts = json!([
+            {"type": "text", "text": "key: -----BEGIN PRIVATE KEY-----\n"},
+            {"type": "text", "text": body},
+            {"type": "text", "text": "-----END PRIVATE KEY-----"},
+        ]);
+        let mut s = stage().stream(&ctx(Route::ChatCompletions));
+        let mut out = Vec::new();
+        let e = event(json!([{"index": 0, "delta": {"content": parts}, "finish_reason": "stop"}]));
+        let err = s.on_event(e, &mut out).unwrap_err();
+        assert!(err.limit, "{err:?}");
+        let text: String = out.iter().map(|e| e.to_string()).collect();
+        assert!(
+            !text.contains("MIIEvQ"),
+            "released: {}",
+            &text[..text.len().min(300)]
+        );
     }
 
     /// A field of every choice `index` across events, joined.

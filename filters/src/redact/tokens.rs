@@ -29,6 +29,10 @@ pub struct TokenRedactor {
     fed: usize,
     /// Queued tokens with their byte range in the token text.
     queue: VecDeque<(usize, usize, Value)>,
+    /// Serialized size of each queued entry (`top_logprobs` included), in
+    /// queue order, and their sum: what the queue holds.
+    sizes: VecDeque<usize>,
+    queued: usize,
     /// Released findings that queued tokens may still overlap.
     findings: Vec<Released>,
 }
@@ -40,13 +44,16 @@ impl TokenRedactor {
             pending: Vec::new(),
             fed: 0,
             queue: VecDeque::new(),
+            sizes: VecDeque::new(),
+            queued: 0,
             findings: Vec::new(),
         }
     }
 
-    /// Bytes of token text held, and whether the hold went over the cap.
+    /// Bytes held (the token text and the queued entries with their
+    /// alternatives), and whether the text hold went over the cap.
     pub fn held(&self) -> (usize, Option<usize>) {
-        (self.text.held(), self.text.overflow())
+        (self.text.held() + self.queued, self.text.overflow())
     }
 
     /// Queue token entries; returns those that can be released now.
@@ -55,6 +62,9 @@ impl TokenRedactor {
             let bytes = entry_bytes(&entry);
             let start = self.fed;
             self.fed += bytes.len();
+            let size = entry.to_string().len();
+            self.sizes.push_back(size);
+            self.queued += size;
             self.queue.push_back((start, self.fed, entry));
             self.pending.extend_from_slice(&bytes);
         }
@@ -81,6 +91,7 @@ impl TokenRedactor {
             }
             let (start, end) = (*start, *end);
             if let Some((_, _, entry)) = self.queue.pop_front() {
+                self.queued -= self.sizes.pop_front().unwrap_or(0);
                 out.push(rewrite(entry, start, end, &self.findings));
             }
         }

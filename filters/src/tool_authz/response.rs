@@ -357,6 +357,8 @@ impl StreamStage for ToolStream {
             out.push(event);
             return Ok(());
         };
+        // Each choice of the event is charged its share of the event.
+        let event_bytes = event_bytes / choices.len().max(1);
         // Take out every choice that carries calls or finishes a held one;
         // the rest of the event goes on as it came.
         let mut taken = Vec::new();
