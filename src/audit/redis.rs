@@ -297,10 +297,12 @@ pub fn verify_stream(
             .arg(head_key(stream, &instance))
             .query(&mut con)?;
         match head {
-            None => return Ok(Err(format!(
+            None => {
+                return Ok(Err(format!(
                 "instance {instance}: its chain head key is missing, so records cut from the end \
                      cannot be ruled out"
-            ))),
+            )))
+            }
             Some(head) if head != last => {
                 return Ok(Err(format!(
                     "instance {instance}: the stream ends at {last} but the chain head is {head} \
