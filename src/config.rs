@@ -107,6 +107,26 @@ pub struct LimitsSection {
     /// Longest wait for one write to the client: a client that stops
     /// reading a stream is cut off (and the provider call with it).
     pub client_write_timeout_secs: u64,
+    /// Deepest nesting of arrays and objects in a body (400 beyond).
+    pub max_json_depth: usize,
+    /// Most entries of `messages` (413 beyond).
+    pub max_messages: usize,
+    /// Most entries of `tools` or `functions` (413 beyond).
+    pub max_tools: usize,
+    /// Most characters of text in a body, all strings together (413
+    /// beyond): bounds the screening work of one request.
+    pub max_text_chars: usize,
+}
+
+impl LimitsSection {
+    pub fn shape(&self) -> crate::intake::Shape {
+        crate::intake::Shape {
+            max_depth: self.max_json_depth,
+            max_messages: self.max_messages,
+            max_tools: self.max_tools,
+            max_chars: self.max_text_chars,
+        }
+    }
 }
 
 impl Default for LimitsSection {
@@ -116,6 +136,10 @@ impl Default for LimitsSection {
             max_response_bytes: 64 * 1024 * 1024,
             client_body_timeout_secs: 30,
             client_write_timeout_secs: 30,
+            max_json_depth: 64,
+            max_messages: 2048,
+            max_tools: 128,
+            max_text_chars: 4 << 20,
         }
     }
 }
@@ -361,6 +385,11 @@ pub struct AuthSection {
     /// Verified tokens kept in memory.
     #[serde(default = "default_cache_size")]
     pub cache_size: usize,
+    /// Failed authentications per client address and minute (burst as
+    /// many) before unknown tokens from it get 429 without a signature
+    /// check; 0 turns it off.
+    #[serde(default = "default_failures_per_ip")]
+    pub failures_per_minute_per_ip: u32,
     /// Trust the dev issuer `portcullis-dev` and the dev key (`dev.pem`,
     /// kid `dev`, written by `portcullis keys generate`). Anyone who can run
     /// `portcullis token` with that key can mint any token, admin included,
@@ -374,6 +403,10 @@ pub struct AuthSection {
 pub const DEV_ISSUER: &str = "portcullis-dev";
 /// The kid of the dev key pair (`keys/dev.pem`).
 pub const DEV_KID: &str = "dev";
+
+fn default_failures_per_ip() -> u32 {
+    60
+}
 
 fn default_leeway() -> u64 {
     30

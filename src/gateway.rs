@@ -515,7 +515,7 @@ impl Gateway {
         ctx.body_read = true;
         ctx.rec.request_bytes = body.len();
         ctx.rec.prompt_sha256 = Some(hex::encode(Sha256::digest(&body)));
-        let parsed = match intake::parse_body(route, &body) {
+        let parsed = match intake::parse_body(route, &body, &self.cfg.limits.shape()) {
             Ok(p) => p,
             Err(r) => return self.refuse(s, ctx, "intake", r).await,
         };

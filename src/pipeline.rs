@@ -264,6 +264,7 @@ pub fn build(
             },
             default_tenant: auth.default_tenant.clone(),
             cache_size: auth.cache_size,
+            failures_per_minute_per_ip: auth.failures_per_minute_per_ip,
         };
         let filter = Arc::new(JwtAuth::new(settings, keys, clock.clone()));
         request.push((

@@ -316,6 +316,12 @@ pub struct JwtSettings {
     pub default_tenant: String,
     /// Verified tokens kept (bounded).
     pub cache_size: usize,
+    /// Failed authentications allowed per client address and minute (with
+    /// a burst of as many) before further unknown tokens from it are
+    /// refused unchecked: a flood of forged tokens cannot make the gateway
+    /// spend a signature check on each. 0: no limit. Tokens already
+    /// verified (cached) are never refused by it.
+    pub failures_per_minute_per_ip: u32,
 }
 
 impl Default for JwtSettings {
@@ -327,6 +333,7 @@ impl Default for JwtSettings {
             claims: ClaimPaths::default(),
             default_tenant: "default".into(),
             cache_size: 10_000,
+            failures_per_minute_per_ip: 60,
         }
     }
 }
@@ -347,6 +354,8 @@ pub struct JwtAuth {
     clock: Arc<dyn Clock>,
     cache: Sharded<[u8; 32], Cached>,
     verifications: std::sync::atomic::AtomicU64,
+    /// Client address → GCRA time (ms) of its failed authentications.
+    failures: Sharded<std::net::IpAddr, u64>,
 }
 
 /// Why a token was refused: the code and the check, for the audit record.
@@ -364,6 +373,7 @@ impl JwtAuth {
             clock,
             cache: Sharded::default(),
             verifications: std::sync::atomic::AtomicU64::new(0),
+            failures: Sharded::default(),
         }
     }
 
@@ -590,10 +600,74 @@ impl JwtAuth {
         &self,
         authorization: Option<&str>,
     ) -> Result<Principal, (ErrorCode, String)> {
+        self.authenticate_from(authorization, None)
+    }
+
+    /// [`JwtAuth::authenticate`] for a client at `ip`: failures count
+    /// against the address, and an address over its failure budget gets
+    /// 429 `rate_limited` for any token not verified before.
+    pub fn authenticate_from(
+        &self,
+        authorization: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<Principal, (ErrorCode, String)> {
+        let result = self.authenticate_checked(authorization, ip);
+        if let (Err((ErrorCode::InvalidToken | ErrorCode::TokenExpired, _)), Some(ip)) =
+            (&result, ip)
+        {
+            self.count_failure(ip);
+        }
+        result
+    }
+
+    /// Milliseconds between two failures a client may make, over the burst.
+    fn failure_interval_ms(&self) -> Option<u64> {
+        match self.settings.failures_per_minute_per_ip {
+            0 => None,
+            n => Some(60_000 / u64::from(n)),
+        }
+    }
+
+    /// GCRA over failures: allowed while the address's time is at most a
+    /// burst ahead of now.
+    fn over_failure_budget(&self, ip: std::net::IpAddr) -> Option<u64> {
+        let interval = self.failure_interval_ms()?;
+        let burst = interval * u64::from(self.settings.failures_per_minute_per_ip);
+        let now = self.clock.now_ms();
+        let shard = self.failures.lock(self.failures.shard_of(&ip));
+        let tat = *shard.map.get(&ip)?;
+        (tat > now + burst - interval).then(|| tat - (now + burst - interval))
+    }
+
+    fn count_failure(&self, ip: std::net::IpAddr) {
+        let Some(interval) = self.failure_interval_ms() else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        let mut shard = self.failures.lock(self.failures.shard_of(&ip));
+        let tat = shard.map.get(&ip).copied().unwrap_or(now).max(now) + interval;
+        shard.map.insert(ip, tat);
+        shard.sweep_if_grown(4096, |m| m.retain(|_, t| *t > now));
+    }
+
+    fn authenticate_checked(
+        &self,
+        authorization: Option<&str>,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<Principal, (ErrorCode, String)> {
         let token = bearer(authorization).map_err(|reason| (ErrorCode::InvalidToken, reason))?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(principal) = self.cached(&digest) {
             return Ok(principal);
+        }
+        if let Some(wait_ms) = ip.and_then(|ip| self.over_failure_budget(ip)) {
+            return Err((
+                ErrorCode::RateLimited,
+                format!(
+                    "too many failed authentications from this address; the token was not checked (retry in {} s)",
+                    wait_ms.div_ceil(1000)
+                ),
+            ));
         }
         let (principal, exp, kid, key) = self.verify(token)?;
         self.remember(
@@ -620,8 +694,20 @@ impl RequestFilter for JwtAuth {
             // `/admin/simulate` names the caller itself.
             return Ok(Decision::Allow.into());
         }
-        match self.authenticate(request.authorization) {
+        match self.authenticate_from(request.authorization, request.client_ip) {
             Ok(principal) => Ok(Verdict::from(Decision::Allow).with(Fact::Principal(principal))),
+            Err((ErrorCode::RateLimited, reason)) => {
+                let retry = request
+                    .client_ip
+                    .and_then(|ip| self.over_failure_budget(ip))
+                    .map_or(1, |ms| ms.div_ceil(1000).max(1))
+                    .to_string();
+                Ok(Verdict::from(Decision::Deny(Rejection::new(
+                    ErrorCode::RateLimited,
+                    reason,
+                )))
+                .with(Fact::Header("retry-after", retry)))
+            }
             Err((code, reason)) => Ok(denied(code, reason)),
         }
     }

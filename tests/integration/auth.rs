@@ -382,3 +382,46 @@ async fn an_unauthenticated_client_is_refused_before_its_body_is_read() {
     }
     assert!(mock.state.requests().is_empty());
 }
+
+/// A flood of forged tokens from one address: after the burst, further
+/// unknown tokens get 429 with `Retry-After` and no signature check, the
+/// record says why, and a token verified before still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_tokens_is_cut_off_per_address() {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
+    setup.extra_yaml = setup
+        .extra_yaml
+        .replace("auth:\n", "auth:\n  failures_per_minute_per_ip: 5\n");
+    let gw = Gateway::start(setup).await;
+    let good = keys.token("ann", &["user"]);
+    assert_eq!(post_as(&gw, &good, &chat("hi")).await.status(), 200);
+    let forged = format!("{}x", &good[..good.len() - 1]);
+    for _ in 0..5 {
+        expect_error(
+            post_as(&gw, &forged, &chat("x")).await,
+            401,
+            "invalid_token",
+        )
+        .await;
+    }
+    let r = post_as(&gw, &forged, &chat("x")).await;
+    assert!(
+        r.headers().get("retry-after").is_some(),
+        "{:?}",
+        r.headers()
+    );
+    let id = expect_error(r, 429, "rate_limited").await;
+    let rec = gw.record_for(&id).await;
+    assert_eq!(rec["reason_code"], "rate_limited");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("too many failed authentications"),
+        "{rec}"
+    );
+    assert_eq!(post_as(&gw, &good, &chat("still me")).await.status(), 200);
+    assert_eq!(mock.state.requests().len(), 2);
+}

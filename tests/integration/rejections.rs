@@ -233,3 +233,56 @@ async fn a_body_that_never_arrives_is_408() {
     assert_eq!(rec["blocked_by"], "intake");
     assert!(mock.state.requests().is_empty());
 }
+
+/// Bounds on what a body may hold besides its size: nesting, messages,
+/// tools, characters of text. Each refusal is audited with its reason, and
+/// nothing reaches the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_shape_limits_are_refused() {
+    let mock = Mock::start(options()).await;
+    let mut setup = Setup::new(mock.addr);
+    setup.limits_extra =
+        "  max_json_depth: 10\n  max_messages: 4\n  max_tools: 2\n  max_text_chars: 5000\n".into();
+    let gw = Gateway::start(setup).await;
+    let msg = json!({"role": "user", "content": "hi"});
+    let tool = json!({"type": "function", "function": {"name": "t", "parameters": {}}});
+    let mut deep = json!(1);
+    for _ in 0..12 {
+        deep = json!([deep]);
+    }
+    let cases = [
+        (
+            json!({"model": "mock-small", "messages": vec![msg.clone(); 5]}),
+            413,
+            "request_too_large",
+            "`messages` has 5 entries",
+        ),
+        (
+            json!({"model": "mock-small", "messages": [msg], "tools": vec![tool; 3]}),
+            413,
+            "request_too_large",
+            "`tools` has 3",
+        ),
+        (
+            json!({"model": "mock-small", "messages": [msg], "metadata": {"x": deep}}),
+            400,
+            "invalid_request",
+            "deeper than 10",
+        ),
+        (
+            json!({"model": "mock-small", "messages": [{"role": "user", "content": "é".repeat(6000)}]}),
+            413,
+            "request_too_large",
+            "5000 characters",
+        ),
+    ];
+    for (body, status, code, reason) in cases {
+        let r = gw.post("/v1/chat/completions", &body).await;
+        let id = expect_error(r, status, code).await;
+        let rec = audited(&gw, &id, code, "blocked").await;
+        assert!(rec["reason"].as_str().unwrap().contains(reason), "{rec}");
+    }
+    assert!(mock.state.requests().is_empty());
+    let ok = json!({"model": "mock-small", "messages": vec![msg; 4]});
+    assert_eq!(gw.post("/v1/chat/completions", &ok).await.status(), 200);
+}

@@ -101,6 +101,8 @@ pub struct Setup {
     /// More lines of the `audit:` section (indented by two spaces).
     pub audit_extra: String,
     pub shutdown_grace_secs: u64,
+    /// More lines of the `limits:` section (indented by two spaces).
+    pub limits_extra: String,
 }
 
 impl Setup {
@@ -120,6 +122,7 @@ impl Setup {
             audit_file: None,
             audit_extra: String::new(),
             shutdown_grace_secs: 0,
+            limits_extra: String::new(),
         }
     }
 }
@@ -154,7 +157,7 @@ limits:
   max_body_bytes: {max}
   client_body_timeout_secs: {body_timeout}
   client_write_timeout_secs: {write_timeout}
-providers:
+{limits_extra}providers:
   mock:
     base_url: {provider_url}
     api_key: {PROVIDER_KEY}
@@ -177,6 +180,7 @@ audit:
             max = setup.max_body_bytes,
             body_timeout = setup.client_body_timeout_secs,
             write_timeout = setup.client_write_timeout_secs,
+            limits_extra = setup.limits_extra,
             provider_url = setup
                 .provider_url
                 .clone()

@@ -70,6 +70,14 @@ fn rs256(kid: &str, claims: &Value) -> String {
 }
 
 async fn check(f: &Fixture, authorization: Option<&str>) -> Verdict {
+    check_from(f, authorization, None).await
+}
+
+async fn check_from(
+    f: &Fixture,
+    authorization: Option<&str>,
+    client_ip: Option<std::net::IpAddr>,
+) -> Verdict {
     let body = json!({});
     let view = RequestView {
         request_id: "r",
@@ -80,7 +88,7 @@ async fn check(f: &Fixture, authorization: Option<&str>) -> Verdict {
         body: &body,
         model: None,
         stream: false,
-        client_ip: None,
+        client_ip,
     };
     f.auth.check(&view).await.unwrap()
 }
@@ -521,4 +529,57 @@ async fn unverified_header_values_reach_the_reason_cut_and_escaped() {
         panic!("allowed")
     };
     assert!(r.reason.len() < 200, "{}", r.reason);
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_from_one_address_is_cut_off_before_the_signature_check() {
+    let f = fixture();
+    let a: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    let b: std::net::IpAddr = "198.51.100.8".parse().unwrap();
+    let good = format!("Bearer {}", rs256("rsa", &claims()));
+    // A valid token verified before the flood stays usable.
+    assert_eq!(
+        check_from(&f, Some(&good), Some(a)).await.decision,
+        Decision::Allow
+    );
+    let mut c = claims();
+    c["sub"] = json!("forger");
+    let forged = rs256("rsa", &c);
+    let forged = format!("Bearer {}x", &forged[..forged.len() - 1]);
+    let burst = JwtSettings::default().failures_per_minute_per_ip;
+    for i in 0..burst {
+        let v = check_from(&f, Some(&forged), Some(a)).await;
+        match &v.decision {
+            Decision::Deny(r) => assert_eq!(r.code, ErrorCode::InvalidToken, "failure {i}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let before = f.auth.verifications();
+    let v = check_from(&f, Some(&forged), Some(a)).await;
+    let Decision::Deny(r) = &v.decision else {
+        panic!("allowed")
+    };
+    assert_eq!(r.code, ErrorCode::RateLimited);
+    assert!(
+        v.facts.contains(&Fact::Header("retry-after", "1".into())),
+        "{v:?}"
+    );
+    assert_eq!(
+        f.auth.verifications(),
+        before,
+        "no signature check was made"
+    );
+    // The cached token still passes; another address is not affected.
+    assert_eq!(
+        check_from(&f, Some(&good), Some(a)).await.decision,
+        Decision::Allow
+    );
+    let v = check_from(&f, Some(&forged), Some(b)).await;
+    assert!(matches!(&v.decision, Decision::Deny(r) if r.code == ErrorCode::InvalidToken));
+    // A second later one more failure may be checked.
+    f.clock.advance_ms(1_000);
+    let v = check_from(&f, Some(&forged), Some(a)).await;
+    assert!(matches!(&v.decision, Decision::Deny(r) if r.code == ErrorCode::InvalidToken));
+    let v = check_from(&f, Some(&forged), Some(a)).await;
+    assert!(matches!(&v.decision, Decision::Deny(r) if r.code == ErrorCode::RateLimited));
 }
