@@ -119,8 +119,8 @@ pub struct LimitsSection {
 }
 
 impl LimitsSection {
-    pub fn shape(&self) -> crate::intake::Shape {
-        crate::intake::Shape {
+    pub fn shape(&self) -> filters::intake::Shape {
+        filters::intake::Shape {
             max_depth: self.max_json_depth,
             max_messages: self.max_messages,
             max_tools: self.max_tools,

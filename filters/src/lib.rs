@@ -12,6 +12,7 @@ pub mod clock;
 pub mod error;
 pub mod guard;
 pub mod injection;
+pub mod intake;
 pub mod json;
 pub mod jwt_auth;
 pub mod model_registry;
