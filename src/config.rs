@@ -116,6 +116,16 @@ pub struct LimitsSection {
     /// Most characters of text in a body, all strings together (413
     /// beyond): bounds the screening work of one request.
     pub max_text_chars: usize,
+    /// Client connections open at once; more are closed as they come.
+    pub max_connections: usize,
+    /// Seconds a request's headers may take to arrive (slow clients that
+    /// trickle them are cut off).
+    pub header_timeout_secs: u64,
+    /// Most request headers (431 beyond; Pingora itself stops at 256).
+    pub max_header_count: usize,
+    /// Most bytes of request line and headers together (431 beyond;
+    /// Pingora itself stops at 1 MiB).
+    pub max_header_bytes: usize,
 }
 
 impl LimitsSection {
@@ -140,6 +150,10 @@ impl Default for LimitsSection {
             max_messages: 2048,
             max_tools: 128,
             max_text_chars: 4 << 20,
+            max_connections: 10_000,
+            header_timeout_secs: 10,
+            max_header_count: 100,
+            max_header_bytes: 32 * 1024,
         }
     }
 }

@@ -456,6 +456,9 @@ impl Gateway {
         s.set_write_timeout(Some(Duration::from_secs(
             self.cfg.limits.client_write_timeout_secs.max(1),
         )));
+        if let Err(r) = headers_fit(s, &self.cfg.limits) {
+            return self.refuse(s, ctx, "intake", r).await;
+        }
         if let Err(why) = self.audit.admit() {
             let r = Rejection::new(ErrorCode::AuditUnavailable, why);
             return self.refuse(s, ctx, "audit", r).await;
@@ -538,7 +541,19 @@ impl Gateway {
             return self.refuse(s, ctx, by, r).await;
         }
         // The registry gate says where the model is served.
-        let Some((provider, upstream_model)) = screened.upstream else {
+        // The registry routes; when it could not be read and fails open
+        // (`registry.on_error: allow`), the config's `models:` table does.
+        let registry_failed_open =
+            ctx.rec.filters.iter().any(|o| {
+                o.filter == FilterKind::ModelRegistry && o.action == filters::Action::Error
+            });
+        let upstream = screened.upstream.or_else(|| {
+            registry_failed_open
+                .then(|| self.cfg.models.get(&parsed.model))
+                .flatten()
+                .map(|m| (m.provider.clone(), m.upstream_model.clone()))
+        });
+        let Some((provider, upstream_model)) = upstream else {
             return self
                 .refuse(s, ctx, "model_registry", no_such_model(&parsed.model))
                 .await;
@@ -1181,6 +1196,29 @@ fn client_request_id(incoming: Option<&[u8]>) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The request line and headers within `limits.max_header_count` and
+/// `limits.max_header_bytes`.
+fn headers_fit(s: &Session, limits: &crate::config::LimitsSection) -> Result<(), Rejection> {
+    let h = s.req_header();
+    let count = h.headers.len();
+    let bytes: usize = h.method.as_str().len()
+        + h.uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + h.headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if count > limits.max_header_count || bytes > limits.max_header_bytes {
+        return Err(Rejection::about_input(
+            ErrorCode::HeadersTooLarge,
+            format!(
+                "The request has {count} headers and {bytes} bytes of request line and headers; at most {} and {} are accepted.",
+                limits.max_header_count, limits.max_header_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn too_large(max: usize) -> Rejection {

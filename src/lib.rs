@@ -11,6 +11,7 @@ pub mod admin_cli;
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod eval;
 pub mod gateway;
 pub mod guard_client;

@@ -111,6 +111,33 @@ pub static POLICY_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+pub static CONNECTIONS_OPEN: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge_with_registry!(
+        "portcullis_connections_open",
+        "Client connections open on the proxy listener.",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "portcullis_connections_refused_total",
+        "Client connections closed at once because limits.max_connections were open.",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static HEADER_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter_with_registry!(
+        "portcullis_header_timeouts_total",
+        "Connections cut off because a request's headers took longer than limits.header_timeout_secs.",
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
 pub static PANICS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter_with_registry!(
         "portcullis_panics_total",
@@ -141,6 +168,9 @@ pub fn init() {
     LazyLock::force(&AUDIT_SINK_FAILING);
     LazyLock::force(&AUDIT_DROPPED);
     LazyLock::force(&PANICS);
+    LazyLock::force(&CONNECTIONS_OPEN);
+    LazyLock::force(&CONNECTIONS_REFUSED);
+    LazyLock::force(&HEADER_TIMEOUTS);
     for result in ["ok", "failed"] {
         POLICY_RELOADS.with_label_values(&[result]);
     }

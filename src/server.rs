@@ -6,6 +6,7 @@ use crate::audit::file::FileOptions;
 use crate::audit::redis::RedisOptions;
 use crate::audit::{AuditKey, AuditLog, AuditOptions, AuditWriter, Sealer};
 use crate::config::Config;
+use crate::connections::Guarded;
 use crate::gateway::{Gateway, Lifecycle};
 use crate::metrics;
 use crate::mock::{self, MockOptions, MockState};
@@ -14,10 +15,10 @@ use crate::upstream::Upstream;
 use async_trait::async_trait;
 use pingora::connectors::http::Connector;
 use pingora::connectors::ConnectorOptions;
-use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -184,7 +185,12 @@ fn build(
         audit,
         lifecycle.clone(),
     );
-    let mut proxy = http_proxy_service(&server.configuration, gateway);
+    let proxy = Guarded::new(
+        pingora::proxy::http_proxy(&server.configuration, gateway),
+        cfg.limits.max_connections.max(1),
+        std::time::Duration::from_secs(cfg.limits.header_timeout_secs.max(1)),
+    );
+    let mut proxy = Service::new("Pingora HTTP Proxy Service".into(), proxy);
     proxy.add_tcp(&cfg.listen.to_string());
     server.add_service(proxy);
     server.add_service(background_service(

@@ -17,6 +17,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     ModelNotFound,
     RequestTooLarge,
+    HeadersTooLarge,
     RequestTimeout,
     PromptInjection,
     ContentPolicy,
@@ -45,13 +46,14 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 31] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
         Self::MethodNotAllowed,
         Self::ModelNotFound,
         Self::RequestTooLarge,
+        Self::HeadersTooLarge,
         Self::RequestTimeout,
         Self::PromptInjection,
         Self::ContentPolicy,
@@ -86,6 +88,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "method_not_allowed",
             Self::ModelNotFound => "model_not_found",
             Self::RequestTooLarge => "request_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
             Self::RequestTimeout => "request_timeout",
             Self::PromptInjection => "prompt_injection",
             Self::ContentPolicy => "content_policy",
@@ -129,6 +132,7 @@ impl ErrorCode {
             Self::RequestTimeout => 408,
             Self::InvalidTransition => 409,
             Self::RequestTooLarge => 413,
+            Self::HeadersTooLarge => 431,
             Self::UnsupportedMediaType => 415,
             Self::RateLimited | Self::TokenBudgetExceeded => 429,
             Self::InternalError => 500,
@@ -147,7 +151,7 @@ impl ErrorCode {
         match self.status() {
             401 => "authentication_error",
             403 => "permission_error",
-            400 | 404 | 405 | 408 | 409 | 413 | 415 => "invalid_request_error",
+            400 | 404 | 405 | 408 | 409 | 413 | 415 | 431 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "api_error",
         }
@@ -165,6 +169,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => "This route does not accept that method.",
             Self::ModelNotFound => "The requested model does not exist.",
             Self::RequestTooLarge => "The request body is too large.",
+            Self::HeadersTooLarge => "The request line and headers are too large.",
             Self::RequestTimeout => "The request body was not received in time.",
             Self::PromptInjection => {
                 "The request was refused: it looks like a prompt-injection attempt."

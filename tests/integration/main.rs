@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod faults;
 mod guard;
+mod hostile;
 mod image;
 mod injection;
 mod limits;

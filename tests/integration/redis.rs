@@ -575,3 +575,63 @@ async fn the_audit_stream_sink_survives_a_head_that_goes_back_and_verify_sees_it
     let (ok, out) = verify_stream(redis.port, "no-such-stream");
     assert!(!ok && out.contains("no records"), "{out}");
 }
+
+/// Redis down with both Redis-backed filters set to fail open
+/// (`rate_limit.on_error: allow`, `registry.on_error: allow`): requests
+/// are served, and each record says which filter could not decide; once
+/// Redis is back, limits apply again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_on_error_allow_serves_and_records_why() {
+    let port = free_port();
+    let mut redis = Redis::start(port).await;
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = clustered(mock.addr, &keys, &redis);
+    setup.extra_yaml = setup
+        .extra_yaml
+        .replace("rate_limit:\n", "rate_limit:\n  on_error: allow\n");
+    setup.registry_yaml = "registry:\n  approve_seed: true\n  on_error: allow\n".into();
+    let gw = Gateway::start(setup).await;
+    let t = keys.token("user", &["user"]);
+    assert_eq!(post_as(&gw, &t, &small()).await.status(), 200);
+
+    redis.kill();
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 {
+        assert!(Instant::now() < deadline, "errors recorded: {seen:?}");
+        let r = post_as(&gw, &t, &small()).await;
+        assert_eq!(r.status(), 200, "fail-open filters refused");
+        let rec = gw.record_for(&request_id(&r)).await;
+        assert_eq!(rec["decision"], "allowed");
+        for o in rec["filters"].as_array().unwrap() {
+            if o["action"] == "error" {
+                assert_eq!(o["enforced"], false, "{o}");
+                seen.insert(o["filter"].as_str().unwrap().to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen.contains("rate_limit") && seen.contains("model_registry"),
+        "{seen:?}"
+    );
+
+    let _redis = Redis::start(port).await;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let r = post_as(&gw, &t, &small()).await;
+        let rec = gw.record_for(&request_id(&r)).await;
+        let errors = rec["filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["action"] == "error")
+            .count();
+        if errors == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "limits never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
