@@ -118,6 +118,8 @@ pub struct LimitsSection {
     pub max_text_chars: usize,
     /// Client connections open at once; more are closed as they come.
     pub max_connections: usize,
+    /// Client connections open at once from one address (IPv6: one /64).
+    pub max_connections_per_ip: usize,
     /// Seconds a request's headers may take to arrive (slow clients that
     /// trickle them are cut off).
     pub header_timeout_secs: u64,
@@ -151,6 +153,7 @@ impl Default for LimitsSection {
             max_tools: 128,
             max_text_chars: 4 << 20,
             max_connections: 10_000,
+            max_connections_per_ip: 256,
             header_timeout_secs: 10,
             max_header_count: 100,
             max_header_bytes: 32 * 1024,
@@ -964,6 +967,37 @@ impl Config {
                 );
             }
         }
+        if let Some(a) = &auth {
+            if a.failures_per_minute_per_ip > 60_000 {
+                errors.push(
+                    "auth.failures_per_minute_per_ip",
+                    "at most 60000 (one a millisecond); 0 turns the limit off",
+                );
+            }
+        }
+        for (key, value) in [
+            ("limits.max_json_depth", limits.max_json_depth),
+            ("limits.max_messages", limits.max_messages),
+            ("limits.max_tools", limits.max_tools),
+            ("limits.max_text_chars", limits.max_text_chars),
+            ("limits.max_connections", limits.max_connections),
+            (
+                "limits.max_connections_per_ip",
+                limits.max_connections_per_ip,
+            ),
+            ("limits.max_header_count", limits.max_header_count),
+            ("limits.max_header_bytes", limits.max_header_bytes),
+        ] {
+            if value == 0 {
+                errors.push(key, "must be at least 1");
+            }
+        }
+        if limits.max_json_depth > 128 {
+            errors.push(
+                "limits.max_json_depth",
+                "at most 128 (the JSON parser stops there)",
+            );
+        }
         if audit.queue_capacity < 4 {
             errors.push("audit.queue_capacity", "must be at least 4");
         }
@@ -1428,6 +1462,15 @@ audit:
         assert!(e.contains("no Redis URL"), "{e}");
         let e = load(&format!("{GOOD}server:\n  instance_id: a/b\n"));
         assert!(e.is_err());
+        let e = load(&format!(
+            "{GOOD}limits:\n  max_messages: 0\n  max_json_depth: 500\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("limits.max_messages") && e.contains("at most 128"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -4,14 +4,20 @@
 //! Pingora reads request headers with a timeout per read, so a client
 //! that trickles one byte just inside it (slowloris) holds a connection
 //! for as long as it likes. [`Guarded`] wraps the proxy application: each
-//! new connection takes a place (over `limits.max_connections` it is
-//! closed at once), and its stream is wrapped in [`HeaderDeadline`], which
-//! fails a read once the headers of the request under way have taken
-//! longer than `limits.header_timeout_secs` (counted from the connection's
-//! start for its first request, from the first byte for later ones).
+//! new connection takes a place (over `limits.max_connections` in all, or
+//! `limits.max_connections_per_ip` from one address, it is closed at
+//! once), and its stream is wrapped in [`HeaderDeadline`], which fails a
+//! read once the request under way has been waiting for its headers for
+//! longer than `limits.header_timeout_secs`. The gateway says when the
+//! headers are in ([`headers_done`], first thing in the request phase) and
+//! when the request is over ([`request_over`], in logging): the deadline
+//! then starts again with the next request's first byte. Nothing is
+//! inferred from the bytes (a blank line or a bare-LF request cannot end
+//! the header phase early).
 
 use crate::metrics;
 use async_trait::async_trait;
+use filters::sharded::Sharded;
 use pingora::apps::ServerApp;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
@@ -19,8 +25,9 @@ use pingora::protocols::{
 };
 use pingora::server::ShutdownWatch;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,29 +38,90 @@ use tokio::time::{Instant, Sleep};
 pub struct Guarded<A> {
     inner: Arc<A>,
     open: Arc<AtomicUsize>,
+    /// Open connections per client address (IPv6 by /64).
+    per_ip: Arc<Sharded<IpAddr, usize>>,
     max: usize,
+    max_per_ip: usize,
     header_timeout: Duration,
 }
 
 impl<A> Guarded<A> {
-    pub fn new(inner: A, max: usize, header_timeout: Duration) -> Self {
+    pub fn new(inner: A, max: usize, max_per_ip: usize, header_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(inner),
             open: Arc::new(AtomicUsize::new(0)),
+            per_ip: Arc::new(Sharded::default()),
             max,
+            max_per_ip,
             header_timeout,
+        }
+    }
+
+    /// A place for a new connection from `ip`, or `None` when the process
+    /// or that address is at its cap.
+    fn take_place(&self, ip: Option<IpAddr>) -> Option<Place> {
+        let ip = ip.map(address_group);
+        if let Some(ip) = ip {
+            let mut shard = self.per_ip.lock(self.per_ip.shard_of(&ip));
+            let n = shard.map.entry(ip).or_insert(0);
+            if *n >= self.max_per_ip {
+                metrics::CONNECTIONS_REFUSED.inc();
+                return None;
+            }
+            *n += 1;
+        }
+        let place = Place {
+            open: self.open.clone(),
+            per_ip: ip.map(|ip| (self.per_ip.clone(), ip)),
+        };
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            metrics::CONNECTIONS_REFUSED.inc();
+            // Dropping the place gives both counts back.
+            metrics::CONNECTIONS_OPEN.inc();
+            return None;
+        }
+        metrics::CONNECTIONS_OPEN.inc();
+        Some(place)
+    }
+}
+
+/// IPv4 addresses as they are; IPv6 by their /64 (one host usually holds
+/// a whole /64).
+fn address_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
         }
     }
 }
 
 /// A place among the open connections, given back when the stream drops.
-#[derive(Debug)]
-struct Place(Arc<AtomicUsize>);
+struct Place {
+    open: Arc<AtomicUsize>,
+    per_ip: Option<(Arc<Sharded<IpAddr, usize>>, IpAddr)>,
+}
+
+impl std::fmt::Debug for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Place")
+    }
+}
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.open.fetch_sub(1, Ordering::AcqRel);
         metrics::CONNECTIONS_OPEN.dec();
+        if let Some((map, ip)) = &self.per_ip {
+            let mut shard = map.lock(map.shard_of(ip));
+            if let Some(n) = shard.map.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    shard.map.remove(ip);
+                }
+            }
+        }
     }
 }
 
@@ -64,30 +132,11 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let stream: Stream = if stream.as_any().is::<HeaderDeadline>() {
-            // A kept-alive connection coming back for its next request.
-            let Ok(mut ours) = stream.into_any().downcast::<HeaderDeadline>() else {
-                return None;
-            };
-            ours.next_request();
-            ours
-        } else {
-            if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-                self.open.fetch_sub(1, Ordering::AcqRel);
-                metrics::CONNECTIONS_REFUSED.inc();
-                log::warn!(
-                    "connection refused: {} connections open (limits.max_connections)",
-                    self.max
-                );
-                return None;
-            }
-            metrics::CONNECTIONS_OPEN.inc();
-            Box::new(HeaderDeadline::new(
-                stream,
-                Place(self.open.clone()),
-                self.header_timeout,
-            ))
-        };
+        let ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let place = self.take_place(ip)?;
+        let stream: Stream = Box::new(HeaderDeadline::new(stream, place, self.header_timeout));
         self.inner.process_new(stream, shutdown).await
     }
 
@@ -96,25 +145,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     }
 }
 
-/// Where a request's headers stand.
-#[derive(Debug)]
-enum Phase {
-    /// Between requests on a kept-alive connection: Pingora's keep-alive
-    /// timeout applies.
-    Idle,
-    /// Headers under way: this many bytes of `\r\n\r\n` matched.
-    Headers(u8),
-    /// Headers complete: the body and the response have their own
-    /// timeouts.
-    Done,
-}
+const IDLE: u8 = 0;
+const HEADERS: u8 = 1;
+const DONE: u8 = 2;
 
 /// A client stream whose request headers must arrive within a deadline.
 #[derive(Debug)]
 pub struct HeaderDeadline {
     inner: Stream,
     _place: Place,
-    phase: Phase,
+    /// `IDLE` between requests (Pingora's keep-alive timeout applies),
+    /// `HEADERS` while a request's headers are awaited, `DONE` after.
+    phase: AtomicU8,
     timeout: Duration,
     deadline: Pin<Box<Sleep>>,
 }
@@ -124,42 +166,27 @@ impl HeaderDeadline {
         Self {
             inner,
             _place: place,
-            phase: Phase::Headers(0),
+            // A new connection's first request is awaited from the start.
+            phase: AtomicU8::new(HEADERS),
             timeout,
             deadline: Box::pin(tokio::time::sleep(timeout)),
         }
     }
+}
 
-    fn next_request(&mut self) {
-        self.phase = Phase::Idle;
+/// The deadline of the request on this stream no longer applies: its
+/// headers are in.
+pub fn headers_done(stream: Option<&Stream>) {
+    if let Some(d) = stream.and_then(|s| s.as_any().downcast_ref::<HeaderDeadline>()) {
+        d.phase.store(DONE, Ordering::Release);
     }
+}
 
-    /// Follow `\r\n\r\n` through newly read bytes.
-    fn scan(&mut self, bytes: &[u8]) {
-        let timeout = self.timeout;
-        const END: &[u8; 4] = b"\r\n\r\n";
-        for &b in bytes {
-            let matched = match self.phase {
-                Phase::Done => return,
-                Phase::Idle => {
-                    self.deadline.as_mut().reset(Instant::now() + timeout);
-                    0
-                }
-                Phase::Headers(m) => m,
-            };
-            let matched = if b == END[matched as usize] {
-                matched + 1
-            } else if b == b'\r' {
-                1
-            } else {
-                0
-            };
-            self.phase = if matched == 4 {
-                Phase::Done
-            } else {
-                Phase::Headers(matched)
-            };
-        }
+/// The request on this stream is over: the next one's deadline starts
+/// with its first byte.
+pub fn request_over(stream: Option<&Stream>) {
+    if let Some(d) = stream.and_then(|s| s.as_any().downcast_ref::<HeaderDeadline>()) {
+        d.phase.store(IDLE, Ordering::Release);
     }
 }
 
@@ -170,7 +197,9 @@ impl AsyncRead for HeaderDeadline {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if matches!(this.phase, Phase::Headers(_)) && this.deadline.as_mut().poll(cx).is_ready() {
+        if this.phase.load(Ordering::Acquire) == HEADERS
+            && this.deadline.as_mut().poll(cx).is_ready()
+        {
             metrics::HEADER_TIMEOUTS.inc();
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -179,10 +208,14 @@ impl AsyncRead for HeaderDeadline {
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &polled {
-            if !matches!(this.phase, Phase::Done) {
-                this.scan(&buf.filled()[before..]);
-            }
+        if matches!(polled, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && this.phase.load(Ordering::Acquire) == IDLE
+        {
+            // The next request's first byte: its headers are awaited now.
+            this.phase.store(HEADERS, Ordering::Release);
+            let at = Instant::now() + this.timeout;
+            this.deadline.as_mut().reset(at);
         }
         polled
     }

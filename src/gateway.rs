@@ -436,6 +436,7 @@ impl Gateway {
     }
 
     async fn handle(&self, s: &mut Session, ctx: &mut Ctx) {
+        crate::connections::headers_done(s.stream());
         let header = s.req_header();
         ctx.rec.client_request_id =
             client_request_id(header.headers.get("x-request-id").map(|v| v.as_bytes()));
@@ -487,8 +488,15 @@ impl Gateway {
         }
         // Who is asking is settled from the headers alone: a client without
         // a valid token gets no `100 Continue` and no byte of its body read.
-        if let Some((by, r)) = self.authenticate_early(s, ctx, route).await {
-            return self.refuse(s, ctx, by, r).await;
+        let enforcing_auth = self
+            .cfg
+            .auth
+            .as_ref()
+            .is_some_and(|a| a.mode == filters::Mode::Enforce);
+        if enforcing_auth {
+            if let Some((by, r)) = self.authenticate_early(s, ctx, route).await {
+                return self.refuse(s, ctx, by, r).await;
+            }
         }
         if expects_continue(s) {
             // Without this a client that waits for 100 stalls until its own
@@ -551,6 +559,9 @@ impl Gateway {
             registry_failed_open
                 .then(|| self.cfg.models.get(&parsed.model))
                 .flatten()
+                // Not above the registry's default risk tier: no role's
+                // grant can be read while the registry cannot.
+                .filter(|m| m.risk_tier <= self.cfg.registry.default_max_risk)
                 .map(|m| (m.provider.clone(), m.upstream_model.clone()))
         });
         let Some((provider, upstream_model)) = upstream else {
@@ -1117,7 +1128,8 @@ impl ProxyHttp for Gateway {
         pingora::Error::e_explain(pingora::ErrorType::InternalError, "no proxied routes")
     }
 
-    async fn logging(&self, _session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {
+        crate::connections::request_over(session.stream());
         if let Some(e) = error {
             ctx.rec.decision = Verdict::Error;
             ctx.rec.reason.get_or_insert_with(|| e.to_string());

@@ -268,9 +268,15 @@ impl RedisStore {
         } else {
             let state = serde_json::from_str::<RegistryState>(&raw)
                 .map_err(|e| format!("registry in Redis is corrupt: {e}"))?;
-            if let Some((last_raw, last)) =
-                self.newer_snapshot(state.revision).filter(|_| restores < 3)
-            {
+            if let Some((last_raw, last)) = self.newer_snapshot(state.revision) {
+                if restores >= 3 {
+                    // Never fall back to the older state: keep serving the
+                    // newer snapshot until a later reload settles it.
+                    return Err(format!(
+                        "registry in Redis keeps going back (revision {} here, {} there)",
+                        last.revision, state.revision
+                    ));
+                }
                 // Revisions only grow: an older one means Redis lost its
                 // data and another instance seeded it again. Put back the
                 // newer state (compare-and-set: a concurrent change wins).

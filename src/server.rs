@@ -188,6 +188,7 @@ fn build(
     let proxy = Guarded::new(
         pingora::proxy::http_proxy(&server.configuration, gateway),
         cfg.limits.max_connections.max(1),
+        cfg.limits.max_connections_per_ip.max(1),
         std::time::Duration::from_secs(cfg.limits.header_timeout_secs.max(1)),
     );
     let mut proxy = Service::new("Pingora HTTP Proxy Service".into(), proxy);

@@ -564,6 +564,17 @@ impl JwtAuth {
     }
 }
 
+/// Client addresses as one host holds them: IPv4 as it is, IPv6 by /64.
+fn address_group(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(_) => ip,
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+    }
+}
+
 /// The value at a dotted path (`realm_access.roles`).
 fn claim<'v>(claims: &'v Value, path: &str) -> Option<&'v Value> {
     path.split('.').try_fold(claims, |v, part| v.get(part))
@@ -611,20 +622,23 @@ impl JwtAuth {
         authorization: Option<&str>,
         ip: Option<std::net::IpAddr>,
     ) -> Result<Principal, (ErrorCode, String)> {
+        let ip = ip.map(address_group);
         let result = self.authenticate_checked(authorization, ip);
-        if let (Err((ErrorCode::InvalidToken | ErrorCode::TokenExpired, _)), Some(ip)) =
-            (&result, ip)
+        // A request without a token cost nothing to refuse: not counted.
+        if let (Err((ErrorCode::InvalidToken | ErrorCode::TokenExpired, _)), Some(ip), Some(_)) =
+            (&result, ip, authorization)
         {
             self.count_failure(ip);
         }
         result
     }
 
-    /// Milliseconds between two failures a client may make, over the burst.
+    /// Milliseconds between two failures a client may make, over the burst
+    /// (at least 1: the config allows at most 60,000 a minute).
     fn failure_interval_ms(&self) -> Option<u64> {
         match self.settings.failures_per_minute_per_ip {
             0 => None,
-            n => Some(60_000 / u64::from(n)),
+            n => Some((60_000 / u64::from(n)).max(1)),
         }
     }
 
@@ -699,7 +713,7 @@ impl RequestFilter for JwtAuth {
             Err((ErrorCode::RateLimited, reason)) => {
                 let retry = request
                     .client_ip
-                    .and_then(|ip| self.over_failure_budget(ip))
+                    .and_then(|ip| self.over_failure_budget(address_group(ip)))
                     .map_or(1, |ms| ms.div_ceil(1000).max(1))
                     .to_string();
                 Ok(Verdict::from(Decision::Deny(Rejection::new(

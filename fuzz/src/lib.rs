@@ -66,7 +66,7 @@ pub const PLANTED: [&str; 3] = [
 
 /// The stream redactor: streamed in pieces (sizes from the input) equals
 /// redacting the whole text, and a secret planted between spaces never
-/// comes out.
+/// comes out between them.
 pub fn stream_redactor(data: &[u8]) {
     let [pick, at, rest @ ..] = data else {
         return;
@@ -99,56 +99,101 @@ pub fn stream_redactor(data: &[u8]) {
     if s.overflow().is_none() {
         assert_eq!(out, whole, "streamed differs from whole");
     }
-    assert!(!out.contains(secret), "planted secret survived");
+    // The planted copy stands between spaces; the fuzzer may write the
+    // secret elsewhere, glued to other text, where no rule should see it.
+    let planted = format!(" {secret} ");
+    assert!(!out.contains(&planted), "planted secret survived");
     assert!(
-        !whole.contains(secret),
+        !whole.contains(&planted),
         "planted secret survived whole-text redaction"
     );
 }
 
+/// The secret of the fuzz target's HS256 key `hs`.
+const HS_SECRET: &[u8] = b"fuzz-target-hmac-secret-0123456789";
+
 fn jwt_auth() -> &'static JwtAuth {
     static J: OnceLock<JwtAuth> = OnceLock::new();
     J.get_or_init(|| {
-        let key = VerifyKey::from_pem(
+        let rsa = VerifyKey::from_pem(
             "rsa",
             include_bytes!("../../filters/src/jwt_auth/testdata/rsa-test.pub"),
             None,
         )
         .expect("test key");
+        let hs =
+            VerifyKey::hmac("hs", HS_SECRET, jsonwebtoken::Algorithm::HS256).expect("hmac key");
         JwtAuth::new(
-            JwtSettings::default(),
-            Arc::new(KeySet::new([key])),
+            JwtSettings {
+                cache_size: 0,
+                failures_per_minute_per_ip: 0,
+                ..JwtSettings::default()
+            },
+            Arc::new(KeySet::new([rsa, hs])),
             Arc::new(SystemClock),
         )
     })
 }
 
-/// JWT header and claims parsing: nothing forged is accepted, nothing
-/// panics. The first byte picks raw text, or three parts each base64url
-/// encoded (so the header and claims parsers see the bytes).
+/// JWT header and claims parsing. The first byte picks how the rest is
+/// used: raw token text; three parts base64url-encoded with a made-up
+/// signature (nothing may be accepted); or a header and claims signed
+/// with the target's HS256 key, so that the claim checks run: whatever is
+/// accepted must be an HS256 token for kid `hs` with a subject and an
+/// unexpired `exp`.
 pub fn jwt(data: &[u8]) {
     use base64::Engine;
+    use hmac::Mac;
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let token = if mode % 2 == 0 {
-        String::from_utf8_lossy(rest).into_owned()
-    } else {
-        let third = rest.len() / 3;
-        let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        format!(
-            "{}.{}.{}",
-            enc(&rest[..third]),
-            enc(&rest[third..2 * third]),
-            enc(&rest[2 * third..])
-        )
-    };
+    let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let half = rest.len() / 2;
+    let (header, claims) = rest.split_at(half);
     let auth = jwt_auth();
-    assert!(
-        auth.authenticate(Some(&format!("Bearer {token}"))).is_err(),
-        "a token without the key's signature was accepted"
-    );
-    let _ = auth.authenticate(Some(&token));
+    match mode % 3 {
+        0 => {
+            let token = String::from_utf8_lossy(rest);
+            let _ = auth.authenticate(Some(&format!("Bearer {token}")));
+            let _ = auth.authenticate(Some(&token));
+        }
+        1 => {
+            let token = format!(
+                "{}.{}.{}",
+                enc(header),
+                enc(claims),
+                enc(b"not a signature")
+            );
+            assert!(
+                auth.authenticate(Some(&format!("Bearer {token}"))).is_err(),
+                "a token without a valid signature was accepted"
+            );
+        }
+        _ => {
+            let input = format!("{}.{}", enc(header), enc(claims));
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(HS_SECRET).expect("key");
+            mac.update(input.as_bytes());
+            let token = format!("{input}.{}", enc(&mac.finalize().into_bytes()));
+            if let Ok(p) = auth.authenticate(Some(&format!("Bearer {token}"))) {
+                let h: serde_json::Value =
+                    serde_json::from_slice(header).expect("accepted header is JSON");
+                let c: serde_json::Value =
+                    serde_json::from_slice(claims).expect("accepted claims are JSON");
+                assert_eq!(h["alg"], "HS256", "accepted with another alg: {h}");
+                assert!(h["kid"] == "hs" || h.get("kid").is_none(), "{h}");
+                assert!(!p.subject.is_empty());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let exp = c["exp"].as_u64().expect("accepted without a numeric exp");
+                assert!(
+                    exp + JwtSettings::default().leeway_secs > now,
+                    "accepted expired: {c}"
+                );
+            }
+        }
+    }
 }
 
 /// Policy loading: any YAML as each kind of policy; parsing and building

@@ -61,8 +61,31 @@ pub struct RedisSink {
 }
 
 /// Records appended by one script call at most (a long script blocks
-/// Redis for everyone else).
+/// Redis for everyone else), and bytes (records with `record_content`
+/// can be large; Redis refuses a command over its query buffer limit).
 const MAX_APPEND: usize = 500;
+const MAX_APPEND_BYTES: usize = 8 << 20;
+
+/// `records` in runs of at most [`MAX_APPEND`] records and about
+/// [`MAX_APPEND_BYTES`] (a single larger record goes alone).
+fn chunks(records: &[Value]) -> Vec<&[Value]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, r) in records.iter().enumerate() {
+        let size = r.to_string().len();
+        if i > start && (i - start >= MAX_APPEND || bytes + size > MAX_APPEND_BYTES) {
+            out.push(&records[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < records.len() {
+        out.push(&records[start..]);
+    }
+    out
+}
 
 /// The key holding an instance's chain head.
 pub fn head_key(stream: &str, instance: &str) -> String {
@@ -135,8 +158,12 @@ impl RedisSink {
             self.prev = Some(head.unwrap_or_else(|| GENESIS.into()));
         }
         let mut records = &records[self.committed.min(records.len())..];
-        if let Some((hash, n)) = self.unsure.take() {
-            if self.head().map_err(|e| e.to_string())?.as_deref() == Some(hash.as_str()) {
+        if let Some((hash, n)) = self.unsure.clone() {
+            // Cleared only once Redis has answered: until then the
+            // question stays open.
+            let head = self.head().map_err(|e| e.to_string())?;
+            self.unsure = None;
+            if head.as_deref() == Some(hash.as_str()) {
                 // The unanswered append ran: those records are in.
                 let n = n.min(records.len());
                 records = &records[n..];
@@ -144,7 +171,7 @@ impl RedisSink {
                 self.prev = Some(hash);
             }
         }
-        for chunk in records.chunks(MAX_APPEND) {
+        for chunk in chunks(records) {
             let prev = self.prev.clone().unwrap_or_else(|| GENESIS.into());
             let mut lines = Vec::with_capacity(chunk.len());
             let mut last = prev.clone();

@@ -371,10 +371,11 @@ impl Writer {
     }
 
     fn deadline(&self) -> Option<Instant> {
+        // A sink waiting for its retry is not synced before it (its sync
+        // deadline may be long past: waking for it would spin).
         self.runs
             .iter()
-            .filter_map(|r| r.sink.sync_deadline())
-            .chain(self.runs.iter().filter_map(|r| r.retry_at))
+            .filter_map(|r| r.retry_at.or_else(|| r.sink.sync_deadline()))
             .min()
     }
 

@@ -44,31 +44,49 @@ async fn slow_headers_and_silent_connections_are_cut_off() {
     setup.limits_extra = "  header_timeout_secs: 1\n".into();
     let gw = Gateway::start(setup).await;
 
-    let mut slow = connect(&gw).await;
-    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
-        .await
-        .unwrap();
-    let trickle = async {
+    // Trickled from the start, after a blank line (which the HTTP parser
+    // skips), and as the second request of a kept-alive connection.
+    let body = serde_json::to_string(&chat("first")).unwrap();
+    let first = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    for prefix in ["", "\r\n\r\n", first.as_str()] {
+        let mut slow = connect(&gw).await;
+        slow.write_all(prefix.as_bytes()).await.unwrap();
+        if !prefix.is_empty() && prefix != "\r\n\r\n" {
+            // Read the first response whole before trickling the next.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains("\"finish_reason\"") {
+                let n = slow.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+        }
+        slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let mut cut = false;
         for b in b"x-slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
             if slow.write_all(&[*b]).await.is_err() {
-                return true;
+                cut = true;
+                break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        false
-    };
-    let cut_while_trickling = trickle.await;
-    assert!(
-        cut_while_trickling || closed_by_gateway(&mut slow, PATIENCE).await,
-        "a client trickling its headers for 12 s was not cut off"
-    );
+        assert!(
+            cut || closed_by_gateway(&mut slow, PATIENCE).await,
+            "prefix {prefix:?}: a client trickling its headers for 12 s was not cut off"
+        );
+    }
 
     let mut silent = connect(&gw).await;
     assert!(
         closed_by_gateway(&mut silent, PATIENCE).await,
         "a silent connection stayed open"
     );
-    assert!(metric(&gw, "portcullis_header_timeouts_total").await >= 2.0);
+    assert!(metric(&gw, "portcullis_header_timeouts_total").await >= 4.0);
     // Ordinary requests are untouched, also several on one connection.
     let client = reqwest::Client::new();
     for _ in 0..3 {
@@ -158,4 +176,53 @@ async fn oversized_headers_are_431() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// One address may hold `max_connections_per_ip` connections; others are
+/// not affected by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection() {
+    let mock = Mock::start(options()).await;
+    let mut setup = Setup::new(mock.addr);
+    setup.limits_extra = "  max_connections_per_ip: 2\n  header_timeout_secs: 60\n".into();
+    let gw = Gateway::start(setup).await;
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&gw, "portcullis_connections_open").await > 0.0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect(&gw).await;
+        c.write_all(b"GET /v1/mo").await.unwrap();
+        held.push(c);
+    }
+    while metric(&gw, "portcullis_connections_open").await < 2.0 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut third = connect(&gw).await;
+    assert!(
+        closed_by_gateway(&mut third, PATIENCE).await,
+        "a third connection from 127.0.0.1 was kept"
+    );
+    // 127.0.0.2 is another address (loopback /8).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let addr = gw.base.trim_start_matches("http://").parse().unwrap();
+    let mut other = socket.connect(addr).await.unwrap();
+    let body = serde_json::to_string(&chat("other address")).unwrap();
+    other
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    other.read_to_end(&mut reply).await.unwrap();
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
 }

@@ -576,6 +576,21 @@ async fn a_flood_of_bad_tokens_from_one_address_is_cut_off_before_the_signature_
     );
     let v = check_from(&f, Some(&forged), Some(b)).await;
     assert!(matches!(&v.decision, Decision::Deny(r) if r.code == ErrorCode::InvalidToken));
+    // Requests without a token cost nothing and are not counted; an
+    // address in the same IPv6 /64 shares the budget.
+    let c: std::net::IpAddr = "198.51.100.9".parse().unwrap();
+    for _ in 0..3 * burst {
+        check_from(&f, None, Some(c)).await;
+    }
+    let v = check_from(&f, Some(&forged), Some(c)).await;
+    assert!(matches!(&v.decision, Decision::Deny(r) if r.code == ErrorCode::InvalidToken));
+    let v6a: std::net::IpAddr = "2001:db8:1:2::1".parse().unwrap();
+    let v6b: std::net::IpAddr = "2001:db8:1:2:ffff::7".parse().unwrap();
+    for _ in 0..burst {
+        check_from(&f, Some(&forged), Some(v6a)).await;
+    }
+    let v = check_from(&f, Some(&forged), Some(v6b)).await;
+    assert!(matches!(&v.decision, Decision::Deny(r) if r.code == ErrorCode::RateLimited));
     // A second later one more failure may be checked.
     f.clock.advance_ms(1_000);
     let v = check_from(&f, Some(&forged), Some(a)).await;
