@@ -340,7 +340,7 @@ async fn an_unauthenticated_client_is_refused_before_its_body_is_read() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mock = Mock::start(options()).await;
     let keys = TestKeys::new();
-    let gw = Gateway::start(secured(mock.addr, &keys, TEST_LIMITS)).await;
+    let mut gw = Gateway::start(secured(mock.addr, &keys, TEST_LIMITS)).await;
     for token in ["Bearer forged.token.here", ""] {
         let mut conn = tokio::net::TcpStream::connect(gw.base.trim_start_matches("http://"))
             .await
@@ -381,6 +381,8 @@ async fn an_unauthenticated_client_is_refused_before_its_body_is_read() {
         assert_eq!(rec["request_bytes"], 0);
     }
     assert!(mock.state.requests().is_empty());
+    gw.stop();
+    verified(&gw);
 }
 
 /// A flood of forged tokens from one address: after the burst, further
@@ -394,7 +396,7 @@ async fn a_flood_of_forged_tokens_is_cut_off_per_address() {
     setup.extra_yaml = setup
         .extra_yaml
         .replace("auth:\n", "auth:\n  failures_per_minute_per_ip: 5\n");
-    let gw = Gateway::start(setup).await;
+    let mut gw = Gateway::start(setup).await;
     let good = keys.token("ann", &["user"]);
     assert_eq!(post_as(&gw, &good, &chat("hi")).await.status(), 200);
     let forged = format!("{}x", &good[..good.len() - 1]);
@@ -424,4 +426,6 @@ async fn a_flood_of_forged_tokens_is_cut_off_per_address() {
     );
     assert_eq!(post_as(&gw, &good, &chat("still me")).await.status(), 200);
     assert_eq!(mock.state.requests().len(), 2);
+    gw.stop();
+    verified(&gw);
 }

@@ -20,17 +20,6 @@ use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn verified(gw: &Gateway) -> String {
-    let out = Command::new(bin())
-        .args(["audit", "verify"])
-        .arg(&gw.audit_path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "audit verify: {text}");
-    text
-}
-
 /// The last event of a stream that had to stop: an error with this code,
 /// and no `[DONE]`.
 fn ends_with_error(events: &[String], code: &str) {

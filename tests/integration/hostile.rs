@@ -42,7 +42,7 @@ async fn slow_headers_and_silent_connections_are_cut_off() {
     let mock = Mock::start(options()).await;
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra = "  header_timeout_secs: 1\n".into();
-    let gw = Gateway::start(setup).await;
+    let mut gw = Gateway::start(setup).await;
 
     // Trickled from the start, after a blank line (which the HTTP parser
     // skips), and as the second request of a kept-alive connection.
@@ -101,6 +101,8 @@ async fn slow_headers_and_silent_connections_are_cut_off() {
         // between requests is not cut for that.
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
+    gw.stop();
+    verified(&gw);
 }
 
 /// More connections than `max_connections` are closed as they come, and
@@ -110,7 +112,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
     let mock = Mock::start(options()).await;
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra = "  max_connections: 3\n  header_timeout_secs: 60\n".into();
-    let gw = Gateway::start(setup).await;
+    let mut gw = Gateway::start(setup).await;
     let deadline = Instant::now() + PATIENCE;
     // Readiness probes may hold a place for an instant: wait for 0 open.
     while metric(&gw, "portcullis_connections_open").await > 0.0 {
@@ -143,6 +145,9 @@ async fn connections_over_the_cap_are_closed_at_once() {
     }
     let r = gw.post("/v1/chat/completions", &chat("room again")).await;
     assert_eq!(r.status(), 200);
+    drop(held);
+    gw.stop();
+    verified(&gw);
 }
 
 /// Too many headers, or too many bytes of request line and headers: 431
@@ -152,7 +157,7 @@ async fn oversized_headers_are_431() {
     let mock = Mock::start(options()).await;
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra = "  max_header_count: 20\n  max_header_bytes: 2048\n".into();
-    let gw = Gateway::start(setup).await;
+    let mut gw = Gateway::start(setup).await;
     let client = reqwest::Client::new();
     let many = (0..25).fold(client.post(gw.url("/v1/chat/completions")), |r, i| {
         r.header(format!("x-h{i}"), "v")
@@ -176,6 +181,8 @@ async fn oversized_headers_are_431() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    gw.stop();
+    verified(&gw);
 }
 
 /// One address may hold `max_connections_per_ip` connections; others are
@@ -185,7 +192,7 @@ async fn one_address_cannot_take_every_connection() {
     let mock = Mock::start(options()).await;
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra = "  max_connections_per_ip: 2\n  header_timeout_secs: 60\n".into();
-    let gw = Gateway::start(setup).await;
+    let mut gw = Gateway::start(setup).await;
     let deadline = Instant::now() + PATIENCE;
     while metric(&gw, "portcullis_connections_open").await > 0.0 {
         assert!(Instant::now() < deadline);
@@ -225,4 +232,7 @@ async fn one_address_cannot_take_every_connection() {
     let mut reply = Vec::new();
     other.read_to_end(&mut reply).await.unwrap();
     assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 200"));
+    drop(held);
+    gw.stop();
+    verified(&gw);
 }

@@ -243,7 +243,7 @@ async fn bodies_past_the_shape_limits_are_refused() {
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra =
         "  max_json_depth: 10\n  max_messages: 4\n  max_tools: 2\n  max_text_chars: 5000\n".into();
-    let gw = Gateway::start(setup).await;
+    let mut gw = Gateway::start(setup).await;
     let msg = json!({"role": "user", "content": "hi"});
     let tool = json!({"type": "function", "function": {"name": "t", "parameters": {}}});
     let mut deep = json!(1);
@@ -285,4 +285,6 @@ async fn bodies_past_the_shape_limits_are_refused() {
     assert!(mock.state.requests().is_empty());
     let ok = json!({"model": "mock-small", "messages": vec![msg; 4]});
     assert_eq!(gw.post("/v1/chat/completions", &ok).await.status(), 200);
+    gw.stop();
+    verified(&gw);
 }

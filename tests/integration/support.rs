@@ -595,3 +595,16 @@ pub fn stream_chat(content: &str) -> Value {
     json!({"model": "mock-small", "stream": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": content}]})
 }
+
+/// `portcullis audit verify` on the gateway's audit file must pass; its
+/// output.
+pub fn verified(gw: &Gateway) -> String {
+    let out = Command::new(bin())
+        .args(["audit", "verify"])
+        .arg(&gw.audit_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "audit verify: {text}");
+    text
+}
