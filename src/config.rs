@@ -116,6 +116,10 @@ pub struct LimitsSection {
     /// Most characters of text in a body, all strings together (413
     /// beyond): bounds the screening work of one request.
     pub max_text_chars: usize,
+    /// Most JSON values of any kind in a body, counted while it is parsed
+    /// (413 beyond): a body of many tiny values costs far more memory
+    /// parsed than its size.
+    pub max_json_values: usize,
     /// Client connections open at once; more are closed as they come.
     pub max_connections: usize,
     /// Client connections open at once from one address (IPv6: one /64).
@@ -137,6 +141,7 @@ impl LimitsSection {
             max_messages: self.max_messages,
             max_tools: self.max_tools,
             max_chars: self.max_text_chars,
+            max_values: self.max_json_values,
         }
     }
 }
@@ -152,6 +157,7 @@ impl Default for LimitsSection {
             max_messages: 2048,
             max_tools: 128,
             max_text_chars: 4 << 20,
+            max_json_values: 200_000,
             max_connections: 10_000,
             max_connections_per_ip: 256,
             header_timeout_secs: 10,
@@ -980,6 +986,7 @@ impl Config {
             ("limits.max_messages", limits.max_messages),
             ("limits.max_tools", limits.max_tools),
             ("limits.max_text_chars", limits.max_text_chars),
+            ("limits.max_json_values", limits.max_json_values),
             ("limits.max_connections", limits.max_connections),
             (
                 "limits.max_connections_per_ip",

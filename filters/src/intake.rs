@@ -48,6 +48,8 @@ pub struct Shape {
     pub max_tools: usize,
     /// Characters of all strings together, keys included.
     pub max_chars: usize,
+    /// Values of every kind (counted while parsing, before they are built).
+    pub max_values: usize,
 }
 
 impl Default for Shape {
@@ -57,6 +59,7 @@ impl Default for Shape {
             max_messages: 2048,
             max_tools: 128,
             max_chars: 4 << 20,
+            max_values: 200_000,
         }
     }
 }
@@ -112,12 +115,17 @@ fn too_deep(shape: &Shape) -> Rejection {
 /// Parse and check the fields every route needs.
 pub fn parse_body(route: Route, bytes: &[u8], shape: &Shape) -> Result<CallBody, Rejection> {
     let bad = |m: &str| Rejection::about_input(ErrorCode::InvalidRequest, m.to_string());
-    let json: Value = crate::json::parse_strict(bytes).map_err(|e| {
-        Rejection::about_input(
-            ErrorCode::InvalidRequest,
-            format!("The body is not valid JSON: {e}."),
-        )
-    })?;
+    let json: Value =
+        crate::json::parse_strict_bounded(bytes, shape.max_values).map_err(|e| match e {
+            crate::json::Bounded::TooMany(n) => Rejection::about_input(
+                ErrorCode::RequestTooLarge,
+                format!("The body holds more than {n} JSON values."),
+            ),
+            crate::json::Bounded::Json(e) => Rejection::about_input(
+                ErrorCode::InvalidRequest,
+                format!("The body is not valid JSON: {e}."),
+            ),
+        })?;
     let Some(obj) = json.as_object() else {
         return Err(bad("The body must be a JSON object."));
     };
@@ -299,6 +307,7 @@ mod tests {
             max_messages: 3,
             max_tools: 2,
             max_chars: 100,
+            max_values: 40,
         };
         let msg = r#"{"role":"user","content":"hi"}"#;
         let body = |messages: usize, extra: &str| {
@@ -320,6 +329,11 @@ mod tests {
             (body(1, &deep), ErrorCode::InvalidRequest, "deeper than 8"),
             (body(1, tools), ErrorCode::RequestTooLarge, "`tools` has 3"),
             (body(1, &long), ErrorCode::RequestTooLarge, "100 characters"),
+            (
+                body(1, &format!(r#""x":[{}],"#, vec!["0"; 40].join(","))),
+                ErrorCode::RequestTooLarge,
+                "more than 40 JSON values",
+            ),
         ] {
             let e = parse_body(Route::ChatCompletions, b.as_bytes(), &shape).unwrap_err();
             assert_eq!(e.code, code, "{b}");
@@ -328,7 +342,7 @@ mod tests {
         // Depth is counted without recursion: far past serde's own limit
         // the parser refuses first, and nothing overflows.
         let very = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
-        let e = parse_body(Route::ChatCompletions, very.as_bytes(), &shape).unwrap_err();
+        let e = parse_body(Route::ChatCompletions, very.as_bytes(), &Shape::default()).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequest);
     }
 }

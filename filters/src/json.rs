@@ -20,15 +20,62 @@ use std::fmt;
 /// Parse one JSON document, refusing duplicate keys at any depth. Nesting
 /// is bounded by serde_json's recursion limit (128).
 pub fn parse_strict(bytes: &[u8]) -> Result<Value, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = Strict.deserialize(&mut de)?;
-    de.end()?;
-    Ok(value)
+    parse_strict_bounded(bytes, usize::MAX).map_err(|e| match e {
+        Bounded::Json(e) => e,
+        Bounded::TooMany(_) => serde_json::Error::custom("too many JSON values"),
+    })
 }
 
-struct Strict;
+/// Why [`parse_strict_bounded`] refused a document.
+#[derive(Debug)]
+pub enum Bounded {
+    Json(serde_json::Error),
+    /// More values (strings, numbers, arrays, objects…) than allowed.
+    TooMany(usize),
+}
 
-impl<'de> DeserializeSeed<'de> for Strict {
+/// [`parse_strict`] that stops once the document holds more than
+/// `max_values` values, before building them: a body of many tiny values
+/// costs far more memory parsed than its size.
+pub fn parse_strict_bounded(bytes: &[u8], max_values: usize) -> Result<Value, Bounded> {
+    let left = std::cell::Cell::new(max_values);
+    let over = std::cell::Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let seed = Strict {
+        left: &left,
+        over: &over,
+    };
+    let parsed = seed.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    match parsed {
+        Ok(v) => Ok(v),
+        Err(_) if over.get() => Err(Bounded::TooMany(max_values)),
+        Err(e) => Err(Bounded::Json(e)),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Strict<'a> {
+    left: &'a std::cell::Cell<usize>,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl Strict<'_> {
+    /// Count one value against the budget.
+    fn take<E: serde::de::Error>(&self) -> Result<(), E> {
+        match self.left.get().checked_sub(1) {
+            Some(n) => {
+                self.left.set(n);
+                Ok(())
+            }
+            None => {
+                self.over.set(true);
+                Err(E::custom("too many JSON values"))
+            }
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Strict<'_> {
     type Value = Value;
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
@@ -36,66 +83,76 @@ impl<'de> DeserializeSeed<'de> for Strict {
     }
 }
 
-impl<'de> Visitor<'de> for Strict {
+impl<'de> Visitor<'de> for Strict<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.take()?;
         Ok(Value::Bool(v))
     }
 
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.take()?;
         Ok(Value::Number(v.into()))
     }
 
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.take()?;
         Ok(Value::Number(v.into()))
     }
 
     fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.take()?;
         Number::from_f64(v)
             .map(Value::Number)
             .ok_or_else(|| E::custom("a number is out of range"))
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.take()?;
         Ok(Value::String(v.to_owned()))
     }
 
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Value, E> {
+        self.take()?;
         Ok(Value::String(v))
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.take()?;
         Ok(Value::Null)
     }
 
-    fn visit_none<E>(self) -> Result<Value, E> {
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.take()?;
         Ok(Value::Null)
     }
 
     fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(Strict)
+        d.deserialize_any(self)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.take()?;
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
-        while let Some(item) = seq.next_element_seed(Strict)? {
+        while let Some(item) = seq.next_element_seed(self)? {
             items.push(item);
         }
         Ok(Value::Array(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.take()?;
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if out.contains_key(&key) {
                 return Err(A::Error::custom(format!("duplicate key `{key}`")));
             }
-            let value = map.next_value_seed(Strict)?;
+            let value = map.next_value_seed(self)?;
             out.insert(key, value);
         }
         Ok(Value::Object(out))

@@ -242,7 +242,7 @@ async fn bodies_past_the_shape_limits_are_refused() {
     let mock = Mock::start(options()).await;
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra =
-        "  max_json_depth: 10\n  max_messages: 4\n  max_tools: 2\n  max_text_chars: 5000\n".into();
+        "  max_json_depth: 10\n  max_messages: 4\n  max_tools: 2\n  max_text_chars: 5000\n  max_json_values: 500\n".into();
     let mut gw = Gateway::start(setup).await;
     let msg = json!({"role": "user", "content": "hi"});
     let tool = json!({"type": "function", "function": {"name": "t", "parameters": {}}});
