@@ -103,6 +103,8 @@ pub struct Setup {
     pub shutdown_grace_secs: u64,
     /// More lines of the `limits:` section (indented by two spaces).
     pub limits_extra: String,
+    /// More providers beside `mock` (indented by two spaces).
+    pub extra_providers: String,
 }
 
 impl Setup {
@@ -123,6 +125,7 @@ impl Setup {
             audit_extra: String::new(),
             shutdown_grace_secs: 0,
             limits_extra: String::new(),
+            extra_providers: String::new(),
         }
     }
 }
@@ -162,7 +165,7 @@ limits:
     base_url: {provider_url}
     api_key: {PROVIDER_KEY}
     timeouts: {{ connect_ms: 1000, read_ms: {read_ms}, total_ms: 30000 }}
-models:
+{extra_providers}models:
   mock-small: {{ provider: mock }}
   mock-large: {{ provider: mock, upstream_model: mock-large-2026-01 }}
 {registry}
@@ -181,6 +184,7 @@ audit:
             body_timeout = setup.client_body_timeout_secs,
             write_timeout = setup.client_write_timeout_secs,
             limits_extra = setup.limits_extra,
+            extra_providers = setup.extra_providers,
             provider_url = setup
                 .provider_url
                 .clone()
