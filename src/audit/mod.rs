@@ -271,11 +271,30 @@ mod tests {
     fn rotation_continues_the_chain_and_a_folder_verifies_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        // One record per batch: each write after the first 300 bytes rotates.
+        // One record per batch (each is written before the next is sent):
+        // each write after the first 300 bytes rotates.
         let (writer, log) = AuditWriter::start(rotating(&path, 300)).unwrap();
+        let count = |dir: &Path| -> usize {
+            files(dir)
+                .iter()
+                .map(|f| {
+                    std::fs::read_to_string(f)
+                        .unwrap_or_default()
+                        .lines()
+                        .count()
+                })
+                .sum()
+        };
         for i in 0..6 {
             log.send(&json!({"kind": "request", "n": i, "pad": "x".repeat(200)}));
-            std::thread::sleep(Duration::from_millis(20));
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while count(dir.path()) < i + 1 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "record {i} not written"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
         writer.close();
         let all = files(dir.path());
