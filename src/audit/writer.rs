@@ -242,6 +242,9 @@ impl AuditWriter {
             Ok(t) => Some(t),
             Err(e) => {
                 log::error!("audit writer thread: {e}");
+                if let Ok(mut w) = shared.why.lock() {
+                    *w = format!("the audit writer could not start: {e}");
+                }
                 shared.failing.store(true, Ordering::Release);
                 None
             }
@@ -445,11 +448,13 @@ impl Writer {
         } else {
             metrics::AUDIT_SINK_FAILING.set(1);
             let why = errors.join("; ");
+            // The reason first, then the flag: a request refused in
+            // between must never be told an empty reason.
+            if let Ok(mut w) = self.shared.why.lock() {
+                w.clone_from(&why);
+            }
             if !self.shared.failing.swap(true, Ordering::AcqRel) {
                 log::error!("audit: cannot write ({why}); records are held and retried");
-            }
-            if let Ok(mut w) = self.shared.why.lock() {
-                *w = why;
             }
         }
     }
