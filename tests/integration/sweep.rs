@@ -448,7 +448,14 @@ async fn issue8_07_every_choice_of_a_stream_event_is_checked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn issue8_08_token_budgets_cannot_be_dodged() {
-    let mock = Mock::start(options()).await;
+    // Events 20 ms apart: after the client leaves, the gateway's writes
+    // come one at a time, so the one after the client's reset fails (all
+    // at once, they could all land in the socket buffer first).
+    let mock = Mock::start(MockOptions {
+        event_delay_ms: 20,
+        ..options()
+    })
+    .await;
     let keys = TestKeys::new();
     let gw = Gateway::start(secured(mock.addr, &keys, TEST_LIMITS)).await;
     let header = |r: &reqwest::Response, name: &str| -> Option<u64> {
