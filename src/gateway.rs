@@ -178,22 +178,7 @@ impl Gateway {
         model: Option<&str>,
         stream: bool,
     ) -> Screened {
-        let authorization = s
-            .req_header()
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let view = RequestView {
-            request_id: &ctx.rec.request_id,
-            authorization,
-            principal: None,
-            dry_run: false,
-            route,
-            body,
-            model,
-            stream,
-            client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
-        };
+        let view = request_view(s, ctx, route, body, model, stream);
         // In parallel timing the guard runs later, beside the provider call.
         let parallel = self.parallel_guard();
         let report = self
@@ -233,22 +218,7 @@ impl Gateway {
         ctx: &mut Ctx,
         route: Route,
     ) -> Option<(&'static str, Rejection)> {
-        let authorization = s
-            .req_header()
-            .headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        let view = RequestView {
-            request_id: &ctx.rec.request_id,
-            authorization,
-            principal: None,
-            dry_run: false,
-            route,
-            body: &Value::Null,
-            model: None,
-            stream: false,
-            client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
-        };
+        let view = request_view(s, ctx, route, &Value::Null, None, false);
         let report = self
             .chain
             .run_filtered(&view, |k| k == FilterKind::JwtAuth)
@@ -1181,6 +1151,32 @@ fn expects_continue(s: &Session) -> bool {
         .headers
         .get("expect")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// What the request chain sees of a request.
+fn request_view<'a>(
+    s: &'a Session,
+    ctx: &'a Ctx,
+    route: Route,
+    body: &'a Value,
+    model: Option<&'a str>,
+    stream: bool,
+) -> RequestView<'a> {
+    RequestView {
+        request_id: &ctx.rec.request_id,
+        authorization: s
+            .req_header()
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        principal: None,
+        dry_run: false,
+        route,
+        body,
+        model,
+        stream,
+        client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
+    }
 }
 
 /// A response header with the request id and the filters' headers.

@@ -91,6 +91,22 @@ impl Sealer {
     }
 }
 
+impl Sealer {
+    /// Chain `records` after `prev`: their lines, each ending in `\n`, and
+    /// the last hash.
+    pub fn seal_lines(&self, records: &[Value], prev: &str) -> (String, String) {
+        let mut buf = String::new();
+        let mut last = prev.to_string();
+        for r in records {
+            let (line, hash) = self.seal(r, &last);
+            buf.push_str(&line);
+            buf.push('\n');
+            last = hash;
+        }
+        (buf, last)
+    }
+}
+
 /// The hash of a record's canonical form (without `hash`) after `prev`.
 pub fn digest(key: Option<&AuditKey>, prev: &str, canonical_without_hash: &str) -> String {
     match key {

@@ -157,14 +157,7 @@ impl FileSink {
         if self.rotate_due() {
             self.rotate()?;
         }
-        let mut buf = String::new();
-        let mut prev = self.prev.clone();
-        for r in records {
-            let (line, hash) = self.sealer.seal(r, &prev);
-            buf.push_str(&line);
-            buf.push('\n');
-            prev = hash;
-        }
+        let (buf, prev) = self.sealer.seal_lines(records, &self.prev);
         if let Err(e) = self.file.write_all(buf.as_bytes()) {
             let _ = self.file.set_len(self.len);
             return Err(e);

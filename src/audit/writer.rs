@@ -85,14 +85,7 @@ impl Sink for StdoutSink {
     }
 
     fn write(&mut self, records: &[Value]) -> Result<(), String> {
-        let mut buf = String::new();
-        let mut prev = self.prev.clone();
-        for r in records {
-            let (line, hash) = self.sealer.seal(r, &prev);
-            buf.push_str(&line);
-            buf.push('\n');
-            prev = hash;
-        }
+        let (buf, prev) = self.sealer.seal_lines(records, &self.prev);
         let mut out = std::io::stdout().lock();
         out.write_all(buf.as_bytes())
             .and_then(|_| out.flush())

@@ -279,14 +279,6 @@ impl Drop for SmallDisk {
     }
 }
 
-async fn metric(gw: &Gateway, name: &str) -> f64 {
-    let text = gw.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
 /// The disk under the audit file fills up. By default the gateway stops
 /// admitting requests (503 `audit_unavailable`, admin changes too), says
 /// so in `/readyz` and a metric, holds the records it could not write, and

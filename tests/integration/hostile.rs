@@ -5,14 +5,6 @@ use crate::support::*;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn metric(gw: &Gateway, name: &str) -> f64 {
-    let text = gw.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
-}
-
 /// Read until the gateway closes the connection; false if it is still
 /// open at the deadline.
 async fn closed_by_gateway(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {

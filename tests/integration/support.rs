@@ -612,3 +612,12 @@ pub fn verified(gw: &Gateway) -> String {
     assert!(out.status.success(), "audit verify: {text}");
     text
 }
+
+/// A metric's value from the admin listener's `/metrics`.
+pub async fn metric(gw: &Gateway, name: &str) -> f64 {
+    let text = gw.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
