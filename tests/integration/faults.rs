@@ -337,17 +337,24 @@ async fn a_held_run_over_the_cap_stops_the_stream_and_releases_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cut_off_and_the_provider_released() {
     use tokio::io::AsyncWriteExt;
+    // Sixteen choices of a 2 MiB echo (32 MiB) in 256 events of 128 KiB,
+    // 40 ms apart (every event carries all choices), to a client with a
+    // 4 KiB receive buffer. The provider paces itself, so it is still
+    // sending ten seconds on, whatever the kernel lets the gateway's socket
+    // buffers hold; the gateway's send buffer (at most 4 MiB by Linux
+    // defaults) is full within about two seconds, and one second later the
+    // gateway gives up. So "released" cannot be mistaken for a stream that
+    // fit into buffers and ended.
     let mock = Mock::start(MockOptions {
-        chunk_bytes: 32 * 1024,
+        chunk_bytes: 8 * 1024,
+        event_delay_ms: 40,
         ..options()
     })
     .await;
     let mut setup = Setup::new(mock.addr);
     setup.client_write_timeout_secs = 1;
     let mut gw = Gateway::start(setup).await;
-    // 16 choices of a 512 KiB echo (8 MiB) to a client with a 4 KiB
-    // receive buffer: far more than the sockets hold.
-    let mut body = stream_chat(&"z".repeat(1 << 19));
+    let mut body = stream_chat(&"z".repeat(2 << 20));
     body["n"] = json!(16);
     let body = body.to_string();
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -381,7 +388,14 @@ async fn a_client_that_stops_reading_is_cut_off_and_the_provider_released() {
         .load(std::sync::atomic::Ordering::SeqCst)
         == 0
     {
-        assert!(Instant::now() < deadline, "the provider stream was kept");
+        let completed = mock
+            .state
+            .streams_completed
+            .load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            Instant::now() < deadline && completed == 0,
+            "the provider stream was kept (completed: {completed})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(conn);
