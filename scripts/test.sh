@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every test: the Rust unit and integration tests (real gateway binary
-# against the mock provider), then the end-to-end tests with the official
-# OpenAI Python SDK. Ends with one summary line.
+# against the mock provider), the end-to-end tests with the official
+# OpenAI Python SDK, then the k6 smoke load test. Ends with one summary line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh || exit 1
@@ -25,9 +25,21 @@ if [ "$python_status" -eq 0 ]; then
   python_status=${PIPESTATUS[0]}
 fi
 
+# The k6 smoke test through the gateway (the debug binary again): every
+# kind of request checked, thresholds on correctness only.
+smoke_status=0
+if [ "$rust_status" -eq 0 ] && [ "$python_status" -eq 0 ]; then
+  if load-tests/run.sh smoke --bin "$PWD/target/debug/portcullis" 2>&1 | tee target/smoke-output.log; then
+    echo "load-tests smoke (k6): 1 passed" >> "$log"
+  else
+    smoke_status=1
+    echo "load-tests smoke (k6): 1 failed" >> "$log"
+  fi
+fi
+
 passed=$(grep -hoE '(test result: [a-zA-Z]+\. )?[0-9]+ passed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -hoE '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
-if [ "$rust_status" -ne 0 ] || [ "$python_status" -ne 0 ]; then
+if [ "$rust_status" -ne 0 ] || [ "$python_status" -ne 0 ] || [ "$smoke_status" -ne 0 ]; then
   [ "$failed" -gt 0 ] || failed=1
 fi
 echo

@@ -8,6 +8,7 @@
 //! rewrite is found by `audit verify --key`.
 
 use hmac::{Hmac, Mac};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -63,31 +64,83 @@ pub struct Sealer {
 }
 
 impl Sealer {
-    /// Chain `record` to `prev`: the canonical line and its hash.
+    /// Chain `record` to `prev`: the canonical line and its hash. The
+    /// record is written as it is, its own `hash` and `mac` left out and
+    /// the chain's fields (`instance`, `mac`, `prev_hash`, then `hash`)
+    /// merged in key order: no copy of the record is made.
     pub fn seal(&self, record: &Value, prev: &str) -> (String, String) {
-        let mut map = match record {
-            Value::Object(m) => m.clone(),
+        let wrapped;
+        let fields = match record {
+            Value::Object(m) => m,
             other => {
-                let mut m = Map::new();
-                m.insert("value".into(), other.clone());
-                m
+                wrapped = Map::from_iter([("value".to_string(), other.clone())]);
+                &wrapped
             }
         };
-        map.remove("hash");
-        map.remove("mac");
+        // In key order: instance < mac < prev_hash.
+        let mut chain: Vec<(&str, &str)> = Vec::with_capacity(4);
         if let Some(i) = &self.instance {
-            map.insert("instance".into(), Value::String(i.clone()));
+            chain.push(("instance", i));
         }
         if self.key.is_some() {
-            map.insert("mac".into(), Value::String(MAC.into()));
+            chain.push(("mac", MAC));
         }
-        map.insert("prev_hash".into(), Value::String(prev.to_string()));
-        let mut value = Value::Object(map);
-        let hash = digest(self.key.as_ref(), prev, &canonical(&value));
-        if let Value::Object(m) = &mut value {
-            m.insert("hash".into(), Value::String(hash.clone()));
+        chain.push(("prev_hash", prev));
+        let hash = digest(
+            self.key.as_ref(),
+            prev,
+            &Sealed {
+                fields,
+                chain: &chain,
+            }
+            .to_string(),
+        );
+        chain.push(("hash", &hash));
+        chain.sort_unstable_by_key(|(k, _)| *k);
+        let line = Sealed {
+            fields,
+            chain: &chain,
         }
-        (canonical(&value), hash)
+        .to_string();
+        (line, hash)
+    }
+}
+
+/// A record's fields (but `hash` and `mac`) with the chain's fields
+/// merged in, keys in order: canonical JSON without building a new map.
+/// `fields` iterates in key order because `serde_json::Map` is a
+/// `BTreeMap` (no `preserve_order`; a test holds the build to that).
+struct Sealed<'a> {
+    fields: &'a Map<String, Value>,
+    /// Sorted by key.
+    chain: &'a [(&'a str, &'a str)],
+}
+
+impl Serialize for Sealed<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        let mut chain = self.chain.iter().peekable();
+        for (k, v) in self.fields {
+            let k = k.as_str();
+            if k == "hash" || k == "mac" || self.chain.iter().any(|(c, _)| *c == k) {
+                continue;
+            }
+            while let Some((ck, cv)) = chain.next_if(|(ck, _)| *ck < k) {
+                map.serialize_entry(ck, cv)?;
+            }
+            map.serialize_entry(k, v)?;
+        }
+        for (ck, cv) in chain {
+            map.serialize_entry(ck, cv)?;
+        }
+        map.end()
+    }
+}
+
+impl std::fmt::Display for Sealed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(&json)
     }
 }
 
@@ -181,39 +234,49 @@ pub fn check_line(line: &str, key: Option<&AuditKey>) -> Result<Checked, String>
     Ok(Checked { prev_hash, hash })
 }
 
-/// JSON with object keys sorted at every level and no whitespace.
+/// JSON with object keys sorted at every level and no whitespace: what
+/// serde_json writes for a `Value`, whose maps keep their keys sorted.
 pub fn canonical(value: &Value) -> String {
-    let mut out = String::new();
-    write_canonical(value, &mut out);
-    out
+    value.to_string()
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                write_canonical(&map[k.as_str()], out);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The line `seal` writes is the canonical form of the record with
+    /// the chain's fields set (the record's own `hash`, `mac`, `prev_hash`
+    /// and `instance` replaced), and it checks.
+    #[test]
+    fn a_sealed_line_is_the_canonical_record_with_the_chain_fields() {
+        let record = json!({
+            "zeta": 1, "hash": "forged", "mac": "x", "prev_hash": "forged",
+            "instance": "other", "a": {"y": [1, "é\n\u{1}"], "b": null}, "m": 2.5, "i": "",
+        });
+        let keyed = Sealer {
+            key: Some(AuditKey::from_bytes(b"0123456789abcdef")),
+            instance: Some("host-1".into()),
+        };
+        for sealer in [Sealer::default(), keyed] {
+            let prev = "ab".repeat(32);
+            let (line, hash) = sealer.seal(&record, &prev);
+            let mut expected = record.as_object().cloned().unwrap_or_default();
+            expected.remove("hash");
+            expected.remove("mac");
+            if let Some(i) = &sealer.instance {
+                expected.insert("instance".into(), json!(i));
             }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
+            if sealer.key.is_some() {
+                expected.insert("mac".into(), json!(MAC));
             }
-            out.push(']');
+            expected.insert("prev_hash".into(), json!(prev));
+            let body = canonical(&Value::Object(expected.clone()));
+            assert_eq!(hash, digest(sealer.key.as_ref(), &prev, &body));
+            expected.insert("hash".into(), json!(hash));
+            assert_eq!(line, canonical(&Value::Object(expected)));
+            let checked = check_line(&line, sealer.key.as_ref()).map_err(|e| e.to_string());
+            assert_eq!(checked.map(|c| c.hash), Ok(hash));
         }
-        scalar => out.push_str(&scalar.to_string()),
     }
 }

@@ -15,8 +15,8 @@
 //! (those of requests that finished within the last write, typically a
 //! fraction of a millisecond), and a record cut short by the kill is moved
 //! aside at the next start. A power cut also loses what the OS had not yet
-//! written to disk: at most `audit.fsync_ms` of records (0: fsync after
-//! every batch).
+//! written to disk: at most `audit.fsync_ms` of records (10 ms by
+//! default; 0: fsync after every batch).
 
 pub mod chain;
 pub mod file;
