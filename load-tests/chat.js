@@ -1,6 +1,6 @@
-// Small non-streaming chats at a constant arrival rate: the budget's
-// scenario (DESIGN.md, "Performance budget"). Every reply is checked: 200,
-// the echo of the prompt, and (through a gateway) no planted secret.
+// Small non-streaming chats at a constant arrival rate: the scenario of the
+// performance budget (README "Performance"). Every reply is checked: 200
+// and the exact echo of the prompt.
 //
 //   RATE=1000 DURATION=20s BASE_URL=… TOKEN=… k6 run chat.js
 //   RATE=0: sequential, one request at a time (REQUESTS of them)

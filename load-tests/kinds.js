@@ -83,9 +83,15 @@ function refused(status, code) {
   return (r) => ({ [`${status} ${code}`]: r.status === status && errorCode(r) === code });
 }
 function callRemoved(r) {
-  let calls = [];
-  try { calls = (r.json('choices.0.message.tool_calls') || []).map((c) => c.function.name); } catch (_) { calls = ['?']; }
-  return { 'status 200': r.status === 200, 'denied call removed': calls.indexOf('run_shell') < 0 };
+  let message = null;
+  try { message = r.json('choices.0.message'); } catch (_) { message = null; }
+  const calls = ((message && message.tool_calls) || []).map((c) => c.function && c.function.name);
+  return {
+    'status 200': r.status === 200,
+    'denied call removed': message !== null && calls.indexOf('run_shell') < 0,
+    // The policy says so in the reply: the call was there, and was taken out.
+    'removal noted': message !== null && /blocked by policy/.test(message.content || ''),
+  };
 }
 function limited(r) {
   if (r.status === 429) refusedForLimit.add(1);

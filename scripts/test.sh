@@ -28,7 +28,9 @@ fi
 # The k6 smoke test through the gateway (the debug binary again): every
 # kind of request checked, thresholds on correctness only.
 smoke_status=0
-if [ "$rust_status" -eq 0 ] && [ "$python_status" -eq 0 ]; then
+if [ "$rust_status" -ne 0 ] || [ "$python_status" -ne 0 ]; then
+  echo "load-tests smoke (k6): not run, the tests before it failed" | tee -a "$log"
+else
   if load-tests/run.sh smoke --bin "$PWD/target/debug/portcullis" 2>&1 | tee target/smoke-output.log; then
     echo "load-tests smoke (k6): 1 passed" >> "$log"
   else

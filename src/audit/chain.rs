@@ -86,22 +86,10 @@ impl Sealer {
             chain.push(("mac", MAC));
         }
         chain.push(("prev_hash", prev));
-        let hash = digest(
-            self.key.as_ref(),
-            prev,
-            &Sealed {
-                fields,
-                chain: &chain,
-            }
-            .to_string(),
-        );
+        let hash = digest(self.key.as_ref(), prev, &sealed(fields, &chain));
         chain.push(("hash", &hash));
         chain.sort_unstable_by_key(|(k, _)| *k);
-        let line = Sealed {
-            fields,
-            chain: &chain,
-        }
-        .to_string();
+        let line = sealed(fields, &chain);
         (line, hash)
     }
 }
@@ -109,7 +97,8 @@ impl Sealer {
 /// A record's fields (but `hash` and `mac`) with the chain's fields
 /// merged in, keys in order: canonical JSON without building a new map.
 /// `fields` iterates in key order because `serde_json::Map` is a
-/// `BTreeMap` (no `preserve_order`; a test holds the build to that).
+/// `BTreeMap` (no `preserve_order`; `canonical_sorts_keys_at_every_level`
+/// in `audit/mod.rs` holds the build to that).
 struct Sealed<'a> {
     fields: &'a Map<String, Value>,
     /// Sorted by key.
@@ -137,11 +126,10 @@ impl Serialize for Sealed<'_> {
     }
 }
 
-impl std::fmt::Display for Sealed<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let json = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
-        f.write_str(&json)
-    }
+/// The canonical line of `fields` with `chain` merged in.
+fn sealed(fields: &Map<String, Value>, chain: &[(&str, &str)]) -> String {
+    serde_json::to_string(&Sealed { fields, chain })
+        .expect("string keys and JSON values always serialize")
 }
 
 impl Sealer {
@@ -245,13 +233,35 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Canonical JSON written the slow, obvious way: keys sorted by hand
+    /// at every level, each piece serialized on its own.
+    fn reference(value: &Value) -> String {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                let parts: Vec<String> = keys
+                    .into_iter()
+                    .map(|k| format!("{}:{}", Value::String(k.clone()), reference(&map[k])))
+                    .collect();
+                format!("{{{}}}", parts.join(","))
+            }
+            Value::Array(items) => {
+                let parts: Vec<String> = items.iter().map(reference).collect();
+                format!("[{}]", parts.join(","))
+            }
+            scalar => scalar.to_string(),
+        }
+    }
+
     /// The line `seal` writes is the canonical form of the record with
-    /// the chain's fields set (the record's own `hash`, `mac`, `prev_hash`
-    /// and `instance` replaced), and it checks.
+    /// the chain's fields set (the record's own `hash`, `mac` and, when
+    /// the chain sets them, `prev_hash` and `instance` replaced), and it
+    /// checks.
     #[test]
     fn a_sealed_line_is_the_canonical_record_with_the_chain_fields() {
         let record = json!({
-            "zeta": 1, "hash": "forged", "mac": "x", "prev_hash": "forged",
+            "zeta": 1, "hash": "forged", "mac": "x", "prev_hash": "forged", "instance_id": 7,
             "instance": "other", "a": {"y": [1, "é\n\u{1}"], "b": null}, "m": 2.5, "i": "",
         });
         let keyed = Sealer {
@@ -271,12 +281,22 @@ mod tests {
                 expected.insert("mac".into(), json!(MAC));
             }
             expected.insert("prev_hash".into(), json!(prev));
-            let body = canonical(&Value::Object(expected.clone()));
+            let body = reference(&Value::Object(expected.clone()));
             assert_eq!(hash, digest(sealer.key.as_ref(), &prev, &body));
             expected.insert("hash".into(), json!(hash));
-            assert_eq!(line, canonical(&Value::Object(expected)));
+            assert_eq!(line, reference(&Value::Object(expected)));
             let checked = check_line(&line, sealer.key.as_ref()).map_err(|e| e.to_string());
             assert_eq!(checked.map(|c| c.hash), Ok(hash));
         }
+    }
+
+    /// A record that is not an object is sealed as `{"value": …}`.
+    #[test]
+    fn a_record_that_is_not_an_object_is_wrapped() {
+        let (line, hash) = Sealer::default().seal(&json!([1, "two"]), GENESIS);
+        let body = reference(&json!({"value": [1, "two"], "prev_hash": GENESIS}));
+        assert_eq!(hash, digest(None, GENESIS, &body));
+        let expected = json!({"value": [1, "two"], "prev_hash": GENESIS, "hash": hash});
+        assert_eq!(line, reference(&expected));
     }
 }
