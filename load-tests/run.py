@@ -42,7 +42,7 @@ SCENARIOS = {
 }
 FILTERS = (
     "JWT auth (ES256), freezes, rate limits and token budgets, intake limits, "
-    "prompt-injection screen (enforce), guard model (Llama Guard protocol, sequential, "
+    "prompt-injection screen (enforce), guard model (Llama Guard protocol, {timing}, "
     "a second mock), model registry, tool authorization, redaction, hash-chained audit (fsync)"
 )
 
@@ -380,7 +380,8 @@ def main():
             what = f"{a.open} streams open at once, each about {a.stream_secs} s"
         else:
             what = f"{rate} requests/s offered for {a.duration} s" if rate else f"{a.requests} requests, one at a time"
-        print_table(f"\n{a.scenario}: {what}\ngateway filters: {FILTERS}\n", phases, trends)
+        filters = FILTERS.format(timing=a.guard_timing)
+        print_table(f"\n{a.scenario}: {what}\ngateway filters: {filters}\n", phases, trends)
         for name, p in phases.items():
             parts = []
             if f"{name}_cpu_percent" in p:
@@ -407,7 +408,7 @@ def main():
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpus": os.cpu_count(), "cpu": cpu_model(), "kernel": platform.release()},
             "commit": git_commit(),
-            "filters": FILTERS,
+            "filters": filters,
             "phases": phases,
         }
         if "direct" in phases and "gateway" in phases:

@@ -285,7 +285,8 @@ fn injection(c: &mut Criterion) {
         cache the result? 2) how do I test the error path? 3) is there a simpler way to merge \
         defaults with the user's values? Thanks, and ignore the typos in the docstring. ";
     let mut g = c.benchmark_group("injection");
-    for size in [1024usize, 4096, 32768] {
+    // 48 bytes: most chat turns are this short, so the fixed cost counts.
+    for size in [48usize, 1024, 4096, 32768] {
         let text = cut(&prompt.repeat(size / prompt.len() + 1), size).to_string();
         g.throughput(Throughput::Bytes(text.len() as u64));
         g.bench_with_input(BenchmarkId::new("benign prompt", size), &text, |b, t| {
