@@ -138,10 +138,10 @@ impl GuardPolicy {
     }
 
     /// `(code, name)` of every category, for a prompt built here.
-    pub fn category_list(&self) -> Vec<(String, String)> {
+    pub fn category_list(&self) -> Vec<(&str, &str)> {
         self.categories
             .iter()
-            .map(|c| (c.code.clone(), c.name.clone()))
+            .map(|c| (c.code.as_str(), c.name.as_str()))
             .collect()
     }
 

@@ -632,8 +632,25 @@ impl Redactor {
         });
         let mut kept: Vec<(usize, usize, usize)> = Vec::new();
         for c in candidates {
-            if !kept.iter().any(|k| c.0 < k.1 && k.0 < c.1) {
-                kept.push(c);
+            let first = kept
+                .iter()
+                .filter(|k| c.0 < k.1 && k.0 < c.1)
+                .map(|k| k.0)
+                .min();
+            match first {
+                None => kept.push(c),
+                // A number checked by its digits that runs into a kept span
+                // (`Phone: 612 34 56 78 4b1d…`: the greedy match took the
+                // token's first digit) is still redacted up to the span
+                // when that part validates on its own; else it would be
+                // dropped whole and shown.
+                Some(k) if k > c.0 && checks_digits(&self.rules[c.2]) => {
+                    let prefix = text[c.0..k].trim_end();
+                    if let Some(len) = self.valid_prefix(&self.rules[c.2], prefix) {
+                        kept.push((c.0, c.0 + len, c.2));
+                    }
+                }
+                Some(_) => {}
             }
         }
         kept.sort_unstable();
@@ -797,10 +814,7 @@ impl Redactor {
             return Some(span.len());
         }
         // Only check digits can tell a true shorter match from a false one.
-        if !matches!(
-            rule.spec.validator,
-            Some(Validator::Luhn | Validator::Card | Validator::Mod97 | Validator::Phone)
-        ) {
+        if !checks_digits(rule) {
             return None;
         }
         span.char_indices()
@@ -864,6 +878,15 @@ impl Redactor {
             }
         }
     }
+}
+
+/// Rules whose validator checks the digits themselves: a shorter part of
+/// a match can be told true or false.
+fn checks_digits(rule: &Rule) -> bool {
+    matches!(
+        rule.spec.validator,
+        Some(Validator::Luhn | Validator::Card | Validator::Mod97 | Validator::Phone)
+    )
 }
 
 /// A value that names a secret instead of being one, as a whole: a

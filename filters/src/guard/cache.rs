@@ -10,13 +10,31 @@ use std::sync::{Arc, Mutex};
 
 pub type Key = [u8; 32];
 
-/// The key for what is sent to one guard.
-pub fn key(guard: &str, body: &serde_json::Value) -> Key {
-    let mut h = Sha256::new();
-    h.update(guard.as_bytes());
-    h.update([0]);
-    h.update(body.to_string().as_bytes());
-    h.finalize().into()
+/// The key for what is sent to one guard: `guard`, a zero byte, then
+/// `scope` (any serializable value: who asked, where it goes, the body)
+/// as JSON, hashed as it is written, without a copy.
+pub fn key(guard: &str, scope: &impl serde::Serialize) -> Key {
+    let mut h = Hashing(Sha256::new());
+    h.0.update(guard.as_bytes());
+    h.0.update([0]);
+    // Writing JSON into a hasher cannot fail; were it to, the key would
+    // still be a function of what was written.
+    let _ = serde_json::to_writer(&mut h, scope);
+    h.0.finalize().into()
+}
+
+/// An `io::Write` that feeds a SHA-256.
+struct Hashing(Sha256);
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 struct Inner {

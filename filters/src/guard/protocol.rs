@@ -58,7 +58,7 @@ pub fn llama_guard_request(
     prompt: LlamaGuardPrompt,
     shape: ContentShape,
     turns: &[Turn],
-    categories: &[(String, String)],
+    categories: &[(&str, &str)],
 ) -> (&'static str, Value) {
     match prompt {
         LlamaGuardPrompt::Server => {
@@ -90,7 +90,7 @@ pub fn llama_guard_request(
 
 /// The Llama Guard 3 prompt (Meta's model card format): the categories,
 /// the conversation, and the question about its last turn's role.
-pub fn llama_guard_prompt(turns: &[Turn], categories: &[(String, String)]) -> String {
+pub fn llama_guard_prompt(turns: &[Turn], categories: &[(&str, &str)]) -> String {
     let role = match turns.last().map(|t| t.role) {
         Some(super::Role::Assistant) => "Agent",
         _ => "User",

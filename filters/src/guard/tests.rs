@@ -102,7 +102,8 @@ fn llama_guard_requests_follow_the_serving_shape() {
         "{sent}"
     );
     // The whole prompt: the policy's categories, the assistant's turn judged.
-    let cats = policy().category_list();
+    let policy = policy();
+    let cats = policy.category_list();
     let (path, body) = llama_guard_request(
         "llama-guard-3-8b",
         LlamaGuardPrompt::Gateway,
@@ -325,6 +326,25 @@ fn the_breaker_opens_stays_open_half_opens_and_closes() {
     b.success();
     assert_eq!(b.state(), State::Closed);
     assert_eq!(b.permit(), Permit::Go);
+}
+
+/// The key hashes exactly the guard, a zero byte and the JSON of what is
+/// sent, and tells tenants and paths apart.
+#[test]
+fn the_cache_key_is_the_hash_of_exactly_what_is_sent() {
+    use sha2::{Digest, Sha256};
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hé \"x\""}]});
+    let mut h = Sha256::new();
+    h.update(b"g\0");
+    h.update(
+        json!(["t1", "/chat/completions", &body])
+            .to_string()
+            .as_bytes(),
+    );
+    let expected: [u8; 32] = h.finalize().into();
+    assert_eq!(key("g", &("t1", "/chat/completions", &body)), expected);
+    assert_ne!(key("g", &("t2", "/chat/completions", &body)), expected);
+    assert_ne!(key("g", &("t1", "/completions", &body)), expected);
 }
 
 #[test]

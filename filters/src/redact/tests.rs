@@ -1094,6 +1094,43 @@ tenants: { t1: p, t2: missing }
 /// keyword-less automaton) finds exactly what searching every rule over
 /// the whole text finds, on texts mixing every example, look-alike and
 /// filler in any order.
+/// A number checked by its digits that runs into a secret (the greedy
+/// phone pattern takes the first digit of the token after it): the secret
+/// wins the overlap, and the number is still redacted up to it. Every
+/// digit-checked example before every secret example that starts with a
+/// digit.
+#[test]
+fn a_number_that_runs_into_a_secret_is_redacted_too() {
+    let r = redactor();
+    let numbers = [
+        "Phone: 612 34 56 78",
+        "mobile: +44 20 7946 0958",
+        "card 4111 1111 1111 1111",
+    ];
+    let secrets: Vec<String> = examples()
+        .into_iter()
+        .filter(|(id, v)| {
+            v.starts_with(|c: char| c.is_ascii_digit())
+                && r.find(v)
+                    .iter()
+                    .any(|f| f.rule == *id && f.kind == Kind::Secret)
+        })
+        .map(|(_, v)| v)
+        .collect();
+    assert!(!secrets.is_empty());
+    for n in numbers {
+        let (alone, _) = r.redact(n);
+        assert_ne!(alone, n, "{n} is redacted on its own");
+        let shown = n.split(' ').next_back().unwrap_or(n);
+        for s in &secrets {
+            let text = format!("{n} {s}");
+            let (out, _) = r.redact(&text);
+            assert!(!out.contains(shown), "{n:?} survived before {s:?}: {out}");
+            assert!(!out.contains(s.as_str()), "{s:?} survived: {out}");
+        }
+    }
+}
+
 mod windows {
     use super::*;
     use proptest::prelude::*;
