@@ -585,6 +585,10 @@ impl Redactor {
                     (None, Some(g)) if g.start > start && !rule.spec.assigned_to.is_empty() => {
                         g.start
                     }
+                    // A number rejected by its digits may have swallowed a
+                    // stray number before a true one (`order 12 4111 1111
+                    // 1111 1111`): search again from its next digit group.
+                    (None, _) if checks_digits(rule) => next_digit_group(text, start, end),
                     _ => end,
                 };
                 Some(if resume > start {
@@ -632,25 +636,33 @@ impl Redactor {
         });
         let mut kept: Vec<(usize, usize, usize)> = Vec::new();
         for c in candidates {
-            let first = kept
+            let mut covered: Vec<(usize, usize)> = kept
                 .iter()
                 .filter(|k| c.0 < k.1 && k.0 < c.1)
-                .map(|k| k.0)
-                .min();
-            match first {
-                None => kept.push(c),
-                // A number checked by its digits that runs into a kept span
-                // (`Phone: 612 34 56 78 4b1d…`: the greedy match took the
-                // token's first digit) is still redacted up to the span
-                // when that part validates on its own; else it would be
-                // dropped whole and shown.
-                Some(k) if k > c.0 && checks_digits(&self.rules[c.2]) => {
-                    let prefix = text[c.0..k].trim_end();
-                    if let Some(len) = self.valid_prefix(&self.rules[c.2], prefix) {
-                        kept.push((c.0, c.0 + len, c.2));
+                .map(|k| (k.0, k.1))
+                .collect();
+            if covered.is_empty() {
+                kept.push(c);
+                continue;
+            }
+            // A match that overlaps a kept one is not dropped whole: what
+            // of it no kept span covers is redacted too, under its own
+            // rule. (`Phone: 612 34 56 78 4b1d…`: the greedy phone match
+            // took the first digit of the key after it; the key wins the
+            // overlap, and the number before it must not be shown.) It
+            // was a finding as a whole; its pieces over-redact at worst.
+            covered.sort_unstable();
+            let mut at = c.0;
+            for (lo, hi) in covered.into_iter().chain([(c.1, c.1)]) {
+                if lo > at {
+                    let piece = &text[at..lo];
+                    let trimmed = piece.trim();
+                    if trimmed.chars().any(char::is_alphanumeric) {
+                        let start = at + (piece.len() - piece.trim_start().len());
+                        kept.push((start, start + trimmed.len(), c.2));
                     }
                 }
-                Some(_) => {}
+                at = at.max(hi);
             }
         }
         kept.sort_unstable();
@@ -878,6 +890,15 @@ impl Redactor {
             }
         }
     }
+}
+
+/// Where the next run of digits after the one at `start` begins, before
+/// `end`; `end` when there is none.
+fn next_digit_group(text: &str, start: usize, end: usize) -> usize {
+    let b = text.as_bytes();
+    (start + 1..end)
+        .find(|&i| b[i].is_ascii_digit() && !b[i - 1].is_ascii_digit())
+        .unwrap_or(end)
 }
 
 /// Rules whose validator checks the digits themselves: a shorter part of

@@ -10,16 +10,15 @@ use std::sync::{Arc, Mutex};
 
 pub type Key = [u8; 32];
 
-/// The key for what is sent to one guard: `guard`, a zero byte, then
-/// `scope` (any serializable value: who asked, where it goes, the body)
-/// as JSON, hashed as it is written, without a copy.
-pub fn key(guard: &str, scope: &impl serde::Serialize) -> Key {
+/// The key for what one tenant sends to one guard at `path`: the SHA-256
+/// of `guard`, a zero byte, and the JSON array `[tenant, path, body]`,
+/// hashed as it is written, without a copy of the body.
+pub fn key(guard: &str, tenant: &str, path: &str, body: &serde_json::Value) -> Key {
     let mut h = Hashing(Sha256::new());
     h.0.update(guard.as_bytes());
     h.0.update([0]);
-    // Writing JSON into a hasher cannot fail; were it to, the key would
-    // still be a function of what was written.
-    let _ = serde_json::to_writer(&mut h, scope);
+    serde_json::to_writer(&mut h, &(tenant, path, body))
+        .expect("strings and a JSON value always serialize, and hashing never fails");
     h.0.finalize().into()
 }
 

@@ -156,7 +156,7 @@ impl GuardFilter {
         body: Value,
         risk: &str,
     ) -> Result<(Judgement, bool), String> {
-        let k = key(&self.spec.model, &(tenant, path, &body));
+        let k = key(&self.spec.model, tenant, path, &body);
         if let Some(j) = self.cache.get(&k) {
             return Ok((j, true));
         }

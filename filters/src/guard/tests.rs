@@ -342,20 +342,20 @@ fn the_cache_key_is_the_hash_of_exactly_what_is_sent() {
             .as_bytes(),
     );
     let expected: [u8; 32] = h.finalize().into();
-    assert_eq!(key("g", &("t1", "/chat/completions", &body)), expected);
-    assert_ne!(key("g", &("t2", "/chat/completions", &body)), expected);
-    assert_ne!(key("g", &("t1", "/completions", &body)), expected);
+    assert_eq!(key("g", "t1", "/chat/completions", &body), expected);
+    assert_ne!(key("g", "t2", "/chat/completions", &body), expected);
+    assert_ne!(key("g", "t1", "/completions", &body), expected);
 }
 
 #[test]
 fn the_verdict_cache_hits_expires_and_stays_bounded() {
     let clock = Arc::new(ManualClock::at_ms(0));
     let c = VerdictCache::new(2, 1_000, clock.clone());
-    let a = key("g", &json!({"input": "a"}));
-    let b = key("g", &json!({"input": "b"}));
+    let a = key("g", "t", "/p", &json!({"input": "a"}));
+    let b = key("g", "t", "/p", &json!({"input": "b"}));
     assert_ne!(
         a,
-        key("other", &json!({"input": "a"})),
+        key("other", "t", "/p", &json!({"input": "a"})),
         "keyed by guard too"
     );
     assert_eq!(c.get(&a), None);
@@ -364,7 +364,7 @@ fn the_verdict_cache_hits_expires_and_stays_bounded() {
     clock.advance_ms(1_000);
     assert_eq!(c.get(&a), None, "expired");
     for i in 0..10 {
-        c.put(key("g", &json!(i)), Judgement::Safe);
+        c.put(key("g", "t", "/p", &json!(i)), Judgement::Safe);
         c.put(b, Judgement::Unsafe(vec!["S1".into()]));
     }
     assert!(c.len() <= 2);
