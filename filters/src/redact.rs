@@ -566,31 +566,32 @@ impl Redactor {
             let mut found = |caps: &regex_automata::util::captures::Captures| -> Option<usize> {
                 let whole = caps.get_match()?;
                 let (start, end) = (whole.start(), whole.end());
-                raw.push((start, end));
                 let excluded = rule
                     .exclude
                     .as_ref()
                     .is_some_and(|x| x.is_match(&text[start..end]));
                 let group = caps.get_group(rule.spec.group);
                 let kept = group.filter(|_| !excluded).and_then(|span| {
-                    let len = self.valid_prefix(rule, &text[span.start..span.end])?;
-                    candidates.push((span.start, span.start + len, i));
-                    Some(())
+                    let (from, to) = self.valid_part(rule, &text[span.start..span.end])?;
+                    candidates.push((span.start + from, span.start + to, i));
+                    Some(span.start + to)
                 });
                 // After a rejected assignment, search again from its value:
                 // in `?token=changeme&secret=…` the real secret starts
                 // there. (Other rules reject a match by its context, as
-                // `version 10.4.2.1` for an IP address: not again.)
+                // `version 10.4.2.1` for an IP address: not again.) A
+                // number whose check digits cut it short of the match (the
+                // greedy IBAN pattern runs on through `the IBAN GB82…`):
+                // search again right after it, and the match ends there
+                // for the stream too.
                 let resume = match (kept, group) {
+                    (Some(e), _) if e < end && e > start && checks_digits(rule) => e,
                     (None, Some(g)) if g.start > start && !rule.spec.assigned_to.is_empty() => {
                         g.start
                     }
-                    // A number rejected by its digits may have swallowed a
-                    // stray number before a true one (`order 12 4111 1111
-                    // 1111 1111`): search again from its next digit group.
-                    (None, _) if checks_digits(rule) => next_digit_group(text, start, end),
                     _ => end,
                 };
+                raw.push((start, if kept.is_some() { resume } else { end }));
                 Some(if resume > start {
                     resume
                 } else {
@@ -645,12 +646,17 @@ impl Redactor {
                 kept.push(c);
                 continue;
             }
-            // A match that overlaps a kept one is not dropped whole: what
-            // of it no kept span covers is redacted too, under its own
-            // rule. (`Phone: 612 34 56 78 4b1d…`: the greedy phone match
-            // took the first digit of the key after it; the key wins the
-            // overlap, and the number before it must not be shown.) It
-            // was a finding as a whole; its pieces over-redact at worst.
+            // A number checked by its digits that overlaps a kept finding
+            // is not dropped whole: what of it no kept span covers is
+            // redacted too, under its own rule. (`Phone: 612 34 56 78
+            // 4b1d…`: the greedy phone match took the first digit of the
+            // key after it; the key wins the overlap, and the number
+            // before it must not be shown.) Other rules' leftovers are
+            // dropped: the `@host` an email match took from a password in
+            // a URL is not personal data.
+            if !checks_digits(&self.rules[c.2]) {
+                continue;
+            }
             covered.sort_unstable();
             let mut at = c.0;
             for (lo, hi) in covered.into_iter().chain([(c.1, c.1)]) {
@@ -818,9 +824,30 @@ impl Redactor {
         (out, counts)
     }
 
+    /// The part of the span that passes validation: all of it, its longest
+    /// prefix ending before a separator, or else its longest suffix
+    /// starting after one. A greedy pattern can swallow a neighbouring
+    /// number after the true one ("IBAN … 32 12") or before it ("order 12
+    /// 4111 1111 1111 1111"): the check digits decide. At most two
+    /// validations per separator in the match, and the search goes on
+    /// after the match as before: linear in the text.
+    fn valid_part(&self, rule: &Rule, span: &str) -> Option<(usize, usize)> {
+        if let Some(len) = self.valid_prefix(rule, span) {
+            return Some((0, len));
+        }
+        if !checks_digits(rule) {
+            return None;
+        }
+        span.char_indices()
+            .filter(|(_, c)| matches!(c, ' ' | '-' | '.'))
+            .map(|(i, _)| i + 1)
+            .filter(|&i| span[i..].starts_with(|c: char| c.is_ascii_alphanumeric() || c == '+'))
+            .find(|&i| self.valid(rule, &span[i..]))
+            .map(|i| (i, span.len()))
+    }
+
     /// The length of the span, or of its longest prefix that ends before a
-    /// separator, that passes validation. A greedy pattern can swallow a
-    /// neighbouring number ("IBAN … 32 12"): the check digits decide.
+    /// separator, that passes validation.
     fn valid_prefix(&self, rule: &Rule, span: &str) -> Option<usize> {
         if self.valid(rule, span) {
             return Some(span.len());
@@ -890,15 +917,6 @@ impl Redactor {
             }
         }
     }
-}
-
-/// Where the next run of digits after the one at `start` begins, before
-/// `end`; `end` when there is none.
-fn next_digit_group(text: &str, start: usize, end: usize) -> usize {
-    let b = text.as_bytes();
-    (start + 1..end)
-        .find(|&i| b[i].is_ascii_digit() && !b[i - 1].is_ascii_digit())
-        .unwrap_or(end)
 }
 
 /// Rules whose validator checks the digits themselves: a shorter part of

@@ -259,11 +259,17 @@ impl Pass {
         }
     }
 
-    /// A whole token list.
+    /// A whole token list. One that overflows the hold (a run of text
+    /// that may still become a secret, longer than the cap) is dropped
+    /// whole rather than released unscreened: the tokens are a copy of
+    /// the reply's text, which is redacted on its own.
     fn tokens(&mut self, entries: Vec<Value>) -> Vec<Value> {
         let mut t = TokenRedactor::new(self.redactor.clone());
         let mut out = t.push(entries);
         out.extend(t.finish());
+        if t.held().1.is_some() {
+            return Vec::new();
+        }
         out
     }
 
