@@ -26,6 +26,29 @@ async fn connect(gw: &Gateway) -> tokio::net::TcpStream {
         .unwrap()
 }
 
+/// Wait until the gateway's count of open client connections is `ok`.
+async fn open_connections_until(gw: &Gateway, ok: impl Fn(f64) -> bool, what: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !ok(metric(gw, "portcullis_connections_open").await) {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `n` connections that sent half a request line, once the gateway counts
+/// them all (after any readiness probe has let go of its place).
+async fn hold(gw: &Gateway, n: usize) -> Vec<tokio::net::TcpStream> {
+    open_connections_until(gw, |open| open == 0.0, "a probe kept its place").await;
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut c = connect(gw).await;
+        c.write_all(b"GET /v1/mo").await.unwrap();
+        held.push(c);
+    }
+    open_connections_until(gw, |open| open >= n as f64, "held connections not counted").await;
+    held
+}
+
 /// Slowloris: headers trickled a byte at a time, each read well inside
 /// any per-read timeout, are cut off once they take longer than
 /// `header_timeout_secs`; so is a connection that sends nothing.
@@ -105,22 +128,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra = "  max_connections: 3\n  header_timeout_secs: 60\n".into();
     let mut gw = Gateway::start(setup).await;
-    let deadline = Instant::now() + PATIENCE;
-    // Readiness probes may hold a place for an instant: wait for 0 open.
-    while metric(&gw, "portcullis_connections_open").await > 0.0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        let mut c = connect(&gw).await;
-        c.write_all(b"GET /v1/mo").await.unwrap();
-        held.push(c);
-    }
-    while metric(&gw, "portcullis_connections_open").await < 3.0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut held = hold(&gw, 3).await;
     let mut extra = connect(&gw).await;
     assert!(
         closed_by_gateway(&mut extra, PATIENCE).await,
@@ -128,13 +136,12 @@ async fn connections_over_the_cap_are_closed_at_once() {
     );
     assert!(metric(&gw, "portcullis_connections_refused_total").await >= 1.0);
     drop(held.pop());
-    while metric(&gw, "portcullis_connections_open").await > 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the closed connection kept its place"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    open_connections_until(
+        &gw,
+        |open| open <= 2.0,
+        "the closed connection kept its place",
+    )
+    .await;
     let r = gw.post("/v1/chat/completions", &chat("room again")).await;
     assert_eq!(r.status(), 200);
     drop(held);
@@ -185,21 +192,7 @@ async fn one_address_cannot_take_every_connection() {
     let mut setup = Setup::new(mock.addr);
     setup.limits_extra = "  max_connections_per_ip: 2\n  header_timeout_secs: 60\n".into();
     let mut gw = Gateway::start(setup).await;
-    let deadline = Instant::now() + PATIENCE;
-    while metric(&gw, "portcullis_connections_open").await > 0.0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut c = connect(&gw).await;
-        c.write_all(b"GET /v1/mo").await.unwrap();
-        held.push(c);
-    }
-    while metric(&gw, "portcullis_connections_open").await < 2.0 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let held = hold(&gw, 2).await;
     let mut third = connect(&gw).await;
     assert!(
         closed_by_gateway(&mut third, PATIENCE).await,
