@@ -294,7 +294,7 @@ impl Rules {
             }
         }
         let words_automaton = AhoCorasick::builder()
-            .kind(Some(AhoCorasickKind::DFA))
+            .kind(Some(AhoCorasickKind::ContiguousNFA))
             .match_kind(MatchKind::Standard)
             .build(&patterns)
             .map_err(|e| errors.push(format!("phrases: {e}")))
