@@ -8,11 +8,11 @@
 
 use crate::audit::{AuditLog, Verdict};
 use crate::config::AdminSection;
+use crate::dialect::openai::error_body;
 use crate::http_server::{self, full, ResponseBody};
 use crate::metrics;
 use crate::pipeline;
 use crate::registry::{RegistryStore, UpdateError};
-use crate::respond::error_body;
 use async_trait::async_trait;
 use filters::injection::Detector;
 use filters::jwt_auth::JwtAuth;

@@ -9,10 +9,9 @@
 use crate::audit::{AuditLog, RequestRecord, UpstreamRecord, Verdict};
 use crate::config::Config;
 use crate::config::GuardOutput;
-use crate::intake::{self, Endpoint};
+use crate::dialect::{self, Dialect, Endpoint, Forward, StreamFacts};
 use crate::metrics;
 use crate::pipeline::Filters;
-use crate::respond::{error_body, error_event};
 use crate::upstream::{Exchange, Upstream, UpstreamError};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -77,6 +76,8 @@ pub struct Ctx {
     audit: AuditLog,
     logged: bool,
     lifecycle: Arc<Lifecycle>,
+    /// The wire format of the request (OpenAI Chat until it is known).
+    dialect: &'static dyn Dialect,
 }
 
 /// Requests in flight, and whether the process is draining after SIGTERM.
@@ -385,15 +386,13 @@ impl Gateway {
             }
         };
         let body = match id {
-            None => {
-                let data: Vec<Value> = usable
+            None => dialect::openai::model_list(
+                usable
                     .iter()
-                    .map(|m| model_object(&m.id, &m.provider))
-                    .collect();
-                json!({"object": "list", "data": data})
-            }
+                    .map(|m| dialect::openai::model_object(&m.id, &m.provider)),
+            ),
             Some(id) => match usable.iter().find(|m| m.id == id) {
-                Some(m) => model_object(&m.id, &m.provider),
+                Some(m) => dialect::openai::model_object(&m.id, &m.provider),
                 None => {
                     return self
                         .refuse(s, ctx, "model_registry", no_such_model(&id))
@@ -434,22 +433,24 @@ impl Gateway {
             let r = Rejection::new(ErrorCode::AuditUnavailable, why);
             return self.refuse(s, ctx, "audit", r).await;
         }
-        match intake::resolve(&ctx.rec.method, &ctx.rec.path) {
+        match dialect::resolve(&ctx.rec.method, &ctx.rec.path) {
             Err(r) => self.refuse(s, ctx, "intake", r).await,
             Ok(Endpoint::ListModels) => self.models(s, ctx, None).await,
             Ok(Endpoint::GetModel(id)) => self.models(s, ctx, Some(id)).await,
-            Ok(Endpoint::Call(route)) => self.call(s, ctx, route).await,
+            Ok(Endpoint::Call(d)) => self.call(s, ctx, d).await,
         }
     }
 
-    async fn call(&self, s: &mut Session, ctx: &mut Ctx, route: Route) {
+    async fn call(&self, s: &mut Session, ctx: &mut Ctx, d: &'static dyn Dialect) {
+        let route = d.route();
+        ctx.dialect = d;
         ctx.rec.route = Some(route);
         let content_type = s
             .req_header()
             .headers
             .get("content-type")
             .map(|v| v.as_bytes());
-        if let Err(r) = intake::check_content_type(content_type) {
+        if let Err(r) = filters::intake::check_content_type(content_type) {
             return self.refuse(s, ctx, "intake", r).await;
         }
         let max = self.cfg.limits.max_body_bytes;
@@ -496,7 +497,7 @@ impl Gateway {
         ctx.body_read = true;
         ctx.rec.request_bytes = body.len();
         ctx.rec.prompt_sha256 = Some(hex::encode(Sha256::digest(&body)));
-        let parsed = match intake::parse_body(route, &body, &self.cfg.limits.shape()) {
+        let parsed = match d.parse(&body, &self.cfg.limits.shape()) {
             Ok(p) => p,
             Err(r) => return self.refuse(s, ctx, "intake", r).await,
         };
@@ -543,9 +544,8 @@ impl Gateway {
 
         // A token budget is settled from the stream's final usage event:
         // ask for it when the client did not, and keep it from the client.
-        ctx.strip_usage = parsed.stream
-            && !ctx.reservations.is_empty()
-            && parsed.json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true));
+        ctx.strip_usage =
+            parsed.stream && !ctx.reservations.is_empty() && d.needs_usage_request(&parsed.json);
         if self.output_mode() != GuardOutput::Off {
             ctx.request_json = Some(parsed.json.clone());
         }
@@ -556,30 +556,18 @@ impl Gateway {
             Value::Null
         };
         let parsed_model = parsed.model.clone();
-        let strip = screened.strip_tools;
-        let rewritten = screened.body;
-        let out_body = if upstream_model == parsed.model
-            && !ctx.strip_usage
-            && strip.is_empty()
-            && rewritten.is_none()
-        {
-            body
-        } else {
-            let mut json = rewritten.unwrap_or(parsed.json);
-            // Intake checked that the body is an object and that
-            // `stream_options` is an object or null: both writes succeed.
-            filters::json::set(&mut json, &["model"], Value::String(upstream_model.clone()));
-            if ctx.strip_usage {
-                filters::json::set(
-                    &mut json,
-                    &["stream_options", "include_usage"],
-                    Value::Bool(true),
-                );
+        let forward = Forward {
+            model: &upstream_model,
+            ask_usage: ctx.strip_usage,
+            strip_tools: &screened.strip_tools,
+        };
+        let out_body = match screened.body {
+            None if !d.needs_rewrite(&parsed, &forward) => body,
+            rewritten => {
+                let mut json = rewritten.unwrap_or(parsed.json);
+                d.forward(&mut json, &forward);
+                Bytes::from(json.to_string())
             }
-            if !strip.is_empty() {
-                filters::tool_authz::strip(&mut json, &strip);
-            }
-            Bytes::from(json.to_string())
         };
         let mut upstream = UpstreamRecord {
             provider: provider.clone(),
@@ -592,7 +580,7 @@ impl Gateway {
         let (guard_report, result) = {
             let post = self.upstream.post(
                 &provider,
-                route.upstream_path(),
+                d.upstream_path(),
                 &request_id,
                 out_body,
                 parsed.stream,
@@ -681,9 +669,9 @@ impl Gateway {
                 .header_str("content-type")
                 .is_some_and(|ct| ct.starts_with("text/event-stream"));
         if is_sse {
-            self.relay_stream(s, ctx, exchange, route).await
+            self.relay_stream(s, ctx, exchange).await
         } else {
-            self.relay_json(s, ctx, exchange, route).await
+            self.relay_json(s, ctx, exchange).await
         }
         // Whatever was not settled on the way (error paths).
         let used = total_tokens(ctx);
@@ -701,7 +689,8 @@ impl Gateway {
         }
     }
 
-    async fn relay_json(&self, s: &mut Session, ctx: &mut Ctx, mut ex: Exchange<'_>, route: Route) {
+    async fn relay_json(&self, s: &mut Session, ctx: &mut Ctx, mut ex: Exchange<'_>) {
+        let d = ctx.dialect;
         let status = ex.status();
         if passes_through(status) {
             keep_retry_headers(&ex, &mut ctx.headers);
@@ -726,13 +715,13 @@ impl Gateway {
             let e = UpstreamError::Failed("provider answered with a body that is not JSON".into());
             return self.upstream_failed(s, ctx, &e).await;
         };
-        ctx.rec.usage = json.get("usage").filter(|u| !u.is_null()).cloned();
+        ctx.rec.usage = d.reply_usage(&json);
         let body = if self.responses.is_empty() {
             body
         } else {
             let rctx = ResponseContext {
                 request_id: &ctx.rec.request_id,
-                route,
+                route: d.route(),
                 model: ctx.rec.model.as_deref(),
                 principal: ctx.principal.as_ref(),
             };
@@ -745,14 +734,14 @@ impl Gateway {
         };
         let body = if self.output_mode() != GuardOutput::Off {
             let mut unjudged = Unjudged::default();
-            unjudged.push(&json);
+            unjudged.push(d, &json);
             let (rejection, last) = self.judge_unjudged(ctx, &mut unjudged).await;
             ctx.rec.filters.extend(last);
             match rejection {
                 Some(r) if r.code == ErrorCode::ContentPolicy => {
                     // As hosted providers end a filtered reply: 200, the
                     // content withheld, `finish_reason: content_filter`.
-                    content_filtered(&mut json);
+                    d.withhold(&mut json);
                     ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
                     ctx.rec.reason = Some(r.reason);
                     Bytes::from(json.to_string())
@@ -775,13 +764,8 @@ impl Gateway {
     }
 
     /// Relay an SSE response event by event through the response stages.
-    async fn relay_stream(
-        &self,
-        s: &mut Session,
-        ctx: &mut Ctx,
-        mut ex: Exchange<'_>,
-        route: Route,
-    ) {
+    async fn relay_stream(&self, s: &mut Session, ctx: &mut Ctx, mut ex: Exchange<'_>) {
+        let d = ctx.dialect;
         let mut header = match response_header(200, ctx) {
             Ok(h) => h,
             Err(_) => return self.internal_error(s, ctx).await,
@@ -801,7 +785,7 @@ impl Gateway {
         }
         let rctx = ResponseContext {
             request_id: &ctx.rec.request_id,
-            route,
+            route: d.route(),
             model: ctx.rec.model.as_deref(),
             principal: ctx.principal.as_ref(),
         };
@@ -818,7 +802,7 @@ impl Gateway {
         let mut filtered = false;
         let mut framer = SseFramer::new();
         let mut wire = Vec::with_capacity(4096);
-        let mut seen = Seen::default();
+        let mut seen = StreamFacts::default();
         let mut failure: Option<Rejection> = None;
         let broken = |why: String| Rejection::new(ErrorCode::UpstreamError, why);
         'read: loop {
@@ -839,16 +823,16 @@ impl Gateway {
             };
             wire.clear();
             for event in events {
-                if let Err(why) = seen.note(&event) {
+                if let Err(why) = d.note_event(&event, &mut seen) {
                     // Fail closed: nothing unscreened reaches the client.
                     failure = Some(broken(why));
                     break 'read;
                 }
-                if ctx.strip_usage && is_usage_only(&event) {
+                if ctx.strip_usage && d.is_usage_only(&event) {
                     continue;
                 }
                 for out in stages.push(event) {
-                    route_event(output, out, &mut unjudged, &mut held, &mut wire);
+                    route_event(d, output, out, &mut unjudged, &mut held, &mut wire);
                 }
             }
             if let Some((_, r)) = stages.stopped() {
@@ -889,10 +873,10 @@ impl Gateway {
         wire.clear();
         if !ctx.rec.client_gone && failure.is_none() && !filtered {
             match framer.finish() {
-                Ok(Some(event)) => match seen.note(&event) {
+                Ok(Some(event)) => match d.note_event(&event, &mut seen) {
                     Ok(()) => {
                         for out in stages.push(event) {
-                            route_event(output, out, &mut unjudged, &mut held, &mut wire);
+                            route_event(d, output, out, &mut unjudged, &mut held, &mut wire);
                         }
                     }
                     Err(why) => failure = Some(broken(why)),
@@ -902,7 +886,7 @@ impl Gateway {
             }
             if failure.is_none() {
                 for out in stages.finish() {
-                    route_event(output, out, &mut unjudged, &mut held, &mut wire);
+                    route_event(d, output, out, &mut unjudged, &mut held, &mut wire);
                 }
             }
             // The last judgement, before anything held is released.
@@ -938,13 +922,8 @@ impl Gateway {
             // Cut the way hosted providers end a filtered stream: a final
             // event with `finish_reason: content_filter`, then `[DONE]`.
             // In `sampled` mode what came before has been sent.
-            let n = ctx
-                .request_json
-                .as_ref()
-                .and_then(|j| j.get("n"))
-                .and_then(Value::as_u64)
-                .unwrap_or(1);
-            for e in content_filter_end(route, ctx.rec.model.as_deref(), n) {
+            let n = ctx.request_json.as_ref().map_or(1, |j| d.choices(j));
+            for e in d.withheld_end(ctx.rec.model.as_deref(), n) {
                 e.write_to(&mut wire);
             }
             ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
@@ -963,7 +942,7 @@ impl Gateway {
         if let Some(r) = failure {
             // Headers are gone: end the stream with an error event the SDKs
             // raise on, and record why.
-            error_event(&r).write_to(&mut wire);
+            d.error_event(&r).write_to(&mut wire);
             ctx.rec.decision = Verdict::Error;
             ctx.rec.reason_code = Some(r.code);
             ctx.rec.reason = Some(r.reason);
@@ -1010,8 +989,8 @@ impl Gateway {
             // Do not drain an unread (possibly huge) body: close instead.
             s.set_keepalive(None);
         }
-        self.reply_json(s, ctx, status, Bytes::from(error_body(&r)))
-            .await
+        let body = ctx.dialect.error_body(&r);
+        self.reply_json(s, ctx, status, Bytes::from(body)).await
     }
 
     async fn reply_json(&self, s: &mut Session, ctx: &mut Ctx, status: u16, body: Bytes) {
@@ -1049,6 +1028,7 @@ impl ProxyHttp for Gateway {
             request_json: None,
             audit: self.audit.clone(),
             logged: false,
+            dialect: dialect::DEFAULT,
             lifecycle: {
                 self.lifecycle.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.lifecycle.clone()
@@ -1081,7 +1061,7 @@ impl ProxyHttp for Gateway {
                 self.refuse(session, ctx, "gateway", r).await;
             } else {
                 let mut wire = Vec::new();
-                error_event(&r).write_to(&mut wire);
+                ctx.dialect.error_event(&r).write_to(&mut wire);
                 let _ = session
                     .write_response_body(Some(Bytes::from(wire)), true)
                     .await;
@@ -1285,10 +1265,6 @@ fn passes_through(status: u16) -> bool {
     (400..500).contains(&status) && !matches!(status, 401 | 403 | 407)
 }
 
-fn model_object(id: &str, provider: &str) -> Value {
-    json!({"id": id, "object": "model", "created": 0, "owned_by": provider})
-}
-
 /// Tokens to settle a budget with: the provider's `usage.total_tokens`; 0
 /// when the provider refused or failed (nothing was generated); for a
 /// stream that ended without usage (the client left, the provider broke
@@ -1305,8 +1281,7 @@ fn total_tokens(ctx: &Ctx) -> Option<u64> {
         .rec
         .usage
         .as_ref()
-        .and_then(|u| u.get("total_tokens"))
-        .and_then(Value::as_u64);
+        .and_then(|u| ctx.dialect.total_tokens(u));
     match (reported, ctx.generated_chars) {
         (Some(n), _) => Some(n),
         (None, _) if !provider_ok => Some(0),
@@ -1316,139 +1291,6 @@ fn total_tokens(ctx: &Ctx) -> Option<u64> {
             .map(|r| r.used_without_usage(chars)),
         (None, None) => None,
     }
-}
-
-/// The final `choices: []` event that only carries `usage`.
-fn is_usage_only(event: &SseEvent) -> bool {
-    event
-        .data
-        .as_deref()
-        .is_some_and(|d| d.contains("\"usage\""))
-        && event.json().is_some_and(|v| {
-            v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object()
-        })
-}
-
-/// What the gateway itself needs from a stream: `usage`, `[DONE]`, and
-/// how much text was generated (to settle a budget when no usage comes).
-#[derive(Default)]
-struct Seen {
-    usage: Option<Value>,
-    done: bool,
-    generated_chars: u64,
-}
-
-impl Seen {
-    /// Note one upstream event. An event whose data is neither `[DONE]`
-    /// nor a JSON object is an error: the stream is ended, not relayed.
-    fn note(&mut self, event: &SseEvent) -> Result<(), String> {
-        let Some(data) = event.data.as_deref() else {
-            return Ok(());
-        };
-        if event.is_done() {
-            self.done = true;
-            return Ok(());
-        }
-        let Some(Value::Object(v)) = event.json() else {
-            return Err("provider sent an SSE event whose data is not a JSON object".into());
-        };
-        if data.contains("\"usage\"") {
-            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                self.usage = Some(u.clone());
-            }
-        }
-        for choice in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(t) = choice.get("text") {
-                self.generated_chars += text_chars(t);
-            }
-            if let Some(d) = choice.get("delta") {
-                self.generated_chars += text_chars(d);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Characters of every string in a value (a delta's text, arguments).
-fn text_chars(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => s.chars().count() as u64,
-        Value::Array(items) => items.iter().map(text_chars).sum(),
-        Value::Object(o) => o
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "role" | "type" | "id" | "index"))
-            .map(|(_, v)| text_chars(v))
-            .sum(),
-        _ => 0,
-    }
-}
-
-/// The text of a reply's choices, everything a model generates: content
-/// (string or parts), refusal, reasoning, audio transcripts, tool-call and
-/// legacy function-call arguments, completions text; for the output guard.
-fn reply_texts(json: &Value) -> Vec<(u64, String)> {
-    fn push(out: &mut String, v: &Value) {
-        match v {
-            // Streamed pieces join as they were cut: no separator.
-            Value::String(s) => out.push_str(s),
-            Value::Array(parts) => {
-                for p in parts {
-                    if let Some(t) = p.get("text").and_then(Value::as_str) {
-                        out.push_str(t);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut texts = Vec::new();
-    for (at, c) in json
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let mut out = String::new();
-        if let Some(t) = c.get("text") {
-            push(&mut out, t);
-        }
-        for m in [c.get("message"), c.get("delta")].into_iter().flatten() {
-            for key in ["content", "refusal", "reasoning_content", "reasoning"] {
-                if let Some(v) = m.get(key) {
-                    push(&mut out, v);
-                }
-            }
-            if let Some(t) = m.pointer("/audio/transcript") {
-                push(&mut out, t);
-            }
-            if let Some(a) = m.pointer("/function_call/arguments") {
-                push(&mut out, a);
-            }
-            for call in m
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                for p in ["/function/arguments", "/custom/input"] {
-                    if let Some(a) = call.pointer(p) {
-                        push(&mut out, a);
-                    }
-                }
-            }
-        }
-        // Choices are judged apart; a provider's index beyond the
-        // request's cap of 128 shares the last one's text.
-        let index = c.get("index").and_then(Value::as_u64).unwrap_or(at as u64);
-        texts.push((index.min(127), out));
-    }
-    texts
 }
 
 /// The text of a reply the output guard has not judged yet, per choice,
@@ -1463,8 +1305,8 @@ struct Unjudged {
 }
 
 impl Unjudged {
-    fn push(&mut self, json: &Value) {
-        for (index, t) in reply_texts(json) {
+    fn push(&mut self, d: &dyn Dialect, json: &Value) {
+        for (index, t) in d.reply_texts(json) {
             if t.is_empty() {
                 continue;
             }
@@ -1474,63 +1316,6 @@ impl Unjudged {
             *fresh = true;
         }
     }
-}
-
-/// A reply the output guard withheld: every choice's content, tool calls
-/// and text removed, `finish_reason: content_filter`.
-fn content_filtered(json: &mut Value) {
-    for c in json
-        .get_mut("choices")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-    {
-        let Some(c) = c.as_object_mut() else { continue };
-        if let Some(m) = c.get_mut("message").and_then(Value::as_object_mut) {
-            m.insert("content".into(), Value::Null);
-            for generated in [
-                "tool_calls",
-                "function_call",
-                "refusal",
-                "reasoning_content",
-                "reasoning",
-                "audio",
-            ] {
-                m.remove(generated);
-            }
-        }
-        if c.contains_key("text") {
-            c.insert("text".into(), json!(""));
-        }
-        if c.contains_key("logprobs") {
-            c.insert("logprobs".into(), Value::Null);
-        }
-        c.insert("finish_reason".into(), json!("content_filter"));
-    }
-}
-
-/// The events that end a stream the output guard cut: every one of the
-/// request's `n` choices (at most 128) ends with `content_filter`.
-fn content_filter_end(route: Route, model: Option<&str>, n: u64) -> Vec<SseEvent> {
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let completions = route == Route::Completions;
-    let choices: Vec<Value> = (0..n.clamp(1, 128))
-        .map(|index| {
-            if completions {
-                json!({"index": index, "text": "", "finish_reason": "content_filter", "logprobs": null})
-            } else {
-                json!({"index": index, "delta": {}, "finish_reason": "content_filter"})
-            }
-        })
-        .collect();
-    let chunk = if completions {
-        json!({"id": "cmpl-filtered", "object": "text_completion", "created": created, "model": model, "choices": choices})
-    } else {
-        json!({"id": "chatcmpl-filtered", "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices})
-    };
-    vec![SseEvent::data(chunk.to_string()), SseEvent::data("[DONE]")]
 }
 
 /// Keep only the last `n` characters of `text`: a stream's judged text
@@ -1548,6 +1333,7 @@ fn keep_tail(text: &mut String, n: usize) {
 /// `held` mode; closing events in `sampled` mode, so a stream can still be
 /// cut after its last judgement) or written; its text is counted.
 fn route_event(
+    d: &dyn Dialect,
     output: GuardOutput,
     event: SseEvent,
     unjudged: &mut Unjudged,
@@ -1558,24 +1344,10 @@ fn route_event(
         event.write_to(wire);
         return;
     }
-    let json = event.json();
-    if let Some(j) = &json {
-        unjudged.push(j);
+    if let Some(j) = event.json() {
+        unjudged.push(d, j);
     }
-    // Closing: `[DONE]`, a finish reason, or a usage-only chunk (it
-    // follows the finish and must stay after it).
-    let closing = event.data.as_deref() == Some("[DONE]")
-        || json.as_ref().is_some_and(|j| {
-            j.get("choices")
-                .and_then(Value::as_array)
-                .is_some_and(|cs| {
-                    cs.is_empty()
-                        || cs
-                            .iter()
-                            .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()))
-                })
-        });
-    if output == GuardOutput::Held || closing {
+    if output == GuardOutput::Held || d.is_closing(&event) {
         held.push(event);
     } else {
         event.write_to(wire);

@@ -257,10 +257,9 @@ mod tests {
             mut event: SseEvent,
             out: &mut Vec<SseEvent>,
         ) -> Result<(), FilterError> {
-            if let Some(mut v) = event.json() {
-                if upper(&mut v, "/choices/0/delta/content")? {
+            if let Some(v) = event.json_mut() {
+                if upper(v, "/choices/0/delta/content")? {
                     self.0 += 1;
-                    event.data = Some(v.to_string());
                 }
             }
             out.push(event);

@@ -6,6 +6,8 @@
 //! `\r\n\r\n` or `\r\r`), so a stage never sees half an event. A line break
 //! is never inside a multi-byte UTF-8 sequence, so splitting there is safe.
 
+use serde_json::Value;
+use std::borrow::Cow;
 use std::fmt;
 
 /// The largest event accepted, whole or unfinished: a larger one ends the
@@ -13,15 +15,33 @@ use std::fmt;
 /// exhaust memory), however its bytes were chunked.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
 
-/// One SSE event.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// One SSE event. Its data is parsed as JSON once, when the event is
+/// made; stages read and change that value ([`SseEvent::json`],
+/// [`SseEvent::json_mut`]), and the wire form is written from it only if
+/// it changed, so an event is parsed once and serialised at most once
+/// however many stages see it.
+#[derive(Debug, Clone, Default)]
 pub struct SseEvent {
     /// The `event:` field.
     pub event: Option<String>,
-    /// The `data:` lines joined with `\n`; `None` when the event had none.
-    pub data: Option<String>,
+    /// The `data:` lines joined with `\n`, as received (stale once the
+    /// JSON was changed); `None` when the event had none.
+    data: Option<String>,
+    /// The data parsed, when it is JSON.
+    json: Option<Value>,
+    /// `json` was changed: the wire form is written from it.
+    changed: bool,
     /// Every other line (`id:`, `retry:`, `: comments`), kept verbatim.
     pub other: Vec<String>,
+}
+
+/// Events are equal when their wire forms are.
+impl PartialEq for SseEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.event == other.event
+            && self.other == other.other
+            && self.data_text() == other.data_text()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,25 +55,73 @@ pub enum SseError {
 impl SseEvent {
     /// A plain `data:` event.
     pub fn data(data: impl Into<String>) -> Self {
+        Self::with_data(None, Some(data.into()), Vec::new())
+    }
+
+    /// A `data:` event carrying `json`.
+    pub fn from_json(json: Value) -> Self {
         Self {
-            data: Some(data.into()),
+            json: Some(json),
+            changed: true,
             ..Self::default()
+        }
+    }
+
+    /// An event from its fields; the data is parsed here, once.
+    pub fn with_data(event: Option<String>, data: Option<String>, other: Vec<String>) -> Self {
+        let json = data.as_deref().and_then(parse_json);
+        Self {
+            event,
+            data,
+            json,
+            changed: false,
+            other,
         }
     }
 
     /// The OpenAI end-of-stream marker `data: [DONE]`.
     pub fn is_done(&self) -> bool {
-        self.data.as_deref() == Some("[DONE]")
+        !self.changed && self.data.as_deref() == Some("[DONE]")
+    }
+
+    /// Whether the event has a `data:` field.
+    pub fn has_data(&self) -> bool {
+        self.changed || self.data.is_some()
+    }
+
+    /// The data as it goes on the wire.
+    pub fn data_text(&self) -> Option<Cow<'_, str>> {
+        match (&self.json, self.changed) {
+            (Some(v), true) => Some(Cow::Owned(v.to_string())),
+            _ => self.data.as_deref().map(Cow::Borrowed),
+        }
+    }
+
+    /// The data's length in bytes as received (as it goes on the wire,
+    /// once changed).
+    pub fn data_len(&self) -> usize {
+        match (&self.json, self.changed) {
+            (Some(_), true) => self.data_text().map_or(0, |d| d.len()),
+            _ => self.data.as_ref().map_or(0, String::len),
+        }
     }
 
     /// The data parsed as JSON, when it is JSON.
-    pub fn json(&self) -> Option<serde_json::Value> {
-        serde_json::from_str(self.data.as_deref()?).ok()
+    pub fn json(&self) -> Option<&Value> {
+        self.json.as_ref()
+    }
+
+    /// The parsed data, to change: the event is written from it.
+    pub fn json_mut(&mut self) -> Option<&mut Value> {
+        let v = self.json.as_mut()?;
+        self.changed = true;
+        Some(v)
     }
 
     /// Parse one event block (without its terminating blank line).
     pub fn parse(block: &str) -> Self {
-        let mut event = Self::default();
+        let mut name = None;
+        let mut other = Vec::new();
         let mut data: Option<String> = None;
         for line in block.split('\n') {
             let line = line.strip_suffix('\r').unwrap_or(line);
@@ -69,13 +137,12 @@ impl SseEvent {
                     }
                     None => data = Some(value.to_string()),
                 },
-                "event" => event.event = Some(value.to_string()),
+                "event" => name = Some(value.to_string()),
                 "" if line.is_empty() => {}
-                _ => event.other.push(line.to_string()),
+                _ => other.push(line.to_string()),
             }
         }
-        event.data = data;
-        event
+        Self::with_data(name, data, other)
     }
 
     /// Append the wire form, blank line included.
@@ -89,15 +156,36 @@ impl SseEvent {
             out.extend_from_slice(name.as_bytes());
             out.push(b'\n');
         }
-        if let Some(data) = &self.data {
-            for line in data.split('\n') {
+        match (&self.json, self.changed) {
+            (Some(v), true) => {
+                // Serialised JSON has no line breaks: one data line.
                 out.extend_from_slice(b"data: ");
-                out.extend_from_slice(line.as_bytes());
+                // Writing a `Value` into a `Vec` cannot fail.
+                let _ = serde_json::to_writer(&mut *out, v);
                 out.push(b'\n');
+            }
+            _ => {
+                if let Some(data) = &self.data {
+                    for line in data.split('\n') {
+                        out.extend_from_slice(b"data: ");
+                        out.extend_from_slice(line.as_bytes());
+                        out.push(b'\n');
+                    }
+                }
             }
         }
         out.push(b'\n');
     }
+}
+
+/// JSON data: only text that starts like a JSON object or array is tried
+/// (`[DONE]` and plain text are not parsed).
+fn parse_json(data: &str) -> Option<Value> {
+    let t = data.trim_start();
+    if !(t.starts_with('{') || (t.starts_with('[') && !t.starts_with("[DONE]"))) {
+        return None;
+    }
+    serde_json::from_str(data).ok()
 }
 
 impl fmt::Display for SseEvent {
@@ -211,10 +299,10 @@ mod tests {
     fn frames_whole_events() {
         let events = frame_in_pieces(STREAM.as_bytes(), &[STREAM.len()]);
         assert_eq!(events.len(), 4);
-        assert_eq!(events[0].data.as_deref(), Some("{\"a\":1}"));
+        assert_eq!(events[0].data_text().as_deref(), Some("{\"a\":1}"));
         assert_eq!(events[1].json().unwrap()["b"], "é 🦀");
         assert_eq!(events[2].other, [": keep-alive"]);
-        assert_eq!(events[2].data, None);
+        assert!(!events[2].has_data());
         assert_eq!(events[3].event.as_deref(), Some("done"));
         assert!(events[3].is_done());
     }
@@ -244,7 +332,7 @@ mod tests {
     #[test]
     fn multi_line_data_round_trips() {
         let e = SseEvent::parse("data: line one\ndata: line two");
-        assert_eq!(e.data.as_deref(), Some("line one\nline two"));
+        assert_eq!(e.data_text().as_deref(), Some("line one\nline two"));
         let mut out = Vec::new();
         e.write_to(&mut out);
         assert_eq!(out, b"data: line one\ndata: line two\n\n");
@@ -252,10 +340,29 @@ mod tests {
     }
 
     #[test]
+    fn data_is_parsed_once_and_written_from_the_json_only_when_changed() {
+        let mut e = SseEvent::parse("id: 7\ndata: {\"a\": 1,  \"b\": [2]}");
+        assert_eq!(e.json().unwrap()["b"][0], 2);
+        // Unchanged: the bytes as received, spacing and all.
+        assert_eq!(e.to_string(), "id: 7\ndata: {\"a\": 1,  \"b\": [2]}\n\n");
+        e.json_mut().unwrap()["a"] = serde_json::json!("x");
+        assert_eq!(e.to_string(), "id: 7\ndata: {\"a\":\"x\",\"b\":[2]}\n\n");
+        assert_eq!(e.data_len(), e.data_text().unwrap().len());
+        // Not JSON: no value, written as it came.
+        for text in ["[DONE]", "hello", "5", "{broken"] {
+            let mut e = SseEvent::data(text);
+            assert!(e.json().is_none() && e.json_mut().is_none(), "{text}");
+            assert_eq!(e.to_string(), format!("data: {text}\n\n"));
+        }
+        assert!(SseEvent::data("[DONE]").is_done());
+        assert!(!SseEvent::from_json(serde_json::json!("[DONE]")).is_done());
+    }
+
+    #[test]
     fn unterminated_last_event_is_returned() {
         let events = frame_in_pieces(b"data: a\n\ndata: b", &[4]);
         assert_eq!(events.len(), 2);
-        assert_eq!(events[1].data.as_deref(), Some("b"));
+        assert_eq!(events[1].data_text().as_deref(), Some("b"));
     }
 
     #[test]
@@ -317,16 +424,18 @@ mod properties {
             proptest::option::of(proptest::collection::vec("[^\r\n]{0,24}", 1..4)),
             proptest::collection::vec("(id|retry|: ?[a-z]{0,6})[^\r\n]{0,8}", 0..2),
         )
-            .prop_map(|(event, data, other)| SseEvent {
-                event,
-                data: data.map(|lines| lines.join("\n")),
-                other: other
-                    .into_iter()
-                    .filter(|l| !l.starts_with("data") && !l.starts_with("event"))
-                    .collect(),
+            .prop_map(|(event, data, other)| {
+                SseEvent::with_data(
+                    event,
+                    data.map(|lines| lines.join("\n")),
+                    other
+                        .into_iter()
+                        .filter(|l| !l.starts_with("data") && !l.starts_with("event"))
+                        .collect(),
+                )
             })
             .prop_filter("an event must carry something", |e| {
-                e.event.is_some() || e.data.is_some() || !e.other.is_empty()
+                e.event.is_some() || e.has_data() || !e.other.is_empty()
             })
     }
 

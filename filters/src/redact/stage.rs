@@ -831,7 +831,7 @@ impl RedactStream {
             }
             let mut event = self.meta.clone();
             event.insert("choices".into(), json!([choice]));
-            out.push(SseEvent::data(Value::Object(event).to_string()));
+            out.push(SseEvent::from_json(Value::Object(event)));
         }
     }
 }
@@ -848,15 +848,14 @@ impl StreamStage for RedactStream {
             out.push(event);
             return Ok(());
         }
-        let Some(mut v) = event.json() else {
+        let Some(v) = event.json_mut() else {
             // The gateway refuses a stream whose data is not JSON before
             // any stage sees it; an event without data carries no text.
             out.push(event);
             return Ok(());
         };
         let Some(obj) = v.as_object_mut() else {
-            self.pass.generic(&mut v);
-            event.data = Some(v.to_string());
+            self.pass.generic(v);
             out.push(event);
             return Ok(());
         };
@@ -908,7 +907,6 @@ impl StreamStage for RedactStream {
             }
         }
         self.check_holds()?;
-        event.data = Some(v.to_string());
         out.push(event);
         Ok(())
     }

@@ -1744,7 +1744,7 @@ mod stage {
         }
         s.on_event(SseEvent::data("[DONE]"), &mut out).unwrap();
         s.finish(&mut out).unwrap();
-        out.iter().filter_map(SseEvent::json).collect()
+        out.iter().filter_map(SseEvent::json).cloned().collect()
     }
 
     /// A hold that goes over the cap in the very event that finishes the
@@ -2108,7 +2108,7 @@ tools:
             .unwrap();
             s.on_event(SseEvent::data("[DONE]"), &mut out).unwrap();
             s.finish(&mut out).unwrap();
-            let events: Vec<Value> = out.iter().filter_map(SseEvent::json).collect();
+            let events: Vec<Value> = out.iter().filter_map(SseEvent::json).cloned().collect();
             let streamed = joined(&events, 0, "/delta/tool_calls/0/function/arguments");
             let got: Value = serde_json::from_str(&streamed).unwrap();
             assert_eq!(got, expect(tool), "stream, {tool}");

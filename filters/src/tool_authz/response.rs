@@ -315,7 +315,7 @@ impl ToolStream {
             }
             let finished = ev.pointer("/choices/0").is_some_and(is_finished);
             if !empty || finished {
-                out.push(SseEvent::data(ev.to_string()));
+                out.push(SseEvent::from_json(ev));
             }
         }
         if let Some(mut finish) = finish {
@@ -333,7 +333,7 @@ impl ToolStream {
                     c.insert("finish_reason".into(), Value::String("stop".into()));
                 }
             }
-            out.push(SseEvent::data(finish.to_string()));
+            out.push(SseEvent::from_json(finish));
         }
         Ok(())
     }
@@ -348,11 +348,26 @@ impl StreamStage for ToolStream {
             out.push(event);
             return Ok(());
         }
-        let Some(mut v) = event.json() else {
+        let event_bytes = event.data_len();
+        // Most events carry no call and finish none: passed on untouched.
+        let touches = event
+            .json()
+            .and_then(|v| v.get("choices"))
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter().enumerate().any(|(position, c)| {
+                    carries_calls(c)
+                        || (is_finished(c) && self.held.contains_key(&choice_index(c, position)))
+                })
+            });
+        if !touches {
+            out.push(event);
+            return Ok(());
+        }
+        let Some(mut v) = event.json().cloned() else {
             out.push(event);
             return Ok(());
         };
-        let event_bytes = event.data.as_ref().map_or(0, String::len);
         let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) else {
             out.push(event);
             return Ok(());
@@ -399,7 +414,7 @@ impl StreamStage for ToolStream {
         }
         if passthrough {
             out.push(if any_taken {
-                SseEvent::data(v.to_string())
+                SseEvent::from_json(v)
             } else {
                 event
             });

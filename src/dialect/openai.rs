@@ -1,0 +1,350 @@
+//! What OpenAI's formats share: the error shape, usage, the fields of a
+//! reply that carry generated text, the stream's end marker, and the
+//! model list. [`OpenAi`] is the [`Dialect`] of all three; each format's
+//! module gives its own values of it.
+
+use super::{Dialect, Forward, StreamFacts};
+use filters::intake::{parse_body, CallBody, Shape};
+use filters::{Rejection, Route, SseEvent};
+use serde_json::{json, Value};
+
+/// One of OpenAI's formats.
+pub struct OpenAi {
+    pub route: Route,
+    /// The path below the provider's base URL.
+    pub path: &'static str,
+    /// Whether its stream may carry a usage-only chunk at the end
+    /// (`stream_options.include_usage`).
+    pub stream_usage: bool,
+    /// Whether its replies carry generated text (embeddings: vectors).
+    pub generates: bool,
+    /// `object` and `id` of the chunk that ends a cut stream, and one
+    /// choice of it.
+    pub cut_chunk: (&'static str, &'static str),
+    pub cut_choice: fn(u64) -> Value,
+}
+
+impl Dialect for OpenAi {
+    fn route(&self) -> Route {
+        self.route
+    }
+
+    fn upstream_path(&self) -> &'static str {
+        self.path
+    }
+
+    fn parse(&self, body: &[u8], shape: &Shape) -> Result<CallBody, Rejection> {
+        parse_body(self.route, body, shape)
+    }
+
+    fn needs_usage_request(&self, request: &Value) -> bool {
+        self.stream_usage && !asks_usage(request)
+    }
+
+    fn forward(&self, request: &mut Value, f: &Forward<'_>) {
+        forward(request, f)
+    }
+
+    fn choices(&self, request: &Value) -> u64 {
+        request.get("n").and_then(Value::as_u64).unwrap_or(1)
+    }
+
+    fn reply_usage(&self, reply: &Value) -> Option<Value> {
+        reply.get("usage").filter(|u| !u.is_null()).cloned()
+    }
+
+    fn total_tokens(&self, usage: &Value) -> Option<u64> {
+        usage.get("total_tokens").and_then(Value::as_u64)
+    }
+
+    fn note_event(&self, event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {
+        note_event(event, facts)
+    }
+
+    fn is_usage_only(&self, event: &SseEvent) -> bool {
+        is_usage_only(event)
+    }
+
+    fn is_closing(&self, event: &SseEvent) -> bool {
+        is_closing(event)
+    }
+
+    fn reply_texts(&self, reply: &Value) -> Vec<(u64, String)> {
+        if self.generates {
+            reply_texts(reply)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn withhold(&self, reply: &mut Value) {
+        withhold(reply)
+    }
+
+    fn withheld_end(&self, model: Option<&str>, choices: u64) -> Vec<SseEvent> {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Every one of the request's `n` choices (at most 128) ends.
+        let all: Vec<Value> = (0..choices.clamp(1, 128)).map(self.cut_choice).collect();
+        let (object, id) = self.cut_chunk;
+        let chunk =
+            json!({"id": id, "object": object, "created": created, "model": model, "choices": all});
+        vec![SseEvent::from_json(chunk), SseEvent::data("[DONE]")]
+    }
+
+    fn error_body(&self, rejection: &Rejection) -> Vec<u8> {
+        error_body(rejection)
+    }
+
+    fn error_event(&self, rejection: &Rejection) -> SseEvent {
+        SseEvent::from_json(error_json(rejection))
+    }
+}
+
+/// `{"error": {"message", "type", "code", "param"}}`.
+pub fn error_body(rejection: &Rejection) -> Vec<u8> {
+    error_json(rejection).to_string().into_bytes()
+}
+
+fn error_json(rejection: &Rejection) -> Value {
+    json!({
+        "error": {
+            "message": rejection.message,
+            "type": rejection.code.error_type(),
+            "code": rejection.code.as_str(),
+            "param": null,
+        }
+    })
+}
+
+/// `model` set to the provider's name; declared tools the policy
+/// removes removed; `stream_options.include_usage`
+/// set when the gateway needs the usage. Intake checked that the body is
+/// an object and that `stream_options` is an object or null: both writes
+/// succeed.
+fn forward(request: &mut Value, forward: &Forward<'_>) {
+    filters::json::set(request, &["model"], Value::String(forward.model.into()));
+    if forward.ask_usage {
+        filters::json::set(
+            request,
+            &["stream_options", "include_usage"],
+            Value::Bool(true),
+        );
+    }
+    if !forward.strip_tools.is_empty() {
+        filters::tool_authz::strip(request, forward.strip_tools);
+    }
+}
+
+/// A streamed request asks for the final usage chunk with
+/// `stream_options.include_usage`.
+fn asks_usage(request: &Value) -> bool {
+    request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true))
+}
+
+/// `[DONE]` ends the stream; every other event must be a JSON object,
+/// whose `usage` and generated characters are noted.
+fn note_event(event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {
+    if !event.has_data() {
+        return Ok(());
+    }
+    if event.is_done() {
+        facts.done = true;
+        return Ok(());
+    }
+    let Some(Value::Object(v)) = event.json() else {
+        return Err("provider sent an SSE event whose data is not a JSON object".into());
+    };
+    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+        facts.usage = Some(u.clone());
+    }
+    for choice in v
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(t) = choice.get("text") {
+            facts.generated_chars += text_chars(t);
+        }
+        if let Some(d) = choice.get("delta") {
+            facts.generated_chars += text_chars(d);
+        }
+    }
+    Ok(())
+}
+
+/// Characters of every string in a value (a delta's text, arguments).
+fn text_chars(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.chars().count() as u64,
+        Value::Array(items) => items.iter().map(text_chars).sum(),
+        Value::Object(o) => o
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "role" | "type" | "id" | "index"))
+            .map(|(_, v)| text_chars(v))
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// The final `choices: []` chunk that only carries `usage`.
+fn is_usage_only(event: &SseEvent) -> bool {
+    event.json().is_some_and(|v| {
+        v.get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+            && v.get("usage").is_some_and(Value::is_object)
+    })
+}
+
+/// `[DONE]`, a chunk with a finish reason, or a usage-only chunk (it
+/// follows the finish and must stay after it).
+fn is_closing(event: &SseEvent) -> bool {
+    event.is_done()
+        || event
+            .json()
+            .and_then(|j| j.get("choices"))
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.is_empty()
+                    || cs
+                        .iter()
+                        .any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null()))
+            })
+}
+
+/// The text of a reply's choices, everything a model generates: content
+/// (string or parts), refusal, reasoning, audio transcripts, tool-call and
+/// legacy function-call arguments, completions text.
+fn reply_texts(reply: &Value) -> Vec<(u64, String)> {
+    fn push(out: &mut String, v: &Value) {
+        match v {
+            // Streamed pieces join as they were cut: no separator.
+            Value::String(s) => out.push_str(s),
+            Value::Array(parts) => {
+                for p in parts {
+                    if let Some(t) = p.get("text").and_then(Value::as_str) {
+                        out.push_str(t);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut texts = Vec::new();
+    for (at, c) in reply
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let mut out = String::new();
+        if let Some(t) = c.get("text") {
+            push(&mut out, t);
+        }
+        for m in [c.get("message"), c.get("delta")].into_iter().flatten() {
+            for key in ["content", "refusal", "reasoning_content", "reasoning"] {
+                if let Some(v) = m.get(key) {
+                    push(&mut out, v);
+                }
+            }
+            if let Some(t) = m.pointer("/audio/transcript") {
+                push(&mut out, t);
+            }
+            if let Some(a) = m.pointer("/function_call/arguments") {
+                push(&mut out, a);
+            }
+            for call in m
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for p in ["/function/arguments", "/custom/input"] {
+                    if let Some(a) = call.pointer(p) {
+                        push(&mut out, a);
+                    }
+                }
+            }
+        }
+        // Choices are judged apart; a provider's index beyond the
+        // request's cap of 128 shares the last one's text.
+        let index = c.get("index").and_then(Value::as_u64).unwrap_or(at as u64);
+        texts.push((index.min(127), out));
+    }
+    texts
+}
+
+/// A withheld reply: every choice's content, tool calls and text
+/// removed, `finish_reason: content_filter`.
+fn withhold(reply: &mut Value) {
+    for c in reply
+        .get_mut("choices")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        let Some(c) = c.as_object_mut() else { continue };
+        if let Some(m) = c.get_mut("message").and_then(Value::as_object_mut) {
+            m.insert("content".into(), Value::Null);
+            for generated in [
+                "tool_calls",
+                "function_call",
+                "refusal",
+                "reasoning_content",
+                "reasoning",
+                "audio",
+            ] {
+                m.remove(generated);
+            }
+        }
+        if c.contains_key("text") {
+            c.insert("text".into(), json!(""));
+        }
+        if c.contains_key("logprobs") {
+            c.insert("logprobs".into(), Value::Null);
+        }
+        c.insert("finish_reason".into(), json!("content_filter"));
+    }
+}
+
+/// One entry of `GET /v1/models`.
+pub fn model_object(id: &str, provider: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": provider})
+}
+
+/// `GET /v1/models`.
+pub fn model_list(models: impl Iterator<Item = Value>) -> Value {
+    json!({"object": "list", "data": models.collect::<Vec<_>>()})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use filters::ErrorCode;
+
+    #[test]
+    fn error_body_has_the_openai_shape() {
+        let r = Rejection::new(ErrorCode::RateLimited, "tier trial 5/min");
+        let v: Value = serde_json::from_slice(&error_body(&r)).unwrap();
+        assert_eq!(v["error"]["code"], "rate_limited");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(
+            v["error"]["message"],
+            ErrorCode::RateLimited.public_message()
+        );
+        assert!(v["error"]["param"].is_null());
+        assert!(
+            !v.to_string().contains("tier trial"),
+            "reason is not public"
+        );
+        assert_eq!(
+            super::super::DEFAULT.error_event(&r).json(),
+            Some(&v),
+            "the stream's error event carries the same body"
+        );
+    }
+}
