@@ -11,7 +11,7 @@ use crate::config::AdminSection;
 use crate::dialect::openai::error_body;
 use crate::http_server::{self, full, ResponseBody};
 use crate::metrics;
-use crate::pipeline;
+use crate::proxy::pipeline;
 use crate::registry::{RegistryStore, UpdateError};
 use async_trait::async_trait;
 use filters::injection::Detector;
@@ -93,7 +93,7 @@ pub struct AdminApi {
     pub roles: AdminSection,
     pub audit: AuditLog,
     /// Draining after SIGTERM: `/readyz` says 503.
-    pub lifecycle: Arc<crate::gateway::Lifecycle>,
+    pub lifecycle: Arc<crate::proxy::Lifecycle>,
 }
 
 pub struct AdminService {

@@ -5,7 +5,7 @@ use crate::audit;
 use crate::config::{Config, ConfigError, ConfigErrors};
 use crate::keys::{self, DevKeys, TokenRequest};
 use crate::mock::{self, MockOptions, MockState};
-use crate::pipeline;
+use crate::proxy::pipeline;
 use crate::server::{self, MockService};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
@@ -346,7 +346,7 @@ pub fn main() -> ExitCode {
                     }
                 }
                 if let Some(f) = &injection {
-                    let d = crate::pipeline::load_injection(&injection_policy)
+                    let d = crate::proxy::pipeline::load_injection(&injection_policy)
                         .map_err(|e| anyhow::anyhow!(e.join("\n")))?;
                     out += &crate::eval::injection(&d, f, misses)?;
                 }

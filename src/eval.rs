@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub fn load_redactor(policy: &Path) -> anyhow::Result<Redactor> {
-    crate::pipeline::load_redactor(policy).map_err(|e| anyhow::anyhow!(e.join("\n")))
+    crate::proxy::pipeline::load_redactor(policy).map_err(|e| anyhow::anyhow!(e.join("\n")))
 }
 
 #[derive(Deserialize)]

@@ -28,6 +28,50 @@ pub fn check_content_type(content_type: Option<&[u8]>) -> Result<(), Rejection> 
     }
 }
 
+/// The request line and headers within `max_count` headers and
+/// `max_bytes` bytes (`limits.max_header_count`, `max_header_bytes`).
+pub fn headers_fit(
+    count: usize,
+    bytes: usize,
+    max_count: usize,
+    max_bytes: usize,
+) -> Result<(), Rejection> {
+    if count > max_count || bytes > max_bytes {
+        return Err(Rejection::about_input(
+            ErrorCode::HeadersTooLarge,
+            format!(
+                "The request has {count} headers and {bytes} bytes of request line and headers; at most {max_count} and {max_bytes} are accepted."
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A body over `max` bytes (declared or as read).
+pub fn too_large(max: usize) -> Rejection {
+    Rejection::about_input(
+        ErrorCode::RequestTooLarge,
+        format!("The request body is larger than the limit of {max} bytes."),
+    )
+}
+
+/// A well-formed incoming `x-request-id`, kept in the record's
+/// `client_request_id` (the record's own `request_id` is always new:
+/// clients may send any id, the same one twice included).
+pub fn client_request_id(incoming: Option<&[u8]>) -> Option<String> {
+    match incoming {
+        Some(id)
+            if (1..=128).contains(&id.len())
+                && id.iter().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
+                }) =>
+        {
+            Some(String::from_utf8_lossy(id).into_owned())
+        }
+        _ => None,
+    }
+}
+
 /// A request body that passed intake.
 #[derive(Debug)]
 pub struct CallBody {
@@ -223,6 +267,30 @@ pub fn parse_body(route: Route, bytes: &[u8], shape: &Shape) -> Result<CallBody,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_request_ids() {
+        assert_eq!(
+            client_request_id(Some(b"abc-123_x.y:z")).as_deref(),
+            Some("abc-123_x.y:z")
+        );
+        for bad in [&b""[..], b"has space", b"\xff", &[b'a'; 129]] {
+            assert_eq!(
+                client_request_id(Some(bad)),
+                None,
+                "{bad:?} must be dropped"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_fit_their_limits() {
+        assert!(headers_fit(10, 1000, 10, 1000).is_ok());
+        for (count, bytes) in [(11, 10), (1, 1001)] {
+            let e = headers_fit(count, bytes, 10, 1000).unwrap_err();
+            assert_eq!(e.code, ErrorCode::HeadersTooLarge);
+        }
+    }
 
     #[test]
     fn content_types() {

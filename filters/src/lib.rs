@@ -16,6 +16,7 @@ pub mod intake;
 pub mod json;
 pub mod jwt_auth;
 pub mod model_registry;
+pub mod provider;
 pub mod rate_limit;
 pub mod redact;
 pub mod request;

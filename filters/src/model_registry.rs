@@ -391,11 +391,7 @@ impl RequestFilter for ModelGate {
             return Ok(Decision::Allow.into());
         };
         let Some(entry) = state.models.get(id) else {
-            return Ok(Decision::Deny(Rejection::about_input(
-                ErrorCode::ModelNotFound,
-                format!("The model `{id}` does not exist or you do not have access to it."),
-            ))
-            .into());
+            return Ok(Decision::Deny(no_such_model(id)).into());
         };
         let route = Fact::Upstream {
             provider: entry.provider.clone(),
@@ -429,6 +425,15 @@ impl RequestFilter for ModelGate {
         };
         Ok(Verdict::from(decision).with(route))
     }
+}
+
+/// The refusal for a model the caller cannot use: unknown and not
+/// visible are told apart by no one.
+pub fn no_such_model(id: &str) -> Rejection {
+    Rejection::about_input(
+        ErrorCode::ModelNotFound,
+        format!("The model `{id}` does not exist or you do not have access to it."),
+    )
 }
 
 #[cfg(test)]

@@ -286,6 +286,25 @@ impl Reservation {
     }
 }
 
+/// Tokens to settle a budget with: what the provider reported; 0 when the
+/// provider refused or failed (nothing was generated); for a stream that
+/// ended without usage (the client left, the provider broke off), the
+/// prompt estimate plus what was generated; otherwise unknown (`None`:
+/// the reservation is kept).
+pub fn tokens_to_settle(
+    reported: Option<u64>,
+    provider_ok: bool,
+    generated_chars: Option<u64>,
+    reservation: Option<&Reservation>,
+) -> Option<u64> {
+    match (reported, generated_chars) {
+        (Some(n), _) => Some(n),
+        (None, _) if !provider_ok => Some(0),
+        (None, Some(chars)) => reservation.map(|r| r.used_without_usage(chars)),
+        (None, None) => None,
+    }
+}
+
 /// The parts of an estimate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Estimated {

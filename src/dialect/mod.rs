@@ -1,6 +1,6 @@
 //! Wire formats. Each API the gateway speaks is one module that knows its
 //! paths, the fields of its requests and replies, its stream events and
-//! its error shape; the proxy service (`crate::gateway`) asks the dialect
+//! its error shape; the proxy service (`crate::proxy`) asks the dialect
 //! of a request and reads no field of a particular API itself.
 //!
 //! - [`openai_chat`]: `POST /v1/chat/completions`

@@ -268,6 +268,16 @@ async fn a_stream_without_usage_is_settled_with_what_was_generated() {
     assert_eq!((r.estimate, r.prompt), (52, 2));
     assert_eq!(r.used_without_usage(0), 2);
     assert_eq!(r.used_without_usage(41), 2 + 11);
+    // What is settled: reported usage first; nothing when the provider
+    // failed; the estimate when a stream ended without usage; else unknown.
+    assert_eq!(
+        tokens_to_settle(Some(30), true, Some(41), Some(&r)),
+        Some(30)
+    );
+    assert_eq!(tokens_to_settle(None, false, Some(41), Some(&r)), Some(0));
+    assert_eq!(tokens_to_settle(None, true, Some(41), Some(&r)), Some(13));
+    assert_eq!(tokens_to_settle(None, true, None, Some(&r)), None);
+    assert_eq!(tokens_to_settle(None, true, Some(41), None), None);
 }
 
 #[test]
