@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use filters::rate_limit::{Charge, LimitStore};
-use portcullis::redis_limits::RedisLimits;
+use portcullis::stores::redis_limits::RedisLimits;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 

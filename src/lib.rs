@@ -7,19 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod admin_cli;
 pub mod audit;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dialect;
-pub mod eval;
-pub mod guard_client;
 pub mod http_server;
-pub mod keys;
 pub mod metrics;
-pub mod mock;
 pub mod proxy;
-pub mod redis_limits;
-pub mod registry;
 pub mod server;
+pub mod stores;
+pub mod testkit;
 pub mod upstream;

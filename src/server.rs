@@ -7,10 +7,10 @@ use crate::audit::redis::RedisOptions;
 use crate::audit::{AuditKey, AuditLog, AuditOptions, AuditWriter, Sealer};
 use crate::config::Config;
 use crate::metrics;
-use crate::mock::{self, MockOptions, MockState};
 use crate::proxy::connections::Guarded;
 use crate::proxy::pipeline;
 use crate::proxy::{Gateway, Lifecycle};
+use crate::testkit::mock::{self, MockOptions, MockState};
 use crate::upstream::Upstream;
 use async_trait::async_trait;
 use pingora::connectors::http::Connector;
@@ -44,7 +44,7 @@ impl BackgroundService for MockService {
 }
 
 /// Keeps a Redis-backed registry snapshot current.
-struct RegistryFollower(Arc<crate::registry::RedisStore>);
+struct RegistryFollower(Arc<crate::stores::registry::RedisStore>);
 
 #[async_trait]
 impl BackgroundService for RegistryFollower {

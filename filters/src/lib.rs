@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_access;
 pub mod chain;
 pub mod clock;
 pub mod error;

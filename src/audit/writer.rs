@@ -22,7 +22,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Seconds between attempts while a sink fails.
 const RETRY: Duration = Duration::from_secs(1);
@@ -383,7 +383,7 @@ impl Writer {
             self.shared.depth.fetch_add(1, Ordering::AcqRel);
             self.held.push_back(json!({
                 "kind": "audit_gap",
-                "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                "ts": crate::clock::timestamp(),
                 "dropped": dropped,
                 "reason": "records were dropped because the audit queue was full",
             }));

@@ -82,9 +82,7 @@ impl Dialect for OpenAi {
     }
 
     fn withheld_end(&self, model: Option<&str>, choices: u64) -> Vec<SseEvent> {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = crate::clock::unix_secs();
         // Every one of the request's `n` choices (at most 128) ends.
         let all: Vec<Value> = (0..choices.clamp(1, 128)).map(self.cut_choice).collect();
         let (object, id) = self.cut_chunk;

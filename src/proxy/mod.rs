@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Status recorded when the client left before a response was written
 /// (nginx's convention).
@@ -642,7 +642,7 @@ impl ProxyHttp for Gateway {
             },
             rec: RequestRecord {
                 kind: "request",
-                ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                ts: crate::clock::timestamp(),
                 request_id: uuid::Uuid::new_v4().to_string(),
                 ..Default::default()
             },

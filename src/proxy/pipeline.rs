@@ -3,9 +3,9 @@
 //! but by `filters::FilterKind`.
 
 use crate::config::Config;
-use crate::keys::{self, JwksRefresher};
-use crate::redis_limits::RedisLimits;
-use crate::registry::{FileStore, RedisStore, RegistryStore};
+use crate::stores::keys::{self, JwksRefresher};
+use crate::stores::redis_limits::RedisLimits;
+use crate::stores::registry::{FileStore, RedisStore, RegistryStore};
 use filters::guard::breaker::Breaker;
 use filters::guard::cache::VerdictCache;
 use filters::guard::filter::GuardFilter;
@@ -347,7 +347,7 @@ pub fn build(
     if let Some(g) = &cfg.guard {
         let policy = Shared::new(load_guard_policy(&g.policy)?);
         guard_policy = Some(policy.clone());
-        let client = Arc::new(crate::guard_client::UpstreamGuard::new(
+        let client = Arc::new(crate::upstream::guard::UpstreamGuard::new(
             guard_upstream,
             g.provider.clone(),
             Duration::from_millis(g.timeout_ms),

@@ -15,7 +15,7 @@
 //! `kill -9` (`audit::kill_9_loses_at_most_the_last_instant_and_the_chain_goes_on`).
 
 use crate::support::*;
-use portcullis::mock::MockOptions;
+use portcullis::testkit::mock::MockOptions;
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -262,7 +262,7 @@ async fn parallel_timing_cancels_the_provider_call_and_leaks_nothing() {
     // The guard answers after 300 ms (a mock of its own): long after the
     // provider call has started, well before its stream ends, so the
     // test does not depend on which of the two calls happens to be first.
-    let guard = Mock::start(portcullis::mock::MockOptions {
+    let guard = Mock::start(portcullis::testkit::mock::MockOptions {
         latency_ms: 300,
         ..options()
     })

@@ -51,7 +51,7 @@ async fn json_output_is_redacted_and_counted_in_the_audit_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_output_is_redacted_across_events() {
     // Chunks of 3 characters: the token spans many events.
-    let mock = Mock::start(portcullis::mock::MockOptions {
+    let mock = Mock::start(portcullis::testkit::mock::MockOptions {
         chunk_bytes: 3,
         ..options()
     })

@@ -177,7 +177,7 @@ async fn provider_errors_map_to_502_or_pass_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_provider_is_504() {
-    let mock = Mock::start(portcullis::mock::MockOptions {
+    let mock = Mock::start(portcullis::testkit::mock::MockOptions {
         latency_ms: 3_000,
         ..options()
     })

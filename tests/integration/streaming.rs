@@ -51,7 +51,7 @@ async fn first_event_reaches_the_client_before_the_provider_finishes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_one_by_one_with_a_slow_provider() {
-    let mock = Mock::start(portcullis::mock::MockOptions {
+    let mock = Mock::start(portcullis::testkit::mock::MockOptions {
         event_delay_ms: 30,
         chunk_bytes: 2,
         ..options()
@@ -136,7 +136,7 @@ async fn broken_provider_stream_ends_with_an_error_event_and_is_audited() {
 async fn client_leaving_mid_stream_stops_the_provider_read() {
     // 150 events, 5 ms apart: the provider is still sending when the
     // gateway hangs up, and notices.
-    let mock = Mock::start(portcullis::mock::MockOptions {
+    let mock = Mock::start(portcullis::testkit::mock::MockOptions {
         event_delay_ms: 5,
         ..options()
     })

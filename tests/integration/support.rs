@@ -2,7 +2,7 @@
 //! gateway binary started on a temporary config.
 
 use futures_util::StreamExt;
-use portcullis::mock::{self, MockOptions, MockState};
+use portcullis::testkit::mock::{self, MockOptions, MockState};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};

@@ -4,7 +4,7 @@
 
 use crate::support::*;
 use futures_util::StreamExt;
-use portcullis::mock::MockOptions;
+use portcullis::testkit::mock::MockOptions;
 use serde_json::{json, Value};
 
 /// Deterministic characters from `alphabet` (no real secret in the tree).

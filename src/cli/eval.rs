@@ -4,7 +4,7 @@
 //! and the injection screen's recall and false positives on labelled
 //! attack and benign prompts.
 
-use crate::admin_cli::table;
+use crate::cli::admin::table;
 use filters::redact::{Kind, Redactor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -358,4 +358,35 @@ pub fn injection(
         spent.as_secs_f64() * 1e3
     );
     Ok(listed + &out)
+}
+
+/// `portcullis eval`: the reports asked for, or an error naming what to
+/// give.
+pub fn run(
+    secrets: Option<&Path>,
+    pii: Option<&Path>,
+    policy: &Path,
+    injection: Option<&Path>,
+    injection_policy: &Path,
+    misses: bool,
+) -> anyhow::Result<String> {
+    let mut out = String::new();
+    if secrets.is_some() || pii.is_some() {
+        let r = load_redactor(policy)?;
+        if let Some(f) = secrets {
+            out += &self::secrets(&r, f, misses)?;
+        }
+        if let Some(f) = pii {
+            out += &self::pii(&r, f, misses)?;
+        }
+    }
+    if let Some(f) = injection {
+        let d = crate::proxy::pipeline::load_injection(injection_policy)
+            .map_err(|e| anyhow::anyhow!(e.join("\n")))?;
+        out += &self::injection(&d, f, misses)?;
+    }
+    if out.is_empty() {
+        anyhow::bail!("give --secrets FILE, --pii FILE and/or --injection FILE");
+    }
+    Ok(out)
 }

@@ -1,6 +1,7 @@
 //! Calls to providers, made by the gateway itself with Pingora's pooled
-//! client (see PINGORA.md: the request body is read whole by the gateway and
-//! re-sent, so no size of prompt is ever lost).
+//! client: the request body is read whole by the gateway and re-sent, so
+//! no size of prompt is ever lost (Pingora's own proxy path keeps only
+//! the first 64 KiB it buffered for a request filter).
 //!
 //! Every timeout is set: connect, connect plus TLS, each read, each write,
 //! pooled idle time, and a deadline for the whole exchange. Host names are
@@ -11,6 +12,8 @@
 //! fresh connection. Once the whole request is out, a failure is never
 //! retried: the provider may have processed (and billed) it, and a second
 //! completion must not be bought behind the client's back.
+
+pub mod guard;
 
 use crate::config::{Provider, TimeoutsSection};
 use bytes::Bytes;

@@ -1,6 +1,9 @@
 //! `portcullis models …`, `portcullis freeze|unfreeze …`: the admin API
 //! from the command line, printed as tables.
 
+use super::{admin_client, print, AdminArgs, FreezeWho};
+use std::process::ExitCode;
+
 use crate::http_server::percent_encode;
 use serde_json::Value;
 
@@ -174,6 +177,20 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
+}
+
+/// `portcullis freeze|unfreeze --subject S | --tenant T`.
+pub(super) fn freeze(admin: AdminArgs, who: FreezeWho, frozen: bool) -> ExitCode {
+    let client = match admin_client(admin) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (kind, name) = match (who.subject, who.tenant) {
+        (Some(s), _) => ("subjects", s),
+        (None, Some(t)) => ("tenants", t),
+        (None, None) => return ExitCode::from(2),
+    };
+    print(client.freeze(kind, &name, frozen))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! JWT verification keys: loaded from disk at start-up, and followed at a
-//! JWKS URL by a background task. Also the dev key pair behind `keys
-//! generate`, `token` and `demo`.
+//! JWKS URL by a background task. (The dev key pair behind `keys
+//! generate`, `token` and `demo` is in `crate::testkit::dev_keys`.)
 
 use crate::config::{AuthSection, KeyEntry};
 use crate::upstream;
@@ -155,7 +155,7 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| e.to_string())
 }
 
-fn stem(path: &Path) -> String {
+pub(crate) fn stem(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -237,90 +237,4 @@ impl BackgroundService for JwksRefresher {
             }
         }
     }
-}
-
-/// The dev signing key pair: `keys/private/dev.key` (never committed) and
-/// `keys/dev.pem`, the public key the demo config loads. ES256.
-pub struct DevKeys {
-    pub private: PathBuf,
-    pub public: PathBuf,
-}
-
-impl DevKeys {
-    pub fn in_dir(dir: &Path) -> Self {
-        Self {
-            private: dir.join("private").join("dev.key"),
-            public: dir.join("dev.pem"),
-        }
-    }
-
-    /// Write a new pair (replacing any old one).
-    pub fn generate(&self) -> anyhow::Result<()> {
-        let pair = rcgen::KeyPair::generate()?;
-        if let Some(d) = self.private.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        if let Some(d) = self.public.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        write_private(&self.private, pair.serialize_pem().as_bytes())?;
-        std::fs::write(&self.public, pair.public_key_pem())?;
-        Ok(())
-    }
-
-    /// Generate the pair unless both halves exist.
-    pub fn ensure(&self) -> anyhow::Result<bool> {
-        if self.private.exists() && self.public.exists() {
-            return Ok(false);
-        }
-        self.generate()?;
-        Ok(true)
-    }
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, pem: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(pem)
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, pem: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, pem)
-}
-
-/// Claims for a dev token.
-pub struct TokenRequest<'a> {
-    pub sub: &'a str,
-    pub tenant: &'a str,
-    pub roles: &'a [String],
-    pub ttl: Duration,
-    pub issuer: &'a str,
-    pub audience: &'a str,
-}
-
-/// Sign a token with a private key file (ES256 PKCS#8, kid = file stem).
-pub fn mint(key_file: &Path, req: &TokenRequest<'_>) -> anyhow::Result<String> {
-    let pem =
-        std::fs::read(key_file).map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?;
-    let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem)
-        .map_err(|e| anyhow::anyhow!("{}: not an ES256 private key: {e}", key_file.display()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    header.kid = Some(stem(key_file));
-    let claims = serde_json::json!({
-        "sub": req.sub, "tenant": req.tenant, "roles": req.roles,
-        "iss": req.issuer, "aud": req.audience,
-        "iat": now, "nbf": now, "exp": now + req.ttl.as_secs(),
-    });
-    Ok(jsonwebtoken::encode(&header, &claims, &key)?)
 }

@@ -271,13 +271,13 @@ async fn handle(
             if stream {
                 let mut events: Vec<Value> = pieces(&prompt, opts.chunk_bytes)
                     .into_iter()
-                    .map(|p| json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+                    .map(|p| json!({"id": id, "object": "text_completion", "created": crate::clock::unix_secs(), "model": model,
                         "choices": [{"text": p, "index": 0, "finish_reason": null, "logprobs": null}]}))
                     .collect();
-                events.push(json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+                events.push(json!({"id": id, "object": "text_completion", "created": crate::clock::unix_secs(), "model": model,
                     "choices": [{"text": "", "index": 0, "finish_reason": "stop", "logprobs": null}]}));
                 if include_usage {
-                    events.push(json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+                    events.push(json!({"id": id, "object": "text_completion", "created": crate::clock::unix_secs(), "model": model,
                         "choices": [], "usage": usage}));
                 }
                 if let Some(top) = legacy_logprobs {
@@ -308,7 +308,7 @@ async fn handle(
                 };
                 json(
                     200,
-                    &json!({"id": id, "object": "text_completion", "created": now(), "model": model,
+                    &json!({"id": id, "object": "text_completion", "created": crate::clock::unix_secs(), "model": model,
                     "choices": [{"text": prompt, "index": 0, "finish_reason": "stop", "logprobs": logprobs}],
                     "usage": usage}),
                 )
@@ -568,7 +568,7 @@ fn finish_reason(message: &Value) -> &'static str {
 
 impl Chat {
     fn chunk(&self, choices: Value) -> Value {
-        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": now(),
+        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": crate::clock::unix_secs(),
             "model": self.model, "system_fingerprint": null, "choices": choices})
     }
 
@@ -595,7 +595,7 @@ impl Chat {
         let choices: Vec<Value> = (0..self.n)
             .map(|i| json!({"index": i, "message": message, "finish_reason": finish_reason(&message), "logprobs": logprobs}))
             .collect();
-        json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": now(), "model": self.model,
+        json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": crate::clock::unix_secs(), "model": self.model,
             "system_fingerprint": null, "choices": choices,
             "usage": usage(self.prompt_tokens, completion_tokens * self.n as u64)})
     }
@@ -791,10 +791,10 @@ fn as_guard(path: &str, req: &Value, model: &str) -> Option<Response<ResponseBod
     Some(json(
         200,
         &if path == "/v1/completions" {
-            json!({"id": "cmpl-guard", "object": "text_completion", "created": now(), "model": model,
+            json!({"id": "cmpl-guard", "object": "text_completion", "created": crate::clock::unix_secs(), "model": model,
                 "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": null}], "usage": usage})
         } else {
-            json!({"id": "chatcmpl-guard", "object": "chat.completion", "created": now(), "model": model,
+            json!({"id": "chatcmpl-guard", "object": "chat.completion", "created": crate::clock::unix_secs(), "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
                 "usage": usage})
         },
@@ -862,13 +862,6 @@ fn embed(text: &str, dims: usize) -> Vec<f32> {
         .max(f32::EPSILON);
     v.iter_mut().for_each(|x| *x /= norm);
     v
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
