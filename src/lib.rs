@@ -11,7 +11,6 @@ pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod dialect;
 pub mod http_server;
 pub mod metrics;
 pub mod proxy;

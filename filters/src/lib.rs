@@ -10,6 +10,7 @@
 pub mod admin_access;
 pub mod chain;
 pub mod clock;
+pub mod dialect;
 pub mod error;
 pub mod guard;
 pub mod injection;

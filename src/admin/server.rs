@@ -5,10 +5,10 @@
 use super::handlers::bad;
 use super::routes::route;
 use super::AdminApi;
-use crate::dialect::openai::error_body;
 use crate::http_server::{self, full, ResponseBody};
 use crate::metrics;
 use async_trait::async_trait;
+use filters::dialect::openai::error_body;
 use filters::{ErrorCode, Rejection};
 use http_body_util::BodyExt;
 use hyper::{Request, Response};

@@ -2,7 +2,7 @@
 //!
 //! Everything happens in `request_filter`, which answers every request
 //! itself and returns `Ok(true)`: intake ([`intake`]: headers, size cap,
-//! body), the request's wire format (`crate::dialect`), the request
+//! body), the route and its wire format ([`routes`], `filters::dialect`), the request
 //! chain, the provider call (re-originated, see `crate::upstream`), the
 //! response chain and the output guard ([`relay`], [`output_guard`]), and
 //! the reply. `logging`, which Pingora runs once on every path, hands the
@@ -14,15 +14,16 @@ mod intake;
 mod output_guard;
 pub mod pipeline;
 mod relay;
+mod routes;
 
 use crate::audit::{AuditLog, RequestRecord, UpstreamRecord, Verdict};
 use crate::config::Config;
 use crate::config::GuardOutput;
-use crate::dialect::{self, Dialect, Endpoint, Forward};
 use crate::metrics;
 use crate::upstream::{Upstream, UpstreamError};
 use async_trait::async_trait;
 use bytes::Bytes;
+use filters::dialect::{self, Dialect, Forward};
 use filters::model_registry::ModelGate;
 use filters::rate_limit::{RateLimiter, Reservation};
 use filters::{ErrorCode, FilterKind, Rejection, RequestView, ResponseChain, Route};
@@ -31,6 +32,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pipeline::Filters;
+use routes::Endpoint;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -301,7 +303,7 @@ impl Gateway {
             let r = Rejection::new(ErrorCode::AuditUnavailable, why);
             return self.refuse(s, ctx, "audit", r).await;
         }
-        match dialect::resolve(&ctx.rec.method, &ctx.rec.path) {
+        match routes::resolve(&ctx.rec.method, &ctx.rec.path) {
             Err(r) => self.refuse(s, ctx, "intake", r).await,
             Ok(Endpoint::ListModels) => self.models(s, ctx, None).await,
             Ok(Endpoint::GetModel(id)) => self.models(s, ctx, Some(id)).await,

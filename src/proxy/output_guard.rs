@@ -4,7 +4,7 @@
 
 use super::{Ctx, Gateway};
 use crate::config::GuardOutput;
-use crate::dialect::Dialect;
+use filters::dialect::Dialect;
 use filters::{ErrorCode, FilterKind, Rejection, SseEvent};
 use serde_json::{json, Value};
 use std::time::Instant;

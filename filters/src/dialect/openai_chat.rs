@@ -1,7 +1,7 @@
 //! OpenAI Chat Completions: `POST /v1/chat/completions`.
 
 use super::openai::OpenAi;
-use filters::Route;
+use crate::Route;
 use serde_json::json;
 
 pub const CHAT: OpenAi = OpenAi {

@@ -2,7 +2,7 @@
 //! refuses `stream`); its reply is vectors, no generated text.
 
 use super::openai::OpenAi;
-use filters::Route;
+use crate::Route;
 use serde_json::Value;
 
 pub const EMBEDDINGS: OpenAi = OpenAi {

@@ -2,7 +2,7 @@
 //! `choices[].text`; otherwise it is Chat Completions' format.
 
 use super::openai::OpenAi;
-use filters::Route;
+use crate::Route;
 use serde_json::json;
 
 pub const COMPLETIONS: OpenAi = OpenAi {

@@ -4,8 +4,8 @@
 //! module gives its own values of it.
 
 use super::{Dialect, Forward, StreamFacts};
-use filters::intake::{parse_body, CallBody, Shape};
-use filters::{Rejection, Route, SseEvent};
+use crate::intake::{parse_body, CallBody, Shape};
+use crate::{Rejection, Route, SseEvent};
 use serde_json::{json, Value};
 
 /// One of OpenAI's formats.
@@ -82,7 +82,7 @@ impl Dialect for OpenAi {
     }
 
     fn withheld_end(&self, model: Option<&str>, choices: u64) -> Vec<SseEvent> {
-        let created = crate::clock::unix_secs();
+        let created = crate::clock::Clock::now_secs(&crate::clock::SystemClock);
         // Every one of the request's `n` choices (at most 128) ends.
         let all: Vec<Value> = (0..choices.clamp(1, 128)).map(self.cut_choice).collect();
         let (object, id) = self.cut_chunk;
@@ -122,16 +122,16 @@ fn error_json(rejection: &Rejection) -> Value {
 /// an object and that `stream_options` is an object or null: both writes
 /// succeed.
 fn forward(request: &mut Value, forward: &Forward<'_>) {
-    filters::json::set(request, &["model"], Value::String(forward.model.into()));
+    crate::json::set(request, &["model"], Value::String(forward.model.into()));
     if forward.ask_usage {
-        filters::json::set(
+        crate::json::set(
             request,
             &["stream_options", "include_usage"],
             Value::Bool(true),
         );
     }
     if !forward.strip_tools.is_empty() {
-        filters::tool_authz::strip(request, forward.strip_tools);
+        crate::tool_authz::strip(request, forward.strip_tools);
     }
 }
 
@@ -322,7 +322,7 @@ pub fn model_list(models: impl Iterator<Item = Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use filters::ErrorCode;
+    use crate::ErrorCode;
 
     #[test]
     fn error_body_has_the_openai_shape() {
