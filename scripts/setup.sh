@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the system packages Portcullis needs to build and test, when they
 # are missing: cmake and a C compiler (Pingora builds zlib-ng), Python's venv
-# module (the OpenAI SDK tests) and redis-server (the shared-limit tests).
+# module (the OpenAI SDK tests), redis-server (the shared-limit tests) and
+# Node.js with npm (the Node.js SDK tests).
 # Debian/Ubuntu; uses sudo when not root.
 set -euo pipefail
 
@@ -11,6 +12,8 @@ command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if command -v python3 >/dev/null 2>&1; then
   probe=$(mktemp -d)
   if ! python3 -m venv "$probe/v" >/dev/null 2>&1; then need+=(python3-venv); fi
