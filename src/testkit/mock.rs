@@ -1,5 +1,6 @@
-//! An OpenAI-compatible mock provider: the LLM stand-in for the demo, the
-//! tests and the load tests.
+//! A mock provider speaking OpenAI's APIs and Anthropic's Messages API
+//! (`anthropic`): the LLM stand-in for the demo, the tests and the load
+//! tests.
 //!
 //! It accepts any model and any key and echoes the last user message back,
 //! so a test controls the output through its input. Streams send the reply
@@ -42,6 +43,8 @@
 //! `n` asks for that many identical choices (streamed: all of them in each
 //! event); `logprobs: true` adds a token list for `content` and `refusal`,
 //! one token per piece (completions: legacy `logprobs` when it is a number).
+
+mod anthropic;
 
 use crate::http_server::{self, full, json, ChannelBody, ResponseBody};
 use base64::Engine;
@@ -212,6 +215,8 @@ async fn handle(
         return reply;
     }
     match path {
+        "/v1/messages" => anthropic::messages(&req, opts, state),
+        "/v1/messages/count_tokens" => anthropic::count_tokens(&req),
         "/v1/chat/completions" => {
             let prompt = chat_prompt(&req);
             let prompt_tokens = tokens(&all_message_text(&req));
@@ -649,17 +654,29 @@ fn sse(
     opts: MockOptions,
     state: Arc<MockState>,
 ) -> Response<ResponseBody> {
+    let cut = matches!(ending, Ending::Cut);
+    let mut frames: Vec<Bytes> = events
+        .iter()
+        .map(|e| Bytes::from(format!("data: {e}\n\n")))
+        .collect();
+    if !matches!(ending, Ending::Done(false)) {
+        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    }
+    sse_frames(frames, cut, opts, state)
+}
+
+/// Send whole SSE frames, paced by `opts` and the hold gate; `cut` aborts
+/// the connection half-way instead of ending the stream.
+pub(super) fn sse_frames(
+    frames: Vec<Bytes>,
+    cut: bool,
+    opts: MockOptions,
+    state: Arc<MockState>,
+) -> Response<ResponseBody> {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let cut_at = matches!(ending, Ending::Cut).then_some(events.len() / 2);
+    let cut_at = cut.then_some(frames.len().saturating_sub(1) / 2);
     tokio::spawn(async move {
         let gate = state.gate();
-        let mut frames: Vec<Bytes> = events
-            .iter()
-            .map(|e| Bytes::from(format!("data: {e}\n\n")))
-            .collect();
-        if !matches!(ending, Ending::Done(false)) {
-            frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        }
         for (i, frame) in frames.into_iter().enumerate() {
             if Some(i) == cut_at {
                 let _ = tx
