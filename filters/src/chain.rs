@@ -427,6 +427,7 @@ mod tests {
             dry_run: false,
             route: Route::ChatCompletions,
             body: &body,
+            prompt: crate::prompt::of(Route::ChatCompletions, &body),
             model: Some("m"),
             stream: false,
             client_ip: None,

@@ -19,6 +19,7 @@ pub mod openai_completions;
 pub mod openai_embeddings;
 
 use crate::intake::{CallBody, Shape};
+use crate::prompt::Prompt;
 use crate::{Rejection, Route, SseEvent};
 use serde_json::Value;
 
@@ -56,6 +57,9 @@ pub trait Dialect: Send + Sync {
 
     /// Check and parse a request body.
     fn parse(&self, body: &[u8], shape: &Shape) -> Result<CallBody, Rejection>;
+
+    /// What the filters read of a parsed request.
+    fn prompt<'a>(&self, request: &'a Value) -> Prompt<'a>;
 
     /// Whether a streamed request should ask the provider for usage
     /// because the client did not.
@@ -112,3 +116,14 @@ pub trait Dialect: Send + Sync {
 
 /// The dialect errors are written in before a request's own is known.
 pub const DEFAULT: &dyn Dialect = &openai_chat::CHAT;
+
+/// The dialect of an OpenAI route (the admin API's simulation names
+/// routes; tests build views with it).
+pub fn for_route(route: Route) -> Option<&'static dyn Dialect> {
+    match route {
+        Route::ChatCompletions => Some(&openai_chat::CHAT),
+        Route::Completions => Some(&openai_completions::COMPLETIONS),
+        Route::Embeddings => Some(&openai_embeddings::EMBEDDINGS),
+        Route::Models => None,
+    }
+}

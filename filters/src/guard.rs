@@ -12,6 +12,7 @@ pub mod cache;
 pub mod filter;
 pub mod protocol;
 
+use crate::prompt::{self, Prompt};
 use crate::request::Principal;
 use serde::Deserialize;
 use serde_json::Value;
@@ -182,19 +183,10 @@ impl GuardPolicy {
     }
 }
 
-/// The text of one chat message: a string, or its text parts joined.
-fn message_text(m: &Value) -> Option<String> {
-    match m.get("content")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => {
-            let texts: Vec<&str> = parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str).or(p.as_str()))
-                .collect();
-            (!texts.is_empty()).then(|| texts.join("\n"))
-        }
-        _ => None,
-    }
+/// The text of one message: a string, or its text parts joined.
+fn message_text(m: &prompt::Message<'_>) -> Option<String> {
+    let texts = m.texts();
+    (!texts.is_empty()).then(|| texts.join("\n"))
 }
 
 /// Why a request cannot be judged.
@@ -211,42 +203,38 @@ pub struct Unjudgeable(pub &'static str);
 /// joined to it, since guards judge only the last turn. Text longer than
 /// `max_chars` keeps its beginning and its end.
 pub fn turns(
-    body: &Value,
+    prompt: &Prompt<'_>,
     send: Messages,
     max_chars: usize,
 ) -> Result<(Vec<Turn>, bool), Unjudgeable> {
     let mut all: Vec<Turn> = Vec::new();
-    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
-        for m in messages {
-            let role = match m.get("role").and_then(Value::as_str) {
-                Some("assistant") => Role::Assistant,
-                Some("tool" | "function") => Role::Tool,
-                _ => Role::User,
-            };
-            if let Some(text) = message_text(m).filter(|t| !t.trim().is_empty()) {
-                all.push(Turn { role, text });
-            }
+    for m in &prompt.messages {
+        let role = match m.role {
+            prompt::Role::Assistant => Role::Assistant,
+            prompt::Role::Tool => Role::Tool,
+            prompt::Role::System | prompt::Role::User => Role::User,
+        };
+        if let Some(text) = message_text(m).filter(|t| !t.trim().is_empty()) {
+            all.push(Turn { role, text });
         }
-    } else if let Some(prompt) = body.get("prompt") {
-        let parts: Vec<&str> =
-            match prompt {
-                Value::String(s) => vec![s.as_str()],
+    }
+    if prompt.messages.is_empty() && !prompt.inputs.is_empty() {
+        // A completions prompt (and its suffix): one user turn.
+        let mut parts: Vec<&str> = Vec::new();
+        for input in &prompt.inputs {
+            match input.value {
+                Value::String(s) => parts.push(s),
                 Value::Array(items) if items.iter().all(Value::is_string) => {
-                    items.iter().filter_map(Value::as_str).collect()
+                    parts.extend(items.iter().filter_map(Value::as_str))
                 }
-                Value::Array(items) if items.is_empty() => Vec::new(),
                 _ => return Err(Unjudgeable(
                     "a prompt given as token ids cannot be judged by the guard model; send text",
                 )),
-            };
-        let mut text = parts.join("\n");
-        if let Some(suffix) = body.get("suffix").and_then(Value::as_str) {
-            text.push('\n');
-            text.push_str(suffix);
+            }
         }
         all.push(Turn {
             role: Role::User,
-            text,
+            text: parts.join("\n"),
         });
     }
     // Guards judge the last turn: a trailing assistant turn (a prefill)
@@ -269,7 +257,7 @@ pub fn turns(
                 // The system messages (users too here) before it, joined.
                 let mut text: Vec<&str> = all[..u]
                     .iter()
-                    .filter(|t| t.role == Role::User && is_system_like(body, &t.text))
+                    .filter(|t| t.role == Role::User && is_system_like(prompt, &t.text))
                     .map(|t| t.text.as_str())
                     .collect();
                 text.push(&all[u].text);
@@ -323,19 +311,13 @@ pub fn turns(
     Ok((out, true))
 }
 
-/// Whether `text` is the text of one of the request's system or
-/// developer messages.
-fn is_system_like(body: &Value, text: &str) -> bool {
-    body.get("messages")
-        .and_then(Value::as_array)
-        .is_some_and(|ms| {
-            ms.iter().any(|m| {
-                matches!(
-                    m.get("role").and_then(Value::as_str),
-                    Some("system" | "developer")
-                ) && message_text(m).as_deref() == Some(text)
-            })
-        })
+/// Whether `text` is the text of one of the request's system (or
+/// developer) messages.
+fn is_system_like(prompt: &Prompt<'_>, text: &str) -> bool {
+    prompt
+        .messages
+        .iter()
+        .any(|m| m.role == prompt::Role::System && message_text(m).as_deref() == Some(text))
 }
 
 #[cfg(test)]

@@ -29,7 +29,8 @@ use crate::chain::{
     Annotation, Decision, Fact, FilterError, FilterKind, Mode, RequestFilter, Verdict,
 };
 use crate::error::{ErrorCode, Rejection};
-use crate::request::{Principal, RequestView, Route};
+use crate::prompt::{Message, Role};
+use crate::request::{Principal, RequestView};
 use crate::shared::Shared;
 use async_trait::async_trait;
 use rules::{RuleSpec, Rules, Scope, Target};
@@ -586,39 +587,21 @@ pub struct Text<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Unreadable(pub &'static str);
 
-fn message_source(role: &str, roles: &[ScanRole]) -> Option<Source> {
+fn message_source(role: Role, roles: &[ScanRole]) -> Option<Source> {
     let on = |r| roles.contains(&r);
-    match role.to_ascii_lowercase().as_str() {
-        "assistant" => None,
-        "system" | "developer" => on(ScanRole::System).then_some(Source::Direct),
-        "tool" | "function" => on(ScanRole::Tool).then_some(Source::Tool),
-        // `user`, and any role a provider might read as the caller's.
-        _ => on(ScanRole::User).then_some(Source::Direct),
+    match role {
+        Role::Assistant => None,
+        Role::System => on(ScanRole::System).then_some(Source::Direct),
+        Role::Tool => on(ScanRole::Tool).then_some(Source::Tool),
+        Role::User => on(ScanRole::User).then_some(Source::Direct),
     }
 }
 
-/// A message's text: its content (a string, or its text parts joined,
-/// so an attack split across parts is read whole) and its `name`.
-fn message_text(m: &Value) -> Option<Cow<'_, str>> {
-    let mut pieces: Vec<&str> = Vec::new();
-    match m.get("content") {
-        Some(Value::String(s)) => pieces.push(s),
-        Some(Value::Array(parts)) => {
-            for p in parts {
-                match p {
-                    Value::String(s) => pieces.push(s),
-                    Value::Object(o) => {
-                        if let Some(t) = o.get("text").and_then(Value::as_str) {
-                            pieces.push(t);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        _ => {}
-    }
-    if let Some(name) = m.get("name").and_then(Value::as_str) {
+/// A message's text: its text parts joined (so an attack split across
+/// parts is read whole) and its `name`.
+fn message_text<'a>(m: &Message<'a>) -> Option<Cow<'a, str>> {
+    let mut pieces = m.texts();
+    if let Some(name) = m.name {
         pieces.push(name);
     }
     match pieces.as_slice() {
@@ -648,80 +631,57 @@ fn schema_strings(v: &Value, out: &mut Vec<String>) {
 /// The texts of a request the screen reads, or what it cannot read.
 pub fn texts<'a>(view: &RequestView<'a>, roles: &[ScanRole]) -> Result<Vec<Text<'a>>, Unreadable> {
     let mut out = Vec::new();
-    let body = view.body;
+    let prompt = view.prompt;
     let place = |field, index, source| Place {
         field,
         index,
         source,
     };
-    match view.route {
-        Route::ChatCompletions => {
-            for (i, m) in body
-                .get("messages")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
-                let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-                let (Some(source), Some(text)) = (message_source(role, roles), message_text(m))
-                else {
-                    continue;
-                };
-                out.push(Text {
-                    place: place("message", i, source),
-                    text,
-                });
-            }
-        }
-        Route::Completions if roles.contains(&ScanRole::User) => {
-            let prompts: Vec<&Value> = match body.get("prompt") {
-                Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
-                    items.iter().collect()
-                }
-                Some(Value::Array(items)) if items.is_empty() => Vec::new(),
-                Some(Value::Array(_)) => {
+    for (i, m) in prompt.messages.iter().enumerate() {
+        let (Some(source), Some(text)) = (message_source(m.role, roles), message_text(m)) else {
+            continue;
+        };
+        out.push(Text {
+            place: place("message", i, source),
+            text,
+        });
+    }
+    // A completions prompt and suffix are the caller's; embeddings inputs
+    // generate nothing that follows instructions.
+    if prompt.generates && roles.contains(&ScanRole::User) {
+        for input in &prompt.inputs {
+            let items: Vec<&Value> = match input.value {
+                Value::Array(items) if items.iter().all(Value::is_string) => items.iter().collect(),
+                Value::Array(_) => {
                     return Err(Unreadable(
                         "a prompt given as token ids cannot be screened for prompt injection; send text",
                     ))
                 }
-                Some(p) => vec![p],
-                None => Vec::new(),
+                v => vec![v],
             };
-            for (i, p) in prompts.into_iter().enumerate() {
+            for (i, p) in items.into_iter().enumerate() {
                 if let Some(s) = p.as_str() {
                     out.push(Text {
-                        place: place("prompt", i, Source::Direct),
+                        place: place(input.field, i, Source::Direct),
                         text: Cow::Borrowed(s),
                     });
                 }
             }
-            if let Some(s) = body.get("suffix").and_then(Value::as_str) {
-                out.push(Text {
-                    place: place("suffix", 0, Source::Direct),
-                    text: Cow::Borrowed(s),
-                });
-            }
         }
-        // Embeddings generate nothing that follows instructions.
-        _ => {}
     }
     if roles.contains(&ScanRole::Tool) {
-        for field in ["tools", "functions", "response_format"] {
-            let declared: Vec<&Value> = match body.get(field) {
-                Some(Value::Array(items)) => items.iter().collect(),
-                Some(v @ Value::Object(_)) => vec![v],
-                _ => Vec::new(),
-            };
-            for (i, t) in declared.into_iter().enumerate() {
-                let mut found = Vec::new();
-                schema_strings(t, &mut found);
-                if !found.is_empty() {
-                    out.push(Text {
-                        place: place("tool_description", i, Source::Tool),
-                        text: Cow::Owned(found.join("\n")),
-                    });
-                }
+        let declarations = prompt.tools.iter().map(|t| t.declaration);
+        for (i, t) in declarations
+            .chain(prompt.schemas.iter().copied())
+            .enumerate()
+        {
+            let mut found = Vec::new();
+            schema_strings(t, &mut found);
+            if !found.is_empty() {
+                out.push(Text {
+                    place: place("tool_description", i, Source::Tool),
+                    text: Cow::Owned(found.join("\n")),
+                });
             }
         }
     }

@@ -18,6 +18,7 @@ pub mod intake;
 pub mod json;
 pub mod jwt_auth;
 pub mod model_registry;
+pub mod prompt;
 pub mod provider;
 pub mod rate_limit;
 pub mod redact;

@@ -28,7 +28,8 @@
 use crate::chain::{Decision, Fact, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::clock::Clock;
 use crate::error::{ErrorCode, Rejection};
-use crate::request::{RequestView, Route};
+use crate::prompt::Prompt;
+use crate::request::RequestView;
 use crate::sharded::{Sharded, SHARDS};
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -373,55 +374,46 @@ impl RateLimiter {
     }
 
     /// Tokens a request may use (see the module documentation).
-    pub fn estimate(&self, route: Route, body: &Value) -> u64 {
-        self.estimate_parts(route, body).total()
+    pub fn estimate(&self, prompt: &Prompt<'_>) -> u64 {
+        self.estimate_parts(prompt).total()
     }
 
     /// The estimate, as prompt and completion.
-    pub fn estimate_parts(&self, route: Route, body: &Value) -> Estimated {
+    pub fn estimate_parts(&self, p: &Prompt<'_>) -> Estimated {
         let policy = self.policy();
         let e = &policy.estimate;
         let mut count = Count::default();
-        match route {
-            Route::ChatCompletions => {
-                for m in body
-                    .get("messages")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    count.value(m);
-                }
-                for schema in ["tools", "functions"] {
-                    if let Some(t) = body.get(schema).filter(|t| !t.is_null()) {
-                        count.chars = count.chars.saturating_add(t.to_string().len() as u64);
-                    }
+        for m in &p.messages {
+            if let Some(content) = m.content {
+                count.value(content);
+            }
+            count.text(m.name.unwrap_or(""));
+            for call in &m.calls {
+                count.text(&call.name);
+                if let Some(arguments) = call.arguments {
+                    count.value(arguments);
                 }
             }
-            Route::Completions => count.value(body.get("prompt").unwrap_or(&Value::Null)),
-            Route::Embeddings => count.value(body.get("input").unwrap_or(&Value::Null)),
-            Route::Models => {}
+        }
+        for input in &p.inputs {
+            count.value(input.value);
+        }
+        for t in &p.tools {
+            // The declaration as the provider reads it.
+            count.chars = count
+                .chars
+                .saturating_add(t.declaration.to_string().len() as u64);
         }
         let prompt = count
             .chars
             .div_ceil(e.chars_per_token.max(1))
             .saturating_add(count.media.saturating_mul(e.media_tokens));
-        let completion = match route {
-            Route::ChatCompletions | Route::Completions => {
-                let per_choice = body
-                    .get("max_completion_tokens")
-                    .and_then(Value::as_u64)
-                    .or_else(|| body.get("max_tokens").and_then(Value::as_u64))
-                    .unwrap_or(e.default_max_tokens);
-                let choices = ["n", "best_of"]
-                    .iter()
-                    .filter_map(|k| body.get(*k).and_then(Value::as_u64))
-                    .max()
-                    .unwrap_or(1)
-                    .max(1);
-                per_choice.saturating_mul(choices)
-            }
-            _ => 0,
+        let completion = if p.generates {
+            p.max_tokens
+                .unwrap_or(e.default_max_tokens)
+                .saturating_mul(p.choices.max(1))
+        } else {
+            0
         };
         Estimated {
             prompt: prompt.min(MAX_ESTIMATE),
@@ -463,6 +455,10 @@ struct Count {
 }
 
 impl Count {
+    fn text(&mut self, s: &str) {
+        self.chars = self.chars.saturating_add(s.chars().count() as u64);
+    }
+
     /// Every string counts (content, parts' text, names, tool-call
     /// arguments); an image, audio or file part counts as one medium, its
     /// data not as text. Token-id prompts count one character per id.
@@ -544,7 +540,7 @@ impl RequestFilter for RateLimiter {
             ));
         }
         let requests = charges.len();
-        let parts = self.estimate_parts(request.route, request.body);
+        let parts = self.estimate_parts(request.prompt);
         let estimate = parts.total();
         if let Some(tpm) = tier.tokens_per_minute {
             charges.push(charge(format!("tok:{scope}"), estimate as f64, tpm, None));

@@ -68,8 +68,12 @@ pub struct RequestView<'a> {
     /// A simulation: decide, but spend nothing (no limit is charged).
     pub dry_run: bool,
     pub route: Route,
-    /// The parsed JSON body (`Value::Null` for bodiless routes).
+    /// The parsed JSON body (`Value::Null` for bodiless routes), as
+    /// written: filters read [`RequestView::prompt`], and only write back
+    /// into the body at the pointers it gives.
     pub body: &'a serde_json::Value,
+    /// What the request's dialect made of the body.
+    pub prompt: &'a crate::prompt::Prompt<'a>,
     /// The `model` field, when the body has one.
     pub model: Option<&'a str>,
     /// Whether the client asked for a streamed (SSE) response.

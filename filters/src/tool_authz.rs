@@ -12,6 +12,7 @@
 
 use crate::chain::{Annotation, Decision, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::error::{ErrorCode, Rejection};
+use crate::prompt::{Prompt, Role};
 use crate::request::{Principal, RequestView};
 use async_trait::async_trait;
 use regex::Regex;
@@ -291,67 +292,6 @@ impl ToolAuthz {
     }
 }
 
-/// The name a declared tool is judged by: `function.name` (`type:
-/// function`, and legacy `functions` entries), `custom.name` (`type:
-/// custom`), and for a built-in tool (`web_search`, `file_search`, ...)
-/// its type. `None` when a declaration names nothing usable.
-fn declared_name(tool: &Value) -> Option<String> {
-    let kind = tool
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("function");
-    let name = match kind {
-        "function" => tool.pointer("/function/name").or_else(|| tool.get("name")),
-        "custom" => tool.pointer("/custom/name").or_else(|| tool.get("name")),
-        other => return Some(other.to_string()),
-    };
-    name.and_then(Value::as_str)
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
-}
-
-/// The tool names a request declares, through `tools` and the legacy
-/// `functions`. A declaration without a usable name is an error.
-pub fn declared(body: &Value) -> Result<Vec<String>, Rejection> {
-    let tools = body.get("tools").and_then(Value::as_array);
-    // A legacy `functions` entry is `{name, parameters}`.
-    let functions = body.get("functions").and_then(Value::as_array);
-    let mut names = Vec::new();
-    for t in tools.into_iter().flatten() {
-        names.push(declared_name(t).ok_or_else(unnamed)?);
-    }
-    for f in functions.into_iter().flatten() {
-        let name = f
-            .get("name")
-            .and_then(Value::as_str)
-            .filter(|n| !n.is_empty());
-        names.push(name.ok_or_else(unnamed)?.to_string());
-    }
-    Ok(names)
-}
-
-fn unnamed() -> Rejection {
-    Rejection::about_input(
-        ErrorCode::InvalidRequest,
-        "Every entry of `tools` and `functions` must name its tool.",
-    )
-}
-
-/// The tool a request forces the model to call (`tool_choice` naming a
-/// function or custom tool, legacy `function_call: {"name": ...}`).
-fn forced(body: &Value) -> Vec<String> {
-    let mut names = Vec::new();
-    if let Some(choice) = body.get("tool_choice").filter(|c| c.is_object()) {
-        if let Some(name) = declared_name(choice) {
-            names.push(name);
-        }
-    }
-    if let Some(name) = body.pointer("/function_call/name").and_then(Value::as_str) {
-        names.push(name.to_string());
-    }
-    names
-}
-
 /// The name and arguments of one call: a `tool_calls` entry (`function`
 /// or `custom`) or a legacy `function_call` object.
 pub fn call_parts(call: &Value) -> (String, String) {
@@ -368,87 +308,46 @@ pub fn call_parts(call: &Value) -> (String, String) {
     (name.to_string(), args.to_string())
 }
 
-/// Names of the tools whose results `role: tool` (and legacy `role:
-/// function`) messages carry, found through the assistant messages' tool
-/// calls, and the calls those assistant messages replay.
-fn tool_results(body: &Value) -> Vec<String> {
-    let messages = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
+/// The names of the tools whose results the conversation carries (a
+/// result names its tool through the call it answers, else through its
+/// own name), and of the calls it replays.
+fn tool_results(prompt: &Prompt<'_>) -> Vec<String> {
     let mut names = BTreeMap::new();
     let mut used = Vec::new();
-    for m in messages {
-        for call in m
-            .get("tool_calls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (name, _) = call_parts(call);
-            if let Some(id) = call.get("id").and_then(Value::as_str) {
-                names.insert(id.to_string(), name.clone());
+    for m in &prompt.messages {
+        for call in &m.calls {
+            if let Some(id) = call.id {
+                names.insert(id, call.name.as_ref());
             }
-            used.push(name);
-        }
-        if let Some(call) = m.get("function_call").filter(|c| c.is_object()) {
-            used.push(call_parts(call).0);
+            used.push(call.name.to_string());
         }
     }
-    for m in messages {
-        let role = m.get("role").and_then(Value::as_str);
-        if !matches!(role, Some("tool" | "function")) {
-            continue;
-        }
+    for m in prompt.messages.iter().filter(|m| m.role == Role::Tool) {
         used.push(
-            m.get("tool_call_id")
-                .and_then(Value::as_str)
-                .and_then(|id| names.get(id).cloned())
-                .or_else(|| m.get("name").and_then(Value::as_str).map(str::to_string))
+            m.answers
+                .and_then(|id| names.get(id).map(|n| n.to_string()))
+                .or_else(|| m.name.map(str::to_string))
                 .unwrap_or_else(|| "<unknown tool>".into()),
         );
     }
     used
 }
 
-/// Remove the named tools from a request's `tools` and `functions`; a list
-/// left empty goes, and so does a `tool_choice` / `function_call` that
-/// names a removed tool or has nothing left to choose from.
-pub fn strip(body: &mut Value, names: &[String]) {
-    let Some(obj) = body.as_object_mut() else {
-        return;
-    };
-    let gone = |n: Option<String>| n.is_some_and(|n| names.contains(&n));
-    if let Some(Value::Array(tools)) = obj.get_mut("tools") {
-        tools.retain(|t| !gone(declared_name(t)));
-        if tools.is_empty() {
-            obj.remove("tools");
-            obj.remove("tool_choice");
-        }
-    }
-    if let Some(Value::Array(functions)) = obj.get_mut("functions") {
-        functions.retain(|f| !gone(f.get("name").and_then(Value::as_str).map(str::to_string)));
-        if functions.is_empty() {
-            obj.remove("functions");
-            obj.remove("function_call");
-        }
-    }
-    if obj
-        .get("tool_choice")
-        .filter(|c| c.is_object())
-        .is_some_and(|c| gone(declared_name(c)))
-    {
-        obj.remove("tool_choice");
-    }
-    if gone(
-        obj.get("function_call")
-            .and_then(|c| c.get("name"))
-            .and_then(Value::as_str)
-            .map(str::to_string),
-    ) {
-        obj.remove("function_call");
-    }
+/// The tool names a request declares. A declaration without a usable
+/// name is an error.
+pub fn declared(prompt: &Prompt<'_>) -> Result<Vec<String>, Rejection> {
+    prompt
+        .tools
+        .iter()
+        .map(|t| t.name.as_deref().map(str::to_string).ok_or_else(unnamed))
+        .collect()
+}
+
+fn unnamed() -> Rejection {
+    Rejection::about_input(
+        ErrorCode::InvalidRequest,
+        "Every declared tool must have a name.",
+    )
 }
 
 fn refusal(verdict: &ToolVerdict, tool: &str) -> Rejection {
@@ -472,7 +371,7 @@ impl RequestFilter for ToolAuthz {
         let p = request.principal;
         let policy = self.policy.get();
         // A result of a tool the caller may not use: always refused.
-        for tool in tool_results(request.body) {
+        for tool in tool_results(request.prompt) {
             let v = policy.judge(&tool, p, None);
             if v != ToolVerdict::Allowed {
                 let mut r = refusal(&v, &tool);
@@ -480,15 +379,18 @@ impl RequestFilter for ToolAuthz {
                 return Ok(Decision::Deny(r).into());
             }
         }
-        let declared = match declared(request.body) {
+        let declared = match declared(request.prompt) {
             Ok(d) => d,
             Err(r) => return Ok(Decision::Deny(r).into()),
         };
         // A forced tool must be declared: a name forced but not declared
         // is judged too.
         let mut stripped = Vec::new();
-        let forced = forced(request.body)
-            .into_iter()
+        let forced = request
+            .prompt
+            .forced
+            .iter()
+            .map(|f| f.to_string())
             .filter(|f| !declared.contains(f))
             .collect::<Vec<_>>();
         for tool in declared.into_iter().chain(forced) {

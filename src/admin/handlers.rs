@@ -363,6 +363,8 @@ impl AdminApi {
             roles: sim.principal.roles,
         };
         let model = sim.body["model"].as_str();
+        let prompt = filters::dialect::for_route(route)
+            .map_or_else(|| filters::prompt::EMPTY.clone(), |d| d.prompt(&sim.body));
         let view = RequestView {
             request_id: "simulation",
             authorization: None,
@@ -370,6 +372,7 @@ impl AdminApi {
             dry_run: true,
             route,
             body: &sim.body,
+            prompt: &prompt,
             model,
             stream: sim.body["stream"].as_bool().unwrap_or(false),
             client_ip: None,

@@ -25,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use filters::dialect::{self, Dialect, Forward};
 use filters::model_registry::ModelGate;
+use filters::prompt::{self, Prompt};
 use filters::rate_limit::{RateLimiter, Reservation};
 use filters::{ErrorCode, FilterKind, Rejection, RequestView, ResponseChain, Route};
 use futures_util::FutureExt;
@@ -172,16 +173,8 @@ impl Gateway {
 
     /// Run the request chain and apply what it found to the context.
     /// Returns the rejection, if any, with the filter that made it.
-    async fn screen(
-        &self,
-        s: &Session,
-        ctx: &mut Ctx,
-        route: Route,
-        body: &Value,
-        model: Option<&str>,
-        stream: bool,
-    ) -> Screened {
-        let view = request_view(s, ctx, route, body, model, stream);
+    async fn screen(&self, s: &Session, ctx: &mut Ctx, asked: Asked<'_>) -> Screened {
+        let view = request_view(s, ctx, asked);
         // In parallel timing the guard runs later, beside the provider call.
         let parallel = self.parallel_guard();
         let report = self
@@ -221,7 +214,7 @@ impl Gateway {
         ctx: &mut Ctx,
         route: Route,
     ) -> Option<(&'static str, Rejection)> {
-        let view = request_view(s, ctx, route, &Value::Null, None, false);
+        let view = request_view(s, ctx, Asked::nothing(route));
         let report = self
             .chain
             .run_filtered(&view, |k| k == FilterKind::JwtAuth)
@@ -236,9 +229,7 @@ impl Gateway {
     /// may use now.
     async fn models(&self, s: &mut Session, ctx: &mut Ctx, id: Option<String>) {
         ctx.rec.route = Some(Route::Models);
-        let screened = self
-            .screen(s, ctx, Route::Models, &Value::Null, None, false)
-            .await;
+        let screened = self.screen(s, ctx, Asked::nothing(Route::Models)).await;
         if let Some((by, r)) = screened.rejection {
             return self.refuse(s, ctx, by, r).await;
         }
@@ -380,14 +371,18 @@ impl Gateway {
         if self.cfg.audit.record_content {
             ctx.rec.content = Some(json!({"request": parsed.json}));
         }
+        let prompt = d.prompt(&parsed.json);
         let screened = self
             .screen(
                 s,
                 ctx,
-                route,
-                &parsed.json,
-                Some(&parsed.model),
-                parsed.stream,
+                Asked {
+                    route,
+                    body: &parsed.json,
+                    prompt: &prompt,
+                    model: Some(&parsed.model),
+                    stream: parsed.stream,
+                },
             )
             .await;
         if let Some((by, r)) = screened.rejection {
@@ -434,6 +429,7 @@ impl Gateway {
         } else {
             Value::Null
         };
+        let guard_prompt = d.prompt(&guard_body);
         let parsed_model = parsed.model.clone();
         let forward = Forward {
             model: &upstream_model,
@@ -476,6 +472,7 @@ impl Gateway {
                     dry_run: false,
                     route,
                     body: &guard_body,
+                    prompt: &guard_prompt,
                     model: Some(&parsed_model),
                     stream: parsed.stream,
                     client_ip: None,
@@ -708,15 +705,32 @@ struct Screened {
     body: Option<Value>,
 }
 
-/// What the request chain sees of a request.
-fn request_view<'a>(
-    s: &'a Session,
-    ctx: &'a Ctx,
+/// What a request asks, as the request chain reads it.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
     route: Route,
     body: &'a Value,
+    prompt: &'a Prompt<'a>,
     model: Option<&'a str>,
     stream: bool,
-) -> RequestView<'a> {
+}
+
+impl Asked<'static> {
+    /// A request without a body (the model list, the headers-only
+    /// authentication pass).
+    fn nothing(route: Route) -> Self {
+        Self {
+            route,
+            body: &Value::Null,
+            prompt: &prompt::EMPTY,
+            model: None,
+            stream: false,
+        }
+    }
+}
+
+/// What the request chain sees of a request.
+fn request_view<'a>(s: &'a Session, ctx: &'a Ctx, asked: Asked<'a>) -> RequestView<'a> {
     RequestView {
         request_id: &ctx.rec.request_id,
         authorization: s
@@ -726,10 +740,11 @@ fn request_view<'a>(
             .and_then(|v| v.to_str().ok()),
         principal: None,
         dry_run: false,
-        route,
-        body,
-        model,
-        stream,
+        route: asked.route,
+        body: asked.body,
+        prompt: asked.prompt,
+        model: asked.model,
+        stream: asked.stream,
         client_ip: ctx.rec.client_ip.as_deref().and_then(|ip| ip.parse().ok()),
     }
 }

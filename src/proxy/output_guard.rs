@@ -39,7 +39,10 @@ impl Gateway {
         }
         let started = Instant::now();
         let body = ctx.request_json.as_ref().unwrap_or(&Value::Null);
-        let result = guard.judge_reply(body, text, ctx.principal.as_ref()).await;
+        let prompt = ctx.dialect.prompt(body);
+        let result = guard
+            .judge_reply(&prompt, text, ctx.principal.as_ref())
+            .await;
         let mut outcome = filters::FilterOutcome {
             filter: FilterKind::OutputGuard,
             mode: g.mode,

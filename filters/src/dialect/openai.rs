@@ -5,8 +5,10 @@
 
 use super::{Dialect, Forward, StreamFacts};
 use crate::intake::{parse_body, CallBody, Shape};
+use crate::prompt::{Call, Input, Message, Prompt, Role, Tool};
 use crate::{Rejection, Route, SseEvent};
 use serde_json::{json, Value};
+use std::borrow::Cow;
 
 /// One of OpenAI's formats.
 pub struct OpenAi {
@@ -35,6 +37,10 @@ impl Dialect for OpenAi {
 
     fn parse(&self, body: &[u8], shape: &Shape) -> Result<CallBody, Rejection> {
         parse_body(self.route, body, shape)
+    }
+
+    fn prompt<'a>(&self, request: &'a Value) -> Prompt<'a> {
+        prompt(self.route, self.generates, request)
     }
 
     fn needs_usage_request(&self, request: &Value) -> bool {
@@ -100,6 +106,175 @@ impl Dialect for OpenAi {
     }
 }
 
+/// What the filters read of an OpenAI request.
+fn prompt(route: Route, generates: bool, body: &Value) -> Prompt<'_> {
+    let mut p = Prompt {
+        generates,
+        ..Prompt::default()
+    };
+    for (i, m) in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let role = match m.get("role").and_then(Value::as_str).unwrap_or("user") {
+            "assistant" => Role::Assistant,
+            "system" | "developer" => Role::System,
+            "tool" | "function" => Role::Tool,
+            // `user`, and any role a provider might read as the caller's.
+            _ => Role::User,
+        };
+        let mut message = Message::new(role, m.get("content"), format!("/messages/{i}/content"));
+        message.name = m.get("name").and_then(Value::as_str);
+        message.answers = m.get("tool_call_id").and_then(Value::as_str);
+        for call in m
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let inner = call
+                .get("function")
+                .or_else(|| call.get("custom"))
+                .unwrap_or(call);
+            message.calls.push(Call {
+                id: call.get("id").and_then(Value::as_str),
+                name: Cow::Borrowed(inner.get("name").and_then(Value::as_str).unwrap_or("")),
+                arguments: inner.get("arguments").or_else(|| inner.get("input")),
+            });
+        }
+        if let Some(call) = m.get("function_call").filter(|c| c.is_object()) {
+            message.calls.push(Call {
+                id: None,
+                name: Cow::Borrowed(call.get("name").and_then(Value::as_str).unwrap_or("")),
+                arguments: call.get("arguments"),
+            });
+        }
+        p.messages.push(message);
+    }
+    let field = |name: &'static str| {
+        body.get(name).filter(|v| !v.is_null()).map(|value| Input {
+            field: name,
+            value,
+            at: format!("/{name}"),
+        })
+    };
+    match route {
+        Route::Completions => p
+            .inputs
+            .extend([field("prompt"), field("suffix")].into_iter().flatten()),
+        Route::Embeddings => p.inputs.extend(field("input")),
+        _ => {}
+    }
+    for t in body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        p.tools.push(Tool {
+            name: tool_name(t).map(Cow::Owned),
+            declaration: t,
+        });
+    }
+    // A legacy `functions` entry is `{name, parameters}`.
+    for f in body
+        .get("functions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        p.tools.push(Tool {
+            name: f
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .map(Cow::Borrowed),
+            declaration: f,
+        });
+    }
+    match body.get("response_format") {
+        Some(Value::Array(items)) => p.schemas.extend(items),
+        Some(v @ Value::Object(_)) => p.schemas.push(v),
+        _ => {}
+    }
+    if let Some(choice) = body.get("tool_choice").filter(|c| c.is_object()) {
+        p.forced.extend(tool_name(choice).map(Cow::Owned));
+    }
+    if let Some(name) = body.pointer("/function_call/name").and_then(Value::as_str) {
+        p.forced.push(Cow::Borrowed(name));
+    }
+    p.max_tokens = body
+        .get("max_completion_tokens")
+        .and_then(Value::as_u64)
+        .or_else(|| body.get("max_tokens").and_then(Value::as_u64));
+    p.choices = ["n", "best_of"]
+        .iter()
+        .filter_map(|k| body.get(*k).and_then(Value::as_u64))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    p
+}
+
+/// The name a `tools` entry (or a `tool_choice`) gives: `function.name`,
+/// `custom.name`, or for a built-in tool its type (`web_search`).
+pub fn tool_name(tool: &Value) -> Option<String> {
+    let kind = tool
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("function");
+    let name = match kind {
+        "function" => tool.pointer("/function/name").or_else(|| tool.get("name")),
+        "custom" => tool.pointer("/custom/name").or_else(|| tool.get("name")),
+        other => return Some(other.to_string()),
+    };
+    name.and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+}
+
+/// Remove the named tools from a request's `tools` and `functions`; a list
+/// left empty goes, and so does a `tool_choice` / `function_call` that
+/// names a removed tool or has nothing left to choose from.
+pub fn strip(body: &mut Value, names: &[String]) {
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    let gone = |n: Option<String>| n.is_some_and(|n| names.contains(&n));
+    if let Some(Value::Array(tools)) = obj.get_mut("tools") {
+        tools.retain(|t| !gone(tool_name(t)));
+        if tools.is_empty() {
+            obj.remove("tools");
+            obj.remove("tool_choice");
+        }
+    }
+    if let Some(Value::Array(functions)) = obj.get_mut("functions") {
+        functions.retain(|f| !gone(f.get("name").and_then(Value::as_str).map(str::to_string)));
+        if functions.is_empty() {
+            obj.remove("functions");
+            obj.remove("function_call");
+        }
+    }
+    if obj
+        .get("tool_choice")
+        .filter(|c| c.is_object())
+        .is_some_and(|c| gone(tool_name(c)))
+    {
+        obj.remove("tool_choice");
+    }
+    if gone(
+        obj.get("function_call")
+            .and_then(|c| c.get("name"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    ) {
+        obj.remove("function_call");
+    }
+}
+
 /// `{"error": {"message", "type", "code", "param"}}`.
 pub fn error_body(rejection: &Rejection) -> Vec<u8> {
     error_json(rejection).to_string().into_bytes()
@@ -131,7 +306,7 @@ fn forward(request: &mut Value, forward: &Forward<'_>) {
         );
     }
     if !forward.strip_tools.is_empty() {
-        crate::tool_authz::strip(request, forward.strip_tools);
+        strip(request, forward.strip_tools);
     }
 }
 
@@ -343,6 +518,18 @@ mod tests {
             super::super::DEFAULT.error_event(&r).json(),
             Some(&v),
             "the stream's error event carries the same body"
+        );
+    }
+
+    #[test]
+    fn strip_covers_functions_and_forced_choices() {
+        let mut body = json!({"tools": [{"type": "function", "function": {"name": "a"}}, {"type": "custom", "custom": {"name": "b"}}],
+            "tool_choice": {"type": "custom", "custom": {"name": "b"}},
+            "functions": [{"name": "b"}], "function_call": {"name": "b"}});
+        strip(&mut body, &["b".to_string()]);
+        assert_eq!(
+            body,
+            json!({"tools": [{"type": "function", "function": {"name": "a"}}]})
         );
     }
 }

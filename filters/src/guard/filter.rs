@@ -12,7 +12,7 @@ use super::protocol::{self, ContentShape, Judgement, LlamaGuardPrompt};
 use super::{turns, Action, GuardPolicy, Turn};
 use crate::chain::{Annotation, Decision, Fact, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::error::{ErrorCode, Rejection};
-use crate::request::{RequestView, Route};
+use crate::request::RequestView;
 use crate::shared::Shared;
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -204,14 +204,14 @@ impl GuardFilter {
     /// guards judge). Moderation endpoints judge the reply alone.
     pub async fn judge_reply(
         &self,
-        body: &Value,
+        prompt: &crate::prompt::Prompt<'_>,
         reply: &str,
         principal: Option<&crate::request::Principal>,
     ) -> Result<ReplyVerdict, FilterError> {
         let policy = self.policy.get();
         let mut turns = match &self.spec.protocol {
             Protocol::OpenaiModeration { .. } => Vec::new(),
-            _ => turns(body, policy.send, policy.max_chars)
+            _ => turns(prompt, policy.send, policy.max_chars)
                 .map(|(t, _)| t)
                 .unwrap_or_default(),
         };
@@ -254,7 +254,8 @@ impl RequestFilter for GuardFilter {
     }
 
     async fn check(&self, view: &RequestView<'_>) -> Result<Verdict, FilterError> {
-        if !matches!(view.route, Route::ChatCompletions | Route::Completions) {
+        if !view.prompt.generates {
+            // Embeddings: nothing is generated to judge.
             return Ok(Decision::Allow.into());
         }
         if view.dry_run {
@@ -267,7 +268,7 @@ impl RequestFilter for GuardFilter {
         }
         let tenant = view.principal.map_or("", |p| p.tenant.as_str());
         let policy = self.policy.get();
-        let (turns, cut) = match turns(view.body, policy.send, policy.max_chars) {
+        let (turns, cut) = match turns(view.prompt, policy.send, policy.max_chars) {
             Ok(t) => t,
             Err(super::Unjudgeable(why)) => {
                 return Ok(

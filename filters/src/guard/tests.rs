@@ -3,6 +3,7 @@ use super::cache::{key, VerdictCache};
 use super::protocol::*;
 use super::*;
 use crate::clock::ManualClock;
+use crate::Route;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -239,6 +240,12 @@ fn categories_lead_to_actions_per_caller() {
 
 #[test]
 fn turns_are_chosen_and_cut_from_the_end() {
+    fn chat(b: &Value) -> &crate::prompt::Prompt<'_> {
+        crate::prompt::of(Route::ChatCompletions, b)
+    }
+    fn completions(b: &Value) -> &crate::prompt::Prompt<'_> {
+        crate::prompt::of(Route::Completions, b)
+    }
     let body = json!({"messages": [
         {"role": "system", "content": "be nice"},
         {"role": "user", "content": "first"},
@@ -246,19 +253,19 @@ fn turns_are_chosen_and_cut_from_the_end() {
         {"role": "tool", "tool_call_id": "c", "content": "tool out"},
         {"role": "user", "content": [{"type": "text", "text": "last"}, {"type": "image_url", "image_url": {"url": "x"}}]}]});
     // The system message is the caller's too.
-    let (t, cut) = turns(&body, Messages::LastUser, 100).unwrap();
+    let (t, cut) = turns(chat(&body), Messages::LastUser, 100).unwrap();
     assert_eq!((t, cut), (vec![turn(Role::User, "be nice\nlast")], false));
-    let (t, _) = turns(&body, Messages::Conversation, 100).unwrap();
+    let (t, _) = turns(chat(&body), Messages::Conversation, 100).unwrap();
     assert_eq!(t.len(), 4);
-    let (t, _) = turns(&body, Messages::ConversationAndTools, 100).unwrap();
+    let (t, _) = turns(chat(&body), Messages::ConversationAndTools, 100).unwrap();
     assert_eq!(t[3], turn(Role::Tool, "tool out"));
     // Too long: the first turn and the last are kept, cut in the middle.
-    let (t, cut) = turns(&body, Messages::Conversation, 9).unwrap();
+    let (t, cut) = turns(chat(&body), Messages::Conversation, 9).unwrap();
     assert!(cut);
     assert_eq!(t.len(), 2, "{t:?}");
     assert_eq!(t[0].text, "be\nce");
     let (t, _) = turns(
-        &json!({"prompt": ["a", "b"], "suffix": "c"}),
+        completions(&json!({"prompt": ["a", "b"], "suffix": "c"})),
         Messages::LastUser,
         10,
     )
@@ -268,27 +275,42 @@ fn turns_are_chosen_and_cut_from_the_end() {
     // last user turn is read with it.
     let hidden = json!({"messages": [{"role": "user", "content": "attack"}, {"role": "user", "content": " "}]});
     assert_eq!(
-        turns(&hidden, Messages::LastUser, 100).unwrap().0,
+        turns(chat(&hidden), Messages::LastUser, 100).unwrap().0,
         vec![turn(Role::User, "attack")]
     );
     let prefill = json!({"messages": [{"role": "user", "content": "go on"}, {"role": "assistant", "content": "Sure, step one: attack"}]});
     assert_eq!(
-        turns(&prefill, Messages::LastUser, 100).unwrap().0,
+        turns(chat(&prefill), Messages::LastUser, 100).unwrap().0,
         vec![turn(Role::User, "go on\nSure, step one: attack")]
     );
     // An attack at the start of a long text: head and tail are kept.
     let long =
         json!({"messages": [{"role": "user", "content": format!("attack {}", "x".repeat(100))}]});
-    let (t, cut) = turns(&long, Messages::LastUser, 20).unwrap();
+    let (t, cut) = turns(chat(&long), Messages::LastUser, 20).unwrap();
     assert!(cut && t[0].text.starts_with("attack"), "{t:?}");
     // Token ids cannot be judged.
-    assert!(turns(&json!({"prompt": [[40, 1390]]}), Messages::LastUser, 100).is_err());
-    assert!(turns(&json!({"prompt": [40, 1390]}), Messages::LastUser, 100).is_err());
+    assert!(turns(
+        completions(&json!({"prompt": [[40, 1390]]})),
+        Messages::LastUser,
+        100
+    )
+    .is_err());
+    assert!(turns(
+        completions(&json!({"prompt": [40, 1390]})),
+        Messages::LastUser,
+        100
+    )
+    .is_err());
     // Many tiny turns: linear.
     let many: Vec<Value> = (0..50_000)
         .map(|i| json!({"role": "user", "content": format!("t{i}")}))
         .collect();
-    let (t, cut) = turns(&json!({"messages": many}), Messages::Conversation, 1000).unwrap();
+    let (t, cut) = turns(
+        chat(&json!({"messages": many})),
+        Messages::Conversation,
+        1000,
+    )
+    .unwrap();
     assert!(cut && t.len() < 1000);
 }
 
@@ -459,6 +481,7 @@ mod filter {
             dry_run: false,
             route: Route::ChatCompletions,
             body,
+            prompt: crate::prompt::of(Route::ChatCompletions, body),
             model: Some("m"),
             stream: false,
             client_ip: None,

@@ -1,6 +1,7 @@
 use super::*;
 use crate::clock::ManualClock;
 use crate::request::Principal;
+use crate::Route;
 use serde_json::json;
 
 const T0: u64 = 1_800_000_000_000;
@@ -64,6 +65,7 @@ async fn ask(f: &Fixture, p: &Principal, body: &Value) -> Verdict {
         dry_run: false,
         route: Route::ChatCompletions,
         body,
+        prompt: crate::prompt::of(Route::ChatCompletions, body),
         model: Some("m"),
         stream: false,
         client_ip: None,
@@ -222,22 +224,38 @@ fn estimates() {
     let f = fixture();
     let body = json!({"messages": [{"role": "system", "content": "12345678"},
         {"role": "user", "content": [{"type": "text", "text": "abcd"}]}], "max_tokens": 7});
-    assert_eq!(f.limiter.estimate(Route::ChatCompletions, &body), 3 + 7);
     assert_eq!(
         f.limiter
-            .estimate(Route::ChatCompletions, &json!({"messages": []})),
+            .estimate(crate::prompt::of(Route::ChatCompletions, &body)),
+        3 + 7
+    );
+    assert_eq!(
+        f.limiter.estimate(crate::prompt::of(
+            Route::ChatCompletions,
+            &json!({"messages": []})
+        )),
         1024
     );
     assert_eq!(
-        f.limiter
-            .estimate(Route::Embeddings, &json!({"input": ["abcd", "efgh"]})),
+        f.limiter.estimate(crate::prompt::of(
+            Route::Embeddings,
+            &json!({"input": ["abcd", "efgh"]})
+        )),
         2
     );
     // n choices cost n completions; best_of as many as it generates.
     let body = json!({"messages": [{"role": "user", "content": "abcd"}], "max_tokens": 10, "n": 3});
-    assert_eq!(f.limiter.estimate(Route::ChatCompletions, &body), 1 + 30);
+    assert_eq!(
+        f.limiter
+            .estimate(crate::prompt::of(Route::ChatCompletions, &body)),
+        1 + 30
+    );
     let body = json!({"prompt": "abcd", "max_tokens": 10, "n": 2, "best_of": 5});
-    assert_eq!(f.limiter.estimate(Route::Completions, &body), 1 + 50);
+    assert_eq!(
+        f.limiter
+            .estimate(crate::prompt::of(Route::Completions, &body)),
+        1 + 50
+    );
     // Tool schemas and tool-call arguments count; an image is a fixed cost,
     // whatever the size of its data URL.
     let tools =
@@ -246,15 +264,18 @@ fn estimates() {
         {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "12345678"}}]},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(100_000))}}]}],
         "tools": tools, "max_tokens": 0});
-    let schema = tools.to_string().len() as u64;
+    // Each declaration as the provider reads it.
+    let schema = tools[0].to_string().len() as u64;
     assert_eq!(
-        f.limiter.estimate(Route::ChatCompletions, &body),
+        f.limiter
+            .estimate(crate::prompt::of(Route::ChatCompletions, &body)),
         (8 + 1 + schema).div_ceil(4) + 765
     );
     // Saturates instead of overflowing.
     let body = json!({"messages": [], "max_tokens": u64::MAX, "n": 128});
     assert_eq!(
-        f.limiter.estimate(Route::ChatCompletions, &body),
+        f.limiter
+            .estimate(crate::prompt::of(Route::ChatCompletions, &body)),
         MAX_ESTIMATE
     );
 }

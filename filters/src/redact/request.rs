@@ -8,7 +8,8 @@
 use super::Redactor;
 use crate::chain::{Annotation, Decision, Fact, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::error::{ErrorCode, Rejection};
-use crate::request::{RequestView, Route};
+use crate::prompt::Role;
+use crate::request::RequestView;
 use crate::shared::Shared;
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -54,11 +55,12 @@ impl RequestRedaction {
         }
     }
 
-    /// `prompt` / `input`: a string or an array of strings. Token ids are
-    /// refused: they cannot be screened.
-    fn redact_inputs(
+    /// A completions prompt or suffix, an embeddings input: a string or
+    /// an array of strings. Token ids are refused: they cannot be
+    /// screened.
+    fn redact_input(
         r: &Redactor,
-        body: &mut Value,
+        value: &mut Value,
         field: &str,
         counts: &mut BTreeMap<String, usize>,
     ) -> Result<(), Rejection> {
@@ -68,9 +70,9 @@ impl RequestRedaction {
                 format!("`{field}` must be text: token ids cannot be screened for secrets."),
             )
         };
-        match body.get_mut(field) {
-            Some(Value::String(s)) => Self::redact(r, s, counts),
-            Some(Value::Array(items)) => {
+        match value {
+            Value::String(s) => Self::redact(r, s, counts),
+            Value::Array(items) => {
                 for item in items {
                     match item {
                         Value::String(s) => Self::redact(r, s, counts),
@@ -78,8 +80,8 @@ impl RequestRedaction {
                     }
                 }
             }
-            None | Some(Value::Null) => {}
-            Some(_) => return Err(token_ids()),
+            Value::Null => {}
+            _ => return Err(token_ids()),
         }
         Ok(())
     }
@@ -110,26 +112,25 @@ impl RequestFilter for RequestRedaction {
         let r = self.redactor.get().for_tenant(tenant);
         let mut body = request.body.clone();
         let mut counts = BTreeMap::new();
-        let texts = match request.route {
-            Route::ChatCompletions => {
-                for m in crate::json::array_mut(&mut body, "messages")
-                    .into_iter()
-                    .flatten()
-                {
-                    let role = m.get("role").and_then(Value::as_str);
-                    if !matches!(role, Some("user" | "tool" | "function")) {
-                        continue;
-                    }
-                    if let Some(content) = m.get_mut("content") {
-                        Self::redact_texts(&r, content, &mut counts);
-                    }
-                }
-                Ok(())
+        // What the caller and its tools wrote; the model's own earlier
+        // turns and the system prompt are the caller's business.
+        for m in &request.prompt.messages {
+            if !matches!(m.role, Role::User | Role::Tool) {
+                continue;
             }
-            Route::Completions => Self::redact_inputs(&r, &mut body, "prompt", &mut counts),
-            Route::Embeddings => Self::redact_inputs(&r, &mut body, "input", &mut counts),
-            Route::Models => Ok(()),
-        };
+            if let Some(content) = body.pointer_mut(&m.at) {
+                Self::redact_texts(&r, content, &mut counts);
+            }
+        }
+        let mut texts = Ok(());
+        for input in &request.prompt.inputs {
+            if let Some(value) = body.pointer_mut(&input.at) {
+                texts = Self::redact_input(&r, value, input.field, &mut counts);
+                if texts.is_err() {
+                    break;
+                }
+            }
+        }
         if let Err(rejection) = texts {
             return Ok(Decision::Deny(rejection).into());
         }

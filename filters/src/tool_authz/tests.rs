@@ -193,6 +193,7 @@ async fn check(f: &ToolAuthz, user: &Principal, body: Value) -> Verdict {
         dry_run: false,
         route: Route::ChatCompletions,
         body: &body,
+        prompt: crate::prompt::of(Route::ChatCompletions, &body),
         model: None,
         stream: false,
         client_ip: None,
@@ -241,6 +242,7 @@ async fn request_declarations_and_tool_results() {
         dry_run: false,
         route: Route::ChatCompletions,
         body: &body,
+        prompt: crate::prompt::of(Route::ChatCompletions, &body),
         model: None,
         stream: false,
         client_ip: None,
@@ -287,18 +289,6 @@ async fn legacy_functions_custom_tools_and_forced_choices_are_judged() {
     let replayed = json!({"messages": [
         {"role": "assistant", "function_call": {"name": "delete_records", "arguments": "{}"}}]});
     assert!(denied(&check(replayed).await, ErrorCode::ToolNotAllowed));
-}
-
-#[test]
-fn strip_covers_functions_and_forced_choices() {
-    let mut body = json!({"tools": [{"type": "function", "function": {"name": "a"}}, {"type": "custom", "custom": {"name": "b"}}],
-        "tool_choice": {"type": "custom", "custom": {"name": "b"}},
-        "functions": [{"name": "b"}], "function_call": {"name": "b"}});
-    strip(&mut body, &["b".to_string()]);
-    assert_eq!(
-        body,
-        json!({"tools": [{"type": "function", "function": {"name": "a"}}]})
-    );
 }
 
 #[test]
