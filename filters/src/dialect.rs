@@ -9,10 +9,12 @@
 //! - [`openai_embeddings`]: `POST /v1/embeddings`
 //! - [`openai`]: what the three share (errors, usage, replies, streams),
 //!   and `GET /v1/models`
+//! - [`anthropic_messages`]: Anthropic's `POST /v1/messages`
 //!
 //! A new format (another provider's API) is one more module implementing
 //! [`Dialect`] and one more row in the gateway's route table.
 
+pub mod anthropic_messages;
 pub mod openai;
 pub mod openai_chat;
 pub mod openai_completions;
@@ -117,13 +119,14 @@ pub trait Dialect: Send + Sync {
 /// The dialect errors are written in before a request's own is known.
 pub const DEFAULT: &dyn Dialect = &openai_chat::CHAT;
 
-/// The dialect of an OpenAI route (the admin API's simulation names
-/// routes; tests build views with it).
+/// The dialect of a route (the admin API's simulation names routes;
+/// tests build views with it).
 pub fn for_route(route: Route) -> Option<&'static dyn Dialect> {
     match route {
         Route::ChatCompletions => Some(&openai_chat::CHAT),
         Route::Completions => Some(&openai_completions::COMPLETIONS),
         Route::Embeddings => Some(&openai_embeddings::EMBEDDINGS),
+        Route::Messages => Some(&anthropic_messages::MESSAGES),
         Route::Models => None,
     }
 }

@@ -229,7 +229,7 @@ pub fn parse_body(route: Route, bytes: &[u8], shape: &Shape) -> Result<CallBody,
         }
     }
     match route {
-        Route::ChatCompletions => match obj.get("messages") {
+        Route::ChatCompletions | Route::Messages => match obj.get("messages") {
             Some(Value::Array(m)) if m.len() > shape.max_messages => {
                 return Err(too_many("messages", m.len(), shape.max_messages))
             }
@@ -256,6 +256,18 @@ pub fn parse_body(route: Route, bytes: &[u8], shape: &Shape) -> Result<CallBody,
             }
         }
         Route::Models => {}
+    }
+    if route == Route::Messages {
+        if !obj.get("max_tokens").is_some_and(Value::is_u64) {
+            return Err(bad(
+                "`max_tokens` is required and must be a non-negative integer.",
+            ));
+        }
+        match obj.get("system") {
+            None | Some(Value::Null | Value::String(_)) => {}
+            Some(Value::Array(blocks)) if blocks.iter().all(Value::is_object) => {}
+            Some(_) => return Err(bad("`system` must be a string or an array of text blocks.")),
+        }
     }
     Ok(CallBody {
         json,

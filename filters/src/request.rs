@@ -12,6 +12,9 @@ pub enum Route {
     Completions,
     #[serde(rename = "embeddings")]
     Embeddings,
+    /// Anthropic's Messages API.
+    #[serde(rename = "messages")]
+    Messages,
     #[serde(rename = "models")]
     Models,
 }
@@ -23,6 +26,7 @@ impl Route {
             Self::ChatCompletions => "/chat/completions",
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
+            Self::Messages => "/messages",
             Self::Models => "/models",
         }
     }
@@ -32,6 +36,7 @@ impl Route {
             Self::ChatCompletions => "chat/completions",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+            Self::Messages => "messages",
             Self::Models => "models",
         }
     }

@@ -1,0 +1,524 @@
+//! Anthropic's Messages API: `POST /v1/messages`.
+//!
+//! A request is a `system` prompt (a string or text blocks), `messages` of
+//! `user` and `assistant` turns whose content is a string or blocks
+//! (`text`, `image`, `document`, `tool_use` in assistant turns,
+//! `tool_result` in user turns), `tools` declared by `name`, and a
+//! required `max_tokens`. The filters read it as: the system prompt as
+//! system messages, each turn as a message with its text blocks, each
+//! `tool_use` block as a replayed call, and each `tool_result` block as a
+//! tool message answering its `tool_use_id`.
+//!
+//! A reply is a message whose `content` is blocks (`text`, `thinking` with
+//! a `signature`, `redacted_thinking`, `tool_use`), with `usage` of
+//! `input_tokens` and `output_tokens`. A stream is `message_start` (input
+//! usage), `ping`s, per block `content_block_start`, deltas
+//! (`text_delta`, `thinking_delta`, `signature_delta`, `input_json_delta`)
+//! and `content_block_stop`, then `message_delta` (stop reason, output
+//! usage) and `message_stop`, which ends it. Errors are
+//! `{"type": "error", "error": {"type", "message"}}`; in a stream, an
+//! `error` event.
+
+use super::{Dialect, Forward, StreamFacts};
+use crate::intake::{parse_body, CallBody, Shape};
+use crate::prompt::{Call, Message, Prompt, Role, Tool};
+use crate::{ErrorCode, Rejection, Route, SseEvent};
+use serde_json::{json, Value};
+use std::borrow::Cow;
+
+pub struct AnthropicMessages;
+
+/// The dialect.
+pub const MESSAGES: AnthropicMessages = AnthropicMessages;
+
+impl Dialect for AnthropicMessages {
+    fn route(&self) -> Route {
+        Route::Messages
+    }
+
+    fn upstream_path(&self) -> &'static str {
+        "/messages"
+    }
+
+    fn parse(&self, body: &[u8], shape: &Shape) -> Result<CallBody, Rejection> {
+        parse_body(Route::Messages, body, shape)
+    }
+
+    fn prompt<'a>(&self, request: &'a Value) -> Prompt<'a> {
+        prompt(request)
+    }
+
+    /// Usage is always in the stream (`message_start`, `message_delta`).
+    fn needs_usage_request(&self, _: &Value) -> bool {
+        false
+    }
+
+    fn forward(&self, request: &mut Value, f: &Forward<'_>) {
+        crate::json::set(request, &["model"], Value::String(f.model.into()));
+        if !f.strip_tools.is_empty() {
+            strip(request, f.strip_tools);
+        }
+    }
+
+    fn choices(&self, _: &Value) -> u64 {
+        1
+    }
+
+    fn reply_usage(&self, reply: &Value) -> Option<Value> {
+        reply.get("usage").filter(|u| u.is_object()).cloned()
+    }
+
+    /// Input (cache writes and reads included) and output tokens.
+    fn total_tokens(&self, usage: &Value) -> Option<u64> {
+        let part = |k: &str| usage.get(k).and_then(Value::as_u64);
+        let input = part("input_tokens")?;
+        let output = part("output_tokens")?;
+        Some(
+            input
+                .saturating_add(output)
+                .saturating_add(part("cache_creation_input_tokens").unwrap_or(0))
+                .saturating_add(part("cache_read_input_tokens").unwrap_or(0)),
+        )
+    }
+
+    fn note_event(&self, event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {
+        if !event.has_data() {
+            return Ok(());
+        }
+        let Some(Value::Object(v)) = event.json() else {
+            return Err("provider sent an SSE event whose data is not a JSON object".into());
+        };
+        match v.get("type").and_then(Value::as_str) {
+            Some("message_start") => {
+                if let Some(u) = v
+                    .get("message")
+                    .and_then(|m| m.get("usage"))
+                    .filter(|u| u.is_object())
+                {
+                    facts.usage = Some(u.clone());
+                }
+            }
+            Some("message_delta") => {
+                // The final output count; the input count stays from the start.
+                if let Some(Value::Object(delta)) = v.get("usage") {
+                    let mut usage = match facts.usage.take() {
+                        Some(Value::Object(u)) => u,
+                        _ => serde_json::Map::new(),
+                    };
+                    for (k, n) in delta {
+                        if !n.is_null() {
+                            usage.insert(k.clone(), n.clone());
+                        }
+                    }
+                    facts.usage = Some(Value::Object(usage));
+                }
+            }
+            Some("content_block_delta") => {
+                facts.generated_chars += delta_text(v.get("delta")).chars().count() as u64;
+            }
+            Some("message_stop") => facts.done = true,
+            Some("error") => {
+                return Err("provider ended the stream with an error event".into());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn is_usage_only(&self, _: &SseEvent) -> bool {
+        false
+    }
+
+    /// `message_delta` (the stop reason) and `message_stop`.
+    fn is_closing(&self, event: &SseEvent) -> bool {
+        matches!(event_type(event), Some("message_delta" | "message_stop"))
+    }
+
+    fn reply_texts(&self, reply: &Value) -> Vec<(u64, String)> {
+        let mut out = String::new();
+        match reply.get("type").and_then(Value::as_str) {
+            // A whole message: every block's generated text.
+            Some("message") => {
+                for b in reply
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    out.push_str(&block_text(b));
+                }
+            }
+            Some("content_block_start") => out.push_str(&block_text(
+                reply.get("content_block").unwrap_or(&Value::Null),
+            )),
+            Some("content_block_delta") => out.push_str(&delta_text(reply.get("delta"))),
+            _ => {}
+        }
+        vec![(0, out)]
+    }
+
+    /// As the API ends a reply it will not give: no content,
+    /// `stop_reason: refusal`.
+    fn withhold(&self, reply: &mut Value) {
+        crate::json::set(reply, &["content"], json!([]));
+        crate::json::set(reply, &["stop_reason"], json!("refusal"));
+        crate::json::set(reply, &["stop_sequence"], Value::Null);
+    }
+
+    fn withheld_end(&self, _: Option<&str>, _: u64) -> Vec<SseEvent> {
+        vec![
+            named(json!({"type": "message_delta",
+                "delta": {"stop_reason": "refusal", "stop_sequence": null},
+                "usage": {"output_tokens": 0}})),
+            named(json!({"type": "message_stop"})),
+        ]
+    }
+
+    fn error_body(&self, rejection: &Rejection) -> Vec<u8> {
+        error_json(rejection).to_string().into_bytes()
+    }
+
+    fn error_event(&self, rejection: &Rejection) -> SseEvent {
+        named(error_json(rejection))
+    }
+}
+
+/// An event named by its data's `type`, as the API sends them.
+fn named(data: Value) -> SseEvent {
+    let name = data.get("type").and_then(Value::as_str).map(str::to_string);
+    let mut e = SseEvent::from_json(data);
+    e.event = name;
+    e
+}
+
+fn event_type(event: &SseEvent) -> Option<&str> {
+    event
+        .json()
+        .and_then(|v| v.get("type"))
+        .and_then(Value::as_str)
+        .or(event.event.as_deref())
+}
+
+/// `{"type": "error", "error": {"type", "message"}}`, the type from the
+/// status, as the SDKs map it to their exception classes.
+fn error_json(rejection: &Rejection) -> Value {
+    json!({"type": "error", "error": {
+        "type": error_type(rejection.code),
+        "message": rejection.message,
+    }})
+}
+
+/// The API's error type for one of the gateway's codes.
+pub fn error_type(code: ErrorCode) -> &'static str {
+    match code.status() {
+        400 | 415 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 | 405 => "not_found_error",
+        413 | 431 => "request_too_large",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        504 => "timeout_error",
+        _ => "api_error",
+    }
+}
+
+/// The text a block generated: `text`, `thinking`, a `tool_use`'s input.
+fn block_text(b: &Value) -> String {
+    match b.get("type").and_then(Value::as_str) {
+        Some("text") => b.get("text").and_then(Value::as_str).unwrap_or("").into(),
+        Some("thinking") => b
+            .get("thinking")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .into(),
+        Some("tool_use") => b
+            .get("input")
+            .filter(|i| i.as_object().is_none_or(|o| !o.is_empty()))
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// The text a stream delta carries.
+fn delta_text(delta: Option<&Value>) -> String {
+    let Some(d) = delta else {
+        return String::new();
+    };
+    let field = match d.get("type").and_then(Value::as_str) {
+        Some("text_delta") => "text",
+        Some("thinking_delta") => "thinking",
+        Some("input_json_delta") => "partial_json",
+        _ => return String::new(),
+    };
+    d.get(field).and_then(Value::as_str).unwrap_or("").into()
+}
+
+/// What the filters read of a Messages request.
+fn prompt(body: &Value) -> Prompt<'_> {
+    let mut p = Prompt {
+        generates: true,
+        choices: 1,
+        max_tokens: body.get("max_tokens").and_then(Value::as_u64),
+        ..Prompt::default()
+    };
+    if let Some(system) = body.get("system").filter(|s| !s.is_null()) {
+        p.messages
+            .push(Message::new(Role::System, Some(system), "/system".into()));
+    }
+    for (i, m) in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some("assistant") => Role::Assistant,
+            // `user`, and any other role the API might read as the caller's.
+            _ => Role::User,
+        };
+        let content = m.get("content");
+        let mut message = Message::new(role, content, format!("/messages/{i}/content"));
+        let mut results = Vec::new();
+        for (j, block) in content
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            match block.get("type").and_then(Value::as_str) {
+                Some("tool_use") => message.calls.push(Call {
+                    id: block.get("id").and_then(Value::as_str),
+                    name: Cow::Borrowed(block.get("name").and_then(Value::as_str).unwrap_or("")),
+                    arguments: block.get("input"),
+                }),
+                // A tool's result, text from elsewhere: a message of its own.
+                Some("tool_result") => {
+                    let mut result = Message::new(
+                        Role::Tool,
+                        block.get("content"),
+                        format!("/messages/{i}/content/{j}/content"),
+                    );
+                    result.answers = block.get("tool_use_id").and_then(Value::as_str);
+                    results.push(result);
+                }
+                _ => {}
+            }
+        }
+        p.messages.push(message);
+        p.messages.extend(results);
+    }
+    for t in body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        p.tools.push(Tool {
+            name: tool_name(t).map(Cow::Borrowed),
+            declaration: t,
+        });
+    }
+    if let Some(choice) = body.get("tool_choice").filter(|c| c.is_object()) {
+        if choice.get("type").and_then(Value::as_str) == Some("tool") {
+            p.forced.extend(
+                choice
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(Cow::Borrowed),
+            );
+        }
+    }
+    p
+}
+
+/// A declared tool's name: `name` (client tools and the versioned
+/// built-in ones, `{"type": "web_search_20250305", "name": "web_search"}`).
+fn tool_name(tool: &Value) -> Option<&str> {
+    tool.get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+}
+
+/// Remove the named tools from `tools` (the list goes when empty), and a
+/// `tool_choice` that names one of them or has nothing left to choose.
+fn strip(body: &mut Value, names: &[String]) {
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    let gone = |n: Option<&str>| n.is_some_and(|n| names.iter().any(|x| x == n));
+    let mut none_left = false;
+    if let Some(Value::Array(tools)) = obj.get_mut("tools") {
+        tools.retain(|t| !gone(tool_name(t)));
+        none_left = tools.is_empty();
+    }
+    if none_left {
+        obj.remove("tools");
+    }
+    let choice_gone = obj.get("tool_choice").is_some_and(|c| {
+        gone(c.get("name").and_then(Value::as_str))
+            || (none_left && matches!(c.get("type").and_then(Value::as_str), Some("any" | "tool")))
+    });
+    if choice_gone {
+        obj.remove("tool_choice");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(body: &Value) -> Prompt<'_> {
+        MESSAGES.prompt(body)
+    }
+
+    #[test]
+    fn the_filters_read_system_turns_tool_calls_and_results() {
+        let body = json!({
+            "model": "claude", "max_tokens": 100,
+            "system": [{"type": "text", "text": "be brief"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}},
+                      {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "tool", "name": "get_weather"},
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "checking"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny"}]},
+                    {"type": "text", "text": "thanks"}]}]});
+        let p = view(&body);
+        let roles: Vec<Role> = p.messages.iter().map(|m| m.role).collect();
+        assert_eq!(
+            roles,
+            [
+                Role::System,
+                Role::User,
+                Role::Assistant,
+                Role::User,
+                Role::Tool
+            ]
+        );
+        assert_eq!(p.messages[0].texts(), ["be brief"]);
+        assert_eq!(p.messages[2].calls[0].name, "get_weather");
+        assert_eq!(p.messages[2].calls[0].id, Some("toolu_1"));
+        // The user turn reads its text blocks, not the result inside it.
+        assert_eq!(p.messages[3].texts(), ["thanks"]);
+        assert_eq!(p.messages[4].answers, Some("toolu_1"));
+        assert_eq!(p.messages[4].texts(), ["sunny"]);
+        assert_eq!(
+            body.pointer(&p.messages[4].at),
+            Some(&json!([{"type": "text", "text": "sunny"}]))
+        );
+        let names: Vec<_> = p.tools.iter().map(|t| t.name.as_deref()).collect();
+        assert_eq!(names, [Some("get_weather"), Some("web_search")]);
+        assert_eq!(p.forced, ["get_weather"]);
+        assert_eq!((p.max_tokens, p.choices, p.generates), (Some(100), 1, true));
+    }
+
+    #[test]
+    fn hostile_shapes_read_as_nothing_rather_than_panic() {
+        for body in [
+            json!(null),
+            json!({"messages": "x", "system": 5, "tools": {"a": 1}}),
+            json!({"messages": [5, {"content": [7, {"type": "tool_result"}]}]}),
+        ] {
+            let _ = view(&body);
+            let mut b = body.clone();
+            strip(&mut b, &["x".into()]);
+        }
+    }
+
+    #[test]
+    fn stripping_removes_the_tool_and_a_choice_that_needs_it() {
+        let mut body = json!({"tools": [{"name": "a"}, {"name": "b"}],
+            "tool_choice": {"type": "tool", "name": "b"}});
+        strip(&mut body, &["b".into()]);
+        assert_eq!(body, json!({"tools": [{"name": "a"}]}));
+        let mut body = json!({"tools": [{"name": "b"}], "tool_choice": {"type": "any"}});
+        strip(&mut body, &["b".into()]);
+        assert_eq!(body, json!({}));
+        let mut body =
+            json!({"tools": [{"name": "a"}, {"name": "b"}], "tool_choice": {"type": "auto"}});
+        strip(&mut body, &["b".into()]);
+        assert_eq!(
+            body,
+            json!({"tools": [{"name": "a"}], "tool_choice": {"type": "auto"}})
+        );
+    }
+
+    #[test]
+    fn usage_settles_from_the_start_and_the_delta() {
+        let mut facts = StreamFacts::default();
+        for data in [
+            json!({"type": "message_start", "message": {"usage": {"input_tokens": 12, "output_tokens": 1}}}),
+            json!({"type": "ping"}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "héllo"}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"a\""}}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}),
+        ] {
+            MESSAGES
+                .note_event(&SseEvent::from_json(data), &mut facts)
+                .unwrap();
+        }
+        assert!(!facts.done);
+        MESSAGES
+            .note_event(&SseEvent::data(r#"{"type":"message_stop"}"#), &mut facts)
+            .unwrap();
+        assert!(facts.done);
+        assert_eq!(facts.generated_chars, 5 + 4);
+        let usage = facts.usage.unwrap();
+        assert_eq!(MESSAGES.total_tokens(&usage), Some(21));
+        assert!(MESSAGES
+            .note_event(&SseEvent::data("not json"), &mut StreamFacts::default())
+            .is_err());
+        let error =
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}});
+        assert!(MESSAGES
+            .note_event(&SseEvent::from_json(error), &mut StreamFacts::default())
+            .is_err());
+    }
+
+    #[test]
+    fn errors_have_the_anthropic_shape_and_types() {
+        let r = Rejection::new(ErrorCode::ModelFrozen, "frozen by admin");
+        let v: Value = serde_json::from_slice(&MESSAGES.error_body(&r)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "permission_error");
+        assert!(
+            !v.to_string().contains("frozen by admin"),
+            "the reason is not public"
+        );
+        let e = MESSAGES.error_event(&r);
+        assert_eq!(e.event.as_deref(), Some("error"));
+        assert_eq!(e.json(), Some(&v));
+        for (code, kind) in [
+            (ErrorCode::InvalidToken, "authentication_error"),
+            (ErrorCode::RateLimited, "rate_limit_error"),
+            (ErrorCode::ModelNotFound, "not_found_error"),
+            (ErrorCode::PromptInjection, "invalid_request_error"),
+            (ErrorCode::UpstreamError, "api_error"),
+        ] {
+            assert_eq!(error_type(code), kind, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn reply_texts_cover_every_generated_block() {
+        let reply = json!({"type": "message", "content": [
+            {"type": "thinking", "thinking": "hmm ", "signature": "sig"},
+            {"type": "text", "text": "hi "},
+            {"type": "tool_use", "id": "t", "name": "f", "input": {"k": "v"}}]});
+        assert_eq!(
+            MESSAGES.reply_texts(&reply),
+            [(0, "hmm hi {\"k\":\"v\"}".to_string())]
+        );
+        let mut r = reply.clone();
+        MESSAGES.withhold(&mut r);
+        assert_eq!(r["content"], json!([]));
+        assert_eq!(r["stop_reason"], "refusal");
+    }
+}
