@@ -114,6 +114,57 @@ pub trait Dialect: Send + Sync {
 
     /// A rejection as one stream event, for a stream already under way.
     fn error_event(&self, rejection: &Rejection) -> SseEvent;
+
+    /// Client headers passed on to the provider (an API version, beta
+    /// flags).
+    fn passed_headers(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// For a dialect whose replies are not in the response stages' shape:
+    /// how they are carried there and back.
+    fn bridge(&self) -> Option<&dyn Bridge> {
+        None
+    }
+}
+
+/// The response stages (redaction, tool authorization) read replies in
+/// one shape, Chat Completions': `choices` with `message` (or a stream's
+/// `delta`) `content`, `reasoning_content` and `tool_calls`, and a
+/// `finish_reason` that closes a choice. A dialect with other replies
+/// carries them there and back through a bridge; its own events that
+/// carry no generated text go around the stages, in order.
+pub trait Bridge: Send + Sync {
+    /// A whole reply in the stages' shape.
+    fn reply_in(&self, reply: &Value) -> Value;
+    /// The reply rebuilt from what the stages left of it (`staged`), the
+    /// provider's `original` giving everything they do not see.
+    fn reply_out(&self, original: &Value, staged: &Value) -> Value;
+    /// The translator of one stream.
+    fn stream(&self) -> Box<dyn StreamBridge>;
+}
+
+/// Where an upstream event goes.
+#[derive(Debug)]
+pub enum Bridged {
+    /// Through the response stages (in their shape).
+    Stages(SseEvent),
+    /// Around them, to the client as it is (after what the stages
+    /// released before it).
+    Around(SseEvent),
+}
+
+/// One stream's translation to the stages' shape and back.
+pub trait StreamBridge: Send {
+    /// An upstream event.
+    fn inbound(&mut self, event: SseEvent) -> Vec<Bridged>;
+    /// An event the stages let through, in the dialect's events.
+    fn outbound(&mut self, event: SseEvent) -> Vec<SseEvent>;
+    /// An event that went around the stages, as it goes to the client
+    /// (a stop reason corrected when the stages removed a tool call).
+    fn around(&mut self, event: SseEvent) -> SseEvent {
+        event
+    }
 }
 
 /// The dialect errors are written in before a request's own is known.

@@ -114,6 +114,7 @@ pub struct Provider {
     /// Path prefix from the base URL without a trailing slash, e.g. `/v1`.
     pub base_path: String,
     pub api_key: Option<String>,
+    pub kind: ProviderKind,
     pub timeouts: TimeoutsSection,
 }
 

@@ -145,17 +145,31 @@ impl Default for TimeoutsSection {
     }
 }
 
-/// `providers.NAME:` — an OpenAI-compatible upstream.
+/// `providers.NAME:` — an upstream model provider.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSection {
     /// Base URL including the API prefix, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
-    /// Sent as `Authorization: Bearer KEY`. Use `${ENV_VAR}`.
+    /// How the provider takes its key: `openai` (default; `Authorization:
+    /// Bearer KEY`) or `anthropic` (`x-api-key: KEY`, and
+    /// `anthropic-version` when the client sent none).
+    #[serde(default)]
+    pub kind: ProviderKind,
+    /// The provider's key. Use `${ENV_VAR}`.
     #[serde(default)]
     pub api_key: Option<String>,
     #[serde(default)]
     pub timeouts: TimeoutsSection,
+}
+
+/// How a provider takes its key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    #[default]
+    Openai,
+    Anthropic,
 }
 
 /// `models.ID:` — a model the registry is seeded with on a fresh install.

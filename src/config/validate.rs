@@ -212,6 +212,7 @@ pub(super) fn build_provider(
             .unwrap_or(if tls { 443 } else { 80 }),
         base_path: url.path().trim_end_matches('/').to_string(),
         api_key: p.api_key,
+        kind: p.kind,
         timeouts: t,
     })
 }

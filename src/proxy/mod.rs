@@ -81,6 +81,9 @@ pub struct Ctx {
     lifecycle: Arc<Lifecycle>,
     /// The wire format of the request (OpenAI Chat until it is known).
     dialect: &'static dyn Dialect,
+    /// A token sent as `x-api-key` (the Anthropic SDKs' header), as the
+    /// `Authorization` value it stands for when that header is absent.
+    api_key: Option<String>,
 }
 
 /// Requests in flight, and whether the process is draining after SIGTERM.
@@ -271,6 +274,11 @@ impl Gateway {
             header.headers.get("x-request-id").map(|v| v.as_bytes()),
         );
         ctx.rec.method = header.method.to_string();
+        ctx.api_key = header
+            .headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(|k| format!("Bearer {}", k.trim()));
         ctx.rec.path = header.uri.path().to_string();
         ctx.rec.client_ip = s
             .client_addr()
@@ -444,6 +452,7 @@ impl Gateway {
                 Bytes::from(json.to_string())
             }
         };
+        let passed = passed_headers(s, d);
         let mut upstream = UpstreamRecord {
             provider: provider.clone(),
             ..Default::default()
@@ -459,6 +468,7 @@ impl Gateway {
                 &request_id,
                 out_body,
                 parsed.stream,
+                &passed,
             );
             if parallel {
                 // The provider call starts at once; the guard runs beside
@@ -635,6 +645,7 @@ impl ProxyHttp for Gateway {
             audit: self.audit.clone(),
             logged: false,
             dialect: dialect::DEFAULT,
+            api_key: None,
             lifecycle: {
                 self.lifecycle.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.lifecycle.clone()
@@ -705,6 +716,19 @@ struct Screened {
     body: Option<Value>,
 }
 
+/// The client's headers the dialect passes on, when they are short
+/// visible ASCII.
+fn passed_headers(s: &Session, d: &dyn Dialect) -> Vec<(&'static str, String)> {
+    d.passed_headers()
+        .iter()
+        .filter_map(|name| {
+            let v = s.req_header().headers.get(*name)?;
+            let ok = v.len() <= 256 && v.as_bytes().iter().all(|b| (0x20..0x7f).contains(b));
+            ok.then(|| (*name, String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        })
+        .collect()
+}
+
 /// What a request asks, as the request chain reads it.
 #[derive(Clone, Copy)]
 struct Asked<'a> {
@@ -737,7 +761,8 @@ fn request_view<'a>(s: &'a Session, ctx: &'a Ctx, asked: Asked<'a>) -> RequestVi
             .req_header()
             .headers
             .get("authorization")
-            .and_then(|v| v.to_str().ok()),
+            .and_then(|v| v.to_str().ok())
+            .or(ctx.api_key.as_deref()),
         principal: None,
         dry_run: false,
         route: asked.route,
@@ -753,6 +778,8 @@ fn request_view<'a>(s: &'a Session, ctx: &'a Ctx, asked: Asked<'a>) -> RequestVi
 pub(super) fn response_header(status: u16, ctx: &Ctx) -> pingora::Result<ResponseHeader> {
     let mut h = ResponseHeader::build(status, Some(4 + ctx.headers.len()))?;
     h.insert_header("x-request-id", &ctx.rec.request_id)?;
+    // Anthropic's SDKs read the request id from `request-id`.
+    h.insert_header("request-id", &ctx.rec.request_id)?;
     for (name, value) in &ctx.headers {
         h.insert_header(*name, value)?;
     }

@@ -9,8 +9,9 @@ use crate::config::GuardOutput;
 use crate::upstream::{Exchange, UpstreamError};
 use bytes::Bytes;
 use filters::dialect::StreamFacts;
+use filters::dialect::{Bridged, StreamBridge};
 use filters::provider::{keep_retry_headers, passes_through};
-use filters::{ErrorCode, Rejection, ResponseContext, SseEvent, SseFramer};
+use filters::{ErrorCode, Rejection, ResponseContext, ResponseStream, SseEvent, SseFramer};
 use pingora::proxy::Session;
 use serde_json::Value;
 
@@ -51,11 +52,21 @@ impl Gateway {
                 model: ctx.rec.model.as_deref(),
                 principal: ctx.principal.as_ref(),
             };
-            let (outcomes, rejection) = self.responses.on_json(&rctx, &mut json);
+            // The stages read one shape; a dialect with other replies is
+            // carried there and back.
+            let mut staged = match d.bridge() {
+                Some(b) => b.reply_in(&json),
+                None => std::mem::take(&mut json),
+            };
+            let (outcomes, rejection) = self.responses.on_json(&rctx, &mut staged);
             ctx.rec.filters.extend(outcomes);
             if let Some((kind, r)) = rejection {
                 return self.refuse(s, ctx, kind.as_str(), r).await;
             }
+            json = match d.bridge() {
+                Some(b) => b.reply_out(&json, &staged),
+                None => staged,
+            };
             Bytes::from(json.to_string())
         };
         let body = if self.output_mode() != GuardOutput::Off {
@@ -116,6 +127,9 @@ impl Gateway {
             principal: ctx.principal.as_ref(),
         };
         let mut stages = self.responses.stream(&rctx);
+        let mut passage = Passage {
+            bridge: d.bridge().map(|b| b.stream()),
+        };
         // The output guard: what the model wrote and is not judged yet
         // (after the overlap kept from the last window), how much of it, the events held back (all of them in `held`
         // mode; the closing ones in `sampled`), the last verdict, and
@@ -157,7 +171,7 @@ impl Gateway {
                 if ctx.strip_usage && d.is_usage_only(&event) {
                     continue;
                 }
-                for out in stages.push(event) {
+                for out in passage.push(&mut stages, event) {
                     route_event(d, output, out, &mut unjudged, &mut held, &mut wire);
                 }
             }
@@ -201,7 +215,7 @@ impl Gateway {
             match framer.finish() {
                 Ok(Some(event)) => match d.note_event(&event, &mut seen) {
                     Ok(()) => {
-                        for out in stages.push(event) {
+                        for out in passage.push(&mut stages, event) {
                             route_event(d, output, out, &mut unjudged, &mut held, &mut wire);
                         }
                     }
@@ -211,7 +225,7 @@ impl Gateway {
                 Err(e) => failure = Some(broken(format!("broken SSE from provider: {e}"))),
             }
             if failure.is_none() {
-                for out in stages.finish() {
+                for out in passage.finish(&mut stages) {
                     route_event(d, output, out, &mut unjudged, &mut held, &mut wire);
                 }
             }
@@ -282,6 +296,50 @@ impl Gateway {
         let last = (!wire.is_empty()).then(|| Bytes::from(wire));
         if s.write_response_body(last, true).await.is_err() {
             ctx.rec.client_gone = true;
+        }
+    }
+}
+
+/// A stream's events through the response stages, by way of the
+/// dialect's bridge when its events are not in the stages' shape
+/// (`filters::dialect::Bridge`).
+struct Passage {
+    bridge: Option<Box<dyn StreamBridge>>,
+}
+
+impl Passage {
+    /// One upstream event; the events for the client, in order.
+    fn push(&mut self, stages: &mut ResponseStream, event: SseEvent) -> Vec<SseEvent> {
+        let Some(b) = self.bridge.as_mut() else {
+            return stages.push(event);
+        };
+        let mut out = Vec::new();
+        for item in b.inbound(event) {
+            // Once a stage stopped the stream, nothing more goes out.
+            if stages.stopped().is_some() {
+                return Vec::new();
+            }
+            match item {
+                Bridged::Stages(e) => {
+                    for staged in stages.push(e) {
+                        out.extend(b.outbound(staged));
+                    }
+                }
+                Bridged::Around(e) => out.push(b.around(e)),
+            }
+        }
+        if stages.stopped().is_some() {
+            return Vec::new();
+        }
+        out
+    }
+
+    /// The upstream stream ended: what the stages still held.
+    fn finish(&mut self, stages: &mut ResponseStream) -> Vec<SseEvent> {
+        let staged = stages.finish();
+        match self.bridge.as_mut() {
+            None => staged,
+            Some(b) => staged.into_iter().flat_map(|e| b.outbound(e)).collect(),
         }
     }
 }

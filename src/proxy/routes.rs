@@ -1,7 +1,9 @@
 //! The gateway's routes: method and path to the wire format that serves
 //! them (`filters::dialect`), or the model list.
 
-use filters::dialect::{openai_chat, openai_completions, openai_embeddings, Dialect};
+use filters::dialect::{
+    anthropic_messages, openai_chat, openai_completions, openai_embeddings, Dialect,
+};
 use filters::{ErrorCode, Rejection};
 
 /// What a request asks for.
@@ -26,10 +28,11 @@ impl std::fmt::Debug for Endpoint {
 }
 
 /// Every call route: method `POST`, path, dialect.
-const CALLS: [(&str, &dyn Dialect); 3] = [
+const CALLS: [(&str, &dyn Dialect); 4] = [
     ("/v1/chat/completions", &openai_chat::CHAT),
     ("/v1/completions", &openai_completions::COMPLETIONS),
     ("/v1/embeddings", &openai_embeddings::EMBEDDINGS),
+    ("/v1/messages", &anthropic_messages::MESSAGES),
 ];
 
 /// Match method and path (query string ignored). For `GetModel`, the id

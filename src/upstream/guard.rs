@@ -56,6 +56,7 @@ impl GuardClient for UpstreamGuard {
                     "guard",
                     Bytes::from(body.to_string()),
                     false,
+                    &[],
                 )
                 .await
                 .map_err(|e| CallError::Unavailable(e.to_string()))?;

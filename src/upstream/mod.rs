@@ -15,7 +15,11 @@
 
 pub mod guard;
 
-use crate::config::{Provider, TimeoutsSection};
+use crate::config::{Provider, ProviderKind, TimeoutsSection};
+
+/// The Messages API version sent to an Anthropic provider when the
+/// client named none.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -115,6 +119,7 @@ impl Upstream {
         request_id: &str,
         body: Bytes,
         stream: bool,
+        headers: &[(&'static str, String)],
     ) -> Result<Exchange<'_>, UpstreamError> {
         let p = self
             .providers
@@ -126,7 +131,7 @@ impl Upstream {
         let path = format!("{}{}", p.provider.base_path, route_path);
         let mut last_error = None;
         for _attempt in 0..2 {
-            let header = p.request_header(&path, request_id, body.len(), stream)?;
+            let header = p.request_header(&path, request_id, body.len(), stream, headers)?;
             let (mut session, reused) =
                 timeout_at(deadline, self.connector.get_http_session(&peer))
                     .await
@@ -228,6 +233,7 @@ impl ProviderPeer {
         request_id: &str,
         len: usize,
         stream: bool,
+        headers: &[(&'static str, String)],
     ) -> Result<RequestHeader, UpstreamError> {
         let build = || -> pingora::Result<RequestHeader> {
             let mut req = RequestHeader::build("POST", path.as_bytes(), Some(8))?;
@@ -247,8 +253,22 @@ impl ProviderPeer {
                 concat!("portcullis/", env!("CARGO_PKG_VERSION")),
             )?;
             req.insert_header("x-request-id", request_id)?;
-            if let Some(key) = &self.provider.api_key {
-                req.insert_header("authorization", format!("Bearer {key}"))?;
+            for (name, value) in headers {
+                req.insert_header(*name, value)?;
+            }
+            match (self.provider.kind, &self.provider.api_key) {
+                (ProviderKind::Openai, Some(key)) => {
+                    req.insert_header("authorization", format!("Bearer {key}"))?;
+                }
+                (ProviderKind::Anthropic, key) => {
+                    if let Some(key) = key {
+                        req.insert_header("x-api-key", key)?;
+                    }
+                    if !headers.iter().any(|(n, _)| *n == "anthropic-version") {
+                        req.insert_header("anthropic-version", ANTHROPIC_VERSION)?;
+                    }
+                }
+                (ProviderKind::Openai, None) => {}
             }
             Ok(req)
         };

@@ -135,7 +135,7 @@ test("embeddings and the model list", async () => {
   assert.notDeepEqual(r.data[0].embedding, r.data[1].embedding);
   const ids = [];
   for await (const m of client.models.list()) ids.push(m.id);
-  assert.deepEqual(ids.sort(), ["mock-small", "text-embedding-mock"]);
+  assert.deepEqual(ids.sort(), ["claude-mock", "mock-small", "text-embedding-mock"]);
 });
 
 /** A refusal's status, code and audit record. */

@@ -48,6 +48,11 @@ export class Stack {
     return `http://127.0.0.1:${this.port}/v1`;
   }
 
+  /** The Anthropic SDK's base URL (it adds `/v1` itself). */
+  get anthropicBaseURL() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
   token(sub, roles, tenant = "node") {
     const key = join(this.tmp, "keys", "private", "dev.key");
     return execFileSync(BIN, ["token", "--key", key, "--sub", sub, "--tenant", tenant, "--roles", roles], {
@@ -79,9 +84,14 @@ providers:
   mock:
     base_url: http://127.0.0.1:${this.mockPort}/v1
     api_key: sk-provider
+  claude:
+    base_url: http://127.0.0.1:${this.mockPort}/v1
+    kind: anthropic
+    api_key: sk-ant-provider
 models:
   mock-small: { provider: mock }
   text-embedding-mock: { provider: mock }
+  claude-mock: { provider: claude }
 registry:
   approve_seed: true
 auth:

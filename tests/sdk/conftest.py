@@ -82,9 +82,14 @@ providers:
   mock:
     base_url: http://127.0.0.1:{self.mock_port}/v1
     api_key: sk-provider
+  claude:
+    base_url: http://127.0.0.1:{self.mock_port}/v1
+    kind: anthropic
+    api_key: sk-ant-provider
 models:
   mock-small: {{ provider: mock }}
   text-embedding-mock: {{ provider: mock }}
+  claude-mock: {{ provider: claude }}
 registry:
   approve_seed: true
 auth:

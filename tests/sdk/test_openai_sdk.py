@@ -46,7 +46,7 @@ def test_embeddings(client):
 
 def test_models_list(client):
     ids = sorted(m.id for m in client.models.list())
-    assert ids == ["mock-small", "text-embedding-mock"]
+    assert ids == ["claude-mock", "mock-small", "text-embedding-mock"]
 
 
 def test_invalid_request_is_bad_request_error(client, stack):

@@ -19,12 +19,13 @@
 //! `{"type": "error", "error": {"type", "message"}}`; in a stream, an
 //! `error` event.
 
-use super::{Dialect, Forward, StreamFacts};
+use super::{Bridge, Bridged, Dialect, Forward, StreamBridge, StreamFacts};
 use crate::intake::{parse_body, CallBody, Shape};
 use crate::prompt::{Call, Message, Prompt, Role, Tool};
 use crate::{ErrorCode, Rejection, Route, SseEvent};
 use serde_json::{json, Value};
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 pub struct AnthropicMessages;
 
@@ -180,6 +181,311 @@ impl Dialect for AnthropicMessages {
 
     fn error_event(&self, rejection: &Rejection) -> SseEvent {
         named(error_json(rejection))
+    }
+
+    fn bridge(&self) -> Option<&dyn Bridge> {
+        Some(self)
+    }
+
+    fn passed_headers(&self) -> &'static [&'static str] {
+        &["anthropic-version", "anthropic-beta"]
+    }
+}
+
+/// Content blocks to and from the response stages' shape: block `i` is
+/// choice `i`; a `text` block's text is the choice's `content`, a
+/// `thinking` block's its `reasoning_content`, a `tool_use` block a tool
+/// call whose `arguments` are its `input` as JSON text. Other blocks
+/// (`redacted_thinking`, server tools' results) carry nothing the model
+/// wrote in the clear and stay as they are. A thinking block's
+/// `signature` is kept aside and given back unchanged.
+impl Bridge for AnthropicMessages {
+    fn reply_in(&self, reply: &Value) -> Value {
+        let choices: Vec<Value> = reply
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, b)| {
+                let message = match b.get("type").and_then(Value::as_str) {
+                    Some("text") => json!({"role": "assistant", "content": b.get("text")}),
+                    Some("thinking") => {
+                        json!({"role": "assistant", "content": null, "reasoning_content": b.get("thinking")})
+                    }
+                    Some("tool_use") => json!({"role": "assistant", "content": null,
+                        "tool_calls": [{"id": b.get("id"), "type": "function", "function": {
+                            "name": b.get("name"),
+                            "arguments": b.get("input").map_or_else(|| "{}".into(), Value::to_string)}}]}),
+                    _ => json!({"role": "assistant", "content": null}),
+                };
+                json!({"index": i, "message": message, "finish_reason": "stop"})
+            })
+            .collect();
+        json!({"id": reply.get("id"), "object": "chat.completion", "model": reply.get("model"),
+            "choices": choices})
+    }
+
+    fn reply_out(&self, original: &Value, staged: &Value) -> Value {
+        let blocks: Vec<&Value> = original
+            .get("content")
+            .and_then(Value::as_array)
+            .map(|b| b.iter().collect())
+            .unwrap_or_default();
+        let choices: BTreeMap<u64, &Value> = staged
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| Some((c.get("index")?.as_u64()?, c.get("message")?)))
+            .collect();
+        let mut content = Vec::new();
+        for (i, block) in blocks.iter().enumerate() {
+            let kind = block.get("type").and_then(Value::as_str);
+            let Some(m) = choices.get(&(i as u64)) else {
+                continue;
+            };
+            if !matches!(kind, Some("text" | "thinking" | "tool_use")) {
+                content.push((*block).clone());
+                continue;
+            }
+            content.extend(blocks_of(m, block));
+        }
+        let mut out = original.clone();
+        let stopped_for_a_tool = out.get("stop_reason").and_then(Value::as_str) == Some("tool_use");
+        if stopped_for_a_tool
+            && !content
+                .iter()
+                .any(|b| b.get("type") == Some(&json!("tool_use")))
+        {
+            // The call the model stopped for was removed.
+            crate::json::set(&mut out, &["stop_reason"], json!("end_turn"));
+        }
+        crate::json::set(&mut out, &["content"], Value::Array(content));
+        out
+    }
+
+    fn stream(&self) -> Box<dyn StreamBridge> {
+        Box::new(StreamState::default())
+    }
+}
+
+/// The blocks one staged choice gives back: a tool call (when the stages
+/// kept it), the thinking (with the original signature), the text (the
+/// model's, or the notice of a removed call).
+fn blocks_of(m: &Value, original: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    if let Some(t) = m.get("reasoning_content").and_then(Value::as_str) {
+        let mut b = json!({"type": "thinking", "thinking": t});
+        if let Some(sig) = original.get("signature") {
+            crate::json::set(&mut b, &["signature"], sig.clone());
+        }
+        out.push(b);
+    }
+    for call in m
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let args = call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or("{}");
+        out.push(json!({"type": "tool_use", "id": call.get("id"),
+            "name": call.pointer("/function/name"),
+            "input": serde_json::from_str::<Value>(args).unwrap_or_else(|_| json!({}))}));
+    }
+    match m.get("content") {
+        Some(Value::String(t)) => out.push(json!({"type": "text", "text": t})),
+        Some(Value::Array(parts)) => {
+            let text: String = crate::prompt::texts_of(Some(&Value::Array(parts.clone()))).concat();
+            out.push(json!({"type": "text", "text": text}));
+        }
+        _ => {}
+    }
+    out
+}
+
+/// What one stream's translation remembers, per block.
+#[derive(Default)]
+struct StreamState {
+    /// Each block's start as the provider sent it.
+    starts: BTreeMap<u64, Value>,
+    /// Blocks whose start went to the client, and as what kind.
+    started: BTreeMap<u64, &'static str>,
+    /// Thinking signatures, given back before the block stops.
+    signatures: BTreeMap<u64, Value>,
+    /// Tool-use blocks the model opened, and those the client got.
+    tool_blocks: usize,
+    tool_blocks_out: usize,
+}
+
+fn chunk(index: u64, delta: Value, finish: Option<&str>) -> SseEvent {
+    SseEvent::from_json(json!({"object": "chat.completion.chunk",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}))
+}
+
+impl StreamBridge for StreamState {
+    fn inbound(&mut self, event: SseEvent) -> Vec<Bridged> {
+        let Some(v) = event.json() else {
+            return vec![Bridged::Around(event)];
+        };
+        let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+        match v.get("type").and_then(Value::as_str) {
+            Some("content_block_start") => {
+                let block = v.get("content_block").cloned().unwrap_or(Value::Null);
+                let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
+                let staged = match kind {
+                    "tool_use" => {
+                        self.tool_blocks += 1;
+                        Some(chunk(
+                            index,
+                            json!({"role": "assistant", "tool_calls": [{"index": 0,
+                            "id": block.get("id"), "type": "function",
+                            "function": {"name": block.get("name"), "arguments": ""}}]}),
+                            None,
+                        ))
+                    }
+                    "text" | "thinking" => None,
+                    // Anything else goes on as it is, start to stop.
+                    _ => return vec![Bridged::Around(event)],
+                };
+                self.starts.insert(index, block);
+                staged.map(Bridged::Stages).into_iter().collect()
+            }
+            Some("content_block_delta") if self.starts.contains_key(&index) => {
+                let d = v.get("delta").unwrap_or(&Value::Null);
+                let text = |k: &str| d.get(k).cloned().unwrap_or(json!(""));
+                let delta = match d.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => json!({"content": text("text")}),
+                    Some("thinking_delta") => json!({"reasoning_content": text("thinking")}),
+                    Some("input_json_delta") => json!({"tool_calls": [{"index": 0,
+                        "function": {"arguments": text("partial_json")}}]}),
+                    Some("signature_delta") => {
+                        self.signatures.insert(index, text("signature"));
+                        return Vec::new();
+                    }
+                    // A delta the stages cannot read is not released.
+                    _ => return Vec::new(),
+                };
+                vec![Bridged::Stages(chunk(index, delta, None))]
+            }
+            Some("content_block_stop") if self.starts.contains_key(&index) => {
+                let finish = match self.starts.get(&index).and_then(|b| b.get("type")) {
+                    Some(t) if t == "tool_use" => "tool_calls",
+                    _ => "stop",
+                };
+                vec![Bridged::Stages(chunk(index, json!({}), Some(finish)))]
+            }
+            _ => vec![Bridged::Around(event)],
+        }
+    }
+
+    fn outbound(&mut self, event: SseEvent) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        let Some(choices) = event
+            .json()
+            .and_then(|v| v.get("choices"))
+            .and_then(Value::as_array)
+        else {
+            return out;
+        };
+        for c in choices {
+            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let d = c.get("delta").unwrap_or(&Value::Null);
+            let delta = |out: &mut Vec<SseEvent>, body: Value| {
+                out.push(named(
+                    json!({"type": "content_block_delta", "index": index, "delta": body}),
+                ));
+            };
+            for call in d
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                self.start(index, "tool_use", &mut out);
+                if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                    if !a.is_empty() {
+                        delta(
+                            &mut out,
+                            json!({"type": "input_json_delta", "partial_json": a}),
+                        );
+                    }
+                }
+            }
+            if let Some(t) = d.get("reasoning_content").and_then(Value::as_str) {
+                self.start(index, "thinking", &mut out);
+                delta(&mut out, json!({"type": "thinking_delta", "thinking": t}));
+            }
+            if let Some(t) = d.get("content").and_then(Value::as_str) {
+                self.start(index, "text", &mut out);
+                if !t.is_empty() {
+                    delta(&mut out, json!({"type": "text_delta", "text": t}));
+                }
+            }
+            if c.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                // A tool call the stages removed left a notice, or nothing.
+                let kind = match self
+                    .starts
+                    .get(&index)
+                    .and_then(|b| b.get("type"))
+                    .and_then(Value::as_str)
+                {
+                    Some("thinking") => "thinking",
+                    _ => "text",
+                };
+                self.start(index, kind, &mut out);
+                if let Some(sig) = self.signatures.remove(&index) {
+                    delta(
+                        &mut out,
+                        json!({"type": "signature_delta", "signature": sig}),
+                    );
+                }
+                out.push(named(json!({"type": "content_block_stop", "index": index})));
+            }
+        }
+        out
+    }
+
+    fn around(&mut self, mut event: SseEvent) -> SseEvent {
+        // The model stopped for a tool call the stages removed: it ended
+        // its turn, as far as the client can tell.
+        if self.tool_blocks > 0 && self.tool_blocks_out == 0 {
+            if let Some(v) = event.json_mut() {
+                if v.get("type").and_then(Value::as_str) == Some("message_delta")
+                    && v.pointer("/delta/stop_reason").and_then(Value::as_str) == Some("tool_use")
+                {
+                    crate::json::set(v, &["delta", "stop_reason"], json!("end_turn"));
+                }
+            }
+        }
+        event
+    }
+}
+
+impl StreamState {
+    /// The block's start, the first time the client gets any of it: as
+    /// the provider began it, or (a removed tool call's notice) as text.
+    fn start(&mut self, index: u64, kind: &'static str, out: &mut Vec<SseEvent>) {
+        if self.started.contains_key(&index) {
+            return;
+        }
+        self.started.insert(index, kind);
+        let block = match (kind, self.starts.get(&index)) {
+            ("tool_use", Some(b)) => {
+                self.tool_blocks_out += 1;
+                let mut b = b.clone();
+                crate::json::set(&mut b, &["input"], json!({}));
+                b
+            }
+            ("thinking", _) => json!({"type": "thinking", "thinking": "", "signature": ""}),
+            _ => json!({"type": "text", "text": ""}),
+        };
+        out.push(named(
+            json!({"type": "content_block_start", "index": index, "content_block": block}),
+        ));
     }
 }
 

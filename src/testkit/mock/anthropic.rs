@@ -12,7 +12,10 @@
 //!   (`text`, `thinking` with its `signature`, `tool_use`), streamed piece
 //!   by piece;
 //! - `{"mock_error": STATUS}`: an Anthropic-shaped error with that status;
-//! - `{"mock_broken_stream": true}`: a stream cut off half-way.
+//! - `{"mock_broken_stream": true}`: a stream cut off half-way;
+//!
+//! and `"mock_chunk_bytes": N` beside any of them sets the characters per
+//! streamed delta.
 //!
 //! Errors have Anthropic's shape, `{"type": "error", "error": {"type",
 //! "message"}}`; a request without `max_tokens` or `messages` is a 400
@@ -36,6 +39,11 @@ pub(super) fn messages(
     }
     let model = req["model"].as_str().unwrap_or("mock-model").to_string();
     let prompt = last_user_text(req);
+    // `mock_chunk_bytes` beside a trigger sets the characters per delta.
+    let chunk = serde_json::from_str::<Value>(&prompt)
+        .ok()
+        .and_then(|v| v.get("mock_chunk_bytes").and_then(Value::as_u64))
+        .map_or(opts.chunk_bytes, |n| n.clamp(1, 1 << 16) as usize);
     let (content, broken) = match reply(&prompt) {
         Reply::Content(c) => (c, false),
         Reply::Broken => (
@@ -66,7 +74,7 @@ pub(super) fn messages(
         json!({"type": "ping"}),
     ];
     for (index, block) in content.iter().enumerate() {
-        events.extend(block_events(index, block, opts.chunk_bytes));
+        events.extend(block_events(index, block, chunk));
     }
     events.push(json!({"type": "message_delta",
         "delta": {"stop_reason": stop_reason, "stop_sequence": null},
