@@ -142,7 +142,9 @@ audit:
     const end = Date.now() + deadlineMs;
     while (Date.now() < end) {
       if (existsSync(this.audit)) {
-        for (const line of readFileSync(this.audit, "utf8").split("\n")) {
+        const text = readFileSync(this.audit, "utf8");
+        // Only whole lines: the writer may be half-way through the last one.
+        for (const line of text.slice(0, text.lastIndexOf("\n") + 1).split("\n")) {
           if (!line) continue;
           const r = JSON.parse(line);
           if (r.request_id === requestId) return r;

@@ -136,7 +136,10 @@ audit:
             return json.loads(r.read())
 
     def records(self):
-        return [json.loads(l) for l in self.audit.read_text().splitlines() if l]
+        # Only whole lines: the writer may be half-way through the last one.
+        text = self.audit.read_text()
+        whole = text[: text.rfind("\n") + 1]
+        return [json.loads(l) for l in whole.splitlines() if l]
 
     def record_for(self, request_id: str, deadline: float = 10.0):
         end = time.monotonic() + deadline
