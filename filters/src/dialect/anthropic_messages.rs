@@ -480,6 +480,11 @@ impl StreamState {
                 crate::json::set(&mut b, &["input"], json!({}));
                 b
             }
+            ("thinking", Some(b)) if b.get("type").and_then(Value::as_str) == Some("thinking") => {
+                let mut b = b.clone();
+                crate::json::set(&mut b, &["thinking"], json!(""));
+                b
+            }
             ("thinking", _) => json!({"type": "thinking", "thinking": "", "signature": ""}),
             _ => json!({"type": "text", "text": ""}),
         };
@@ -826,5 +831,236 @@ mod tests {
         MESSAGES.withhold(&mut r);
         assert_eq!(r["content"], json!([]));
         assert_eq!(r["stop_reason"], "refusal");
+    }
+
+    /// An Anthropic stream through the real response stages (redaction,
+    /// then tool authorization) by way of the bridge, the upstream text
+    /// cut into deltas of every size from 1 to 9 characters.
+    fn through_stages(blocks: &[Value], cut: usize) -> Vec<Value> {
+        use crate::chain::{FilterSettings, Mode, OnError};
+        use crate::redact::stage::RedactStage;
+        use crate::redact::{RedactionPolicy, Redactor};
+        use crate::response::{ResponseChain, ResponseContext, ResponseStage};
+        use crate::tool_authz::response::ResponseToolAuthz;
+        use crate::tool_authz::{ToolPolicy, ToolPolicySpec};
+        let policy: RedactionPolicy =
+            serde_yaml::from_str(include_str!("../../../policies/redaction.yaml")).unwrap();
+        let tools: ToolPolicySpec =
+            serde_yaml::from_str(include_str!("../../../policies/tools.yaml")).unwrap();
+        let enforce = FilterSettings {
+            mode: Mode::Enforce,
+            on_error: OnError::Deny,
+        };
+        let chain = ResponseChain::new(vec![
+            (
+                Box::new(RedactStage::new(crate::shared::Shared::new(
+                    Redactor::build(&policy).unwrap(),
+                ))) as Box<dyn ResponseStage>,
+                enforce,
+            ),
+            (
+                Box::new(ResponseToolAuthz::new(crate::shared::Shared::new(
+                    ToolPolicy::build(tools).unwrap(),
+                ))),
+                enforce,
+            ),
+        ]);
+        let user = crate::Principal {
+            subject: "s".into(),
+            tenant: "t".into(),
+            roles: vec!["user".into()],
+        };
+        let ctx = ResponseContext {
+            request_id: "t",
+            route: Route::Messages,
+            model: None,
+            principal: Some(&user),
+        };
+        let mut stages = chain.stream(&ctx);
+        let mut bridge = MESSAGES.stream();
+        let mut upstream =
+            vec![json!({"type": "message_start", "message": {"usage": {"input_tokens": 3}}})];
+        for (i, b) in blocks.iter().enumerate() {
+            let mut start = b.clone();
+            let (field, delta_type, key) = match b["type"].as_str().unwrap() {
+                "text" => ("text", "text_delta", "text"),
+                "thinking" => ("thinking", "thinking_delta", "thinking"),
+                _ => ("input", "input_json_delta", "partial_json"),
+            };
+            let text = match b.get(field) {
+                Some(Value::String(t)) => t.clone(),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            };
+            crate::json::set(
+                &mut start,
+                &[field],
+                if field == "input" {
+                    json!({})
+                } else {
+                    json!("")
+                },
+            );
+            if field == "thinking" {
+                crate::json::set(&mut start, &["signature"], json!(""));
+            }
+            upstream
+                .push(json!({"type": "content_block_start", "index": i, "content_block": start}));
+            let chars: Vec<char> = text.chars().collect();
+            for piece in chars.chunks(cut) {
+                let piece: String = piece.iter().collect();
+                upstream.push(json!({"type": "content_block_delta", "index": i,
+                    "delta": {"type": delta_type, key: piece}}));
+            }
+            if let Some(sig) = b.get("signature") {
+                upstream.push(json!({"type": "content_block_delta", "index": i,
+                    "delta": {"type": "signature_delta", "signature": sig}}));
+            }
+            upstream.push(json!({"type": "content_block_stop", "index": i}));
+        }
+        upstream.push(json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}}));
+        upstream.push(json!({"type": "message_stop"}));
+        let mut out = Vec::new();
+        for e in upstream {
+            for item in bridge.inbound(named(e)) {
+                match item {
+                    Bridged::Stages(e) => {
+                        for staged in stages.push(e) {
+                            out.extend(bridge.outbound(staged));
+                        }
+                    }
+                    Bridged::Around(e) => out.push(bridge.around(e)),
+                }
+            }
+        }
+        for staged in stages.finish() {
+            out.extend(bridge.outbound(staged));
+        }
+        assert!(stages.stopped().is_none());
+        out.iter().map(|e| e.json().cloned().unwrap()).collect()
+    }
+
+    /// The blocks a client rebuilds from the events, and their order.
+    fn rebuilt(events: &[Value]) -> (Vec<Value>, Vec<String>) {
+        let mut blocks: Vec<Value> = Vec::new();
+        let mut kinds = Vec::new();
+        for e in events {
+            kinds.push(e["type"].as_str().unwrap().to_string());
+            match e["type"].as_str().unwrap() {
+                "content_block_start" => blocks.push(e["content_block"].clone()),
+                "content_block_delta" => {
+                    let b = blocks.last_mut().unwrap();
+                    let d = &e["delta"];
+                    for (k, f) in [
+                        ("text", "text"),
+                        ("thinking", "thinking"),
+                        ("partial_json", "partial"),
+                        ("signature", "signature"),
+                    ] {
+                        if let Some(t) = d[k].as_str() {
+                            let old = b[f].as_str().unwrap_or("").to_string();
+                            b[f] = json!(old + t);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        (blocks, kinds)
+    }
+
+    #[test]
+    fn streams_are_screened_the_same_however_they_are_cut() {
+        let secret = "ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i";
+        let blocks = [
+            json!({"type": "thinking", "thinking": format!("recall {secret} now"), "signature": "sig"}),
+            json!({"type": "text", "text": format!("the key is {secret}, keep it safe")}),
+            json!({"type": "tool_use", "id": "t1", "name": "delete_records", "input": {"table": "customers"}}),
+            json!({"type": "tool_use", "id": "t2", "name": "get_weather", "input": {"city": "Oslo"}}),
+        ];
+        let whole = rebuilt(&through_stages(&blocks, 1 << 20));
+        for cut in 1..10 {
+            let events = through_stages(&blocks, cut);
+            let wire = serde_json::to_string(&events).unwrap();
+            assert!(!wire.contains(&secret[..8]), "cut {cut}: {wire}");
+            assert!(
+                !wire.contains("customers") && !wire.contains("delete_records"),
+                "cut {cut}: {wire}"
+            );
+            let (blocks, kinds) = rebuilt(&events);
+            assert_eq!(blocks, whole.0, "cut {cut}");
+            // Each block: one start, its deltas, one stop, in order.
+            let structure: Vec<&str> = kinds
+                .iter()
+                .map(String::as_str)
+                .filter(|k| *k != "content_block_delta")
+                .collect();
+            let whole_structure: Vec<&str> = whole
+                .1
+                .iter()
+                .map(String::as_str)
+                .filter(|k| *k != "content_block_delta")
+                .collect();
+            assert_eq!(structure, whole_structure, "cut {cut}");
+        }
+        let (b, kinds) = whole;
+        assert_eq!(b[0]["thinking"], "recall [REDACTED:github-token] now");
+        assert_eq!(b[0]["signature"], "sig");
+        assert_eq!(
+            b[1]["text"],
+            "the key is [REDACTED:github-token], keep it safe"
+        );
+        assert_eq!(b[2]["type"], "text", "the denied call became the notice");
+        assert_eq!(b[2]["text"], "[a tool call was blocked by policy]");
+        assert_eq!(b[3]["name"], "get_weather");
+        assert_eq!(b[3]["partial"], "{\"city\":\"Oslo\"}");
+        // Every block starts before its deltas and stops after them, the
+        // message's end comes last, and the stop reason still names a tool
+        // call (one was allowed).
+        assert_eq!(kinds.first().map(String::as_str), Some("message_start"));
+        assert_eq!(&kinds[kinds.len() - 2..], ["message_delta", "message_stop"]);
+        let starts = kinds.iter().filter(|k| *k == "content_block_start").count();
+        let stops = kinds.iter().filter(|k| *k == "content_block_stop").count();
+        assert_eq!((starts, stops), (4, 4));
+    }
+
+    #[test]
+    fn a_json_reply_keeps_its_blocks_and_loses_its_secrets() {
+        let secret = "ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i";
+        let reply = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+            "content": [
+                {"type": "thinking", "thinking": format!("recall {secret}"), "signature": "sig"},
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "text", "text": format!("key {secret}")},
+                {"type": "tool_use", "id": "t1", "name": "delete_records", "input": {"table": "x"}}],
+            "stop_reason": "tool_use", "stop_sequence": null, "usage": {"input_tokens": 1, "output_tokens": 2}});
+        let mut staged = MESSAGES.reply_in(&reply);
+        // What the stages do: redact every text, remove the denied call.
+        let redactor = crate::redact::Redactor::build(
+            &serde_yaml::from_str(include_str!("../../../policies/redaction.yaml")).unwrap(),
+        )
+        .unwrap();
+        for c in staged["choices"].as_array_mut().unwrap() {
+            for k in ["content", "reasoning_content"] {
+                if let Some(t) = c["message"][k].as_str() {
+                    let t = redactor.redact(t).0;
+                    c["message"][k] = json!(t);
+                }
+            }
+        }
+        staged["choices"][3]["message"] = json!({"role": "assistant", "content": "[removed]"});
+        let out = MESSAGES.reply_out(&reply, &staged);
+        assert!(!out.to_string().contains(&secret[..8]), "{out}");
+        let types: Vec<&str> = out["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["thinking", "redacted_thinking", "text", "text"]);
+        assert_eq!(out["content"][0]["signature"], "sig");
+        assert_eq!(out["content"][1]["data"], "opaque");
+        assert_eq!(out["stop_reason"], "end_turn");
+        assert_eq!(out["usage"], reply["usage"]);
     }
 }
