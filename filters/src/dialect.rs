@@ -9,7 +9,8 @@
 //! - [`openai_embeddings`]: `POST /v1/embeddings`
 //! - [`openai`]: what the three share (errors, usage, replies, streams),
 //!   and `GET /v1/models`
-//! - [`anthropic_messages`]: Anthropic's `POST /v1/messages`
+//! - [`anthropic_messages`]: Anthropic's `POST /v1/messages` and
+//!   `POST /v1/messages/count_tokens`
 //!
 //! A new format (another provider's API) is one more module implementing
 //! [`Dialect`] and one more row in the gateway's route table.
@@ -178,6 +179,7 @@ pub fn for_route(route: Route) -> Option<&'static dyn Dialect> {
         Route::Completions => Some(&openai_completions::COMPLETIONS),
         Route::Embeddings => Some(&openai_embeddings::EMBEDDINGS),
         Route::Messages => Some(&anthropic_messages::MESSAGES),
+        Route::CountTokens => Some(&anthropic_messages::COUNT_TOKENS),
         Route::Models => None,
     }
 }

@@ -229,17 +229,19 @@ pub fn parse_body(route: Route, bytes: &[u8], shape: &Shape) -> Result<CallBody,
         }
     }
     match route {
-        Route::ChatCompletions | Route::Messages => match obj.get("messages") {
-            Some(Value::Array(m)) if m.len() > shape.max_messages => {
-                return Err(too_many("messages", m.len(), shape.max_messages))
-            }
-            Some(Value::Array(m)) if !m.is_empty() => {
-                if m.iter().any(|msg| !msg.is_object()) {
-                    return Err(bad("Every entry of `messages` must be an object."));
+        Route::ChatCompletions | Route::Messages | Route::CountTokens => {
+            match obj.get("messages") {
+                Some(Value::Array(m)) if m.len() > shape.max_messages => {
+                    return Err(too_many("messages", m.len(), shape.max_messages))
                 }
+                Some(Value::Array(m)) if !m.is_empty() => {
+                    if m.iter().any(|msg| !msg.is_object()) {
+                        return Err(bad("Every entry of `messages` must be an object."));
+                    }
+                }
+                _ => return Err(bad("`messages` is required and must be a non-empty array.")),
             }
-            _ => return Err(bad("`messages` is required and must be a non-empty array.")),
-        },
+        }
         Route::Completions => {
             if !matches!(obj.get("prompt"), Some(Value::String(_) | Value::Array(_))) {
                 return Err(bad(
@@ -257,8 +259,11 @@ pub fn parse_body(route: Route, bytes: &[u8], shape: &Shape) -> Result<CallBody,
         }
         Route::Models => {}
     }
-    if route == Route::Messages {
-        if !obj.get("max_tokens").is_some_and(Value::is_u64) {
+    if route == Route::CountTokens && stream {
+        return Err(bad("Token counting cannot be streamed."));
+    }
+    if matches!(route, Route::Messages | Route::CountTokens) {
+        if route == Route::Messages && !obj.get("max_tokens").is_some_and(Value::is_u64) {
             return Err(bad(
                 "`max_tokens` is required and must be a non-negative integer.",
             ));

@@ -15,6 +15,9 @@ pub enum Route {
     /// Anthropic's Messages API.
     #[serde(rename = "messages")]
     Messages,
+    /// Anthropic's token counting for a Messages request.
+    #[serde(rename = "messages/count_tokens")]
+    CountTokens,
     #[serde(rename = "models")]
     Models,
 }
@@ -27,6 +30,7 @@ impl Route {
             Self::Completions => "/completions",
             Self::Embeddings => "/embeddings",
             Self::Messages => "/messages",
+            Self::CountTokens => "/messages/count_tokens",
             Self::Models => "/models",
         }
     }
@@ -37,6 +41,7 @@ impl Route {
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
             Self::Messages => "messages",
+            Self::CountTokens => "messages/count_tokens",
             Self::Models => "models",
         }
     }

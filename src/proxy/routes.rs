@@ -28,11 +28,15 @@ impl std::fmt::Debug for Endpoint {
 }
 
 /// Every call route: method `POST`, path, dialect.
-const CALLS: [(&str, &dyn Dialect); 4] = [
+const CALLS: [(&str, &dyn Dialect); 5] = [
     ("/v1/chat/completions", &openai_chat::CHAT),
     ("/v1/completions", &openai_completions::COMPLETIONS),
     ("/v1/embeddings", &openai_embeddings::EMBEDDINGS),
     ("/v1/messages", &anthropic_messages::MESSAGES),
+    (
+        "/v1/messages/count_tokens",
+        &anthropic_messages::COUNT_TOKENS,
+    ),
 ];
 
 /// Match method and path (query string ignored). For `GetModel`, the id

@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway binary against the mock provider.
 
 mod admin;
+mod anthropic;
 mod audit;
 mod auth;
 mod cli;

@@ -111,13 +111,13 @@ def test_an_allowed_tool_call_arrives_and_a_denied_one_never_shows_its_input(cla
     assert "customers" not in m.model_dump_json()
 
 
-def refused(stack, error, call, code, blocked_by):
+def refused(stack, error, call, code, blocked_by, route="messages"):
     with pytest.raises(error) as raised:
         call()
     e = raised.value
     assert e.body["type"] == "error", e.body
     record = stack.record_for(e.response.headers["request-id"])
-    assert record["route"] == "messages"
+    assert record["route"] == route
     assert record["reason_code"] == code
     if blocked_by:
         assert record["blocked_by"] == blocked_by
@@ -199,3 +199,16 @@ def test_a_stream_cut_by_the_provider_ends_with_an_error_event_the_sdk_raises(cl
     assert raised.value.body["error"]["type"] == "api_error"
     record = stack.record_for(request_id)
     assert record["route"] == "messages" and record["reason_code"] == "upstream_error"
+
+
+def test_count_tokens_is_screened_and_costs_no_budget(claude, stack):
+    raw = claude.messages.with_raw_response.count_tokens(
+        model="claude-mock", system="be brief", messages=say("12345678")
+    )
+    assert raw.parse().input_tokens == 4
+    record = stack.record_for(raw.headers["request-id"])
+    assert record["route"] == "messages/count_tokens" and record["decision"] == "allowed"
+    assert record["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    refused(stack, anthropic.NotFoundError,
+            lambda: claude.messages.count_tokens(model="claude-nope", messages=say("x")),
+            "model_not_found", "model_registry", route="messages/count_tokens")

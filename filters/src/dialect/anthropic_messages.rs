@@ -32,6 +32,92 @@ pub struct AnthropicMessages;
 /// The dialect.
 pub const MESSAGES: AnthropicMessages = AnthropicMessages;
 
+/// `POST /v1/messages/count_tokens`: a Messages request without
+/// `max_tokens`, answered with `{"input_tokens": N}`. Screened like a
+/// request (identity, limits, registry, tools, the injection screen);
+/// nothing is generated, so the guard has nothing to judge and a budget
+/// is charged nothing.
+pub struct AnthropicCountTokens;
+
+pub const COUNT_TOKENS: AnthropicCountTokens = AnthropicCountTokens;
+
+impl Dialect for AnthropicCountTokens {
+    fn route(&self) -> Route {
+        Route::CountTokens
+    }
+
+    fn upstream_path(&self) -> &'static str {
+        "/messages/count_tokens"
+    }
+
+    fn parse(&self, body: &[u8], shape: &Shape) -> Result<CallBody, Rejection> {
+        parse_body(Route::CountTokens, body, shape)
+    }
+
+    fn prompt<'a>(&self, request: &'a Value) -> Prompt<'a> {
+        Prompt {
+            generates: false,
+            max_tokens: None,
+            ..prompt(request)
+        }
+    }
+
+    fn needs_usage_request(&self, _: &Value) -> bool {
+        false
+    }
+
+    fn forward(&self, request: &mut Value, f: &Forward<'_>) {
+        MESSAGES.forward(request, f)
+    }
+
+    fn choices(&self, _: &Value) -> u64 {
+        1
+    }
+
+    /// Counting uses no tokens.
+    fn reply_usage(&self, _: &Value) -> Option<Value> {
+        Some(json!({"input_tokens": 0, "output_tokens": 0}))
+    }
+
+    fn total_tokens(&self, usage: &Value) -> Option<u64> {
+        MESSAGES.total_tokens(usage)
+    }
+
+    fn note_event(&self, event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {
+        MESSAGES.note_event(event, facts)
+    }
+
+    fn is_usage_only(&self, _: &SseEvent) -> bool {
+        false
+    }
+
+    fn is_closing(&self, event: &SseEvent) -> bool {
+        MESSAGES.is_closing(event)
+    }
+
+    fn reply_texts(&self, _: &Value) -> Vec<(u64, String)> {
+        Vec::new()
+    }
+
+    fn withhold(&self, _: &mut Value) {}
+
+    fn withheld_end(&self, model: Option<&str>, n: u64) -> Vec<SseEvent> {
+        MESSAGES.withheld_end(model, n)
+    }
+
+    fn error_body(&self, rejection: &Rejection) -> Vec<u8> {
+        MESSAGES.error_body(rejection)
+    }
+
+    fn error_event(&self, rejection: &Rejection) -> SseEvent {
+        MESSAGES.error_event(rejection)
+    }
+
+    fn passed_headers(&self) -> &'static [&'static str] {
+        MESSAGES.passed_headers()
+    }
+}
+
 impl Dialect for AnthropicMessages {
     fn route(&self) -> Route {
         Route::Messages
