@@ -39,6 +39,9 @@ pub struct Message<'a> {
     pub calls: Vec<Call<'a>>,
     /// For a tool result: the id of the call it answers.
     pub answers: Option<&'a str>,
+    /// The message as written, when it is one object of the body (every
+    /// string in it is counted by the token estimate).
+    pub raw: Option<&'a Value>,
 }
 
 impl<'a> Message<'a> {
@@ -51,6 +54,7 @@ impl<'a> Message<'a> {
             name: None,
             calls: Vec::new(),
             answers: None,
+            raw: None,
         }
     }
 

@@ -384,6 +384,12 @@ impl RateLimiter {
         let e = &policy.estimate;
         let mut count = Count::default();
         for m in &p.messages {
+            // The message as written when there is one (every field a chat
+            // template may render); else what the view has of it.
+            if let Some(raw) = m.raw {
+                count.value(raw);
+                continue;
+            }
             if let Some(content) = m.content {
                 count.value(content);
             }
@@ -468,10 +474,12 @@ impl Count {
             Value::Number(_) => self.chars = self.chars.saturating_add(1),
             Value::Array(items) => items.iter().for_each(|i| self.value(i)),
             Value::Object(o) => {
-                let media = o
-                    .get("type")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| matches!(t, "image_url" | "input_audio" | "file" | "image"));
+                let media = o.get("type").and_then(Value::as_str).is_some_and(|t| {
+                    matches!(
+                        t,
+                        "image_url" | "input_audio" | "file" | "image" | "document"
+                    )
+                });
                 if media {
                     self.media = self.media.saturating_add(1);
                     return;

@@ -6,11 +6,16 @@
 //! `tool_result` in user turns), `tools` declared by `name`, and a
 //! required `max_tokens`. The filters read it as: the system prompt as
 //! system messages, each turn as a message with its text blocks, each
-//! `tool_use` block as a replayed call, and each `tool_result` block as a
-//! tool message answering its `tool_use_id`.
+//! `tool_use` (or server or MCP tool use) block as a replayed call, each
+//! `tool_result` block as a tool message answering its `tool_use_id`, a
+//! plain-text `document` as the caller's text and a `search_result` as a
+//! tool's; each MCP server in `mcp_servers` is a declared tool named by
+//! its `name`.
 //!
 //! A reply is a message whose `content` is blocks (`text`, `thinking` with
-//! a `signature`, `redacted_thinking`, `tool_use`), with `usage` of
+//! a `signature`, `redacted_thinking`, `tool_use`, `server_tool_use`,
+//! `mcp_tool_use`, and the results of server and MCP tools, which are not
+//! the model's writing and pass as they are), with `usage` of
 //! `input_tokens` and `output_tokens`. A stream is `message_start` (input
 //! usage), `ping`s, per block `content_block_start`, deltas
 //! (`text_delta`, `thinking_delta`, `signature_delta`, `input_json_delta`)
@@ -299,7 +304,7 @@ impl Bridge for AnthropicMessages {
                     Some("thinking") => {
                         json!({"role": "assistant", "content": null, "reasoning_content": b.get("thinking")})
                     }
-                    Some("tool_use") => json!({"role": "assistant", "content": null,
+                    Some(t) if is_tool_call(t) => json!({"role": "assistant", "content": null,
                         "tool_calls": [{"id": b.get("id"), "type": "function", "function": {
                             "name": b.get("name"),
                             "arguments": b.get("input").map_or_else(|| "{}".into(), Value::to_string)}}]}),
@@ -331,7 +336,7 @@ impl Bridge for AnthropicMessages {
             let Some(m) = choices.get(&(i as u64)) else {
                 continue;
             };
-            if !matches!(kind, Some("text" | "thinking" | "tool_use")) {
+            if !matches!(kind, Some("text" | "thinking")) && !kind.is_some_and(is_tool_call) {
                 content.push((*block).clone());
                 continue;
             }
@@ -378,9 +383,23 @@ fn blocks_of(m: &Value, original: &Value) -> Vec<Value> {
             .pointer("/function/arguments")
             .and_then(Value::as_str)
             .unwrap_or("{}");
-        out.push(json!({"type": "tool_use", "id": call.get("id"),
-            "name": call.pointer("/function/name"),
-            "input": serde_json::from_str::<Value>(args).unwrap_or_else(|_| json!({}))}));
+        // The block as the model wrote it (its kind, server), with the
+        // input the stages left.
+        let mut b = if original
+            .get("type")
+            .and_then(Value::as_str)
+            .is_some_and(is_tool_call)
+        {
+            original.clone()
+        } else {
+            json!({"type": "tool_use", "id": call.get("id"), "name": call.pointer("/function/name")})
+        };
+        crate::json::set(
+            &mut b,
+            &["input"],
+            serde_json::from_str::<Value>(args).unwrap_or_else(|_| json!({})),
+        );
+        out.push(b);
     }
     match m.get("content") {
         Some(Value::String(t)) => out.push(json!({"type": "text", "text": t})),
@@ -423,7 +442,7 @@ impl StreamBridge for StreamState {
                 let block = v.get("content_block").cloned().unwrap_or(Value::Null);
                 let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
                 let staged = match kind {
-                    "tool_use" => {
+                    t if is_tool_call(t) => {
                         self.tool_blocks += 1;
                         Some(chunk(
                             index,
@@ -458,8 +477,13 @@ impl StreamBridge for StreamState {
                 vec![Bridged::Stages(chunk(index, delta, None))]
             }
             Some("content_block_stop") if self.starts.contains_key(&index) => {
-                let finish = match self.starts.get(&index).and_then(|b| b.get("type")) {
-                    Some(t) if t == "tool_use" => "tool_calls",
+                let finish = match self
+                    .starts
+                    .get(&index)
+                    .and_then(|b| b.get("type"))
+                    .and_then(Value::as_str)
+                {
+                    Some(t) if is_tool_call(t) => "tool_calls",
                     _ => "stop",
                 };
                 vec![Bridged::Stages(chunk(index, json!({}), Some(finish)))]
@@ -678,34 +702,44 @@ fn prompt(body: &Value) -> Prompt<'_> {
         };
         let content = m.get("content");
         let mut message = Message::new(role, content, format!("/messages/{i}/content"));
-        let mut results = Vec::new();
+        message.raw = Some(m);
+        let mut parts = Vec::new();
         for (j, block) in content
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
             .enumerate()
         {
+            let at = format!("/messages/{i}/content/{j}");
             match block.get("type").and_then(Value::as_str) {
-                Some("tool_use") => message.calls.push(Call {
+                Some(t) if is_tool_call(t) => message.calls.push(Call {
                     id: block.get("id").and_then(Value::as_str),
                     name: Cow::Borrowed(block.get("name").and_then(Value::as_str).unwrap_or("")),
                     arguments: block.get("input"),
                 }),
-                // A tool's result, text from elsewhere: a message of its own.
+                // A tool's result, text from elsewhere: a message of its
+                // own, and so is each document in it.
                 Some("tool_result") => {
-                    let mut result = Message::new(
-                        Role::Tool,
-                        block.get("content"),
-                        format!("/messages/{i}/content/{j}/content"),
-                    );
+                    let mut result =
+                        Message::new(Role::Tool, block.get("content"), format!("{at}/content"));
                     result.answers = block.get("tool_use_id").and_then(Value::as_str);
-                    results.push(result);
+                    result.raw = Some(&PART_OF_A_TURN);
+                    parts.push(result);
+                    for (k, inner) in block
+                        .get("content")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .enumerate()
+                    {
+                        parts.extend(document(inner, format!("{at}/content/{k}"), Role::Tool));
+                    }
                 }
-                _ => {}
+                _ => parts.extend(document(block, at, role)),
             }
         }
         p.messages.push(message);
-        p.messages.extend(results);
+        p.messages.extend(parts);
     }
     for t in body
         .get("tools")
@@ -716,6 +750,19 @@ fn prompt(body: &Value) -> Prompt<'_> {
         p.tools.push(Tool {
             name: tool_name(t).map(Cow::Borrowed),
             declaration: t,
+        });
+    }
+    // An MCP server the API connects to is a tool the request declares:
+    // the tool policy names it by the server's `name`.
+    for server in body
+        .get("mcp_servers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        p.tools.push(Tool {
+            name: tool_name(server).map(Cow::Borrowed),
+            declaration: server,
         });
     }
     if let Some(choice) = body.get("tool_choice").filter(|c| c.is_object()) {
@@ -729,6 +776,38 @@ fn prompt(body: &Value) -> Prompt<'_> {
         }
     }
     p
+}
+
+/// Where an extracted text is counted by the token estimate: with the
+/// turn it is part of, not again.
+static PART_OF_A_TURN: Value = Value::Null;
+
+/// Blocks the model is given as calls it made: its own tools', the API's
+/// server tools' and MCP tools'.
+fn is_tool_call(kind: &str) -> bool {
+    matches!(kind, "tool_use" | "server_tool_use" | "mcp_tool_use")
+}
+
+/// The text of a `document` (plain-text or content source; the caller's)
+/// or a `search_result` block (text from elsewhere, read as a tool's), as
+/// a message of its own at `at`.
+fn document(block: &Value, at: String, role: Role) -> Option<Message<'_>> {
+    let (role, content, at) = match block.get("type").and_then(Value::as_str)? {
+        "document" => {
+            let source = block.get("source")?;
+            match source.get("type").and_then(Value::as_str)? {
+                "text" => (role, source.get("data"), format!("{at}/source/data")),
+                "content" => (role, source.get("content"), format!("{at}/source/content")),
+                _ => return None,
+            }
+        }
+        "search_result" => (Role::Tool, block.get("content"), format!("{at}/content")),
+        _ => return None,
+    };
+    let mut m = Message::new(role, content, at);
+    m.name = block.get("title").and_then(Value::as_str);
+    m.raw = Some(&PART_OF_A_TURN);
+    Some(m)
 }
 
 /// A declared tool's name: `name` (client tools and the versioned
@@ -814,6 +893,30 @@ mod tests {
         assert_eq!(names, [Some("get_weather"), Some("web_search")]);
         assert_eq!(p.forced, ["get_weather"]);
         assert_eq!((p.max_tokens, p.choices, p.generates), (Some(100), 1, true));
+    }
+
+    #[test]
+    fn documents_search_results_and_mcp_servers_are_read() {
+        let body = json!({"model": "m", "max_tokens": 9,
+            "mcp_servers": [{"type": "url", "url": "https://x/mcp", "name": "crm"}],
+            "messages": [{"role": "user", "content": [
+                {"type": "document", "title": "memo", "source": {"type": "text", "media_type": "text/plain", "data": "doc text"}},
+                {"type": "search_result", "source": "https://x", "title": "hit", "content": [{"type": "text", "text": "found text"}]},
+                {"type": "tool_result", "tool_use_id": "t", "content": [
+                    {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "inner"}]}}]}]},
+                {"role": "assistant", "content": [{"type": "mcp_tool_use", "id": "m1", "name": "lookup", "server_name": "crm", "input": {}}]}]});
+        let p = view(&body);
+        let read: Vec<(Role, Vec<&str>)> = p.messages.iter().map(|m| (m.role, m.texts())).collect();
+        assert!(read.contains(&(Role::User, vec!["doc text"])), "{read:?}");
+        assert!(read.contains(&(Role::Tool, vec!["found text"])), "{read:?}");
+        assert!(read.contains(&(Role::Tool, vec!["inner"])), "{read:?}");
+        for m in &p.messages {
+            if let Some(c) = m.content {
+                assert_eq!(body.pointer(&m.at), Some(c), "{}", m.at);
+            }
+        }
+        assert_eq!(p.tools[0].name.as_deref(), Some("crm"));
+        assert_eq!(p.messages.last().unwrap().calls[0].name, "lookup");
     }
 
     #[test]

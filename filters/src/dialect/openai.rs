@@ -112,14 +112,21 @@ fn prompt(route: Route, generates: bool, body: &Value) -> Prompt<'_> {
         generates,
         ..Prompt::default()
     };
-    for (i, m) in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
-        let role = match m.get("role").and_then(Value::as_str).unwrap_or("user") {
+    // Only a chat request has a conversation: `messages` beside a
+    // completions prompt is a decoy the provider ignores.
+    let messages = match route {
+        Route::ChatCompletions => body.get("messages").and_then(Value::as_array),
+        _ => None,
+    };
+    for (i, m) in messages.into_iter().flatten().enumerate() {
+        // Roles as providers read them, whatever their case.
+        let role = match m
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or("user")
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "assistant" => Role::Assistant,
             "system" | "developer" => Role::System,
             "tool" | "function" => Role::Tool,
@@ -127,6 +134,7 @@ fn prompt(route: Route, generates: bool, body: &Value) -> Prompt<'_> {
             _ => Role::User,
         };
         let mut message = Message::new(role, m.get("content"), format!("/messages/{i}/content"));
+        message.raw = Some(m);
         message.name = m.get("name").and_then(Value::as_str);
         message.answers = m.get("tool_call_id").and_then(Value::as_str);
         for call in m
@@ -531,5 +539,20 @@ mod tests {
             body,
             json!({"tools": [{"type": "function", "function": {"name": "a"}}]})
         );
+    }
+
+    #[test]
+    fn roles_in_any_case_and_no_decoy_conversation_beside_a_prompt() {
+        use crate::dialect::Dialect as _;
+        use crate::prompt::Role;
+        let body = json!({"messages": [{"role": "Tool", "tool_call_id": "c", "content": "x"},
+            {"role": "DEVELOPER", "content": "y"}, {"role": "Assistant", "content": "z"}]});
+        let p = super::super::openai_chat::CHAT.prompt(&body);
+        let roles: Vec<Role> = p.messages.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::Tool, Role::System, Role::Assistant]);
+        let decoy = json!({"prompt": "the real prompt", "messages": [{"role": "user", "content": "hello"}]});
+        let p = super::super::openai_completions::COMPLETIONS.prompt(&decoy);
+        assert!(p.messages.is_empty());
+        assert_eq!(p.inputs[0].value, "the real prompt");
     }
 }

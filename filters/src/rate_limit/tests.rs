@@ -271,6 +271,14 @@ fn estimates() {
             .estimate(crate::prompt::of(Route::ChatCompletions, &body)),
         (8 + 1 + schema).div_ceil(4) + 765
     );
+    // Every field of a replayed message counts, not only its content.
+    let body = json!({"messages": [{"role": "assistant", "content": "ok",
+        "reasoning_content": "x".repeat(4000)}], "max_tokens": 0});
+    assert_eq!(
+        f.limiter
+            .estimate(crate::prompt::of(Route::ChatCompletions, &body)),
+        (2 + 4000u64).div_ceil(4)
+    );
     // Saturates instead of overflowing.
     let body = json!({"messages": [], "max_tokens": u64::MAX, "n": 128});
     assert_eq!(
