@@ -2,6 +2,7 @@
 //! decision. Run: `cargo bench -p filters`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use filters::dialect::{openai_chat::CHAT, Dialect};
 use filters::jwt_auth::{JwtAuth, JwtSettings, KeySet, VerifyKey};
 use filters::rate_limit::{LimitsPolicy, MemoryStore, RateLimiter, Tier};
 use filters::{Principal, RequestFilter, RequestView, Route, SystemClock};
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 fn view<'a>(
     body: &'a serde_json::Value,
+    prompt: &'a filters::prompt::Prompt<'a>,
     authorization: Option<&'a str>,
     principal: Option<&'a Principal>,
 ) -> RequestView<'a> {
@@ -21,6 +23,7 @@ fn view<'a>(
         dry_run: false,
         route: Route::ChatCompletions,
         body,
+        prompt,
         model: Some("m"),
         stream: false,
         client_ip: None,
@@ -48,6 +51,7 @@ fn jwt(c: &mut Criterion) {
     .unwrap();
     let bearer = format!("Bearer {token}");
     let body = json!({});
+    let prompt = CHAT.prompt(&body);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -55,8 +59,11 @@ fn jwt(c: &mut Criterion) {
         b.iter(|| auth.verify(&token).unwrap())
     });
     c.bench_function("jwt ES256 check (cached)", |b| {
-        b.to_async(&rt)
-            .iter(|| async { auth.check(&view(&body, Some(&bearer), None)).await.unwrap() })
+        b.to_async(&rt).iter(|| async {
+            auth.check(&view(&body, &prompt, Some(&bearer), None))
+                .await
+                .unwrap()
+        })
     });
     // Two threads at once (this machine has two cores): the time per check
     // when every request of both workers goes through the cache.
@@ -102,12 +109,17 @@ fn limits(c: &mut Criterion) {
         roles: vec!["user".into()],
     };
     let body = json!({"messages": [{"role": "user", "content": "Hello, how are you today?"}], "max_tokens": 64});
+    let prompt = CHAT.prompt(&body);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
     c.bench_function("rate limit decision (in-process, requests + tokens)", |b| {
-        b.to_async(&rt)
-            .iter(|| async { limiter.check(&view(&body, None, Some(&who))).await.unwrap() })
+        b.to_async(&rt).iter(|| async {
+            limiter
+                .check(&view(&body, &prompt, None, Some(&who)))
+                .await
+                .unwrap()
+        })
     });
     // Two threads deciding for different callers at once.
     let callers: Vec<Principal> = (0..2)
@@ -125,13 +137,17 @@ fn limits(c: &mut Criterion) {
                     for who in &callers {
                         let limiter = &limiter;
                         let body = &body;
+                        let prompt = &prompt;
                         s.spawn(move || {
                             let rt = tokio::runtime::Builder::new_current_thread()
                                 .build()
                                 .unwrap();
                             rt.block_on(async {
                                 for _ in 0..iters {
-                                    limiter.check(&view(body, None, Some(who))).await.unwrap();
+                                    limiter
+                                        .check(&view(body, prompt, None, Some(who)))
+                                        .await
+                                        .unwrap();
                                 }
                             })
                         });

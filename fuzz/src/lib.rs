@@ -20,6 +20,8 @@ pub fn intake(data: &[u8]) {
         Route::ChatCompletions,
         Route::Completions,
         Route::Embeddings,
+        Route::Messages,
+        Route::CountTokens,
     ] {
         let _ = parse_body(route, data, &shape);
     }

@@ -249,7 +249,7 @@ impl Gateway {
             if let Some((_, r)) = stages.stopped() {
                 failure = Some(r.clone());
             } else if failure.is_none() && !seen.done {
-                failure = Some(broken("provider stream ended without [DONE]".into()));
+                failure = Some(broken("provider stream ended before its end marker".into()));
             }
         }
         if filtered || (output != GuardOutput::Off && failure.is_some()) {
@@ -259,9 +259,9 @@ impl Gateway {
             held.clear();
         }
         if filtered {
-            // Cut the way hosted providers end a filtered stream: a final
-            // event with `finish_reason: content_filter`, then `[DONE]`.
-            // In `sampled` mode what came before has been sent.
+            // Cut the way the API's own providers end a filtered stream
+            // (the dialect's closing events). In `sampled` mode what came
+            // before has been sent.
             let n = ctx.request_json.as_ref().map_or(1, |j| d.choices(j));
             for e in d.withheld_end(ctx.rec.model.as_deref(), n) {
                 e.write_to(&mut wire);
