@@ -99,6 +99,12 @@ pub trait Dialect: Send + Sync {
     /// after it): held back by the output guard until the last judgement.
     fn is_closing(&self, event: &SseEvent) -> bool;
 
+    /// An event that opens a reply and carries no generated text: never
+    /// held by the output guard (a cut reply still needs it first).
+    fn is_opening(&self, _event: &SseEvent) -> bool {
+        false
+    }
+
     /// Every text a reply (or one stream event) generated, per choice:
     /// what the output guard judges.
     fn reply_texts(&self, reply: &Value) -> Vec<(u64, String)>;

@@ -212,7 +212,7 @@ pub(super) fn route_event(
     if let Some(j) = event.json() {
         unjudged.push(d, j);
     }
-    if output == GuardOutput::Held || d.is_closing(&event) {
+    if (output == GuardOutput::Held && !d.is_opening(&event)) || d.is_closing(&event) {
         held.push(event);
     } else {
         event.write_to(wire);

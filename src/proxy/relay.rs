@@ -38,8 +38,10 @@ impl Gateway {
             let e = UpstreamError::Failed(format!("provider answered {status}"));
             return self.upstream_failed(s, ctx, &e).await;
         }
-        let Ok(mut json) = serde_json::from_slice::<Value>(&body) else {
-            let e = UpstreamError::Failed("provider answered with a body that is not JSON".into());
+        let Ok(mut json @ Value::Object(_)) = serde_json::from_slice::<Value>(&body) else {
+            let e = UpstreamError::Failed(
+                "provider answered with a body that is not a JSON object".into(),
+            );
             return self.upstream_failed(s, ctx, &e).await;
         };
         ctx.rec.usage = d.reply_usage(&json);

@@ -513,3 +513,40 @@ async fn a_long_reply_is_judged_whole_and_tool_call_arguments_too() {
         "{body}"
     );
 }
+
+/// Anthropic's stream cut by the output guard in `held` mode: the client
+/// gets the message's start (its SDK needs it first), no byte of the
+/// reply, and a `refusal` stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_anthropic_stream_cut_by_the_output_guard_opens_and_refuses() {
+    let mock = Mock::start(options()).await;
+    let gw = Gateway::start(guarded(
+        mock.addr,
+        "model: llama-guard-3-8b\n  protocol: llama-guard\n  input: false\n  output: held",
+    ))
+    .await;
+    let ask = json!({"model": "mock-small", "max_tokens": 64, "stream": true,
+        "messages": [{"role": "user", "content": "A nerve agent is made like this, marker."}]});
+    let body = gw.post("/v1/messages", &ask).await.text().await.unwrap();
+    let kinds: Vec<String> = body
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .map(|v| v["type"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("message_start"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("marker") && !body.contains("nerve"),
+        "{body}"
+    );
+    assert!(body.contains("\"stop_reason\":\"refusal\""), "{body}");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("message_stop"),
+        "{body}"
+    );
+}

@@ -562,11 +562,14 @@ async fn issue8_13_no_client_or_provider_input_crashes_a_request() {
     for reply in [
         json!({"choices": "x"}),
         json!({"choices": [5, {"message": 5}, {"message": {"tool_calls": "x", "content": 7}}]}),
-        json!([1, 2]),
     ] {
         let r = post_as(&gw, &user, &chat(&json!({"mock_raw": reply}).to_string())).await;
         assert_eq!(r.status(), 200, "{reply}");
     }
+    // A reply that is JSON but no object is no reply the stages can read:
+    // refused, not passed on unscreened.
+    let r = post_as(&gw, &user, &chat(&json!({"mock_raw": [1, 2]}).to_string())).await;
+    expect_error(r, 502, "upstream_error").await;
     for event in [
         json!({"choices": [{"delta": 5}]}),
         json!({"choices": [{"index": "x", "delta": {"tool_calls": [5, {"index": "y"}]}, "finish_reason": 1}]}),

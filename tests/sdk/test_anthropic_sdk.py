@@ -141,10 +141,14 @@ def test_every_filter_refuses_with_the_sdks_exception_class(claude, stack):
             lambda: ask(tools=[{"name": "delete_records", "input_schema": {"type": "object"}}],
                         tool_choice={"type": "tool", "name": "delete_records"}),
             "tool_not_allowed", "tool_authz")
-    # An MCP server is a tool the request declares: the policy must name it.
-    refused(stack, anthropic.PermissionDeniedError,
-            lambda: ask(extra_body={"mcp_servers": [{"type": "url", "url": "https://evil.example/mcp", "name": "evil"}]}),
-            "tool_not_allowed", "tool_authz")
+    # What the gateway cannot screen is not forwarded: MCP servers, server
+    # tools, blocks of kinds it does not read.
+    refused(stack, anthropic.BadRequestError,
+            lambda: ask(extra_body={"mcp_servers": [{"type": "url", "url": "https://evil.example/mcp", "name": "get_weather"}]}),
+            "invalid_request", "intake")
+    refused(stack, anthropic.BadRequestError,
+            lambda: ask(tools=[{"type": "web_search_20250305", "name": "web_search"}]),
+            "invalid_request", "intake")
     # An injection inside a plain-text document the caller attaches.
     refused(stack, anthropic.BadRequestError, lambda: ask(messages=[{"role": "user", "content": [
         {"type": "document", "source": {"type": "text", "media_type": "text/plain",

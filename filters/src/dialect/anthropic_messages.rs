@@ -9,8 +9,9 @@
 //! `tool_use` (or server or MCP tool use) block as a replayed call, each
 //! `tool_result` block as a tool message answering its `tool_use_id`, a
 //! plain-text `document` as the caller's text and a `search_result` as a
-//! tool's; each MCP server in `mcp_servers` is a declared tool named by
-//! its `name`.
+//! tool's. What the filters cannot read is refused at intake: server
+//! tools, MCP servers, code-execution containers, and content blocks of
+//! any other kind (`readable`).
 //!
 //! A reply is a message whose `content` is blocks (`text`, `thinking` with
 //! a `signature`, `redacted_thinking`, `tool_use`, `server_tool_use`,
@@ -56,7 +57,9 @@ impl Dialect for AnthropicCountTokens {
     }
 
     fn parse(&self, body: &[u8], shape: &Shape) -> Result<CallBody, Rejection> {
-        parse_body(Route::CountTokens, body, shape)
+        let call = parse_body(Route::CountTokens, body, shape)?;
+        readable(&call.json)?;
+        Ok(call)
     }
 
     fn prompt<'a>(&self, request: &'a Value) -> Prompt<'a> {
@@ -133,7 +136,9 @@ impl Dialect for AnthropicMessages {
     }
 
     fn parse(&self, body: &[u8], shape: &Shape) -> Result<CallBody, Rejection> {
-        parse_body(Route::Messages, body, shape)
+        let call = parse_body(Route::Messages, body, shape)?;
+        readable(&call.json)?;
+        Ok(call)
     }
 
     fn prompt<'a>(&self, request: &'a Value) -> Prompt<'a> {
@@ -219,6 +224,12 @@ impl Dialect for AnthropicMessages {
 
     fn is_usage_only(&self, _: &SseEvent) -> bool {
         false
+    }
+
+    /// `message_start` and `ping`: no generated text, and the client's
+    /// SDK needs the start before anything else.
+    fn is_opening(&self, event: &SseEvent) -> bool {
+        matches!(event_type(event), Some("message_start" | "ping"))
     }
 
     /// `message_delta` (the stop reason) and `message_stop`.
@@ -336,8 +347,12 @@ impl Bridge for AnthropicMessages {
             let Some(m) = choices.get(&(i as u64)) else {
                 continue;
             };
-            if !matches!(kind, Some("text" | "thinking")) && !kind.is_some_and(is_tool_call) {
+            if kind == Some("redacted_thinking") {
                 content.push((*block).clone());
+                continue;
+            }
+            if !matches!(kind, Some("text" | "thinking")) && !kind.is_some_and(is_tool_call) {
+                // A kind the stages cannot read is not released.
                 continue;
             }
             content.extend(blocks_of(m, block));
@@ -401,11 +416,21 @@ fn blocks_of(m: &Value, original: &Value) -> Vec<Value> {
         );
         out.push(b);
     }
+    // A text block keeps what it had beside its text (citations).
+    let text_block = |t: &str| {
+        let mut b = if original.get("type").and_then(Value::as_str) == Some("text") {
+            original.clone()
+        } else {
+            json!({"type": "text"})
+        };
+        crate::json::set(&mut b, &["text"], json!(t));
+        b
+    };
     match m.get("content") {
-        Some(Value::String(t)) => out.push(json!({"type": "text", "text": t})),
+        Some(Value::String(t)) => out.push(text_block(t)),
         Some(Value::Array(parts)) => {
             let text: String = crate::prompt::texts_of(Some(&Value::Array(parts.clone()))).concat();
-            out.push(json!({"type": "text", "text": text}));
+            out.push(text_block(&text));
         }
         _ => {}
     }
@@ -415,8 +440,16 @@ fn blocks_of(m: &Value, original: &Value) -> Vec<Value> {
 /// What one stream's translation remembers, per block.
 #[derive(Default)]
 struct StreamState {
-    /// Each block's start as the provider sent it.
+    /// Each staged block's start as the provider sent it.
     starts: BTreeMap<u64, Value>,
+    /// Staged blocks not stopped yet.
+    open: std::collections::BTreeSet<u64>,
+    /// Blocks passed around the stages (`redacted_thinking`), not stopped.
+    around: std::collections::BTreeSet<u64>,
+    /// Every index a block started at: an index is used once.
+    used: std::collections::BTreeSet<u64>,
+    /// `message_stop` came: nothing after it goes out.
+    ended: bool,
     /// Blocks whose start went to the client, and as what kind.
     started: BTreeMap<u64, &'static str>,
     /// Thinking signatures, given back before the block stops.
@@ -432,18 +465,34 @@ fn chunk(index: u64, delta: Value, finish: Option<&str>) -> SseEvent {
 }
 
 impl StreamBridge for StreamState {
+    /// Fail closed on a provider that breaks the protocol: a block index
+    /// used twice, a delta or stop for a block that is not open, text in
+    /// a block the stages do not read, anything after `message_stop` — all
+    /// dropped, never passed on.
     fn inbound(&mut self, event: SseEvent) -> Vec<Bridged> {
+        if self.ended {
+            return Vec::new();
+        }
         let Some(v) = event.json() else {
             return vec![Bridged::Around(event)];
         };
         let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
         match v.get("type").and_then(Value::as_str) {
+            Some("message_stop") => {
+                self.ended = true;
+                vec![Bridged::Around(event)]
+            }
             Some("content_block_start") => {
+                if !self.used.insert(index) {
+                    return Vec::new();
+                }
                 let block = v.get("content_block").cloned().unwrap_or(Value::Null);
                 let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
                 let staged = match kind {
                     t if is_tool_call(t) => {
-                        self.tool_blocks += 1;
+                        if t == "tool_use" {
+                            self.tool_blocks += 1;
+                        }
                         Some(chunk(
                             index,
                             json!({"role": "assistant", "tool_calls": [{"index": 0,
@@ -453,13 +502,20 @@ impl StreamBridge for StreamState {
                         ))
                     }
                     "text" | "thinking" => None,
-                    // Anything else goes on as it is, start to stop.
-                    _ => return vec![Bridged::Around(event)],
+                    // Encrypted thinking carries nothing readable: it goes
+                    // on as it is, start to stop.
+                    "redacted_thinking" => {
+                        self.around.insert(index);
+                        return vec![Bridged::Around(event)];
+                    }
+                    // A kind the stages cannot read: never released.
+                    _ => return Vec::new(),
                 };
                 self.starts.insert(index, block);
+                self.open.insert(index);
                 staged.map(Bridged::Stages).into_iter().collect()
             }
-            Some("content_block_delta") if self.starts.contains_key(&index) => {
+            Some("content_block_delta") if self.open.contains(&index) => {
                 let d = v.get("delta").unwrap_or(&Value::Null);
                 let text = |k: &str| d.get(k).cloned().unwrap_or(json!(""));
                 let delta = match d.get("type").and_then(Value::as_str) {
@@ -476,7 +532,24 @@ impl StreamBridge for StreamState {
                 };
                 vec![Bridged::Stages(chunk(index, delta, None))]
             }
-            Some("content_block_stop") if self.starts.contains_key(&index) => {
+            Some("content_block_delta") => {
+                // A delta for an around block passes only if it carries no
+                // text; one for a block not open is dropped.
+                let kind = v.pointer("/delta/type").and_then(Value::as_str);
+                let text = matches!(
+                    kind,
+                    Some("text_delta" | "thinking_delta" | "input_json_delta")
+                );
+                if self.around.contains(&index) && !text {
+                    vec![Bridged::Around(event)]
+                } else {
+                    Vec::new()
+                }
+            }
+            Some("content_block_stop") if self.around.remove(&index) => {
+                vec![Bridged::Around(event)]
+            }
+            Some("content_block_stop") if self.open.remove(&index) => {
                 let finish = match self
                     .starts
                     .get(&index)
@@ -488,6 +561,7 @@ impl StreamBridge for StreamState {
                 };
                 vec![Bridged::Stages(chunk(index, json!({}), Some(finish)))]
             }
+            Some("content_block_stop") => Vec::new(),
             _ => vec![Bridged::Around(event)],
         }
     }
@@ -560,6 +634,15 @@ impl StreamBridge for StreamState {
     }
 
     fn around(&mut self, mut event: SseEvent) -> SseEvent {
+        // The message opens empty: its blocks come through the stages.
+        if let Some(v) = event.json_mut() {
+            if v.get("type").and_then(Value::as_str) == Some("message_start")
+                && v.pointer("/message/content")
+                    .is_some_and(|c| c.as_array().is_none_or(|a| !a.is_empty()))
+            {
+                crate::json::set(v, &["message", "content"], json!([]));
+            }
+        }
         // The model stopped for a tool call the stages removed: it ended
         // its turn, as far as the client can tell.
         if self.tool_blocks > 0 && self.tool_blocks_out == 0 {
@@ -585,7 +668,9 @@ impl StreamState {
         self.started.insert(index, kind);
         let block = match (kind, self.starts.get(&index)) {
             ("tool_use", Some(b)) => {
-                self.tool_blocks_out += 1;
+                if b.get("type").and_then(Value::as_str) == Some("tool_use") {
+                    self.tool_blocks_out += 1;
+                }
                 let mut b = b.clone();
                 crate::json::set(&mut b, &["input"], json!({}));
                 b
@@ -735,7 +820,10 @@ fn prompt(body: &Value) -> Prompt<'_> {
                         parts.extend(document(inner, format!("{at}/content/{k}"), Role::Tool));
                     }
                 }
-                _ => parts.extend(document(block, at, role)),
+                _ => {
+                    parts.extend(context(block, &at, role));
+                    parts.extend(document(block, at, role));
+                }
             }
         }
         p.messages.push(message);
@@ -778,6 +866,75 @@ fn prompt(body: &Value) -> Prompt<'_> {
     p
 }
 
+/// Content blocks the filters read (or that carry no text: images).
+const READ_BLOCKS: [&str; 8] = [
+    "text",
+    "image",
+    "document",
+    "search_result",
+    "tool_use",
+    "tool_result",
+    "thinking",
+    "redacted_thinking",
+];
+
+/// What the gateway refuses to forward because it cannot screen it:
+/// tools the provider runs itself (server tools, MCP servers, code
+/// execution containers), whose calls and results the model does not
+/// write in blocks the filters read, and content blocks of any other
+/// kind. Fail closed: a new kind of block is refused until it is read.
+fn readable(body: &Value) -> Result<(), Rejection> {
+    let refuse = |what: String| {
+        Err(Rejection::about_input(
+            ErrorCode::InvalidRequest,
+            format!("{what} cannot be screened by this gateway and is not forwarded."),
+        ))
+    };
+    for field in ["mcp_servers", "container"] {
+        if body.get(field).is_some_and(|v| !v.is_null()) {
+            return refuse(format!("`{field}`"));
+        }
+    }
+    for t in body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        match t.get("type").and_then(Value::as_str) {
+            None | Some("custom") => {}
+            Some(kind) => return refuse(format!("A server tool (`{kind}`)")),
+        }
+    }
+    let blocks = |content: Option<&Value>| -> Vec<Value> {
+        content
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for m in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for b in blocks(m.get("content")) {
+            let mut inner = vec![b.clone()];
+            if b.get("type").and_then(Value::as_str) == Some("tool_result") {
+                inner.extend(blocks(b.get("content")));
+            }
+            for b in inner {
+                match b.get("type").and_then(Value::as_str) {
+                    Some(kind) if READ_BLOCKS.contains(&kind) => {}
+                    Some(kind) => return refuse(format!("A `{kind}` block")),
+                    None => return refuse("A content block without a type".into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where an extracted text is counted by the token estimate: with the
 /// turn it is part of, not again.
 static PART_OF_A_TURN: Value = Value::Null;
@@ -806,6 +963,14 @@ fn document(block: &Value, at: String, role: Role) -> Option<Message<'_>> {
     };
     let mut m = Message::new(role, content, at);
     m.name = block.get("title").and_then(Value::as_str);
+    m.raw = Some(&PART_OF_A_TURN);
+    Some(m)
+}
+
+/// A document's `context` (text the caller gives about it), as a message.
+fn context<'a>(block: &'a Value, at: &str, role: Role) -> Option<Message<'a>> {
+    let c = block.get("context").filter(|c| c.is_string())?;
+    let mut m = Message::new(role, Some(c), format!("{at}/context"));
     m.raw = Some(&PART_OF_A_TURN);
     Some(m)
 }
@@ -1251,5 +1416,71 @@ mod tests {
         assert_eq!(out["content"][1]["data"], "opaque");
         assert_eq!(out["stop_reason"], "end_turn");
         assert_eq!(out["usage"], reply["usage"]);
+    }
+
+    #[test]
+    fn what_cannot_be_screened_is_refused_at_intake() {
+        let ok = json!({"model": "m", "max_tokens": 5, "tools": [{"name": "f", "input_schema": {}}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "x"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]});
+        assert!(readable(&ok).is_ok());
+        for bad in [
+            json!({"mcp_servers": [{"type": "url", "url": "https://x", "name": "get_weather"}]}),
+            json!({"container": "container_abc"}),
+            json!({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
+            json!({"messages": [{"role": "assistant", "content": [{"type": "web_fetch_tool_result", "content": {}}]}]}),
+            json!({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": [{"type": "bash_code_execution_tool_result"}]}]}]}),
+            json!({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}),
+        ] {
+            let e = readable(&bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidRequest, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_stream_that_breaks_the_protocol_releases_nothing_it_should_not() {
+        let secret = "ghp_Zq8XvT2mKp4LwR9sBn6YdF3jHc7GtA1eUo5i";
+        let mut b = MESSAGES.stream();
+        let mut around = Vec::new();
+        let mut staged = 0;
+        for e in [
+            json!({"type": "message_start", "message": {"content": [{"type": "text", "text": secret}]}}),
+            // A delta for a block never started, a stop for one never started.
+            json!({"type": "content_block_delta", "index": 7, "delta": {"type": "text_delta", "text": secret}}),
+            json!({"type": "content_block_stop", "index": 7}),
+            // Encrypted thinking passes, but not text smuggled into it.
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "redacted_thinking", "data": "x"}}),
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": secret}}),
+            json!({"type": "content_block_stop", "index": 0}),
+            // An index used again; a block kind the stages cannot read.
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_start", "index": 1, "content_block": {"type": "web_fetch_tool_result", "content": secret}}),
+            json!({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": secret}}),
+            // A delta after its block stopped.
+            json!({"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}}),
+            json!({"type": "content_block_stop", "index": 2}),
+            json!({"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": secret}}),
+            json!({"type": "message_stop"}),
+            json!({"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": secret}}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+        ] {
+            for item in b.inbound(named(e)) {
+                match item {
+                    Bridged::Around(e) => around.push(b.around(e).to_string()),
+                    Bridged::Stages(e) => {
+                        staged += 1;
+                        assert!(!e.to_string().contains(secret), "{e}");
+                    }
+                }
+            }
+        }
+        let wire = around.concat();
+        assert!(!wire.contains(secret), "{wire}");
+        assert_eq!(staged, 1, "only block 2's stop reached the stages");
+        assert!(wire.contains("redacted_thinking") && wire.contains("message_stop"));
+        assert!(
+            !wire.contains("message_delta"),
+            "nothing after message_stop"
+        );
     }
 }
