@@ -50,10 +50,22 @@ pub struct StreamFacts {
     pub generated_chars: u64,
 }
 
+/// The API a provider speaks, as a dialect needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderApi {
+    OpenAi,
+    Anthropic,
+}
+
 /// One API's wire format.
 pub trait Dialect: Send + Sync {
     /// The route, as records, metrics and filters name it.
     fn route(&self) -> Route;
+
+    /// The API the provider must speak for this format to be forwarded.
+    fn provider_api(&self) -> ProviderApi {
+        ProviderApi::OpenAi
+    }
 
     /// The path below the provider's base URL (`/v1`).
     fn upstream_path(&self) -> &'static str;

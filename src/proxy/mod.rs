@@ -422,6 +422,9 @@ impl Gateway {
                 )
                 .await;
         };
+        if let Some(r) = self.speaks(&provider, d, &parsed.model) {
+            return self.refuse(s, ctx, "model_registry", r).await;
+        }
         ctx.rec.upstream_model = Some(upstream_model.clone());
 
         // A token budget is settled from the stream's final usage event:
@@ -562,6 +565,25 @@ impl Gateway {
         // Whatever was not settled on the way (error paths).
         let used = total_tokens(ctx);
         self.settle(ctx, used).await;
+    }
+
+    /// A refusal when the provider serving the model does not speak the
+    /// request's API (a Messages request for a model on an OpenAI
+    /// provider, or the other way round).
+    fn speaks(&self, provider: &str, d: &dyn Dialect, model: &str) -> Option<Rejection> {
+        let kind = self.cfg.providers.get(provider)?.kind;
+        let api = match kind {
+            crate::config::ProviderKind::Openai => dialect::ProviderApi::OpenAi,
+            crate::config::ProviderKind::Anthropic => dialect::ProviderApi::Anthropic,
+        };
+        (api != d.provider_api()).then(|| {
+            Rejection::about_input(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "The model `{model}` is served by a provider that does not speak this API; call it through the API of its provider."
+                ),
+            )
+        })
     }
 
     async fn settle(&self, ctx: &mut Ctx, used: Option<u64>) {

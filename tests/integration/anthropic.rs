@@ -88,6 +88,44 @@ async fn the_provider_gets_its_key_as_x_api_key_and_the_clients_version_never_it
 }
 
 #[tokio::test]
+async fn a_model_on_a_provider_of_another_api_is_refused_clearly() {
+    let mock = Mock::start(Default::default()).await;
+    let keys = TestKeys::new();
+    let gw = claude_gateway(&mock, &keys).await;
+    let token = keys.token("alice", &["user"]);
+    // mock-small is served by an OpenAI provider; claude-x by Anthropic's.
+    let mut wrong = message("hello");
+    wrong["model"] = json!("mock-small");
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", &token)
+        .json(&wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let id = r.headers()["request-id"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("does not speak this API"));
+    let rec = gw.record_for(&id).await;
+    assert_eq!(
+        (rec["blocked_by"].as_str(), rec["reason_code"].as_str()),
+        (Some("model_registry"), Some("invalid_request"))
+    );
+    let mut openai_shaped = chat("hello");
+    openai_shaped["model"] = json!("claude-x");
+    let r = post_as(&gw, &token, &openai_shaped).await;
+    assert_eq!(r.status(), 400);
+    assert!(
+        mock.state.requests().is_empty(),
+        "nothing reached a provider"
+    );
+}
+
+#[tokio::test]
 async fn refusals_have_anthropics_shape_and_a_request_id() {
     let mock = Mock::start(Default::default()).await;
     let keys = TestKeys::new();

@@ -520,12 +520,21 @@ async fn a_long_reply_is_judged_whole_and_tool_call_arguments_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_anthropic_stream_cut_by_the_output_guard_opens_and_refuses() {
     let mock = Mock::start(options()).await;
-    let gw = Gateway::start(guarded(
+    let mut setup = guarded(
         mock.addr,
         "model: llama-guard-3-8b\n  protocol: llama-guard\n  input: false\n  output: held",
-    ))
-    .await;
-    let ask = json!({"model": "mock-small", "max_tokens": 64, "stream": true,
+    );
+    setup.extra_providers = format!(
+        "  claude:\n    base_url: http://{}/v1\n    kind: anthropic\n",
+        mock.addr
+    );
+    setup.registry_yaml = "registry:\n  approve_seed: true\n  seed_file: seed.yaml\n".into();
+    setup.files.push((
+        "seed.yaml".into(),
+        b"models:\n  - { id: claude-x, provider: claude }\n".to_vec(),
+    ));
+    let gw = Gateway::start(setup).await;
+    let ask = json!({"model": "claude-x", "max_tokens": 64, "stream": true,
         "messages": [{"role": "user", "content": "A nerve agent is made like this, marker."}]});
     let body = gw.post("/v1/messages", &ask).await.text().await.unwrap();
     let kinds: Vec<String> = body

@@ -52,6 +52,10 @@ impl Dialect for AnthropicCountTokens {
         Route::CountTokens
     }
 
+    fn provider_api(&self) -> super::ProviderApi {
+        super::ProviderApi::Anthropic
+    }
+
     fn upstream_path(&self) -> &'static str {
         "/messages/count_tokens"
     }
@@ -129,6 +133,10 @@ impl Dialect for AnthropicCountTokens {
 impl Dialect for AnthropicMessages {
     fn route(&self) -> Route {
         Route::Messages
+    }
+
+    fn provider_api(&self) -> super::ProviderApi {
+        super::ProviderApi::Anthropic
     }
 
     fn upstream_path(&self) -> &'static str {
