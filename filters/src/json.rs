@@ -189,6 +189,15 @@ pub fn set(target: &mut Value, path: &[&str], value: Value) -> bool {
     }
 }
 
+/// The entries of the array at `key` of an object; none for anything else
+/// (a missing key, a value of another type, a value that is no object).
+pub fn items<'v>(value: &'v Value, key: &str) -> std::slice::Iter<'v, Value> {
+    match value.get(key) {
+        Some(Value::Array(a)) => a.iter(),
+        _ => [].iter(),
+    }
+}
+
 /// The array at `key` of an object, for writing; `None` for anything else.
 pub fn array_mut<'v>(value: &'v mut Value, key: &str) -> Option<&'v mut Vec<Value>> {
     value.get_mut(key)?.as_array_mut()
@@ -198,6 +207,15 @@ pub fn array_mut<'v>(value: &'v mut Value, key: &str) -> Option<&'v mut Vec<Valu
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn items_of_anything_but_an_array_are_none() {
+        let v = json!({"a": [1, 2], "b": "x"});
+        assert_eq!(items(&v, "a").count(), 2);
+        assert_eq!(items(&v, "b").count(), 0);
+        assert_eq!(items(&v, "c").count(), 0);
+        assert_eq!(items(&json!([1]), "a").count(), 0);
+    }
 
     #[test]
     fn duplicate_keys_are_refused_at_any_depth() {

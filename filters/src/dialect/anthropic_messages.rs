@@ -14,9 +14,10 @@
 //! any other kind (`readable`).
 //!
 //! A reply is a message whose `content` is blocks (`text`, `thinking` with
-//! a `signature`, `redacted_thinking`, `tool_use`, `server_tool_use`,
-//! `mcp_tool_use`, and the results of server and MCP tools, which are not
-//! the model's writing and pass as they are), with `usage` of
+//! a `signature`, `redacted_thinking`, `tool_use`; a server or MCP tool
+//! use, which a compliant provider never sends for a request the gateway
+//! let through, is judged like `tool_use`, and any block of a kind the
+//! stages cannot read is not released), with `usage` of
 //! `input_tokens` and `output_tokens`. A stream is `message_start` (input
 //! usage), `ping`s, per block `content_block_start`, deltas
 //! (`text_delta`, `thinking_delta`, `signature_delta`, `input_json_delta`)
@@ -27,6 +28,7 @@
 
 use super::{Bridge, Bridged, Dialect, Forward, StreamBridge, StreamFacts};
 use crate::intake::{parse_body, CallBody, Shape};
+use crate::json::items;
 use crate::prompt::{Call, Message, Prompt, Role, Tool};
 use crate::{ErrorCode, Rejection, Route, SseEvent};
 use serde_json::{json, Value};
@@ -250,12 +252,7 @@ impl Dialect for AnthropicMessages {
         match reply.get("type").and_then(Value::as_str) {
             // A whole message: every block's generated text.
             Some("message") => {
-                for b in reply
-                    .get("content")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                for b in items(reply, "content") {
                     out.push_str(&block_text(b));
                 }
             }
@@ -311,11 +308,7 @@ impl Dialect for AnthropicMessages {
 /// `signature` is kept aside and given back unchanged.
 impl Bridge for AnthropicMessages {
     fn reply_in(&self, reply: &Value) -> Value {
-        let choices: Vec<Value> = reply
-            .get("content")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let choices: Vec<Value> = items(reply, "content")
             .enumerate()
             .map(|(i, b)| {
                 let message = match b.get("type").and_then(Value::as_str) {
@@ -337,16 +330,8 @@ impl Bridge for AnthropicMessages {
     }
 
     fn reply_out(&self, original: &Value, staged: &Value) -> Value {
-        let blocks: Vec<&Value> = original
-            .get("content")
-            .and_then(Value::as_array)
-            .map(|b| b.iter().collect())
-            .unwrap_or_default();
-        let choices: BTreeMap<u64, &Value> = staged
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
+        let blocks: Vec<&Value> = items(original, "content").collect();
+        let choices: BTreeMap<u64, &Value> = items(staged, "choices")
             .filter_map(|c| Some((c.get("index")?.as_u64()?, c.get("message")?)))
             .collect();
         let mut content = Vec::new();
@@ -396,12 +381,7 @@ fn blocks_of(m: &Value, original: &Value) -> Vec<Value> {
         }
         out.push(b);
     }
-    for call in m
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for call in items(m, "tool_calls") {
         let args = call
             .pointer("/function/arguments")
             .and_then(Value::as_str)
@@ -591,12 +571,7 @@ impl StreamBridge for StreamState {
                     json!({"type": "content_block_delta", "index": index, "delta": body}),
                 ));
             };
-            for call in d
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for call in items(d, "tool_calls") {
                 self.start(index, "tool_use", &mut out);
                 if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str) {
                     if !a.is_empty() {
@@ -781,13 +756,7 @@ fn prompt(body: &Value) -> Prompt<'_> {
         p.messages
             .push(Message::new(Role::System, Some(system), "/system".into()));
     }
-    for (i, m) in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (i, m) in items(body, "messages").enumerate() {
         let role = match m.get("role").and_then(Value::as_str) {
             Some("assistant") => Role::Assistant,
             // `user`, and any other role the API might read as the caller's.
@@ -818,13 +787,7 @@ fn prompt(body: &Value) -> Prompt<'_> {
                     result.answers = block.get("tool_use_id").and_then(Value::as_str);
                     result.raw = Some(&PART_OF_A_TURN);
                     parts.push(result);
-                    for (k, inner) in block
-                        .get("content")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .enumerate()
-                    {
+                    for (k, inner) in items(block, "content").enumerate() {
                         parts.extend(document(inner, format!("{at}/content/{k}"), Role::Tool));
                     }
                 }
@@ -837,28 +800,10 @@ fn prompt(body: &Value) -> Prompt<'_> {
         p.messages.push(message);
         p.messages.extend(parts);
     }
-    for t in body
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for t in items(body, "tools") {
         p.tools.push(Tool {
             name: tool_name(t).map(Cow::Borrowed),
             declaration: t,
-        });
-    }
-    // An MCP server the API connects to is a tool the request declares:
-    // the tool policy names it by the server's `name`.
-    for server in body
-        .get("mcp_servers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        p.tools.push(Tool {
-            name: tool_name(server).map(Cow::Borrowed),
-            declaration: server,
         });
     }
     if let Some(choice) = body.get("tool_choice").filter(|c| c.is_object()) {
@@ -903,35 +848,20 @@ fn readable(body: &Value) -> Result<(), Rejection> {
             return refuse(format!("`{field}`"));
         }
     }
-    for t in body
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for t in items(body, "tools") {
         match t.get("type").and_then(Value::as_str) {
             None | Some("custom") => {}
             Some(kind) => return refuse(format!("A server tool (`{kind}`)")),
         }
     }
-    let blocks = |content: Option<&Value>| -> Vec<Value> {
-        content
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
-    for m in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        for b in blocks(m.get("content")) {
-            let mut inner = vec![b.clone()];
-            if b.get("type").and_then(Value::as_str) == Some("tool_result") {
-                inner.extend(blocks(b.get("content")));
-            }
-            for b in inner {
+    for m in items(body, "messages") {
+        for b in items(m, "content") {
+            // A tool result's own blocks are read too.
+            let inner = match b.get("type").and_then(Value::as_str) {
+                Some("tool_result") => items(b, "content"),
+                _ => items(&Value::Null, ""),
+            };
+            for b in std::iter::once(b).chain(inner) {
                 match b.get("type").and_then(Value::as_str) {
                     Some(kind) if READ_BLOCKS.contains(&kind) => {}
                     Some(kind) => return refuse(format!("A `{kind}` block")),
@@ -1069,7 +999,7 @@ mod tests {
     }
 
     #[test]
-    fn documents_search_results_and_mcp_servers_are_read() {
+    fn documents_and_search_results_are_read() {
         let body = json!({"model": "m", "max_tokens": 9,
             "mcp_servers": [{"type": "url", "url": "https://x/mcp", "name": "crm"}],
             "messages": [{"role": "user", "content": [
@@ -1088,7 +1018,8 @@ mod tests {
                 assert_eq!(body.pointer(&m.at), Some(c), "{}", m.at);
             }
         }
-        assert_eq!(p.tools[0].name.as_deref(), Some("crm"));
+        // MCP servers are refused at intake (`readable`), not declared.
+        assert!(readable(&body).is_err());
         assert_eq!(p.messages.last().unwrap().calls[0].name, "lookup");
     }
 

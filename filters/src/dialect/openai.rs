@@ -5,6 +5,7 @@
 
 use super::{Dialect, Forward, StreamFacts};
 use crate::intake::{parse_body, CallBody, Shape};
+use crate::json::items;
 use crate::prompt::{Call, Input, Message, Prompt, Role, Tool};
 use crate::{Rejection, Route, SseEvent};
 use serde_json::{json, Value};
@@ -137,12 +138,7 @@ fn prompt(route: Route, generates: bool, body: &Value) -> Prompt<'_> {
         message.raw = Some(m);
         message.name = m.get("name").and_then(Value::as_str);
         message.answers = m.get("tool_call_id").and_then(Value::as_str);
-        for call in m
-            .get("tool_calls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for call in items(m, "tool_calls") {
             let inner = call
                 .get("function")
                 .or_else(|| call.get("custom"))
@@ -176,24 +172,14 @@ fn prompt(route: Route, generates: bool, body: &Value) -> Prompt<'_> {
         Route::Embeddings => p.inputs.extend(field("input")),
         _ => {}
     }
-    for t in body
-        .get("tools")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for t in items(body, "tools") {
         p.tools.push(Tool {
             name: tool_name(t).map(Cow::Owned),
             declaration: t,
         });
     }
     // A legacy `functions` entry is `{name, parameters}`.
-    for f in body
-        .get("functions")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for f in items(body, "functions") {
         p.tools.push(Tool {
             name: f
                 .get("name")
@@ -334,18 +320,13 @@ fn note_event(event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {
         facts.done = true;
         return Ok(());
     }
-    let Some(Value::Object(v)) = event.json() else {
+    let Some(v @ Value::Object(_)) = event.json() else {
         return Err("provider sent an SSE event whose data is not a JSON object".into());
     };
     if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
         facts.usage = Some(u.clone());
     }
-    for choice in v
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for choice in items(v, "choices") {
         if let Some(t) = choice.get("text") {
             facts.generated_chars += text_chars(t);
         }
@@ -415,13 +396,7 @@ fn reply_texts(reply: &Value) -> Vec<(u64, String)> {
         }
     }
     let mut texts = Vec::new();
-    for (at, c) in reply
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .enumerate()
-    {
+    for (at, c) in items(reply, "choices").enumerate() {
         let mut out = String::new();
         if let Some(t) = c.get("text") {
             push(&mut out, t);
@@ -438,12 +413,7 @@ fn reply_texts(reply: &Value) -> Vec<(u64, String)> {
             if let Some(a) = m.pointer("/function_call/arguments") {
                 push(&mut out, a);
             }
-            for call in m
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for call in items(m, "tool_calls") {
                 for p in ["/function/arguments", "/custom/input"] {
                     if let Some(a) = call.pointer(p) {
                         push(&mut out, a);
