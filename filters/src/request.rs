@@ -23,18 +23,6 @@ pub enum Route {
 }
 
 impl Route {
-    /// The path below the provider's base URL (`/v1`), e.g. `/chat/completions`.
-    pub const fn upstream_path(self) -> &'static str {
-        match self {
-            Self::ChatCompletions => "/chat/completions",
-            Self::Completions => "/completions",
-            Self::Embeddings => "/embeddings",
-            Self::Messages => "/messages",
-            Self::CountTokens => "/messages/count_tokens",
-            Self::Models => "/models",
-        }
-    }
-
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::ChatCompletions => "chat/completions",
