@@ -177,4 +177,28 @@ async fn refusals_have_anthropics_shape_and_a_request_id() {
         .as_str()
         .unwrap()
         .contains("max_tokens"));
+    // Token counting is never streamed.
+    let mut streamed = message("x");
+    streamed["stream"] = json!(true);
+    let r = reqwest::Client::new()
+        .post(gw.url("/v1/messages/count_tokens"))
+        .header("x-api-key", &token)
+        .json(&streamed)
+        .send()
+        .await
+        .expect("gateway answers");
+    assert_eq!(r.status(), 400);
+    let id = r.headers()["request-id"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let rec = gw.record_for(&id).await;
+    assert_eq!(rec["route"], "messages/count_tokens");
+    assert_eq!(
+        (rec["reason_code"].as_str(), rec["blocked_by"].as_str()),
+        (Some("invalid_request"), Some("intake"))
+    );
+    assert!(
+        mock.state.requests().is_empty(),
+        "nothing reached the provider"
+    );
 }
