@@ -257,6 +257,7 @@ fn redact_stage(c: &mut Criterion) {
         route: Route::ChatCompletions,
         model: None,
         principal: None,
+        approvals: Default::default(),
     };
     let mut s = stage.stream(&ctx);
     let words = [

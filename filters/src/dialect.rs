@@ -21,6 +21,7 @@ pub mod openai_chat;
 pub mod openai_completions;
 pub mod openai_embeddings;
 
+use crate::approval::Approval;
 use crate::intake::{CallBody, Shape};
 use crate::prompt::Prompt;
 use crate::{Rejection, Route, SseEvent};
@@ -145,6 +146,28 @@ pub trait Dialect: Send + Sync {
     fn bridge(&self) -> Option<&dyn Bridge> {
         None
     }
+
+    /// An approved call handed out (`crate::approval`): the reply the
+    /// provider would have given with only the held calls, whole or as
+    /// stream events as `request` asks, in the response stages' shape.
+    /// `None`: this API's replies are not replayed, so its calls to
+    /// `approval_required` tools are refused rather than held.
+    fn replay(&self, _approval: &Approval, _request: &Value) -> Option<Replayed> {
+        None
+    }
+
+    /// Whether calls to `approval_required` tools are held on this route
+    /// (the dialect can [`replay`](Dialect::replay) them).
+    fn holds_calls(&self) -> bool {
+        false
+    }
+}
+
+/// An approved call as a reply.
+#[derive(Debug)]
+pub enum Replayed {
+    Json(Value),
+    Events(Vec<SseEvent>),
 }
 
 /// The response stages (redaction, tool authorization) read replies in

@@ -23,6 +23,14 @@ pub enum ErrorCode {
     ContentPolicy,
     ToolNotAllowed,
     ToolApprovalRequired,
+    ApprovalPending,
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalUsed,
+    ApprovalMismatch,
+    ApprovalNotFound,
+    SelfApproval,
+    ApprovalUnavailable,
     InvalidToken,
     TokenExpired,
     SubjectFrozen,
@@ -46,7 +54,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and exhaustive tests.
-    pub const ALL: [ErrorCode; 31] = [
+    pub const ALL: [ErrorCode; 39] = [
         Self::InvalidRequest,
         Self::UnsupportedMediaType,
         Self::UnknownRoute,
@@ -59,6 +67,14 @@ impl ErrorCode {
         Self::ContentPolicy,
         Self::ToolNotAllowed,
         Self::ToolApprovalRequired,
+        Self::ApprovalPending,
+        Self::ApprovalDenied,
+        Self::ApprovalExpired,
+        Self::ApprovalUsed,
+        Self::ApprovalMismatch,
+        Self::ApprovalNotFound,
+        Self::SelfApproval,
+        Self::ApprovalUnavailable,
         Self::InvalidToken,
         Self::TokenExpired,
         Self::SubjectFrozen,
@@ -94,6 +110,14 @@ impl ErrorCode {
             Self::ContentPolicy => "content_policy",
             Self::ToolNotAllowed => "tool_not_allowed",
             Self::ToolApprovalRequired => "tool_approval_required",
+            Self::ApprovalPending => "approval_pending",
+            Self::ApprovalDenied => "approval_denied",
+            Self::ApprovalExpired => "approval_expired",
+            Self::ApprovalUsed => "approval_used",
+            Self::ApprovalMismatch => "approval_mismatch",
+            Self::ApprovalNotFound => "approval_not_found",
+            Self::SelfApproval => "self_approval",
+            Self::ApprovalUnavailable => "approval_unavailable",
             Self::InvalidToken => "invalid_token",
             Self::TokenExpired => "token_expired",
             Self::SubjectFrozen => "subject_frozen",
@@ -122,12 +146,18 @@ impl ErrorCode {
             Self::InvalidToken | Self::TokenExpired => 401,
             Self::ToolNotAllowed
             | Self::ToolApprovalRequired
+            | Self::ApprovalPending
+            | Self::ApprovalDenied
+            | Self::ApprovalExpired
+            | Self::ApprovalUsed
+            | Self::ApprovalMismatch
+            | Self::SelfApproval
             | Self::SubjectFrozen
             | Self::TenantFrozen
             | Self::ModelNotApproved
             | Self::ModelFrozen
             | Self::Forbidden => 403,
-            Self::UnknownRoute | Self::ModelNotFound => 404,
+            Self::UnknownRoute | Self::ModelNotFound | Self::ApprovalNotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::RequestTimeout => 408,
             Self::InvalidTransition => 409,
@@ -141,6 +171,7 @@ impl ErrorCode {
             | Self::LimiterUnavailable
             | Self::RegistryUnavailable
             | Self::FilterUnavailable
+            | Self::ApprovalUnavailable
             | Self::AuditUnavailable => 503,
             Self::UpstreamTimeout => 504,
         }
@@ -177,6 +208,30 @@ impl ErrorCode {
             Self::ContentPolicy => "The request was refused by the content policy.",
             Self::ToolNotAllowed => "The request uses a tool you are not allowed to use.",
             Self::ToolApprovalRequired => "That tool needs an approval before you may use it.",
+            Self::ApprovalPending => {
+                "That tool call is still waiting for a person to approve it; retry once it is approved."
+            }
+            Self::ApprovalDenied => {
+                "That tool call was denied by an approver."
+            }
+            Self::ApprovalExpired => {
+                "That approval has expired; send the request again to ask anew."
+            }
+            Self::ApprovalUsed => {
+                "That approval has already been used; an approved call is handed out once."
+            }
+            Self::ApprovalMismatch => {
+                "That approval was given for a different request; repeat the request it was given for."
+            }
+            Self::ApprovalNotFound => {
+                "No such approval."
+            }
+            Self::SelfApproval => {
+                "You cannot decide on an approval for your own request; another approver must."
+            }
+            Self::ApprovalUnavailable => {
+                "The approval store is unavailable; retry later."
+            }
             Self::InvalidToken => "The access token is missing or invalid.",
             Self::TokenExpired => "The access token has expired.",
             Self::SubjectFrozen => "Your access has been suspended.",

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin_access;
+pub mod approval;
 pub mod chain;
 pub mod clock;
 pub mod dialect;

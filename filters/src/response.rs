@@ -29,6 +29,8 @@ pub struct ResponseContext<'a> {
     pub model: Option<&'a str>,
     /// The caller, when authenticated.
     pub principal: Option<&'a crate::request::Principal>,
+    /// What happens to calls of `approval_required` tools.
+    pub approvals: crate::approval::Approvals<'a>,
 }
 
 /// One response-side filter.
@@ -282,6 +284,7 @@ mod tests {
             route: Route::ChatCompletions,
             model: None,
             principal: None,
+            approvals: Default::default(),
         }
     }
     fn chain(mode: Mode, on_error: OnError) -> ResponseChain {

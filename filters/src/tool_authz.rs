@@ -10,6 +10,7 @@
 //! Allowed calls must also meet the tool's argument constraints (JSON
 //! pointer → regex, enum, maximum length, numeric range).
 
+use crate::approval::ApprovalStore;
 use crate::chain::{Annotation, Decision, FilterError, FilterKind, RequestFilter, Verdict};
 use crate::error::{ErrorCode, Rejection};
 use crate::prompt::{Prompt, Role};
@@ -232,13 +233,15 @@ impl ToolPolicy {
         principal: Option<&Principal>,
         arguments: Option<&Value>,
     ) -> ToolVerdict {
-        match self.access(tool, principal) {
+        // A call that breaks the tool's constraints is refused outright,
+        // never put to an approver.
+        let granted = match self.access(tool, principal) {
             Access::Deny => return ToolVerdict::Denied(format!("tool '{tool}' not allowed")),
-            Access::ApprovalRequired => return ToolVerdict::NeedsApproval,
-            Access::Allow => {}
-        }
+            Access::ApprovalRequired => ToolVerdict::NeedsApproval,
+            Access::Allow => ToolVerdict::Allowed,
+        };
         let (Some(t), Some(args)) = (self.tools.get(tool), arguments) else {
-            return ToolVerdict::Allowed;
+            return granted;
         };
         for (c, re) in t.spec.constraints.iter().zip(&t.regexes) {
             let v = args.pointer(&c.pointer);
@@ -269,7 +272,7 @@ impl ToolPolicy {
                 }
             }
         }
-        ToolVerdict::Allowed
+        granted
     }
 }
 
@@ -284,11 +287,24 @@ fn value_text(v: &Value) -> String {
 /// The request side: declared tools and `role: tool` messages.
 pub struct ToolAuthz {
     policy: std::sync::Arc<crate::shared::Shared<ToolPolicy>>,
+    /// Where approvals are kept, when calls are held for them.
+    approvals: Option<std::sync::Arc<dyn ApprovalStore>>,
 }
 
 impl ToolAuthz {
     pub fn new(policy: std::sync::Arc<crate::shared::Shared<ToolPolicy>>) -> Self {
-        Self { policy }
+        Self {
+            policy,
+            approvals: None,
+        }
+    }
+
+    /// Hold calls to `approval_required` tools for approval (on the routes
+    /// whose replies can be replayed): such tools may be declared, and
+    /// their results carried once their call was approved and handed out.
+    pub fn with_approvals(mut self, store: std::sync::Arc<dyn ApprovalStore>) -> Self {
+        self.approvals = Some(store);
+        self
     }
 }
 
@@ -308,10 +324,10 @@ pub fn call_parts(call: &Value) -> (String, String) {
     (name.to_string(), args.to_string())
 }
 
-/// The names of the tools whose results the conversation carries (a
-/// result names its tool through the call it answers, else through its
-/// own name), and of the calls it replays.
-fn tool_results(prompt: &Prompt<'_>) -> Vec<String> {
+/// The tools whose results the conversation carries (a result names its
+/// tool through the call it answers, else through its own name), and the
+/// calls it replays, each with the call's id when it has one.
+fn tool_results<'a>(prompt: &'a Prompt<'_>) -> Vec<(String, Option<&'a str>)> {
     let mut names = BTreeMap::new();
     let mut used = Vec::new();
     for m in &prompt.messages {
@@ -319,16 +335,16 @@ fn tool_results(prompt: &Prompt<'_>) -> Vec<String> {
             if let Some(id) = call.id {
                 names.insert(id, call.name.as_ref());
             }
-            used.push(call.name.to_string());
+            used.push((call.name.to_string(), call.id));
         }
     }
     for m in prompt.messages.iter().filter(|m| m.role == Role::Tool) {
-        used.push(
-            m.answers
-                .and_then(|id| names.get(id).map(|n| n.to_string()))
-                .or_else(|| m.name.map(str::to_string))
-                .unwrap_or_else(|| "<unknown tool>".into()),
-        );
+        let name = m
+            .answers
+            .and_then(|id| names.get(id).map(|n| n.to_string()))
+            .or_else(|| m.name.map(str::to_string))
+            .unwrap_or_else(|| "<unknown tool>".into());
+        used.push((name, m.answers));
     }
     used
 }
@@ -354,10 +370,30 @@ fn refusal(verdict: &ToolVerdict, tool: &str) -> Rejection {
     match verdict {
         ToolVerdict::NeedsApproval => Rejection::new(
             ErrorCode::ToolApprovalRequired,
-            format!("tool '{tool}' requires approval (pending)"),
+            format!(
+                "tool '{tool}' requires approval, and calls are not held for one on this route"
+            ),
         ),
         ToolVerdict::Denied(why) => Rejection::new(ErrorCode::ToolNotAllowed, why.clone()),
         ToolVerdict::Allowed => Rejection::new(ErrorCode::InternalError, "allowed"),
+    }
+}
+
+impl ToolAuthz {
+    /// Whether `call_id` is a call the store says was approved and handed
+    /// out to the caller.
+    async fn approved(
+        &self,
+        caller: Option<&Principal>,
+        call_id: Option<&str>,
+    ) -> Result<bool, FilterError> {
+        let (Some(store), Some(caller), Some(id)) = (&self.approvals, caller, call_id) else {
+            return Ok(false);
+        };
+        store
+            .redeemed_call(caller, id)
+            .await
+            .map_err(|e| FilterError::new(ErrorCode::ApprovalUnavailable, e))
     }
 }
 
@@ -370,14 +406,32 @@ impl RequestFilter for ToolAuthz {
     async fn check(&self, request: &RequestView<'_>) -> Result<Verdict, FilterError> {
         let p = request.principal;
         let policy = self.policy.get();
-        // A result of a tool the caller may not use: always refused.
-        for tool in tool_results(request.prompt) {
+        let holds = self.approvals.is_some()
+            && crate::dialect::for_route(request.route).is_some_and(|d| d.holds_calls());
+        // A result of a tool the caller may not use: always refused. One of
+        // a tool that needs approval: only when that very call was
+        // approved and handed out to this caller.
+        for (tool, call_id) in tool_results(request.prompt) {
             let v = policy.judge(&tool, p, None);
-            if v != ToolVerdict::Allowed {
-                let mut r = refusal(&v, &tool);
-                r.reason = format!("tool result message: {}", r.reason);
+            if v == ToolVerdict::Allowed {
+                continue;
+            }
+            if let (ToolVerdict::NeedsApproval, true) = (&v, holds) {
+                if self.approved(p, call_id).await? {
+                    continue;
+                }
+                let r = Rejection::new(
+                    ErrorCode::ToolApprovalRequired,
+                    format!(
+                        "tool result message: tool '{tool}' call {} was not approved and handed out to this caller",
+                        call_id.map_or_else(|| "(no id)".into(), crate::error::untrusted)
+                    ),
+                );
                 return Ok(Decision::Deny(r).into());
             }
+            let mut r = refusal(&v, &tool);
+            r.reason = format!("tool result message: {}", r.reason);
+            return Ok(Decision::Deny(r).into());
         }
         let declared = match declared(request.prompt) {
             Ok(d) => d,
@@ -395,7 +449,9 @@ impl RequestFilter for ToolAuthz {
             .collect::<Vec<_>>();
         for tool in declared.into_iter().chain(forced) {
             let v = policy.judge(&tool, p, None);
-            if v == ToolVerdict::Allowed {
+            // A tool that needs approval may be offered to the model: its
+            // calls are held.
+            if v == ToolVerdict::Allowed || (v == ToolVerdict::NeedsApproval && holds) {
                 continue;
             }
             if policy.on_declared == OnDeclared::Strip && matches!(v, ToolVerdict::Denied(_)) {

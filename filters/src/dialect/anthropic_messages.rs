@@ -1168,6 +1168,7 @@ mod tests {
             route: Route::Messages,
             model: None,
             principal: Some(&user),
+            approvals: Default::default(),
         };
         let mut stages = chain.stream(&ctx);
         let mut bridge = MESSAGES.stream();

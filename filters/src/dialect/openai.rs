@@ -3,7 +3,8 @@
 //! model list. [`OpenAi`] is the [`Dialect`] of all three; each format's
 //! module gives its own values of it.
 
-use super::{Dialect, Forward, StreamFacts};
+use super::{Dialect, Forward, Replayed, StreamFacts};
+use crate::approval::Approval;
 use crate::intake::{parse_body, CallBody, Shape};
 use crate::json::items;
 use crate::prompt::{Call, Input, Message, Prompt, Role, Tool};
@@ -25,6 +26,9 @@ pub struct OpenAi {
     /// choice of it.
     pub cut_chunk: (&'static str, &'static str),
     pub cut_choice: fn(u64) -> Value,
+    /// Approved calls as a reply (Chat Completions only: the only one of
+    /// the three with tool calls).
+    pub replay: Option<fn(&Approval, &Value) -> Replayed>,
 }
 
 impl Dialect for OpenAi {
@@ -104,6 +108,14 @@ impl Dialect for OpenAi {
 
     fn error_event(&self, rejection: &Rejection) -> SseEvent {
         SseEvent::from_json(error_json(rejection))
+    }
+
+    fn replay(&self, approval: &Approval, request: &Value) -> Option<Replayed> {
+        self.replay.map(|r| r(approval, request))
+    }
+
+    fn holds_calls(&self) -> bool {
+        self.replay.is_some()
     }
 }
 

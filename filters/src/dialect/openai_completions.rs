@@ -12,4 +12,5 @@ pub const COMPLETIONS: OpenAi = OpenAi {
     generates: true,
     cut_chunk: ("text_completion", "cmpl-filtered"),
     cut_choice: |index| json!({"index": index, "text": "", "finish_reason": "content_filter", "logprobs": null}),
+    replay: None,
 };

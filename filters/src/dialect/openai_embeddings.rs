@@ -12,4 +12,5 @@ pub const EMBEDDINGS: OpenAi = OpenAi {
     generates: false,
     cut_chunk: ("list", "embeddings-filtered"),
     cut_choice: |_| Value::Null,
+    replay: None,
 };

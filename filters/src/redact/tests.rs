@@ -1605,6 +1605,7 @@ mod stage {
             route,
             model: None,
             principal: None,
+            approvals: Default::default(),
         }
     }
 
@@ -1990,6 +1991,7 @@ tools:
                     "function": {"name": tool, "arguments": arguments}}]}}]});
             let ctx = ResponseContext {
                 principal: Some(&caller),
+                approvals: Default::default(),
                 ..ctx(Route::ChatCompletions)
             };
             stage.on_json(&ctx, &mut body).unwrap();

@@ -5,8 +5,14 @@
 //! choice's calls are held until the choice finishes, so no byte of a
 //! refused call's name or arguments reaches the client; an event that
 //! carries several choices is split, one event per held choice.
+//!
+//! A call to an `approval_required` tool is held for a person to approve
+//! (`crate::approval`) when the context says so: taken out like a refused
+//! one, put in the request's holding, and the notice names the approval.
+//! When the reply is an approved call handed out, such calls pass.
 
 use super::{call_parts, OnCalled, ToolPolicy, ToolVerdict};
+use crate::approval::{self, Approvals, HeldCall, Holding};
 use crate::chain::{Annotation, Decision, FilterError, FilterKind};
 use crate::error::{ErrorCode, Rejection};
 use crate::request::Principal;
@@ -27,12 +33,45 @@ impl ResponseToolAuthz {
     }
 }
 
-/// The text a response carries in place of removed calls. It names no
-/// tool: which ones were refused is in the audit record.
-fn notice(names: &[String]) -> String {
-    match names.len() {
-        1 => "[a tool call was blocked by policy]".into(),
-        n => format!("[{n} tool calls were blocked by policy]"),
+/// What becomes of one call.
+enum Outcome<'h> {
+    Pass,
+    Hold(&'h Arc<Holding>),
+    Refuse(ToolVerdict),
+}
+
+fn outcome<'h>(
+    policy: &ToolPolicy,
+    principal: Option<&Principal>,
+    approvals: Approvals<'h>,
+    name: &str,
+    args: &str,
+) -> Outcome<'h> {
+    match (judge(policy, principal, name, args), approvals) {
+        (ToolVerdict::Allowed, _) | (ToolVerdict::NeedsApproval, Approvals::Redeem) => {
+            Outcome::Pass
+        }
+        (ToolVerdict::NeedsApproval, Approvals::Hold(h)) => Outcome::Hold(h),
+        (v, _) => Outcome::Refuse(v),
+    }
+}
+
+/// The text a choice carries in place of removed and held calls. It names
+/// no refused tool (which ones were refused is in the audit record); held
+/// calls are named, with the approval to ask for.
+fn notice(removed: &[String], held: &[String], approvals: Approvals<'_>) -> String {
+    let id = match approvals {
+        Approvals::Hold(h) => Some(h.id()),
+        _ => None,
+    };
+    approval::notice(removed, held, id)
+}
+
+/// `text` with the notice after it (or the notice alone).
+fn with_notice(text: Option<&Value>, notice: String) -> Value {
+    match text.and_then(Value::as_str) {
+        Some(t) if !t.is_empty() => Value::String(format!("{t}\n\n{notice}")),
+        _ => Value::String(notice),
     }
 }
 
@@ -46,44 +85,43 @@ fn judge(
     policy.judge(name, principal, Some(&parsed))
 }
 
-fn annotations(called: &[String], refused: &[(String, ToolVerdict)]) -> Vec<Annotation> {
-    let mut a = Vec::new();
-    if !called.is_empty() {
-        a.push(Annotation {
-            key: "tools_called",
-            value: json!(called),
-        });
-    }
-    if !refused.is_empty() {
-        let denied: Vec<&str> = refused
-            .iter()
-            .filter(|(_, v)| matches!(v, ToolVerdict::Denied(_)))
-            .map(|(n, _)| n.as_str())
-            .collect();
-        let pending: Vec<&str> = refused
-            .iter()
-            .filter(|(_, v)| *v == ToolVerdict::NeedsApproval)
-            .map(|(n, _)| n.as_str())
-            .collect();
-        a.push(Annotation {
-            key: "tools_denied",
-            value: json!(denied),
-        });
-        if !pending.is_empty() {
+/// What one reply's calls came to, for the audit record (names only).
+#[derive(Default)]
+struct Tally {
+    called: Vec<String>,
+    refused: Vec<String>,
+    held: Vec<String>,
+}
+
+impl Tally {
+    fn annotations(&self, approvals: Approvals<'_>) -> Vec<Annotation> {
+        let mut a = Vec::new();
+        let mut add = |key, names: &[String]| {
+            if !names.is_empty() {
+                a.push(Annotation {
+                    key,
+                    value: json!(names),
+                });
+            }
+        };
+        add("tools_called", &self.called);
+        add("tools_denied", &self.refused);
+        add("tools_held_for_approval", &self.held);
+        if let (false, Approvals::Hold(h)) = (self.held.is_empty(), approvals) {
             a.push(Annotation {
-                key: "tools_pending_approval",
-                value: json!(pending),
+                key: "approval_id",
+                value: json!(h.id()),
             });
         }
+        a
     }
-    a
 }
 
 fn rejection(name: &str, v: &ToolVerdict) -> Rejection {
     match v {
         ToolVerdict::NeedsApproval => Rejection::new(
             ErrorCode::ToolApprovalRequired,
-            format!("model called '{name}', which requires approval (pending)"),
+            format!("model called '{name}', which requires an approval this API cannot hold"),
         ),
         ToolVerdict::Denied(why) => {
             Rejection::new(ErrorCode::ToolNotAllowed, format!("model called: {why}"))
@@ -106,55 +144,79 @@ impl ResponseStage for ResponseToolAuthz {
         body: &mut Value,
     ) -> Result<Decision, FilterError> {
         let policy = self.policy.get();
-        let mut called = Vec::new();
-        let mut refused: Vec<(String, ToolVerdict)> = Vec::new();
-        for choice in crate::json::array_mut(body, "choices")
+        let mut tally = Tally::default();
+        for (position, choice) in crate::json::array_mut(body, "choices")
             .into_iter()
             .flatten()
+            .enumerate()
         {
+            let index = choice_index(choice, position);
             let Some(message) = choice.get_mut("message").and_then(Value::as_object_mut) else {
                 continue;
             };
             let mut removed = Vec::new();
-            let mut judge_call = |call: &Value| {
+            let mut held = Vec::new();
+            let mut first_refusal = None;
+            let mut judge_call = |call: &Value, legacy: bool| {
                 let (name, args) = call_parts(call);
-                called.push(name.clone());
-                match judge(&policy, ctx.principal, &name, &args) {
-                    ToolVerdict::Allowed => true,
-                    v => {
-                        removed.push(name.clone());
-                        refused.push((name, v));
-                        false
+                tally.called.push(name.clone());
+                match outcome(&policy, ctx.principal, ctx.approvals, &name, &args) {
+                    Outcome::Pass => return true,
+                    Outcome::Hold(h) => {
+                        h.hold(HeldCall {
+                            choice: index,
+                            call: call.clone(),
+                            legacy,
+                        });
+                        held.push(name);
+                    }
+                    Outcome::Refuse(v) => {
+                        first_refusal.get_or_insert_with(|| rejection(&name, &v));
+                        removed.push(name);
                     }
                 }
+                false
             };
             let mut calls_left = 0;
             if let Some(Value::Array(calls)) = message.get_mut("tool_calls") {
-                calls.retain(&mut judge_call);
+                calls.retain(|c| judge_call(c, false));
                 calls_left = calls.len();
                 if calls.is_empty() {
                     message.remove("tool_calls");
                 }
             }
             if let Some(call) = message.get("function_call").filter(|c| c.is_object()) {
-                if judge_call(call) {
+                if judge_call(call, true) {
                     calls_left += 1;
                 } else {
                     message.remove("function_call");
                 }
             }
-            if !removed.is_empty() && policy.on_called == OnCalled::Deny {
-                let (name, v) = &refused[0];
-                return Ok(Decision::Deny(rejection(name, v)));
+            if let (Some(r), OnCalled::Deny) = (first_refusal, policy.on_called) {
+                return Ok(Decision::Deny(r));
             }
-            if !removed.is_empty() && calls_left == 0 {
-                message.insert("content".into(), Value::String(notice(&removed)));
+            let text = notice(&removed, &held, ctx.approvals);
+            tally.refused.append(&mut removed);
+            if calls_left == 0 && !text.is_empty() {
+                // The calls were the answer: the notice is what is left
+                // of it, after any text the model wrote (held calls), or
+                // instead of it (refused ones, as before holds existed).
+                let content = if held.is_empty() {
+                    Value::String(text)
+                } else {
+                    with_notice(message.get("content"), text)
+                };
+                message.insert("content".into(), content);
                 if let Some(c) = choice.as_object_mut() {
                     c.insert("finish_reason".into(), Value::String("stop".into()));
                 }
+            } else if !held.is_empty() {
+                let content = with_notice(message.get("content"), text);
+                message.insert("content".into(), content);
             }
+            tally.held.append(&mut held);
         }
-        Ok(match annotations(&called, &refused) {
+        Ok(match tally.annotations(ctx.approvals) {
             a if a.is_empty() => Decision::Allow,
             a => Decision::Annotate(a),
         })
@@ -164,11 +226,15 @@ impl ResponseStage for ResponseToolAuthz {
         Box::new(ToolStream {
             policy: self.policy.get(),
             principal: ctx.principal.cloned(),
+            holding: match ctx.approvals {
+                Approvals::Hold(h) => Some(h.clone()),
+                _ => None,
+            },
+            redeem: matches!(ctx.approvals, Approvals::Redeem),
             held: BTreeMap::new(),
             held_bytes: BTreeMap::new(),
             calls: BTreeMap::new(),
-            called: Vec::new(),
-            refused: Vec::new(),
+            tally: Tally::default(),
         })
     }
 }
@@ -176,15 +242,51 @@ impl ResponseStage for ResponseToolAuthz {
 struct ToolStream {
     policy: Arc<ToolPolicy>,
     principal: Option<Principal>,
+    /// Where calls to `approval_required` tools go ([`Approvals::Hold`]).
+    holding: Option<Arc<Holding>>,
+    /// The reply is an approved call handed out ([`Approvals::Redeem`]).
+    redeem: bool,
     /// Choice index → its held events, each carrying that choice only.
     held: BTreeMap<u64, Vec<Value>>,
     /// Choice index → bytes of the upstream events it holds parts of (an
     /// upper bound of what it holds), kept under [`MAX_STREAM_HOLD`].
     held_bytes: BTreeMap<u64, usize>,
-    /// (choice, tool index or [`FUNCTION_CALL`]) → (name, arguments so far).
-    calls: BTreeMap<(u64, u64), (String, String)>,
-    called: Vec<String>,
-    refused: Vec<(String, ToolVerdict)>,
+    /// (choice, tool index or [`FUNCTION_CALL`]) → the call so far.
+    calls: BTreeMap<(u64, u64), Assembled>,
+    tally: Tally,
+}
+
+/// A streamed call put together from its fragments.
+#[derive(Default)]
+struct Assembled {
+    id: Option<String>,
+    custom: bool,
+    name: String,
+    args: String,
+}
+
+impl Assembled {
+    /// The call as a whole reply would carry it.
+    fn call(&self, legacy: bool) -> Value {
+        if legacy {
+            return json!({"name": self.name, "arguments": self.args});
+        }
+        if self.custom {
+            json!({"id": self.id, "type": "custom", "custom": {"name": self.name, "input": self.args}})
+        } else {
+            json!({"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.args}})
+        }
+    }
+}
+
+impl ToolStream {
+    fn approvals(&self) -> Approvals<'_> {
+        match (&self.holding, self.redeem) {
+            (Some(h), _) => Approvals::Hold(h),
+            (None, true) => Approvals::Redeem,
+            (None, false) => Approvals::Off,
+        }
+    }
 }
 
 /// The index of a choice object (its position when it has none).
@@ -236,20 +338,25 @@ impl ToolStream {
                     .map(|f| (FUNCTION_CALL, f)),
             );
         for (key, fragment) in fragments {
+            let custom = fragment.get("custom").is_some();
             let inner = fragment
                 .get("function")
                 .or_else(|| fragment.get("custom"))
                 .unwrap_or(fragment);
             let entry = self.calls.entry((index, key)).or_default();
+            entry.custom |= custom;
+            if let Some(id) = fragment.get("id").and_then(Value::as_str) {
+                entry.id.get_or_insert_with(|| id.to_string());
+            }
             if let Some(name) = inner.get("name").and_then(Value::as_str) {
-                entry.0.push_str(name);
+                entry.name.push_str(name);
             }
             if let Some(args) = inner
                 .get("arguments")
                 .or_else(|| inner.get("input"))
                 .and_then(Value::as_str)
             {
-                entry.1.push_str(args);
+                entry.args.push_str(args);
             }
         }
     }
@@ -264,26 +371,58 @@ impl ToolStream {
         let events = self.held.remove(&choice).unwrap_or_default();
         self.held_bytes.remove(&choice);
         let mut refused_here = Vec::new();
+        let mut held_here = Vec::new();
         let keys: Vec<(u64, u64)> = self
             .calls
             .range((choice, 0)..=(choice, u64::MAX))
             .map(|(k, _)| *k)
             .collect();
         for key in &keys {
-            if let Some((name, args)) = self.calls.remove(key) {
-                self.called.push(name.clone());
-                let v = judge(&self.policy, self.principal.as_ref(), &name, &args);
-                if v != ToolVerdict::Allowed {
+            let Some(call) = self.calls.remove(key) else {
+                continue;
+            };
+            self.tally.called.push(call.name.clone());
+            let approvals = self.approvals();
+            match outcome(
+                &self.policy,
+                self.principal.as_ref(),
+                approvals,
+                &call.name,
+                &call.args,
+            ) {
+                Outcome::Pass => {}
+                Outcome::Hold(h) => {
+                    h.hold(HeldCall {
+                        choice,
+                        call: call.call(key.1 == FUNCTION_CALL),
+                        legacy: key.1 == FUNCTION_CALL,
+                    });
+                    held_here.push((key.1, call.name));
+                }
+                Outcome::Refuse(v) => {
                     if self.policy.on_called == OnCalled::Deny {
-                        let r = rejection(&name, &v);
+                        let r = rejection(&call.name, &v);
                         return Err(FilterError::new(r.code, r.reason));
                     }
-                    refused_here.push((key.1, name.clone()));
-                    self.refused.push((name, v));
+                    refused_here.push((key.1, call.name));
                 }
             }
         }
-        let refused_keys: Vec<u64> = refused_here.iter().map(|(i, _)| *i).collect();
+        // A stream that ends without finishing the choice still tells
+        // the client what was held: an event of its own, shaped like the
+        // choice's first.
+        let finish = finish.or_else(|| {
+            let mut ev = events.first().cloned().filter(|_| !held_here.is_empty())?;
+            let c = ev.pointer_mut("/choices/0")?.as_object_mut()?;
+            c.insert("delta".into(), json!({}));
+            c.insert("finish_reason".into(), Value::Null);
+            Some(ev)
+        });
+        let refused_keys: Vec<u64> = refused_here
+            .iter()
+            .chain(&held_here)
+            .map(|(i, _)| *i)
+            .collect();
         let mut kept_any = false;
         for mut ev in events {
             let mut empty = false;
@@ -318,23 +457,33 @@ impl ToolStream {
                 out.push(SseEvent::from_json(ev));
             }
         }
+        let removed: Vec<String> = refused_here.into_iter().map(|(_, n)| n).collect();
+        let held: Vec<String> = held_here.into_iter().map(|(_, n)| n).collect();
         if let Some(mut finish) = finish {
-            if !refused_here.is_empty() && !kept_any {
-                let names: Vec<String> = refused_here.into_iter().map(|(_, n)| n).collect();
+            // The notice goes in the finishing event: for refused calls
+            // when no call is left, for held ones always.
+            let text = notice(&removed, &held, self.approvals());
+            let replaces = !kept_any && !text.is_empty();
+            if replaces || !held.is_empty() {
                 if let Some(c) = finish
                     .pointer_mut("/choices/0")
                     .and_then(Value::as_object_mut)
                 {
                     if let Some(delta) = c.get_mut("delta").and_then(Value::as_object_mut) {
-                        delta.insert("content".into(), Value::String(notice(&names)));
+                        let content = with_notice(delta.get("content"), text);
+                        delta.insert("content".into(), content);
                     } else {
-                        c.insert("delta".into(), json!({"content": notice(&names)}));
+                        c.insert("delta".into(), json!({ "content": text }));
                     }
-                    c.insert("finish_reason".into(), Value::String("stop".into()));
+                    if replaces {
+                        c.insert("finish_reason".into(), Value::String("stop".into()));
+                    }
                 }
             }
             out.push(SseEvent::from_json(finish));
         }
+        self.tally.refused.extend(removed);
+        self.tally.held.extend(held);
         Ok(())
     }
 }
@@ -443,6 +592,6 @@ impl StreamStage for ToolStream {
     }
 
     fn report(&self) -> Vec<Annotation> {
-        annotations(&self.called, &self.refused)
+        self.tally.annotations(self.approvals())
     }
 }

@@ -95,6 +95,7 @@ fn ctx(p: &Principal) -> ResponseContext<'_> {
         route: Route::ChatCompletions,
         model: None,
         principal: Some(p),
+        approvals: Default::default(),
     }
 }
 
@@ -219,7 +220,7 @@ async fn request_declarations_and_tool_results() {
     assert!(matches!(v.decision, Decision::Deny(ref r) if r.code == ErrorCode::ToolNotAllowed));
     let v = run(json!({"messages": [], "tools": tools(&["run_shell"])})).await;
     assert!(
-        matches!(v.decision, Decision::Deny(ref r) if r.code == ErrorCode::ToolApprovalRequired && r.reason.contains("pending"))
+        matches!(v.decision, Decision::Deny(ref r) if r.code == ErrorCode::ToolApprovalRequired && r.reason.contains("not held"))
     );
     let results = json!({"messages": [
         {"role": "assistant", "tool_calls": [{"id": "c9", "type": "function", "function": {"name": "delete_records", "arguments": "{}"}}]},
@@ -388,4 +389,372 @@ fn a_streamed_call_larger_than_the_hold_cap_stops_the_stream() {
     let e = result.unwrap_err();
     assert!(e.limit && e.code == ErrorCode::UnscreenableOutput, "{e:?}");
     assert!(out.is_empty(), "nothing of the call was released");
+}
+
+// ---- Approvals: calls held, handed out, and their results let back in.
+
+fn holding_ctx<'a>(
+    p: &'a Principal,
+    approvals: crate::approval::Approvals<'a>,
+) -> ResponseContext<'a> {
+    ResponseContext {
+        approvals,
+        ..ctx(p)
+    }
+}
+
+#[test]
+fn json_calls_that_need_approval_are_held_as_written_with_a_notice() {
+    use crate::approval::{Approvals, HeldCall, Holding};
+    let user = who(&["user"]);
+    // `deny` for refused calls: held ones do not fail the reply.
+    let stage = ResponseToolAuthz::new(policy("deny"));
+    let holding = Holding::new("req-1");
+    let shell = json!({"id": "c1", "type": "function",
+        "function": {"name": "run_shell", "arguments": "{\"cmd\":\"ls /srv\"}"}});
+    let weather = json!({"id": "c2", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}});
+    let mut reply = json!({"choices": [
+        {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant",
+            "content": "Let me look.", "tool_calls": [shell.clone()]}},
+        {"index": 1, "finish_reason": "tool_calls", "message": {"role": "assistant",
+            "content": null, "tool_calls": [weather.clone(), shell.clone()]}},
+        {"index": 2, "finish_reason": "function_call", "message": {"role": "assistant",
+            "content": null, "function_call": {"name": "run_shell", "arguments": "{}"}}}]});
+    let d = stage
+        .on_json(&holding_ctx(&user, Approvals::Hold(&holding)), &mut reply)
+        .unwrap();
+    let Decision::Annotate(notes) = d else {
+        panic!("{d:?}")
+    };
+    let note = |k: &str| notes.iter().find(|a| a.key == k).map(|a| a.value.clone());
+    assert_eq!(note("approval_id"), Some(json!("apr_req1")));
+    assert_eq!(
+        note("tools_held_for_approval"),
+        Some(json!(["run_shell", "run_shell", "run_shell"]))
+    );
+    assert_eq!(note("tools_denied"), None);
+    assert!(!reply.to_string().contains("ls /srv"), "{reply}");
+    // Choice 0: the model's text kept, the notice after it, finished.
+    let m0 = &reply["choices"][0];
+    let text = m0["message"]["content"].as_str().unwrap();
+    assert!(
+        text.starts_with("Let me look.\n\n[tool call 'run_shell' held for approval apr_req1"),
+        "{text}"
+    );
+    assert!(text.contains("x-portcullis-approval: apr_req1"), "{text}");
+    assert_eq!(m0["finish_reason"], "stop");
+    // Choice 1: the allowed call stays, the reply still ends in tool calls.
+    let m1 = &reply["choices"][1];
+    assert_eq!(m1["message"]["tool_calls"], json!([weather]));
+    assert_eq!(m1["finish_reason"], "tool_calls");
+    assert!(m1["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("apr_req1"));
+    // The holding has each call exactly as the model wrote it.
+    assert_eq!(
+        holding.take(),
+        vec![
+            HeldCall {
+                choice: 0,
+                call: shell.clone(),
+                legacy: false
+            },
+            HeldCall {
+                choice: 1,
+                call: shell,
+                legacy: false
+            },
+            HeldCall {
+                choice: 2,
+                call: json!({"name": "run_shell", "arguments": "{}"}),
+                legacy: true
+            },
+        ]
+    );
+}
+
+#[test]
+fn without_a_holding_approval_calls_are_refused_and_when_handed_out_they_pass() {
+    use crate::approval::Approvals;
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let mut off = call("run_shell", json!({"cmd": "ls"}));
+    stage.on_json(&ctx(&user), &mut off).unwrap();
+    assert!(off["choices"][0]["message"].get("tool_calls").is_none());
+    assert_eq!(
+        off["choices"][0]["message"]["content"],
+        "[a tool call was blocked by policy]"
+    );
+    let strict = ResponseToolAuthz::new(policy("deny"));
+    let mut off = call("run_shell", json!({"cmd": "ls"}));
+    match strict.on_json(&ctx(&user), &mut off).unwrap() {
+        Decision::Deny(r) => assert_eq!(r.code, ErrorCode::ToolApprovalRequired),
+        other => panic!("{other:?}"),
+    }
+    // Handed out: the approved tool passes; a denied one is still removed.
+    let redeem = holding_ctx(&user, Approvals::Redeem);
+    let mut approved = call("run_shell", json!({"cmd": "ls"}));
+    let before = approved.clone();
+    stage.on_json(&redeem, &mut approved).unwrap();
+    assert_eq!(approved, before);
+    let mut denied = call("delete_records", json!({}));
+    stage.on_json(&redeem, &mut denied).unwrap();
+    assert!(denied["choices"][0]["message"].get("tool_calls").is_none());
+}
+
+#[test]
+fn a_call_breaking_its_constraints_is_refused_not_put_to_an_approver() {
+    use crate::approval::{Approvals, Holding};
+    let text = include_str!("../../../policies/tools.yaml").replace(
+        "access: { ops: allow, user: approval_required }",
+        "access: { ops: allow, user: approval_required }\n    constraints: [ { pointer: /cmd, max_length: 8 } ]",
+    );
+    let policy = crate::shared::Shared::new(
+        ToolPolicy::build(serde_yaml::from_str(&text).unwrap()).unwrap(),
+    );
+    let user = who(&["user"]);
+    assert!(matches!(
+        policy.get().judge(
+            "run_shell",
+            Some(&user),
+            Some(&json!({"cmd": "rm -rf /srv"}))
+        ),
+        ToolVerdict::Denied(_)
+    ));
+    let stage = ResponseToolAuthz::new(policy);
+    let holding = Holding::new("r");
+    let mut reply = call("run_shell", json!({"cmd": "rm -rf /srv"}));
+    stage
+        .on_json(&holding_ctx(&user, Approvals::Hold(&holding)), &mut reply)
+        .unwrap();
+    assert!(holding.is_empty());
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "[a tool call was blocked by policy]"
+    );
+}
+
+/// A streamed call to `name` with its arguments in pieces of `cut` bytes,
+/// with or without its finishing event.
+fn streamed_call(name: &str, args: &str, cut: usize, finished: bool) -> Vec<SseEvent> {
+    let chunk = |delta: Value, finish: Value| {
+        SseEvent::from_json(
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
+        )
+    };
+    let mut v = vec![chunk(
+        json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_7", "type": "function",
+            "function": {"name": name, "arguments": ""}}]}),
+        Value::Null,
+    )];
+    for piece in args.as_bytes().chunks(cut) {
+        v.push(chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": std::str::from_utf8(piece).unwrap()}}]}),
+            Value::Null,
+        ));
+    }
+    if finished {
+        v.push(chunk(json!({}), json!("tool_calls")));
+    }
+    v.push(SseEvent::data("[DONE]"));
+    v
+}
+
+#[test]
+fn streamed_calls_that_need_approval_are_held_whole_and_never_sent() {
+    use crate::approval::{Approvals, HeldCall, Holding};
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let args = r#"{"cmd":"cat /etc/shadow"}"#;
+    for finished in [true, false] {
+        let holding = Holding::new("req-2");
+        let mut s = stage.stream(&holding_ctx(&user, Approvals::Hold(&holding)));
+        let mut out = Vec::new();
+        for e in streamed_call("run_shell", args, 1, finished) {
+            s.on_event(e, &mut out).unwrap();
+        }
+        s.finish(&mut out).unwrap();
+        let text: String = out.iter().map(|e| e.to_string()).collect();
+        assert!(
+            !text.contains("shadow") && !text.contains("call_7"),
+            "{text}"
+        );
+        let said: String = out
+            .iter()
+            .filter_map(|e| {
+                e.json()?
+                    .pointer("/choices/0/delta/content")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        assert!(
+            said.contains("'run_shell' held for approval apr_req2"),
+            "{said}"
+        );
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert_eq!(
+            holding.take(),
+            vec![HeldCall {
+                choice: 0,
+                call: json!({"id": "call_7", "type": "function",
+                    "function": {"name": "run_shell", "arguments": args}}),
+                legacy: false,
+            }],
+            "finished: {finished}"
+        );
+        let notes = s.report();
+        assert!(notes
+            .iter()
+            .any(|a| a.key == "approval_id" && a.value == "apr_req2"));
+    }
+}
+
+#[test]
+fn an_approved_call_replays_as_the_model_wrote_it_whole_or_streamed() {
+    use crate::approval::{Approval, HeldCall, Holding, NewApproval};
+    use crate::dialect::{for_route, Replayed};
+    let shell = json!({"id": "call_7", "type": "function",
+        "function": {"name": "run_shell", "arguments": "{\"cmd\":\"ls\"}"}});
+    let holding = Holding::new("r");
+    let caller = who(&["user"]);
+    let approval = Approval::pending(
+        NewApproval {
+            holding: &holding,
+            calls: vec![
+                HeldCall {
+                    choice: 0,
+                    call: shell.clone(),
+                    legacy: false,
+                },
+                HeldCall {
+                    choice: 1,
+                    call: json!({"name": "run_shell", "arguments": "{}"}),
+                    legacy: true,
+                },
+            ],
+            request_id: "r",
+            caller: &caller,
+            route: "chat/completions",
+            model: "mock-small",
+            stream: false,
+            request_sha256: "x",
+        },
+        0,
+        1,
+    );
+    let chat = for_route(Route::ChatCompletions).unwrap();
+    assert!(chat.holds_calls());
+    assert!(!for_route(Route::Completions).unwrap().holds_calls());
+    assert!(!for_route(Route::Messages).unwrap().holds_calls());
+    let Some(Replayed::Json(reply)) = chat.replay(&approval, &json!({})) else {
+        panic!("no JSON replay")
+    };
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["model"], "mock-small");
+    assert_eq!(reply["choices"][0]["message"]["tool_calls"], json!([shell]));
+    assert_eq!(reply["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(
+        reply["choices"][1]["message"]["function_call"]["name"],
+        "run_shell"
+    );
+    assert_eq!(reply["choices"][1]["finish_reason"], "function_call");
+    assert_eq!(reply["usage"]["total_tokens"], 0);
+    let ask = json!({"stream": true, "stream_options": {"include_usage": true}});
+    let Some(Replayed::Events(events)) = chat.replay(&approval, &ask) else {
+        panic!("no stream replay")
+    };
+    assert!(events.last().unwrap().is_done());
+    assert_eq!(
+        events[events.len() - 2].json().unwrap()["usage"]["total_tokens"],
+        0
+    );
+    let part = events
+        .iter()
+        .find_map(|e| e.json()?.pointer("/choices/0/delta/tool_calls/0").cloned())
+        .unwrap();
+    assert_eq!(part["index"], 0);
+    assert_eq!(part["id"], "call_7");
+    assert_eq!(part["function"], shell["function"]);
+}
+
+/// An approval store that knows one redeemed call.
+struct OneCall(&'static str);
+
+#[async_trait]
+impl crate::approval::ApprovalStore for OneCall {
+    async fn create(&self, _: &crate::approval::Approval) -> Result<(), String> {
+        Ok(())
+    }
+    async fn get(&self, _: &str) -> Result<Option<crate::approval::Approval>, String> {
+        Ok(None)
+    }
+    async fn list(&self) -> Result<Vec<crate::approval::Approval>, String> {
+        Ok(vec![])
+    }
+    async fn replace(
+        &self,
+        _: &crate::approval::Approval,
+        _: crate::approval::State,
+    ) -> Result<bool, String> {
+        Ok(false)
+    }
+    async fn redeemed_call(&self, caller: &Principal, call_id: &str) -> Result<bool, String> {
+        if call_id == "down" {
+            return Err("store down".into());
+        }
+        Ok(caller.subject == "s" && call_id == self.0)
+    }
+}
+
+#[tokio::test]
+async fn with_approvals_such_tools_are_offered_and_only_handed_out_calls_come_back() {
+    let user = who(&["user"]);
+    let f = ToolAuthz::new(policy("remove")).with_approvals(Arc::new(OneCall("call_ok")));
+    let declared = json!({"messages": [], "tools": [{"type": "function", "function": {"name": "run_shell"}}],
+        "tool_choice": {"type": "function", "function": {"name": "run_shell"}}});
+    assert_eq!(check(&f, &user, declared).await.decision, Decision::Allow);
+    let result = |id: &str| {
+        json!({"messages": [
+            {"role": "assistant", "tool_calls": [{"id": id, "type": "function", "function": {"name": "run_shell", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": id, "content": "total 0"}]})
+    };
+    assert_eq!(
+        check(&f, &user, result("call_ok")).await.decision,
+        Decision::Allow
+    );
+    let v = check(&f, &user, result("call_forged")).await;
+    assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
+    let other = Principal {
+        subject: "someone-else".into(),
+        ..who(&["user"])
+    };
+    let v = check(&f, &other, result("call_ok")).await;
+    assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
+    // A legacy result with no call id cannot be matched to an approval.
+    let legacy = json!({"messages": [{"role": "function", "name": "run_shell", "content": "x"}]});
+    let v = check(&f, &user, legacy).await;
+    assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
+    // Denied tools stay denied.
+    let v = check(&f, &user, json!({"messages": [], "tools": [{"type": "function", "function": {"name": "delete_records"}}]})).await;
+    assert!(denied(&v, ErrorCode::ToolNotAllowed), "{v:?}");
+    // A store that cannot answer is an error (its `on_error` decides).
+    let view_body = result("down");
+    let view = RequestView {
+        request_id: "r",
+        authorization: None,
+        principal: Some(&user),
+        dry_run: false,
+        route: Route::ChatCompletions,
+        body: &view_body,
+        prompt: crate::prompt::of(Route::ChatCompletions, &view_body),
+        model: None,
+        stream: false,
+        client_ip: None,
+    };
+    let e = f.check(&view).await.unwrap_err();
+    assert_eq!(e.code, ErrorCode::ApprovalUnavailable);
 }
