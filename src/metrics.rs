@@ -156,6 +156,27 @@ pub static GUARD_BREAKER: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+/// What became of approvals (`filters::approval`), by event.
+pub const APPROVAL_EVENTS: [&str; 7] = [
+    "held",
+    "approved",
+    "denied",
+    "handed_out",
+    "refused",
+    "webhook_sent",
+    "webhook_failed",
+];
+
+pub static APPROVALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec_with_registry!(
+        "portcullis_approvals_total",
+        "Approvals of held tool calls by event: held (a reply's calls taken out and stored), approved, denied, handed_out (an approved call answered), refused (a repeat refused: pending, denied, expired, used, another request), webhook_sent, webhook_failed.",
+        &["event"],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
 /// Make every metric appear in `/metrics` from the start, before it is used.
 pub fn init() {
     LazyLock::force(&REQUESTS);
@@ -175,6 +196,9 @@ pub fn init() {
         POLICY_RELOADS.with_label_values(&[result]);
     }
     LazyLock::force(&GUARD_BREAKER);
+    for event in APPROVAL_EVENTS {
+        APPROVALS.with_label_values(&[event]);
+    }
 }
 
 /// The Prometheus text exposition of every metric.

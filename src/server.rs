@@ -169,6 +169,7 @@ fn build(
             .clone()
             .zip(cfg.injection.as_ref().map(|i| i.policy.clone())),
         guard_breaker: f.guard_breaker.clone(),
+        approvals: f.approvals.clone(),
         guard: f
             .guard_policy
             .clone()
@@ -184,7 +185,7 @@ fn build(
         upstream,
         audit,
         lifecycle.clone(),
-    );
+    )?;
     let proxy = Guarded::new(
         pingora::proxy::http_proxy(&server.configuration, gateway),
         cfg.limits.max_connections.max(1),

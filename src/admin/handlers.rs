@@ -40,10 +40,10 @@ pub(super) struct AdminRecord {
 
 /// What an action did, for the reply and the audit record.
 pub(super) struct Done {
-    status: u16,
-    body: Value,
-    before: Option<Value>,
-    after: Option<Value>,
+    pub(super) status: u16,
+    pub(super) body: Value,
+    pub(super) before: Option<Value>,
+    pub(super) after: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +99,7 @@ impl AdminApi {
             path: req.uri().path().to_string(),
             ..Default::default()
         };
+        let query = req.uri().query().unwrap_or("").to_string();
         let (parts, body) = req.into_parts();
         let authorization = parts
             .headers
@@ -126,7 +127,8 @@ impl AdminApi {
                     .map_err(|why| Rejection::new(ErrorCode::AuditUnavailable, why))?;
             }
             let body = read_body(body, declared_len).await?;
-            self.act(&mut rec, who, pattern, &params, &body).await
+            self.act(&mut rec, who, pattern, &params, &query, &body)
+                .await
         }
         .await;
         let (status, reply) = match result {
@@ -209,6 +211,7 @@ impl AdminApi {
         who: Principal,
         pattern: &str,
         params: &[String],
+        query: &str,
         body: &[u8],
     ) -> Result<Done, Rejection> {
         let writes = rec.method != "GET";
@@ -332,6 +335,16 @@ impl AdminApi {
                     after: Some(json!({"frozen": frozen})),
                 })
             }
+            "/admin/approvals" => self.list_approvals(query).await.map(read),
+            "/admin/approvals/{id}" => {
+                let now = filters::Clock::now_ms(&filters::SystemClock);
+                let a = self.approval_store()?.get(&params[0]).await;
+                match a.map_err(|e| Rejection::new(ErrorCode::ApprovalUnavailable, e))? {
+                    Some(a) => Ok(read(json!(a.as_of(now)))),
+                    None => Err(super::approvals::no_approval(&params[0])),
+                }
+            }
+            "/admin/approvals/{id}/{action}" => self.decide(&who, params, body).await,
             "/admin/simulate" => self.simulate(body).await.map(read),
             "/admin/reload" => {
                 let what = self

@@ -11,6 +11,7 @@
 //! health and metrics endpoints), [`routes`] the table of routes,
 //! [`handlers`] what each does.
 
+mod approvals;
 mod handlers;
 pub mod routes;
 mod server;
@@ -46,6 +47,8 @@ pub struct AdminApi {
     pub injection: Option<(Arc<Shared<Detector>>, PathBuf)>,
     pub guard: Option<(Arc<Shared<filters::guard::GuardPolicy>>, PathBuf)>,
     pub guard_breaker: Option<Arc<filters::guard::breaker::Breaker>>,
+    /// Held tool calls, when calls are held for approval.
+    pub approvals: Option<Arc<dyn filters::approval::ApprovalStore>>,
     pub providers: BTreeSet<String>,
     pub roles: AdminSection,
     pub audit: AuditLog,

@@ -92,6 +92,19 @@ pub struct RequestRecord {
     pub prompt_sha256: Option<String>,
     /// Raw request and response bodies, only with `audit.record_content`.
     pub content: Option<Value>,
+    /// The approval this request's reply held calls for, or whose approved
+    /// calls it was answered with.
+    pub approval: Option<ApprovalNote>,
+}
+
+/// A request's part in an approval: `held` (its reply's calls were taken
+/// out and stored for approval) or `handed_out` (it was answered with the
+/// approved calls).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalNote {
+    pub id: String,
+    pub event: &'static str,
+    pub tools: Vec<String>,
 }
 
 #[cfg(test)]

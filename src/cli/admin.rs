@@ -145,6 +145,77 @@ impl AdminClient {
     }
 }
 
+/// Approval fields shown by `approvals list` (field, column header).
+const APPROVAL_COLUMNS: [(&str, &str); 7] = [
+    ("id", "ID"),
+    ("state", "STATE"),
+    ("subject", "SUBJECT"),
+    ("tenant", "TENANT"),
+    ("tools", "TOOLS"),
+    ("model", "MODEL"),
+    ("expires_at", "EXPIRES"),
+];
+
+impl AdminClient {
+    pub fn approvals(&self, state: Option<&str>) -> anyhow::Result<String> {
+        let query = state
+            .map(|s| format!("?state={}", percent_encode(s)))
+            .unwrap_or_default();
+        let v = self.call("GET", &format!("/admin/approvals{query}"), None)?;
+        let rows: Vec<Vec<String>> = v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| APPROVAL_COLUMNS.iter().map(|(f, _)| cell(&a[*f])).collect())
+            .collect();
+        let header: Vec<&str> = APPROVAL_COLUMNS.iter().map(|(_, h)| *h).collect();
+        Ok(table(&header, &rows))
+    }
+
+    /// One approval: its fields, then each held call as JSON (what the
+    /// approver decides on).
+    pub fn approval(&self, id: &str) -> anyhow::Result<String> {
+        let a = self.call(
+            "GET",
+            &format!("/admin/approvals/{}", percent_encode(id)),
+            None,
+        )?;
+        let mut out = String::new();
+        let fields = APPROVAL_COLUMNS.iter().map(|(f, _)| *f).chain([
+            "created_at",
+            "request_id",
+            "route",
+            "decided_by",
+            "decided_at",
+            "reason",
+            "used_at",
+            "used_by_request",
+        ]);
+        for f in fields {
+            out.push_str(&format!("{f:<16} {}\n", cell(&a[f])));
+        }
+        out.push_str("\ncalls\n");
+        for c in a["calls"].as_array().into_iter().flatten() {
+            out.push_str(&format!("choice {}: {}\n", cell(&c["choice"]), c["call"]));
+        }
+        Ok(out)
+    }
+
+    pub fn decide(&self, id: &str, action: &str, reason: Option<String>) -> anyhow::Result<String> {
+        let a = self.call(
+            "POST",
+            &format!("/admin/approvals/{}/{action}", percent_encode(id)),
+            Some(serde_json::json!({ "reason": reason })),
+        )?;
+        Ok(format!(
+            "{} is now {} (expires {})\n",
+            cell(&a["id"]),
+            cell(&a["state"]),
+            cell(&a["expires_at"])
+        ))
+    }
+}
+
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),

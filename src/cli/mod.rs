@@ -99,6 +99,13 @@ enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Approvals of held tool calls through the admin API.
+    Approvals {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// Freeze a subject or a tenant: their new requests get 403 at once.
     Freeze {
         #[command(flatten)]
@@ -192,6 +199,30 @@ enum ModelsCommand {
     /// Final: a retired model never serves again.
     Retire {
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Approvals, newest first.
+    List {
+        /// pending, approved, denied, used or expired.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One approval with its held calls as the model wrote them.
+    Show { id: String },
+    /// Let the caller receive the held calls (once, before the expiry).
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Refuse the held calls.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -327,6 +358,18 @@ pub fn main() -> ExitCode {
                 ModelsCommand::Freeze { id } => client.lifecycle(&id, "freeze"),
                 ModelsCommand::Unfreeze { id } => client.lifecycle(&id, "unfreeze"),
                 ModelsCommand::Retire { id } => client.lifecycle(&id, "retire"),
+            })
+        }
+        Command::Approvals { admin, command } => {
+            let client = match admin_client(admin) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            print(match command {
+                ApprovalsCommand::List { state } => client.approvals(state.as_deref()),
+                ApprovalsCommand::Show { id } => client.approval(&id),
+                ApprovalsCommand::Approve { id, reason } => client.decide(&id, "approve", reason),
+                ApprovalsCommand::Deny { id, reason } => client.decide(&id, "deny", Some(reason)),
             })
         }
         Command::Freeze { admin, who } => admin::freeze(admin, who, true),

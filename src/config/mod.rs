@@ -99,6 +99,7 @@ pub struct Config {
     pub redaction: Option<RedactionSection>,
     /// Policy path already made absolute.
     pub tools: Option<ToolsSection>,
+    pub approvals: ApprovalsSection,
     /// Policy path already made absolute.
     pub injection: Option<InjectionSection>,
     /// Policy path already made absolute.
@@ -226,6 +227,22 @@ impl Config {
         let admin: AdminSection = section(&map, "admin", &mut errors).unwrap_or_default();
         let redaction: Option<RedactionSection> = section(&map, "redaction", &mut errors);
         let tools: Option<ToolsSection> = section(&map, "tools", &mut errors);
+        let approvals: ApprovalsSection =
+            section(&map, "approvals", &mut errors).unwrap_or_default();
+        if approvals.ttl_secs == 0 || approvals.webhook_timeout_ms == 0 {
+            errors.push(
+                "approvals",
+                "ttl_secs and webhook_timeout_ms must be above 0",
+            );
+        }
+        if let Some(url) = &approvals.webhook_url {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                errors.push(
+                    "approvals.webhook_url",
+                    format!("'{url}' is not an http:// or https:// URL"),
+                );
+            }
+        }
         let injection: Option<InjectionSection> = section(&map, "injection", &mut errors);
         let guard: Option<GuardSection> = section(&map, "guard", &mut errors);
         if let Some(url) = &state.redis_url {
@@ -438,6 +455,7 @@ impl Config {
             admin,
             redaction,
             tools,
+            approvals,
             injection,
             guard,
         })

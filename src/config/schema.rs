@@ -674,6 +674,35 @@ pub struct ToolsSection {
     pub policy: PathBuf,
 }
 
+/// `approvals:` — calls to `approval_required` tools held for a person
+/// (see `filters::approval`). Kept under `state_dir/approvals/`, or in
+/// Redis with `state.redis_url`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsSection {
+    /// Off: such calls are refused as before approvals existed.
+    pub enabled: bool,
+    /// A held call not approved and handed out within this expires.
+    pub ttl_secs: u64,
+    /// How long an approval stays listed after it expired.
+    pub retention_secs: u64,
+    /// Told of each new pending approval (Slack-compatible JSON, `text`).
+    pub webhook_url: Option<String>,
+    pub webhook_timeout_ms: u64,
+}
+
+impl Default for ApprovalsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl_secs: 3600,
+            retention_secs: 7 * 24 * 3600,
+            webhook_url: None,
+            webhook_timeout_ms: 5000,
+        }
+    }
+}
+
 /// `state:` — where shared state lives.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -696,6 +725,7 @@ pub(super) const SECTIONS: &[&str] = &[
     "registry",
     "redaction",
     "tools",
+    "approvals",
     "injection",
     "guard",
     "admin",

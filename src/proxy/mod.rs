@@ -9,6 +9,7 @@
 //! audit record to the writer. [`connections`] caps connections before
 //! Pingora reads a byte; [`pipeline`] builds the filters from the config.
 
+mod approvals;
 pub mod connections;
 mod intake;
 mod output_guard;
@@ -55,6 +56,10 @@ pub struct Gateway {
     lifecycle: Arc<Lifecycle>,
     /// Judges replies when `guard.output` is on.
     guard: Option<Arc<filters::guard::filter::GuardFilter>>,
+    /// Held tool calls, when calls are held for approval.
+    approvals: Option<Arc<dyn filters::approval::ApprovalStore>>,
+    /// Told of new pending approvals.
+    webhook: Option<Arc<approvals::Webhook>>,
 }
 
 /// Per-request state, written only by the gateway.
@@ -84,6 +89,8 @@ pub struct Ctx {
     /// A token sent as `x-api-key` (the Anthropic SDKs' header), as the
     /// `Authorization` value it stands for when that header is absent.
     api_key: Option<String>,
+    /// Where the reply's calls to `approval_required` tools are held.
+    holding: Option<Arc<filters::approval::Holding>>,
 }
 
 /// Requests in flight, and whether the process is draining after SIGTERM.
@@ -160,9 +167,21 @@ impl Gateway {
         upstream: Upstream,
         audit: AuditLog,
         lifecycle: Arc<Lifecycle>,
-    ) -> Self {
-        Self {
+    ) -> anyhow::Result<Self> {
+        let webhook = match (&filters.approvals, &cfg.approvals.webhook_url) {
+            (Some(_), Some(url)) => Some(Arc::new(
+                approvals::Webhook::new(
+                    url,
+                    Duration::from_millis(cfg.approvals.webhook_timeout_ms),
+                )
+                .map_err(|e| anyhow::anyhow!(e))?,
+            )),
+            _ => None,
+        };
+        Ok(Self {
             lifecycle,
+            approvals: filters.approvals,
+            webhook,
             cfg,
             chain: filters.chain,
             responses: filters.responses,
@@ -171,7 +190,7 @@ impl Gateway {
             guard: filters.guard,
             upstream,
             audit,
-        }
+        })
     }
 
     /// Run the request chain and apply what it found to the context.
@@ -426,6 +445,17 @@ impl Gateway {
             return self.refuse(s, ctx, "model_registry", r).await;
         }
         ctx.rec.upstream_model = Some(upstream_model.clone());
+        let approval = s
+            .req_header()
+            .headers
+            .get(filters::approval::HEADER)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_string());
+        if let Some(id) = approval {
+            // Answered from the approved calls: no provider, no tokens.
+            self.hand_out(s, ctx, &id, &parsed.json).await;
+            return self.settle(ctx, Some(0)).await;
+        }
+        ctx.holding = self.holding_for(ctx, d);
 
         // A token budget is settled from the stream's final usage event:
         // ask for it when the client did not, and keep it from the client.
@@ -668,6 +698,7 @@ impl ProxyHttp for Gateway {
             logged: false,
             dialect: dialect::DEFAULT,
             api_key: None,
+            holding: None,
             lifecycle: {
                 self.lifecycle.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.lifecycle.clone()

@@ -3,9 +3,11 @@
 //! but by `filters::FilterKind`.
 
 use crate::config::Config;
+use crate::stores::approvals::{FileApprovals, RedisApprovals};
 use crate::stores::keys::{self, JwksRefresher};
 use crate::stores::redis_limits::RedisLimits;
 use crate::stores::registry::{FileStore, RedisStore, RegistryStore};
+use filters::approval::ApprovalStore;
 use filters::guard::breaker::Breaker;
 use filters::guard::cache::VerdictCache;
 use filters::guard::filter::GuardFilter;
@@ -54,6 +56,8 @@ pub struct Filters {
     pub guard_breaker: Option<Arc<Breaker>>,
     /// Judges replies too, when the config asks.
     pub guard: Option<Arc<GuardFilter>>,
+    /// Held tool calls, when calls to `approval_required` tools are held.
+    pub approvals: Option<Arc<dyn ApprovalStore>>,
 }
 
 /// The filters and the background work they need.
@@ -149,6 +153,22 @@ fn open_registry(cfg: &Config) -> Result<OpenedRegistry, Vec<String>> {
             Ok((Arc::new(store), None))
         }
     }
+}
+
+/// Open the approval store: Redis with `state.redis_url`, else a folder
+/// under `state_dir`.
+fn open_approvals(cfg: &Config) -> Result<Arc<dyn ApprovalStore>, Vec<String>> {
+    let retention = Duration::from_secs(cfg.approvals.retention_secs);
+    Ok(match &cfg.state.redis_url {
+        Some(url) => {
+            let timeout = Duration::from_millis(cfg.state.redis_timeout_ms.unwrap_or(500));
+            Arc::new(RedisApprovals::new(url, timeout, retention).map_err(|e| vec![e])?)
+        }
+        None => Arc::new(
+            FileApprovals::open(&cfg.state_dir.join("approvals"), retention)
+                .map_err(|e| vec![e])?,
+        ),
+    })
 }
 
 /// Read a policy file (YAML, unknown keys refused) and build it; every
@@ -319,6 +339,7 @@ pub fn build(
     request.push((Box::new(gate.clone()), registry_settings));
     let mut response: Vec<(Box<dyn ResponseStage>, FilterSettings)> = Vec::new();
     let mut tools = None;
+    let mut approvals = None;
     if let Some(t) = &cfg.tools {
         let policy = Shared::new(load_tools(&t.policy)?);
         tools = Some(policy.clone());
@@ -326,7 +347,15 @@ pub fn build(
             mode: t.mode,
             on_error: t.on_error,
         };
-        request.push((Box::new(ToolAuthz::new(policy.clone())), settings));
+        let mut request_side = ToolAuthz::new(policy.clone());
+        // Calls are held for a person only where the tool stage enforces:
+        // in monitor mode the client gets them anyway.
+        if cfg.approvals.enabled && t.mode == filters::Mode::Enforce {
+            let store = open_approvals(cfg)?;
+            request_side = request_side.with_approvals(store.clone());
+            approvals = Some(store);
+        }
+        request.push((Box::new(request_side), settings));
         response.push((Box::new(ResponseToolAuthz::new(policy)), settings));
     }
     let mut injection = None;
@@ -410,6 +439,7 @@ pub fn build(
             guard_policy,
             guard_breaker,
             guard: guard_filter,
+            approvals,
         },
         jwks,
         registry_follower,

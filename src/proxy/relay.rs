@@ -8,6 +8,7 @@ use crate::audit::Verdict;
 use crate::config::GuardOutput;
 use crate::upstream::{Exchange, UpstreamError};
 use bytes::Bytes;
+use filters::approval::Approvals;
 use filters::dialect::StreamFacts;
 use filters::dialect::{Bridged, StreamBridge};
 use filters::provider::{keep_retry_headers, passes_through};
@@ -48,11 +49,13 @@ impl Gateway {
         let body = if self.responses.is_empty() {
             body
         } else {
+            let holding = ctx.holding.clone();
             let rctx = ResponseContext {
                 request_id: &ctx.rec.request_id,
                 route: d.route(),
                 model: ctx.rec.model.as_deref(),
                 principal: ctx.principal.as_ref(),
+                approvals: holding.as_ref().map_or(Approvals::Off, Approvals::Hold),
             };
             // The stages read one shape; a dialect with other replies is
             // carried there and back.
@@ -91,6 +94,20 @@ impl Gateway {
         } else {
             body
         };
+        // The reply goes out whole: what it held is stored now (a reply
+        // whose notice names an approval that was never stored is not
+        // sent).
+        let held = ctx.holding.as_ref().is_some_and(|h| !h.is_empty())
+            && ctx.rec.reason_code != Some(ErrorCode::ContentPolicy);
+        if held {
+            let id = ctx.holding.as_ref().map(|h| h.id().to_string());
+            if let Err(r) = self.keep_held(ctx).await {
+                return self.refuse(s, ctx, "approval", r).await;
+            }
+            if let Some(id) = id {
+                ctx.headers.push((filters::approval::ID_HEADER, id));
+            }
+        }
         if self.cfg.audit.record_content {
             if let Some(Value::Object(c)) = ctx.rec.content.as_mut() {
                 c.insert(
@@ -122,11 +139,13 @@ impl Gateway {
             ctx.rec.client_gone = true;
             return ex.finish().await;
         }
+        let holding = ctx.holding.clone();
         let rctx = ResponseContext {
             request_id: &ctx.rec.request_id,
             route: d.route(),
             model: ctx.rec.model.as_deref(),
             principal: ctx.principal.as_ref(),
+            approvals: holding.as_ref().map_or(Approvals::Off, Approvals::Hold),
         };
         let mut stages = self.responses.stream(&rctx);
         let mut passage = Passage {
@@ -280,6 +299,12 @@ impl Gateway {
             ctx.rec.decision = Verdict::Error;
             ctx.rec.reason = Some("client disconnected mid-stream".into());
             return;
+        }
+        if failure.is_none() && !filtered {
+            // The stream reached its end: what it held is stored.
+            if let Err(r) = self.keep_held(ctx).await {
+                failure = Some(r);
+            }
         }
         if let Some(r) = failure {
             // Headers are gone: end the stream with an error event the SDKs

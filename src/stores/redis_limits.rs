@@ -9,11 +9,10 @@
 //! connection is re-established by itself once Redis is back. All keys of
 //! a decision live in one Redis, so Redis Cluster is not supported.
 
+use super::redis_conn::LazyRedis;
 use async_trait::async_trait;
 use filters::rate_limit::{Charge, LimitState, LimitStore};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::time::{Duration, Instant};
-use tokio::sync::{Mutex, RwLock};
+use std::time::Duration;
 
 /// Key prefix in Redis.
 pub const PREFIX: &str = "portcullis:rl:";
@@ -58,50 +57,16 @@ return out
 "#;
 
 pub struct RedisLimits {
-    client: redis::Client,
-    conn: RwLock<Option<ConnectionManager>>,
-    last_attempt: Mutex<Option<Instant>>,
-    timeout: Duration,
+    redis: LazyRedis,
     script: redis::Script,
 }
 
 impl RedisLimits {
     pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
         Ok(Self {
-            client: redis::Client::open(url).map_err(|e| format!("redis URL: {e}"))?,
-            conn: RwLock::new(None),
-            last_attempt: Mutex::new(None),
-            timeout,
+            redis: LazyRedis::new(url, timeout)?,
             script: redis::Script::new(GCRA_SCRIPT),
         })
-    }
-
-    async fn connection(&self) -> Result<ConnectionManager, String> {
-        if let Some(c) = self.conn.read().await.clone() {
-            return Ok(c);
-        }
-        // One connection attempt at a time, and not more than twice a second.
-        let mut last = self.last_attempt.lock().await;
-        if let Some(c) = self.conn.read().await.clone() {
-            return Ok(c);
-        }
-        if last.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
-            return Err("redis unreachable (reconnecting)".into());
-        }
-        *last = Some(Instant::now());
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let manager = tokio::time::timeout(
-            self.timeout * 3,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| "redis connect timed out".to_string())?
-        .map_err(|e| format!("redis connect: {e}"))?;
-        *self.conn.write().await = Some(manager.clone());
-        Ok(manager)
     }
 }
 
@@ -113,7 +78,7 @@ impl LimitStore for RedisLimits {
         now_ms: f64,
         commit: bool,
     ) -> Result<Vec<LimitState>, String> {
-        let mut conn = self.connection().await?;
+        let mut conn = self.redis.get().await?;
         let mut call = self.script.prepare_invoke();
         call.arg(format!("{now_ms:.3}"))
             .arg(if commit { "1" } else { "0" });
@@ -124,10 +89,7 @@ impl LimitStore for RedisLimits {
                 .arg(c.burst)
                 .arg(if c.force { "1" } else { "0" });
         }
-        let reply: Vec<String> = tokio::time::timeout(self.timeout, call.invoke_async(&mut conn))
-            .await
-            .map_err(|_| "redis timed out".to_string())?
-            .map_err(|e| format!("redis: {e}"))?;
+        let reply: Vec<String> = self.redis.run(call.invoke_async(&mut conn)).await?;
         if reply.len() != charges.len() * 4 {
             return Err(format!("redis script returned {} values", reply.len()));
         }

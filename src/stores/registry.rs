@@ -77,28 +77,8 @@ impl FileStore {
 }
 
 fn write_atomically(path: &Path, state: &RegistryState) -> Result<(), String> {
-    use std::io::Write;
-    let fail = |e: std::io::Error| format!("registry state file {}: {e}", path.display());
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(fail)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("registry")
-    ));
     let bytes = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
-    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
-    f.write_all(&bytes).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(fail)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(fail)
+    super::write_atomically(path, &bytes).map_err(|e| format!("registry state file {e}"))
 }
 
 impl RegistryView for FileStore {

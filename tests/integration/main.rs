@@ -2,6 +2,7 @@
 
 mod admin;
 mod anthropic;
+mod approvals;
 mod audit;
 mod auth;
 mod cli;

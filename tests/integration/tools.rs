@@ -47,16 +47,14 @@ async fn declared_tools_are_refused_or_stripped() {
     .await;
     let rec = gw.record_for(&id).await;
     assert_eq!(rec["blocked_by"], "tool_authz");
-    let id = expect_error(
-        post_as(&gw, &user, &declaring(&["run_shell"])).await,
-        403,
-        "tool_approval_required",
-    )
-    .await;
-    assert!(gw.record_for(&id).await["reason"]
-        .as_str()
-        .unwrap()
-        .contains("pending"));
+    // A tool that needs approval may be offered: its calls are held
+    // (`approvals.rs`; off there, it is refused).
+    assert_eq!(
+        post_as(&gw, &user, &declaring(&["run_shell"]))
+            .await
+            .status(),
+        200
+    );
     let ops = keys.token("o", &["ops"]);
     assert_eq!(
         post_as(&gw, &ops, &declaring(&["run_shell"]))
@@ -64,7 +62,7 @@ async fn declared_tools_are_refused_or_stripped() {
             .status(),
         200
     );
-    assert_eq!(mock.state.requests().len(), 2);
+    assert_eq!(mock.state.requests().len(), 3);
 
     let mock2 = Mock::start(options()).await;
     let gw = Gateway::start(with_tools(&mock2, &keys, "strip")).await;
@@ -173,13 +171,13 @@ async fn streamed_tool_calls_are_held_then_released_or_replaced() {
         post_as(
             &gw,
             &user,
-            &tool_call("run_shell", json!({"cmd": "cat /etc/shadow"}), true),
+            &tool_call("delete_records", json!({"table": "shadow"}), true),
         )
         .await,
     )
     .await;
     assert!(
-        !raw.contains("run_shell") && !raw.contains("shadow"),
+        !raw.contains("delete_records") && !raw.contains("shadow"),
         "leaked: {raw}"
     );
     assert!(raw.contains("[a tool call was blocked by policy]"));

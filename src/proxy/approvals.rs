@@ -1,0 +1,255 @@
+//! Approvals on the request path (`filters::approval` decides): storing
+//! the calls a reply held, telling a webhook, and answering a request
+//! repeated with `x-portcullis-approval` from the approved calls, without
+//! a provider call.
+
+use super::{response_header, Ctx, Gateway};
+use crate::audit::ApprovalNote;
+use crate::metrics;
+use bytes::Bytes;
+use filters::approval::{self, Approval, Approvals, Holding, NewApproval};
+use filters::dialect::{Dialect, Replayed};
+use filters::{Clock, ErrorCode, Rejection, ResponseContext, SystemClock};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Posts a message for each new pending approval.
+pub struct Webhook {
+    url: String,
+    client: reqwest::Client,
+}
+
+impl Webhook {
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("approvals.webhook_url: {e}"))?;
+        Ok(Self {
+            url: url.to_string(),
+            client,
+        })
+    }
+
+    /// Tell the webhook, in the background: Slack-compatible JSON (`text`)
+    /// with the approval's summary beside it. No call arguments: they may
+    /// hold what the approver alone should read (in the admin API).
+    fn pending(self: &Arc<Self>, a: &Approval) {
+        let text = format!(
+            "Approval {id} pending: {sub} (tenant {tenant}) asks to run {tools} (model {model}). \
+             Decide before {expires}: `portcullis approvals approve {id}` or `portcullis approvals deny {id} --reason ...`.",
+            id = a.id,
+            sub = a.subject,
+            tenant = a.tenant,
+            tools = a.tools.join(", "),
+            model = a.model,
+            expires = a.expires_at,
+        );
+        let body = json!({"text": text, "approval": a.summary()});
+        let hook = self.clone();
+        tokio::spawn(async move {
+            let sent = hook.client.post(&hook.url).json(&body).send().await;
+            let event = match sent.map(|r| r.status()) {
+                Ok(st) if st.is_success() => "webhook_sent",
+                Ok(st) => {
+                    log::warn!("approval webhook answered {st}");
+                    "webhook_failed"
+                }
+                Err(e) => {
+                    log::warn!("approval webhook: {e}");
+                    "webhook_failed"
+                }
+            };
+            metrics::APPROVALS.with_label_values(&[event]).inc();
+        });
+    }
+}
+
+impl Gateway {
+    /// Where this reply's calls to `approval_required` tools go: a holding
+    /// when approvals are kept, the route's replies can be replayed, and
+    /// the caller is known (an approval belongs to someone).
+    pub(super) fn holding_for(&self, ctx: &Ctx, d: &dyn Dialect) -> Option<Arc<Holding>> {
+        (self.approvals.is_some() && d.holds_calls() && ctx.principal.is_some())
+            .then(|| Holding::new(&ctx.rec.request_id))
+    }
+
+    /// Store the approval for the calls the reply held, if it held any.
+    /// Called once the reply is known to reach the client whole.
+    pub(super) async fn keep_held(&self, ctx: &mut Ctx) -> Result<(), Rejection> {
+        let Some(holding) = ctx.holding.take() else {
+            return Ok(());
+        };
+        let calls = holding.take();
+        let (Some(store), Some(caller), false) =
+            (&self.approvals, &ctx.principal, calls.is_empty())
+        else {
+            return Ok(());
+        };
+        let route = ctx.rec.route.map(|r| r.as_str()).unwrap_or("other");
+        let a = Approval::pending(
+            NewApproval {
+                holding: &holding,
+                calls,
+                request_id: &ctx.rec.request_id,
+                caller,
+                route,
+                model: ctx.rec.model.as_deref().unwrap_or(""),
+                stream: ctx.rec.stream,
+                request_sha256: ctx.rec.prompt_sha256.as_deref().unwrap_or(""),
+            },
+            SystemClock.now_ms(),
+            self.cfg.approvals.ttl_secs.saturating_mul(1000),
+        );
+        store
+            .create(&a)
+            .await
+            .map_err(|e| Rejection::new(ErrorCode::ApprovalUnavailable, e))?;
+        metrics::APPROVALS.with_label_values(&["held"]).inc();
+        ctx.rec.approval = Some(ApprovalNote {
+            id: a.id.clone(),
+            event: "held",
+            tools: a.tools.clone(),
+        });
+        if let Some(hook) = &self.webhook {
+            hook.pending(&a);
+        }
+        Ok(())
+    }
+
+    /// A request repeated with `x-portcullis-approval: ID`: answered from
+    /// the approved calls, once, through the response stages (redaction;
+    /// tool policy still removes a tool denied since), never the provider.
+    pub(super) async fn hand_out(
+        &self,
+        s: &mut pingora::proxy::Session,
+        ctx: &mut Ctx,
+        id: &str,
+        request: &Value,
+    ) {
+        let d = ctx.dialect;
+        let refused = |code: ErrorCode, why: String| Rejection::about_input(code, why);
+        let Some(store) = self.approvals.clone() else {
+            let r = refused(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "`{}` was sent, but this gateway keeps no approvals.",
+                    approval::HEADER
+                ),
+            );
+            return self.refuse(s, ctx, "approval", r).await;
+        };
+        if !approval::well_formed(id) {
+            let r = refused(
+                ErrorCode::InvalidRequest,
+                format!("`{}` is not an approval id.", approval::HEADER),
+            );
+            return self.refuse(s, ctx, "approval", r).await;
+        }
+        let Some(caller) = ctx.principal.clone() else {
+            let r = Rejection::new(ErrorCode::ApprovalNotFound, "no caller to match");
+            return self.refuse(s, ctx, "approval", r).await;
+        };
+        let route = ctx.rec.route.map(|r| r.as_str()).unwrap_or("other");
+        let sha = ctx.rec.prompt_sha256.clone().unwrap_or_default();
+        let request_id = ctx.rec.request_id.clone();
+        let now = SystemClock.now_ms();
+        let redeem = |a: &mut Approval| a.redeem(&caller, route, &sha, &request_id, now);
+        // Checked first, without a change: the reply is built and screened
+        // before the approval is spent.
+        let approved = match store.get(id).await {
+            Err(e) => Err(Rejection::new(ErrorCode::ApprovalUnavailable, e)),
+            Ok(None) => Err(Rejection::new(
+                ErrorCode::ApprovalNotFound,
+                format!("no approval {id}"),
+            )),
+            Ok(Some(mut a)) => redeem(&mut a).map(|()| a),
+        };
+        let a = match approved {
+            Ok(a) => a,
+            Err(r) => return self.refused_hand_out(s, ctx, id, r).await,
+        };
+        let Some(replayed) = d.replay(&a, request) else {
+            let r = Rejection::new(ErrorCode::ApprovalMismatch, "this API replays no calls");
+            return self.refused_hand_out(s, ctx, id, r).await;
+        };
+        let rctx = ResponseContext {
+            request_id: &ctx.rec.request_id,
+            route: d.route(),
+            model: ctx.rec.model.as_deref(),
+            principal: ctx.principal.as_ref(),
+            approvals: Approvals::Redeem,
+        };
+        let (body, content_type, outcomes, stopped) = match replayed {
+            Replayed::Json(mut json) => {
+                let (outcomes, rejection) = self.responses.on_json(&rctx, &mut json);
+                let body = json.to_string().into_bytes();
+                (body, "application/json", outcomes, rejection)
+            }
+            Replayed::Events(events) => {
+                let mut stages = self.responses.stream(&rctx);
+                let mut wire = Vec::new();
+                for e in events {
+                    for out in stages.push(e) {
+                        out.write_to(&mut wire);
+                    }
+                }
+                for out in stages.finish() {
+                    out.write_to(&mut wire);
+                }
+                let stopped = stages.stopped().cloned();
+                (wire, "text/event-stream", stages.outcomes(), stopped)
+            }
+        };
+        ctx.rec.filters.extend(outcomes);
+        if let Some((kind, r)) = stopped {
+            return self.refuse(s, ctx, kind.as_str(), r).await;
+        }
+        // Spent now: of two repeats racing, on one instance or two, one
+        // wins; the other is refused as used.
+        if let Err(r) = approval::update(store.as_ref(), id, redeem).await {
+            return self.refused_hand_out(s, ctx, id, r).await;
+        }
+        metrics::APPROVALS.with_label_values(&["handed_out"]).inc();
+        ctx.rec.approval = Some(ApprovalNote {
+            id: a.id.clone(),
+            event: "handed_out",
+            tools: a.tools.clone(),
+        });
+        if content_type == "application/json" {
+            return self.reply_json(s, ctx, 200, Bytes::from(body)).await;
+        }
+        let Ok(mut header) = response_header(200, ctx) else {
+            return self.internal_error(s, ctx).await;
+        };
+        let _ = header.insert_header("content-type", content_type);
+        let _ = header.insert_header("cache-control", "no-cache");
+        let _ = header.insert_header("content-length", body.len().to_string());
+        ctx.rec.status = 200;
+        ctx.rec.response_bytes = body.len();
+        let written = async {
+            s.write_response_header(Box::new(header), false).await?;
+            s.write_response_body(Some(Bytes::from(body)), true).await
+        };
+        if written.await.is_err() {
+            ctx.rec.client_gone = true;
+        }
+    }
+
+    async fn refused_hand_out(
+        &self,
+        s: &mut pingora::proxy::Session,
+        ctx: &mut Ctx,
+        id: &str,
+        r: Rejection,
+    ) {
+        metrics::APPROVALS.with_label_values(&["refused"]).inc();
+        ctx.rec.approval = Some(ApprovalNote {
+            id: id.to_string(),
+            event: "refused",
+            tools: Vec::new(),
+        });
+        self.refuse(s, ctx, "approval", r).await
+    }
+}
