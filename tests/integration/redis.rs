@@ -635,3 +635,67 @@ async fn redis_down_with_on_error_allow_serves_and_records_why() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Approvals kept in Redis fail closed when it goes away: a reply that
+/// held a call is not sent (its notice would name an approval that was
+/// never stored), a repeat cannot be answered, and a tool result that
+/// needs a handed-out call cannot be checked; each a 503
+/// `approval_unavailable` with its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_fail_closed_when_redis_goes_away() {
+    let mut redis = Redis::start(free_port()).await;
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = clustered(mock.addr, &keys, &redis);
+    // Limits and the registry fail open here, so what is seen is the
+    // approval store's own failure.
+    setup.extra_yaml = setup
+        .extra_yaml
+        .replace("rate_limit:\n", "rate_limit:\n  on_error: allow\n");
+    setup.registry_yaml = "registry:\n  approve_seed: true\n  on_error: allow\n".into();
+    setup.files.push((
+        "tools.yaml".into(),
+        include_bytes!("../../policies/tools.yaml").to_vec(),
+    ));
+    setup.extra_yaml += "tools:\n  policy: tools.yaml\n";
+    let gw = Gateway::start(setup).await;
+    let t = keys.token("alice", &["user"]);
+    let trigger = json!({"mock_tool_call": {"name": "run_shell", "arguments": {"cmd": "ls"}}});
+    let shell = json!({"model": "mock-small", "messages": [{"role": "user", "content": trigger.to_string()}]});
+    let r = post_as(&gw, &t, &shell).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-portcullis-approval-id"));
+
+    redis.kill();
+    let rid = expect_error(post_as(&gw, &t, &shell).await, 503, "approval_unavailable").await;
+    let rec = gw.record_for(&rid).await;
+    assert_eq!(rec["decision"], "error");
+    assert_eq!(rec["reason_code"], "approval_unavailable");
+    assert_eq!(mock.state.requests().len(), 2, "the provider did answer");
+
+    let repeat = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(&t)
+        .header("x-portcullis-approval", "apr_0123abc")
+        .json(&shell)
+        .send()
+        .await
+        .unwrap();
+    let rid = expect_error(repeat, 503, "approval_unavailable").await;
+    assert_eq!(gw.record_for(&rid).await["approval"]["event"], "refused");
+
+    let result = json!({"model": "mock-small", "messages": [
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "run_shell", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "x"}]});
+    let rid = expect_error(post_as(&gw, &t, &result).await, 503, "approval_unavailable").await;
+    let rec = gw.record_for(&rid).await;
+    assert!(
+        rec["filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["filter"] == "tool_authz" && o["action"] == "error"),
+        "{rec}"
+    );
+}
