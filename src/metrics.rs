@@ -1,11 +1,16 @@
 //! Prometheus metrics, served as text on the admin listener's `/metrics`.
 
+use crate::audit::{RequestRecord, Verdict};
+use filters::dialect::Dialect;
+use filters::{Action, FilterKind};
 use prometheus::{
     register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    register_int_counter_with_registry, register_int_gauge_with_registry, Encoder, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, Registry, TextEncoder,
+    register_int_counter_with_registry, register_int_gauge_vec_with_registry,
+    register_int_gauge_with_registry, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Registry, TextEncoder,
 };
 use std::sync::LazyLock;
+use std::time::Duration;
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -177,6 +182,241 @@ pub static APPROVALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register_int_counter_vec_with_registry!(name, help, labels, REGISTRY).expect("static metric")
+}
+
+// What each request came to, counted from its audit record when it closes
+// ([`observe`]). Every label has a bounded set of values: models only once
+// the registry resolved them, tools only when the tool policy lists them,
+// rules from the redaction policy, tenants from verified tokens.
+
+pub static MODEL_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_model_requests_total",
+        "Requests for a model the registry resolved, by route, model and decision.",
+        &["route", "model", "decision"],
+    )
+});
+
+pub static MODEL_REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    latency_histogram(
+        "portcullis_model_request_duration_seconds",
+        "Whole request time at the gateway for a model the registry resolved, by model.",
+        "model",
+    )
+});
+
+pub static GATEWAY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    latency_histogram(
+        "portcullis_gateway_overhead_seconds",
+        "Time a request spent in the gateway outside the provider call (its whole time less the time from sending to the provider until its reply's last byte), by route; only requests that reached a provider.",
+        "route",
+    )
+});
+
+pub static REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_refusals_total",
+        "Requests refused or failed, by the filter (or stage: intake, upstream, approval, gateway) and the error code.",
+        &["filter", "code"],
+    )
+});
+
+pub static FILTER_ACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_filter_actions_total",
+        "Each filter's verdicts, by filter and action (allow, annotate, deny, error).",
+        &["filter", "action"],
+    )
+});
+
+pub static REDACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_redactions_total",
+        "Values redacted, by filter (redact: replies, request_redaction: requests) and rule.",
+        &["filter", "rule"],
+    )
+});
+
+pub static TOOL_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_tool_calls_total",
+        "The model's tool calls by tool (`other` for tools the policy does not list) and decision (allowed, denied, held for approval).",
+        &["tool", "decision"],
+    )
+});
+
+pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_tokens_total",
+        "Tokens the provider reported, by tenant, model and kind (input, output).",
+        &["tenant", "model", "kind"],
+    )
+});
+
+pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_upstream_errors_total",
+        "Provider calls that failed, by provider and kind: timeout, error (connection, broken reply), status_4xx or status_5xx (the provider's own refusal).",
+        &["provider", "kind"],
+    )
+});
+
+pub static MODELS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec_with_registry!(
+        "portcullis_models",
+        "Models in the registry by status (registered, approved, frozen, retired), as of the scrape.",
+        &["status"],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+pub static FROZEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec_with_registry!(
+        "portcullis_frozen",
+        "Frozen subjects and tenants, as of the scrape.",
+        &["kind"],
+        REGISTRY
+    )
+    .expect("static metric")
+});
+
+/// Count what a finished request came to. `tool_listed` says whether the
+/// tool policy names a tool (else it is counted as `other`).
+pub fn observe(
+    rec: &RequestRecord,
+    dialect: &dyn Dialect,
+    tool_listed: &dyn Fn(&str) -> bool,
+    overhead: Option<Duration>,
+) {
+    let route = rec.route.map(filters::Route::as_str).unwrap_or("other");
+    let decision = decision_name(rec.decision);
+    // Only a model the registry resolved has an upstream model: a client
+    // cannot add label values by sending made-up names.
+    let model = rec.upstream_model.as_ref().and(rec.model.as_deref());
+    if let Some(model) = model {
+        MODEL_REQUESTS
+            .with_label_values(&[route, model, decision])
+            .inc();
+        MODEL_REQUEST_SECONDS
+            .with_label_values(&[model])
+            .observe(rec.duration_ms / 1e3);
+    }
+    if let Some(o) = overhead {
+        GATEWAY_SECONDS
+            .with_label_values(&[route])
+            .observe(o.as_secs_f64());
+    }
+    if let Some(code) = rec.reason_code {
+        let by = rec.blocked_by.as_deref().unwrap_or(match code {
+            filters::ErrorCode::UpstreamError | filters::ErrorCode::UpstreamTimeout => "upstream",
+            _ => "gateway",
+        });
+        REFUSALS.with_label_values(&[by, code.as_str()]).inc();
+    }
+    for o in &rec.filters {
+        FILTER_ACTIONS
+            .with_label_values(&[o.filter.as_str(), action_name(o.action)])
+            .inc();
+        for a in &o.annotations {
+            match (o.filter, a.key) {
+                (_, "redactions") => {
+                    for (rule, n) in a.value.as_object().into_iter().flatten() {
+                        REDACTIONS
+                            .with_label_values(&[o.filter.as_str(), rule])
+                            .inc_by(n.as_u64().unwrap_or(0));
+                    }
+                }
+                (FilterKind::ResponseToolAuthz, key) => {
+                    let decision = match key {
+                        "tools_called" => "called",
+                        "tools_denied" => "denied",
+                        "tools_held_for_approval" => "held",
+                        _ => continue,
+                    };
+                    for tool in a.value.as_array().into_iter().flatten() {
+                        let name = tool.as_str().unwrap_or("");
+                        let tool = if tool_listed(name) { name } else { "other" };
+                        TOOL_CALLS.with_label_values(&[tool, decision]).inc();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if let (Some(usage), Some(model), Some(tenant)) = (&rec.usage, model, &rec.tenant) {
+        if let Some((input, output)) = dialect.token_counts(usage) {
+            TOKENS
+                .with_label_values(&[tenant, model, "input"])
+                .inc_by(input);
+            TOKENS
+                .with_label_values(&[tenant, model, "output"])
+                .inc_by(output);
+        }
+    }
+    if let Some(u) = &rec.upstream {
+        let kind = match (u.status, rec.reason_code) {
+            (_, Some(filters::ErrorCode::UpstreamTimeout)) => Some("timeout"),
+            (Some(200..=299), _) if u.error.is_none() => None,
+            (Some(400..=499), _) => Some("status_4xx"),
+            (Some(500..=599), _) => Some("status_5xx"),
+            // A guard verdict that cancelled the call is not a provider error.
+            (None, Some(filters::ErrorCode::ContentPolicy)) => None,
+            _ => Some("error"),
+        };
+        if let Some(kind) = kind {
+            UPSTREAM_ERRORS
+                .with_label_values(&[&u.provider, kind])
+                .inc();
+        }
+    }
+}
+
+/// The registry's state, set when `/metrics` is scraped.
+pub fn registry_state(state: &filters::model_registry::RegistryState) {
+    use filters::model_registry::ModelStatus;
+    for status in [
+        ModelStatus::Registered,
+        ModelStatus::Approved,
+        ModelStatus::Frozen,
+        ModelStatus::Retired,
+    ] {
+        let n = state.models.values().filter(|m| m.status == status).count();
+        let name = match status {
+            ModelStatus::Registered => "registered",
+            ModelStatus::Approved => "approved",
+            ModelStatus::Frozen => "frozen",
+            ModelStatus::Retired => "retired",
+        };
+        MODELS.with_label_values(&[name]).set(n as i64);
+    }
+    FROZEN
+        .with_label_values(&["subject"])
+        .set(state.frozen_subjects.len() as i64);
+    FROZEN
+        .with_label_values(&["tenant"])
+        .set(state.frozen_tenants.len() as i64);
+}
+
+pub fn decision_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allowed => "allowed",
+        Verdict::Blocked => "blocked",
+        Verdict::Error => "error",
+    }
+}
+
+fn action_name(a: Action) -> &'static str {
+    match a {
+        Action::Allow => "allow",
+        Action::Annotate => "annotate",
+        Action::Deny => "deny",
+        Action::Error => "error",
+    }
+}
+
 /// Make every metric appear in `/metrics` from the start, before it is used.
 pub fn init() {
     LazyLock::force(&REQUESTS);
@@ -199,6 +439,17 @@ pub fn init() {
     for event in APPROVAL_EVENTS {
         APPROVALS.with_label_values(&[event]);
     }
+    LazyLock::force(&MODEL_REQUESTS);
+    LazyLock::force(&MODEL_REQUEST_SECONDS);
+    LazyLock::force(&GATEWAY_SECONDS);
+    LazyLock::force(&REFUSALS);
+    LazyLock::force(&FILTER_ACTIONS);
+    LazyLock::force(&REDACTIONS);
+    LazyLock::force(&TOOL_CALLS);
+    LazyLock::force(&TOKENS);
+    LazyLock::force(&UPSTREAM_ERRORS);
+    LazyLock::force(&MODELS);
+    LazyLock::force(&FROZEN);
 }
 
 /// The Prometheus text exposition of every metric.

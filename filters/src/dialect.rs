@@ -99,6 +99,10 @@ pub trait Dialect: Send + Sync {
     /// Tokens used in all, from usage in this dialect's shape.
     fn total_tokens(&self, usage: &Value) -> Option<u64>;
 
+    /// Input and output tokens, from usage in this dialect's shape (for
+    /// the spend metrics; input includes cached input).
+    fn token_counts(&self, usage: &Value) -> Option<(u64, u64)>;
+
     /// Note one upstream stream event. An event the gateway cannot screen
     /// (data that is neither the end marker nor a JSON object) is an
     /// error: the stream is ended, not relayed.

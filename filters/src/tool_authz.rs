@@ -141,6 +141,11 @@ pub enum ToolVerdict {
 }
 
 impl ToolPolicy {
+    /// Whether the policy lists `tool` (metrics name only listed tools).
+    pub fn lists(&self, tool: &str) -> bool {
+        self.tools.contains_key(tool)
+    }
+
     /// How redaction treats `tool`'s call arguments.
     pub fn argument_redaction(&self, tool: &str) -> RedactArguments {
         self.tools

@@ -124,6 +124,9 @@ pub(super) async fn handle(
                     State::Open => 2,
                 });
             }
+            if let Ok(state) = api.registry.snapshot() {
+                metrics::registry_state(&state);
+            }
             let mut r = Response::new(full(metrics::render()));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,

@@ -60,6 +60,8 @@ pub struct Gateway {
     approvals: Option<Arc<dyn filters::approval::ApprovalStore>>,
     /// Told of new pending approvals.
     webhook: Option<Arc<approvals::Webhook>>,
+    /// The tool policy, to name tools in metrics.
+    tools: Option<Arc<filters::shared::Shared<filters::tool_authz::ToolPolicy>>>,
 }
 
 /// Per-request state, written only by the gateway.
@@ -91,6 +93,12 @@ pub struct Ctx {
     api_key: Option<String>,
     /// Where the reply's calls to `approval_required` tools are held.
     holding: Option<Arc<filters::approval::Holding>>,
+    /// The tool policy, to name tools in metrics.
+    tools: Option<Arc<filters::shared::Shared<filters::tool_authz::ToolPolicy>>>,
+    /// When the provider call was sent, and when its reply's last byte
+    /// came: the rest of the request's time is the gateway's.
+    upstream_sent: Option<Instant>,
+    upstream_done: Option<Instant>,
 }
 
 /// Requests in flight, and whether the process is draining after SIGTERM.
@@ -127,17 +135,25 @@ impl Ctx {
         let elapsed = self.started.elapsed();
         rec.duration_ms = elapsed.as_secs_f64() * 1e3;
         let route = rec.route.map(Route::as_str).unwrap_or("other");
-        let decision = match rec.decision {
-            Verdict::Allowed => "allowed",
-            Verdict::Blocked => "blocked",
-            Verdict::Error => "error",
-        };
+        let decision = metrics::decision_name(rec.decision);
         metrics::REQUESTS
             .with_label_values(&[route, &rec.status.to_string(), decision])
             .inc();
         metrics::REQUEST_SECONDS
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
+        let waited = self
+            .upstream_sent
+            .zip(self.upstream_done)
+            .map(|(sent, done)| done.saturating_duration_since(sent));
+        let policy = self.tools.as_ref().map(|t| t.get());
+        let listed = |tool: &str| policy.as_ref().is_some_and(|p| p.lists(tool));
+        metrics::observe(
+            rec,
+            self.dialect,
+            &listed,
+            waited.map(|w| elapsed.saturating_sub(w)),
+        );
         self.audit.send(rec);
     }
 }
@@ -181,6 +197,7 @@ impl Gateway {
         Ok(Self {
             lifecycle,
             approvals: filters.approvals,
+            tools: filters.tools,
             webhook,
             cfg,
             chain: filters.chain,
@@ -491,6 +508,7 @@ impl Gateway {
             ..Default::default()
         };
         let sent = Instant::now();
+        ctx.upstream_sent = Some(sent);
         let request_id = ctx.rec.request_id.clone();
         let principal = ctx.principal.clone();
         let parallel = self.parallel_guard();
@@ -699,6 +717,9 @@ impl ProxyHttp for Gateway {
             dialect: dialect::DEFAULT,
             api_key: None,
             holding: None,
+            tools: self.tools.clone(),
+            upstream_sent: None,
+            upstream_done: None,
             lifecycle: {
                 self.lifecycle.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.lifecycle.clone()

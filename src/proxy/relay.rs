@@ -25,6 +25,7 @@ impl Gateway {
         }
         let body = ex.body(self.cfg.limits.max_response_bytes).await;
         ex.finish().await;
+        ctx.upstream_done = Some(std::time::Instant::now());
         let body = match body {
             Ok(b) => b,
             Err(e) => return self.upstream_failed(s, ctx, &e).await,
@@ -291,6 +292,7 @@ impl Gateway {
             ctx.rec.reason = Some("the output guard judged the reply unsafe".into());
         }
         ex.finish().await;
+        ctx.upstream_done = Some(std::time::Instant::now());
         ctx.rec.usage = seen.usage;
         ctx.generated_chars = Some(seen.generated_chars);
         ctx.rec.filters.extend(stages.outcomes());

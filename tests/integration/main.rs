@@ -12,6 +12,7 @@ mod hostile;
 mod image;
 mod injection;
 mod limits;
+mod observability;
 mod proxy;
 mod redaction;
 mod redis;

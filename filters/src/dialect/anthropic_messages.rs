@@ -97,6 +97,10 @@ impl Dialect for AnthropicCountTokens {
         MESSAGES.total_tokens(usage)
     }
 
+    fn token_counts(&self, usage: &Value) -> Option<(u64, u64)> {
+        MESSAGES.token_counts(usage)
+    }
+
     fn note_event(&self, event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {
         MESSAGES.note_event(event, facts)
     }
@@ -177,15 +181,15 @@ impl Dialect for AnthropicMessages {
 
     /// Input (cache writes and reads included) and output tokens.
     fn total_tokens(&self, usage: &Value) -> Option<u64> {
+        self.token_counts(usage).map(|(i, o)| i.saturating_add(o))
+    }
+
+    fn token_counts(&self, usage: &Value) -> Option<(u64, u64)> {
         let part = |k: &str| usage.get(k).and_then(Value::as_u64);
-        let input = part("input_tokens")?;
-        let output = part("output_tokens")?;
-        Some(
-            input
-                .saturating_add(output)
-                .saturating_add(part("cache_creation_input_tokens").unwrap_or(0))
-                .saturating_add(part("cache_read_input_tokens").unwrap_or(0)),
-        )
+        let input = part("input_tokens")?
+            .saturating_add(part("cache_creation_input_tokens").unwrap_or(0))
+            .saturating_add(part("cache_read_input_tokens").unwrap_or(0));
+        Some((input, part("output_tokens")?))
     }
 
     fn note_event(&self, event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {

@@ -68,6 +68,15 @@ impl Dialect for OpenAi {
         usage.get("total_tokens").and_then(Value::as_u64)
     }
 
+    fn token_counts(&self, usage: &Value) -> Option<(u64, u64)> {
+        let part = |k: &str| usage.get(k).and_then(Value::as_u64);
+        // Embeddings report no completion tokens.
+        Some((
+            part("prompt_tokens")?,
+            part("completion_tokens").unwrap_or(0),
+        ))
+    }
+
     fn note_event(&self, event: &SseEvent, facts: &mut StreamFacts) -> Result<(), String> {
         note_event(event, facts)
     }
