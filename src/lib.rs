@@ -17,4 +17,5 @@ pub mod proxy;
 pub mod server;
 pub mod stores;
 pub mod testkit;
+pub mod trace;
 pub mod upstream;

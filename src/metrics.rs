@@ -283,6 +283,14 @@ pub static FROZEN: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect("static metric")
 });
 
+pub static TRACE_SPANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "portcullis_trace_spans_total",
+        "Trace spans by result: exported (the collector took them), failed (it did not answer 2xx), dropped (the queue was full).",
+        &["result"],
+    )
+});
+
 /// Count what a finished request came to. `tool_listed` says whether the
 /// tool policy names a tool (else it is counted as `other`).
 pub fn observe(
@@ -450,6 +458,9 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_ERRORS);
     LazyLock::force(&MODELS);
     LazyLock::force(&FROZEN);
+    for result in ["exported", "failed", "dropped"] {
+        TRACE_SPANS.with_label_values(&[result]);
+    }
 }
 
 /// The Prometheus text exposition of every metric.

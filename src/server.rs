@@ -43,6 +43,19 @@ impl BackgroundService for MockService {
     }
 }
 
+/// Sends trace spans to the collector.
+struct TraceExporter(std::sync::Mutex<Option<crate::trace::Exporter>>);
+
+#[async_trait]
+impl BackgroundService for TraceExporter {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let exporter = self.0.lock().ok().and_then(|mut e| e.take());
+        if let Some(e) = exporter {
+            e.run().await
+        }
+    }
+}
+
 /// Keeps a Redis-backed registry snapshot current.
 struct RegistryFollower(Arc<crate::stores::registry::RedisStore>);
 
@@ -179,12 +192,27 @@ fn build(
         audit: audit.clone(),
         lifecycle: lifecycle.clone(),
     });
+    let tracer = match cfg.tracing.otlp_endpoint {
+        Some(_) => {
+            let t = Arc::new(
+                crate::trace::Tracer::new(&cfg.tracing, cfg.instance())
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            );
+            server.add_service(background_service(
+                "tracing",
+                TraceExporter(std::sync::Mutex::new(t.take_exporter())),
+            ));
+            Some(t)
+        }
+        None => None,
+    };
     let gateway = Gateway::new(
         cfg.clone(),
         pipeline.filters,
         upstream,
         audit,
         lifecycle.clone(),
+        tracer,
     )?;
     let proxy = Guarded::new(
         pingora::proxy::http_proxy(&server.configuration, gateway),

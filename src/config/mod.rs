@@ -100,6 +100,7 @@ pub struct Config {
     /// Policy path already made absolute.
     pub tools: Option<ToolsSection>,
     pub approvals: ApprovalsSection,
+    pub tracing: TracingSection,
     /// Policy path already made absolute.
     pub injection: Option<InjectionSection>,
     /// Policy path already made absolute.
@@ -234,6 +235,28 @@ impl Config {
                 "approvals",
                 "ttl_secs and webhook_timeout_ms must be above 0",
             );
+        }
+        let tracing: TracingSection = section(&map, "tracing", &mut errors).unwrap_or_default();
+        if let Some(url) = &tracing.otlp_endpoint {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                errors.push(
+                    "tracing.otlp_endpoint",
+                    format!("'{url}' is not an http:// or https:// URL"),
+                );
+            }
+        }
+        if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+            errors.push("tracing.sample_ratio", "must be between 0 and 1");
+        }
+        if tracing.timeout_ms == 0 || tracing.max_queue == 0 || tracing.batch == 0 {
+            errors.push("tracing", "timeout_ms, max_queue and batch must be above 0");
+        }
+        for (name, value) in &tracing.headers {
+            let ok = hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                && hyper::header::HeaderValue::from_str(value).is_ok();
+            if !ok {
+                errors.push("tracing.headers", format!("`{name}` is not a valid header"));
+            }
         }
         if let Some(url) = &approvals.webhook_url {
             if !url.starts_with("http://") && !url.starts_with("https://") {
@@ -456,6 +479,7 @@ impl Config {
             redaction,
             tools,
             approvals,
+            tracing,
             injection,
             guard,
         })

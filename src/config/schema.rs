@@ -703,6 +703,41 @@ impl Default for ApprovalsSection {
     }
 }
 
+/// `tracing:` — OpenTelemetry traces over OTLP/HTTP (JSON), on when
+/// `otlp_endpoint` is set (see `crate::trace`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSection {
+    /// The collector's traces URL, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the spans.
+    pub service_name: String,
+    /// Share of requests traced when the client sent no sampled parent (a
+    /// client's `traceparent` decides for its own requests).
+    pub sample_ratio: f64,
+    /// Sent with every export (e.g. an `authorization` for the collector).
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub timeout_ms: u64,
+    /// Spans waiting to be sent; past it they are dropped and counted.
+    pub max_queue: usize,
+    /// Spans per export.
+    pub batch: usize,
+}
+
+impl Default for TracingSection {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "portcullis".into(),
+            sample_ratio: 1.0,
+            headers: Default::default(),
+            timeout_ms: 5000,
+            max_queue: 8192,
+            batch: 512,
+        }
+    }
+}
+
 /// `state:` — where shared state lives.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -726,6 +761,7 @@ pub(super) const SECTIONS: &[&str] = &[
     "redaction",
     "tools",
     "approvals",
+    "tracing",
     "injection",
     "guard",
     "admin",

@@ -62,6 +62,8 @@ pub struct Gateway {
     webhook: Option<Arc<approvals::Webhook>>,
     /// The tool policy, to name tools in metrics.
     tools: Option<Arc<filters::shared::Shared<filters::tool_authz::ToolPolicy>>>,
+    /// Sends traces, when `tracing:` names a collector.
+    tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// Per-request state, written only by the gateway.
@@ -99,6 +101,9 @@ pub struct Ctx {
     /// came: the rest of the request's time is the gateway's.
     upstream_sent: Option<Instant>,
     upstream_done: Option<Instant>,
+    /// This request's trace, when tracing is on.
+    trace: Option<crate::trace::RequestTrace>,
+    tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 /// Requests in flight, and whether the process is draining after SIGTERM.
@@ -154,6 +159,12 @@ impl Ctx {
             &listed,
             waited.map(|w| elapsed.saturating_sub(w)),
         );
+        if let (Some(tracer), Some(t)) = (&self.tracer, &self.trace) {
+            let call = self
+                .upstream_sent
+                .map(|sent| (sent, self.upstream_done.unwrap_or_else(Instant::now)));
+            tracer.finish(t, rec, self.dialect, call);
+        }
         self.audit.send(rec);
     }
 }
@@ -183,6 +194,7 @@ impl Gateway {
         upstream: Upstream,
         audit: AuditLog,
         lifecycle: Arc<Lifecycle>,
+        tracer: Option<Arc<crate::trace::Tracer>>,
     ) -> anyhow::Result<Self> {
         let webhook = match (&filters.approvals, &cfg.approvals.webhook_url) {
             (Some(_), Some(url)) => Some(Arc::new(
@@ -198,6 +210,7 @@ impl Gateway {
             lifecycle,
             approvals: filters.approvals,
             tools: filters.tools,
+            tracer,
             webhook,
             cfg,
             chain: filters.chain,
@@ -213,6 +226,9 @@ impl Gateway {
     /// Run the request chain and apply what it found to the context.
     /// Returns the rejection, if any, with the filter that made it.
     async fn screen(&self, s: &Session, ctx: &mut Ctx, asked: Asked<'_>) -> Screened {
+        if let Some(t) = ctx.trace.as_mut() {
+            t.chain_started = Some(Instant::now());
+        }
         let view = request_view(s, ctx, asked);
         // In parallel timing the guard runs later, beside the provider call.
         let parallel = self.parallel_guard();
@@ -310,6 +326,10 @@ impl Gateway {
             header.headers.get("x-request-id").map(|v| v.as_bytes()),
         );
         ctx.rec.method = header.method.to_string();
+        if let Some(tracer) = &self.tracer {
+            let value = |name: &str| header.headers.get(name).and_then(|v| v.to_str().ok());
+            ctx.trace = Some(tracer.start(value("traceparent"), value("tracestate")));
+        }
         ctx.api_key = header
             .headers
             .get("x-api-key")
@@ -502,7 +522,8 @@ impl Gateway {
                 Bytes::from(json.to_string())
             }
         };
-        let passed = passed_headers(s, d);
+        let mut passed = passed_headers(s, d);
+        trace_headers(s, ctx, &mut passed);
         let mut upstream = UpstreamRecord {
             provider: provider.clone(),
             ..Default::default()
@@ -586,6 +607,9 @@ impl Gateway {
             return self.internal_error(s, ctx).await;
         };
         let latency = sent.elapsed();
+        if let Some(t) = ctx.trace.as_mut() {
+            t.reply_started = Some(Instant::now());
+        }
         upstream.latency_ms = Some(latency.as_secs_f64() * 1e3);
         metrics::UPSTREAM_SECONDS
             .with_label_values(&[&provider])
@@ -593,6 +617,7 @@ impl Gateway {
         let exchange = match result {
             Ok(ex) => ex,
             Err(e) => {
+                ctx.upstream_done = Some(Instant::now());
                 upstream.error = Some(e.to_string());
                 ctx.rec.upstream = Some(upstream);
                 self.upstream_failed(s, ctx, &e).await;
@@ -720,6 +745,8 @@ impl ProxyHttp for Gateway {
             tools: self.tools.clone(),
             upstream_sent: None,
             upstream_done: None,
+            trace: None,
+            tracer: self.tracer.clone(),
             lifecycle: {
                 self.lifecycle.in_flight.fetch_add(1, Ordering::AcqRel);
                 self.lifecycle.clone()
@@ -801,6 +828,29 @@ fn passed_headers(s: &Session, d: &dyn Dialect) -> Vec<(&'static str, String)> {
             ok.then(|| (*name, String::from_utf8_lossy(v.as_bytes()).into_owned()))
         })
         .collect()
+}
+
+/// The trace context for the provider: the provider call's own span when
+/// tracing is on, else the client's well-formed `traceparent` (and
+/// `tracestate`) as they came.
+fn trace_headers(s: &Session, ctx: &Ctx, out: &mut Vec<(&'static str, String)>) {
+    if let Some(t) = &ctx.trace {
+        out.push(("traceparent", t.provider_header()));
+        if let Some(state) = &t.tracestate {
+            out.push(("tracestate", state.clone()));
+        }
+        return;
+    }
+    let value = |name: &str| {
+        let v = s.req_header().headers.get(name)?.to_str().ok()?;
+        (v.len() <= 512 && v.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(v)
+    };
+    if let Some(p) = value("traceparent").and_then(crate::trace::TraceParent::parse) {
+        out.push(("traceparent", p.header()));
+        if let Some(state) = value("tracestate") {
+            out.push(("tracestate", state.to_string()));
+        }
+    }
 }
 
 /// What a request asks, as the request chain reads it.

@@ -7,7 +7,6 @@
 
 use crate::support::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ADMIN: &[&str] = &["portcullis:admin"];
 const ARGS: &str = r#"{"cmd":"ls /srv"}"#;
@@ -82,52 +81,15 @@ async fn refused(gw: &Gateway, resp: reqwest::Response, status: u16, code: &str)
     rec
 }
 
-/// One HTTP request received by a webhook: its body.
-async fn webhook_receiver() -> (String, tokio::sync::oneshot::Receiver<Value>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut sock, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = sock.read(&mut chunk).await.unwrap();
-            buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&buf).to_string();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let len: usize = text[..end]
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap();
-                if buf.len() >= end + 4 + len {
-                    let body: Value = serde_json::from_slice(&buf[end + 4..end + 4 + len]).unwrap();
-                    sock.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await
-                        .unwrap();
-                    let _ = tx.send(body);
-                    return;
-                }
-            }
-            assert!(n > 0, "webhook connection closed early");
-        }
-    });
-    (url, rx)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
     let mock = Mock::start(options()).await;
     let keys = TestKeys::new();
-    let (hook, received) = webhook_receiver().await;
+    let mut hook = Receiver::start().await;
     let gw = Gateway::start(with_approvals(
         &mock,
         &keys,
-        &format!("approvals:\n  webhook_url: {hook}\n"),
+        &format!("approvals:\n  webhook_url: {}/hook\n", hook.url),
     ))
     .await;
     let user = keys.token("alice", &["user"]);
@@ -152,10 +114,8 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
     assert_eq!(mock.state.requests().len(), 1);
 
     // The webhook hears of it, without the arguments.
-    let told = tokio::time::timeout(PATIENCE, received)
-        .await
-        .unwrap()
-        .unwrap();
+    let (path, told) = hook.next().await;
+    assert_eq!(path, "/hook");
     assert!(told["text"].as_str().unwrap().contains(&id), "{told}");
     assert!(!told.to_string().contains("ls /srv"), "{told}");
 

@@ -22,3 +22,4 @@ mod support;
 mod sweep;
 mod tls;
 mod tools;
+mod tracing;

@@ -621,3 +621,71 @@ pub async fn metric(gw: &Gateway, name: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
+
+/// An in-process HTTP receiver (a webhook's target, an OTLP collector):
+/// every request's path and JSON body, in order, over keep-alive
+/// connections; each answered 200.
+pub struct Receiver {
+    pub url: String,
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 16384];
+                    loop {
+                        let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+                        if let Some(end) = head_end {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| {
+                                    let (k, v) = l.split_once(':')?;
+                                    k.eq_ignore_ascii_case("content-length")
+                                        .then(|| v.trim().parse().ok())?
+                                })
+                                .unwrap_or(0);
+                            if buf.len() >= end + 4 + len {
+                                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                                let body = serde_json::from_slice(&buf[end + 4..end + 4 + len])
+                                    .unwrap_or(Value::Null);
+                                buf.drain(..end + 4 + len);
+                                if sock
+                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                                let _ = tx.send((path, body));
+                                continue;
+                            }
+                        }
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        Receiver { url, rx }
+    }
+
+    /// The next request received (its path and body).
+    pub async fn next(&mut self) -> (String, Value) {
+        tokio::time::timeout(PATIENCE, self.rx.recv())
+            .await
+            .expect("nothing received within the deadline")
+            .expect("receiver gone")
+    }
+}

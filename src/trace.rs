@@ -1,0 +1,484 @@
+//! OpenTelemetry traces over OTLP/HTTP (JSON encoding), when `tracing:`
+//! names a collector; nothing is read, timed or allocated for them when it
+//! does not.
+//!
+//! Each request is one trace: a server span for the request (a child of the
+//! client's span when it sent a W3C `traceparent`), a child per filter that
+//! ran, and a client span for the provider call, whose id goes to the
+//! provider in the `traceparent` the gateway sends. Spans are sent by one
+//! background task in batches; when the collector is slow or down they
+//! queue up to `max_queue` and are then dropped and counted, never delaying
+//! a request.
+//!
+//! Filter spans are laid end to end from when the request chain started
+//! (the filters run one after another; each span is its filter's measured
+//! time). The response stages of a stream run event by event: their span
+//! is the time each spent, from when the provider's reply began, with
+//! `portcullis.busy_time: true`.
+//!
+//! With tracing off, a well-formed `traceparent` (and `tracestate`) from
+//! the client is passed to the provider as it came: the gateway is then
+//! invisible in the trace, not a break in it.
+
+use crate::audit::RequestRecord;
+use crate::config::TracingSection;
+use crate::metrics;
+use filters::dialect::Dialect;
+use filters::FilterKind;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// A W3C trace context: `00-<trace id>-<parent span id>-<flags>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// Parse a `traceparent` header. Version `00` exactly as specified;
+    /// a later version is read by its first four fields (as the spec
+    /// asks). All-zero ids and anything malformed are `None`.
+    pub fn parse(header: &str) -> Option<Self> {
+        let h = header.trim();
+        let mut parts = h.split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex_lower = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !hex_lower(version, 2) || version == "ff" || !hex_lower(flags, 2) {
+            return None;
+        }
+        if version == "00" && (parts.next().is_some() || h.len() != 55) {
+            return None;
+        }
+        if !hex_lower(trace, 32) || !hex_lower(span, 16) {
+            return None;
+        }
+        let mut trace_id = [0u8; 16];
+        let mut span_id = [0u8; 8];
+        hex::decode_to_slice(trace, &mut trace_id).ok()?;
+        hex::decode_to_slice(span, &mut span_id).ok()?;
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
+        Some(Self {
+            trace_id,
+            span_id,
+            sampled: flags & 1 == 1,
+        })
+    }
+
+    pub fn header(&self) -> String {
+        format!(
+            "00-{}-{}-{}",
+            hex::encode(self.trace_id),
+            hex::encode(self.span_id),
+            if self.sampled { "01" } else { "00" }
+        )
+    }
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    loop {
+        let u = uuid::Uuid::new_v4();
+        out.copy_from_slice(&u.as_bytes()[..N]);
+        if out != [0u8; N] {
+            return out;
+        }
+    }
+}
+
+/// One request's trace, made when the request arrives.
+pub struct RequestTrace {
+    pub trace_id: [u8; 16],
+    /// The request's own span.
+    span_id: [u8; 8],
+    /// The client's span, when it sent one.
+    parent: Option<[u8; 8]>,
+    /// The provider call's span, sent to the provider as its parent.
+    pub provider_span: [u8; 8],
+    sampled: bool,
+    started: Instant,
+    started_unix: SystemTime,
+    /// When the request chain started, and the provider's reply began.
+    pub chain_started: Option<Instant>,
+    pub reply_started: Option<Instant>,
+    /// A client's `tracestate`, passed on.
+    pub tracestate: Option<String>,
+}
+
+impl RequestTrace {
+    /// The `traceparent` for the provider call.
+    pub fn provider_header(&self) -> String {
+        TraceParent {
+            trace_id: self.trace_id,
+            span_id: self.provider_span,
+            sampled: self.sampled,
+        }
+        .header()
+    }
+
+    fn unix_ns(&self, at: Instant) -> u128 {
+        let since = self.started_unix + at.saturating_duration_since(self.started);
+        since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+    }
+}
+
+/// Sends the spans of sampled requests to the collector.
+pub struct Tracer {
+    queue: mpsc::Sender<Value>,
+    sample_ratio: f64,
+    /// The collector's task, taken by the server to run it.
+    exporter: std::sync::Mutex<Option<Exporter>>,
+}
+
+pub struct Exporter {
+    rx: mpsc::Receiver<Value>,
+    endpoint: String,
+    headers: Vec<(String, String)>,
+    timeout: Duration,
+    batch: usize,
+    service: String,
+    instance: String,
+}
+
+impl Tracer {
+    pub fn new(cfg: &TracingSection, instance: String) -> Result<Self, String> {
+        let endpoint = cfg
+            .otlp_endpoint
+            .clone()
+            .ok_or("tracing: no otlp_endpoint")?;
+        let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
+        Ok(Self {
+            queue: tx,
+            sample_ratio: cfg.sample_ratio,
+            exporter: std::sync::Mutex::new(Some(Exporter {
+                rx,
+                endpoint,
+                headers: cfg.headers.clone().into_iter().collect(),
+                timeout: Duration::from_millis(cfg.timeout_ms),
+                batch: cfg.batch.max(1),
+                service: cfg.service_name.clone(),
+                instance,
+            })),
+        })
+    }
+
+    /// The exporter's task (once).
+    pub fn take_exporter(&self) -> Option<Exporter> {
+        self.exporter.lock().ok()?.take()
+    }
+
+    /// Start a request's trace from the client's headers.
+    pub fn start(&self, traceparent: Option<&str>, tracestate: Option<&str>) -> RequestTrace {
+        let parent = traceparent.and_then(TraceParent::parse);
+        let sampled = match parent {
+            Some(p) => p.sampled,
+            None => {
+                let r = u64::from_le_bytes(random_bytes::<8>()) as f64 / u64::MAX as f64;
+                r < self.sample_ratio
+            }
+        };
+        RequestTrace {
+            trace_id: parent.map_or_else(random_bytes::<16>, |p| p.trace_id),
+            span_id: random_bytes::<8>(),
+            parent: parent.map(|p| p.span_id),
+            provider_span: random_bytes::<8>(),
+            sampled,
+            started: Instant::now(),
+            started_unix: SystemTime::now(),
+            chain_started: None,
+            reply_started: None,
+            tracestate: parent
+                .and(tracestate)
+                .filter(|s| s.len() <= 512 && s.bytes().all(|b| (0x20..0x7f).contains(&b)))
+                .map(str::to_string),
+        }
+    }
+
+    /// The request is over: queue its spans (when sampled).
+    pub fn finish(
+        &self,
+        t: &RequestTrace,
+        rec: &RequestRecord,
+        dialect: &dyn Dialect,
+        provider_call: Option<(Instant, Instant)>,
+    ) {
+        if !t.sampled {
+            return;
+        }
+        for span in spans(t, rec, dialect, provider_call, Instant::now()) {
+            if self.queue.try_send(span).is_err() {
+                metrics::TRACE_SPANS.with_label_values(&["dropped"]).inc();
+            }
+        }
+    }
+}
+
+fn attr(key: &str, value: impl Into<Value>) -> Value {
+    let v: Value = value.into();
+    let typed = match v {
+        Value::Bool(b) => json!({ "boolValue": b }),
+        // OTLP/JSON writes 64-bit integers as strings.
+        Value::Number(n) if n.is_u64() || n.is_i64() => json!({ "intValue": n.to_string() }),
+        Value::Number(n) => json!({ "doubleValue": n }),
+        Value::String(s) => json!({ "stringValue": s }),
+        other => json!({ "stringValue": other.to_string() }),
+    };
+    json!({ "key": key, "value": typed })
+}
+
+const SERVER: u8 = 2;
+const CLIENT: u8 = 3;
+const INTERNAL: u8 = 1;
+const STATUS_OK: u8 = 0;
+const STATUS_ERROR: u8 = 2;
+
+#[allow(clippy::too_many_arguments)]
+fn span(
+    t: &RequestTrace,
+    id: [u8; 8],
+    parent: Option<[u8; 8]>,
+    name: String,
+    kind: u8,
+    start: Instant,
+    end: Instant,
+    attributes: Vec<Value>,
+    error: bool,
+) -> Value {
+    let mut s = json!({
+        "traceId": hex::encode(t.trace_id),
+        "spanId": hex::encode(id),
+        "name": name,
+        "kind": kind,
+        "startTimeUnixNano": t.unix_ns(start).to_string(),
+        "endTimeUnixNano": t.unix_ns(end.max(start)).to_string(),
+        "attributes": attributes,
+        "status": { "code": if error { STATUS_ERROR } else { STATUS_OK } },
+    });
+    if let (Some(p), Some(o)) = (parent, s.as_object_mut()) {
+        o.insert("parentSpanId".into(), Value::String(hex::encode(p)));
+    }
+    s
+}
+
+/// The spans of one request: the request, its filters, the provider call.
+fn spans(
+    t: &RequestTrace,
+    rec: &RequestRecord,
+    dialect: &dyn Dialect,
+    provider_call: Option<(Instant, Instant)>,
+    end: Instant,
+) -> Vec<Value> {
+    let route = rec.route.map(filters::Route::as_str).unwrap_or("other");
+    let decision = metrics::decision_name(rec.decision);
+    let mut root_attrs = vec![
+        attr("http.request.method", rec.method.clone()),
+        attr("url.path", rec.path.clone()),
+        attr("http.response.status_code", rec.status),
+        attr("portcullis.request_id", rec.request_id.clone()),
+        attr("portcullis.route", route),
+        attr("portcullis.decision", decision),
+    ];
+    let optional = [
+        ("portcullis.model", rec.model.clone()),
+        ("portcullis.tenant", rec.tenant.clone()),
+        ("portcullis.blocked_by", rec.blocked_by.clone()),
+        (
+            "portcullis.reason_code",
+            rec.reason_code.map(|c| c.as_str().to_string()),
+        ),
+        (
+            "portcullis.approval_id",
+            rec.approval.as_ref().map(|a| a.id.clone()),
+        ),
+    ];
+    for (k, v) in optional {
+        if let Some(v) = v {
+            root_attrs.push(attr(k, v));
+        }
+    }
+    let mut out = vec![span(
+        t,
+        t.span_id,
+        t.parent,
+        format!("{} /v1/{route}", rec.method),
+        SERVER,
+        t.started,
+        end,
+        root_attrs,
+        rec.decision == crate::audit::Verdict::Error,
+    )];
+    // Request filters end to end from the chain's start; response stages
+    // from the reply's start.
+    let mut request_at = t.chain_started.unwrap_or(t.started);
+    let mut reply_at = t.reply_started.unwrap_or(request_at);
+    for o in &rec.filters {
+        let response_side = o.filter >= FilterKind::ResponseToolAuthz;
+        let at = if response_side {
+            &mut reply_at
+        } else {
+            &mut request_at
+        };
+        let start = *at;
+        let finish = start + Duration::from_micros(o.latency_us);
+        *at = finish;
+        let mut attrs = vec![
+            attr("portcullis.filter", o.filter.as_str()),
+            attr(
+                "portcullis.filter.action",
+                format!("{:?}", o.action).to_lowercase(),
+            ),
+            attr(
+                "portcullis.filter.mode",
+                format!("{:?}", o.mode).to_lowercase(),
+            ),
+        ];
+        if let Some(code) = o.code {
+            attrs.push(attr("portcullis.filter.code", code.as_str()));
+        }
+        if response_side && rec.stream {
+            attrs.push(attr("portcullis.busy_time", true));
+        }
+        out.push(span(
+            t,
+            random_bytes::<8>(),
+            Some(t.span_id),
+            format!("filter {}", o.filter.as_str()),
+            INTERNAL,
+            start,
+            finish,
+            attrs,
+            o.action == filters::Action::Error,
+        ));
+    }
+    if let (Some((sent, done)), Some(u)) = (provider_call, &rec.upstream) {
+        let mut attrs = vec![attr("portcullis.provider", u.provider.clone())];
+        if let Some(m) = &rec.upstream_model {
+            attrs.push(attr("gen_ai.request.model", m.clone()));
+        }
+        if let Some(st) = u.status {
+            attrs.push(attr("http.response.status_code", st));
+        }
+        if let Some((input, output)) = rec.usage.as_ref().and_then(|u| dialect.token_counts(u)) {
+            attrs.push(attr("gen_ai.usage.input_tokens", input));
+            attrs.push(attr("gen_ai.usage.output_tokens", output));
+        }
+        let failed = u.error.is_some() || u.status.is_some_and(|s| s >= 500);
+        out.push(span(
+            t,
+            t.provider_span,
+            Some(t.span_id),
+            format!("provider {}", u.provider),
+            CLIENT,
+            sent,
+            done,
+            attrs,
+            failed,
+        ));
+    }
+    out
+}
+
+impl Exporter {
+    /// Send queued spans in batches until the queue closes.
+    pub async fn run(mut self) {
+        let client = match reqwest::Client::builder().timeout(self.timeout).build() {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("tracing: no HTTP client: {e}");
+                return;
+            }
+        };
+        let resource = json!({"attributes": [
+            attr("service.name", self.service.clone()),
+            attr("service.instance.id", self.instance.clone()),
+            attr("service.version", env!("CARGO_PKG_VERSION")),
+        ]});
+        let mut batch = Vec::with_capacity(self.batch);
+        loop {
+            let Some(first) = self.rx.recv().await else {
+                return;
+            };
+            batch.push(first);
+            // Gather what else is queued (up to a batch), waiting a moment
+            // for more so a busy gateway sends fewer, larger posts.
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+            while batch.len() < self.batch {
+                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(s)) => batch.push(s),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let n = batch.len() as u64;
+            let body = json!({"resourceSpans": [{
+                "resource": resource,
+                "scopeSpans": [{"scope": {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
+                                "spans": std::mem::take(&mut batch)}],
+            }]});
+            let mut req = client.post(&self.endpoint).json(&body);
+            for (k, v) in &self.headers {
+                req = req.header(k, v);
+            }
+            let result = match req.send().await {
+                Ok(r) if r.status().is_success() => "exported",
+                Ok(r) => {
+                    log::warn!("tracing: collector answered {}", r.status());
+                    "failed"
+                }
+                Err(e) => {
+                    log::warn!("tracing: {e}");
+                    "failed"
+                }
+            };
+            metrics::TRACE_SPANS.with_label_values(&[result]).inc_by(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_read_as_the_spec_says() {
+        let p =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert_eq!(hex::encode(p.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex::encode(p.span_id), "00f067aa0ba902b7");
+        assert!(p.sampled);
+        assert_eq!(
+            p.header(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        let unsampled =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
+        assert!(!unsampled.sampled);
+        // A later version: its first four fields, more may follow.
+        assert!(TraceParent::parse(
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+        )
+        .is_some());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+}
