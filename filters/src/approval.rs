@@ -110,11 +110,45 @@ impl HeldCall {
         crate::tool_authz::call_parts(&self.call).0
     }
 
-    /// The call's id (legacy calls have none).
+    /// The call's id (legacy calls have none, and are never held).
     pub fn id(&self) -> Option<&str> {
         self.call.get("id").and_then(Value::as_str)
     }
+
+    /// The call's [`fingerprint`] for `caller` (none without an id).
+    pub fn fingerprint(&self, caller: &Principal) -> Option<String> {
+        let (name, args) = crate::tool_authz::call_parts(&self.call);
+        Some(fingerprint(caller, self.id()?, &name, &args))
+    }
 }
+
+/// What identifies a call handed out to a caller: the caller, the call's
+/// id, its tool and its arguments, hashed. A replayed call or a tool result
+/// is accepted for an `approval_required` tool only when its call has the
+/// fingerprint of one handed out: another tool, other arguments or another
+/// caller under the same id do not match.
+pub fn fingerprint(caller: &Principal, id: &str, name: &str, arguments: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        caller.tenant.as_str(),
+        caller.subject.as_str(),
+        id,
+        name,
+        arguments,
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+}
+
+/// The most argument bytes one reply may hold for approval; a call past it
+/// is refused instead (an approval is read by a person, and kept).
+pub const MAX_HELD_BYTES: usize = 256 << 10;
 
 /// The calls one reply holds for approval, filled by the response tool
 /// stage and read by the gateway once the reply is out.
@@ -136,11 +170,20 @@ impl Holding {
         &self.id
     }
 
-    pub fn hold(&self, call: HeldCall) {
-        self.calls
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(call);
+    /// Hold a call; false (not held) when it has no id (a legacy
+    /// `function_call`: its result could never be matched to it) or would
+    /// take the reply past [`MAX_HELD_BYTES`].
+    pub fn hold(&self, call: HeldCall) -> bool {
+        if call.legacy || call.id().is_none_or(str::is_empty) {
+            return false;
+        }
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let size = |c: &HeldCall| crate::tool_authz::call_parts(&c.call).1.len();
+        if calls.iter().map(size).sum::<usize>() + size(&call) > MAX_HELD_BYTES {
+            return false;
+        }
+        calls.push(call);
+        true
     }
 
     pub fn take(&self) -> Vec<HeldCall> {
@@ -272,7 +315,10 @@ impl Approval {
         reason: Option<String>,
         now_ms: u64,
     ) -> Result<(), Rejection> {
-        if self.subject == approver.subject {
+        // Subject names are compared as people would read them: `Alice`
+        // and `alice ` are the same person.
+        let same = |a: &str, b: &str| a.trim().eq_ignore_ascii_case(b.trim());
+        if same(&self.subject, &approver.subject) {
             return Err(Rejection::new(
                 ErrorCode::SelfApproval,
                 format!(
@@ -360,8 +406,9 @@ impl Approval {
         Ok(())
     }
 
-    /// The record of a decision or a redemption, for the admin audit
-    /// record: everything but the calls' arguments.
+    /// Everything but the calls (their arguments may hold what only the
+    /// approver should read): for listings, auditors, the webhook and the
+    /// admin audit record.
     pub fn summary(&self) -> Value {
         serde_json::json!({
             "id": self.id,
@@ -370,10 +417,14 @@ impl Approval {
             "tenant": self.tenant,
             "tools": self.tools,
             "model": self.model,
+            "route": self.route,
             "request_id": self.request_id,
+            "created_at": self.created_at,
             "expires_at": self.expires_at,
             "decided_by": self.decided_by,
+            "decided_at": self.decided_at,
             "reason": self.reason,
+            "used_at": self.used_at,
         })
     }
 }
@@ -386,14 +437,19 @@ pub trait ApprovalStore: Send + Sync {
     /// Store a new approval.
     async fn create(&self, approval: &Approval) -> Result<(), String>;
     async fn get(&self, id: &str) -> Result<Option<Approval>, String>;
-    /// Every approval kept (newest first).
-    async fn list(&self) -> Result<Vec<Approval>, String>;
+    /// Approvals newest first, at most `limit`, only those in `state` (as
+    /// of `now_ms`) when given.
+    async fn list(
+        &self,
+        state: Option<State>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Approval>, String>;
     /// Replace the stored approval with `next` if its stored state is
     /// still `expected`; false when it changed meanwhile.
     async fn replace(&self, next: &Approval, expected: State) -> Result<bool, String>;
-    /// Whether `call_id` is a call of one of the caller's redeemed
-    /// approvals.
-    async fn redeemed_call(&self, caller: &Principal, call_id: &str) -> Result<bool, String>;
+    /// Whether a call with this [`fingerprint`] was handed out.
+    async fn handed_out(&self, fingerprint: &str) -> Result<bool, String>;
 }
 
 /// Read an approval, apply `change` to it and store the result, retrying
@@ -527,7 +583,7 @@ mod tests {
         let mut a = approval();
         let mut me_elsewhere = who("alice");
         me_elsewhere.tenant = "other".into();
-        for p in [who("alice"), me_elsewhere] {
+        for p in [who("alice"), me_elsewhere, who("Alice "), who("ALICE")] {
             let r = a.decide(true, &p, None, 2_000).unwrap_err();
             assert_eq!(r.code, ErrorCode::SelfApproval);
             assert_eq!(a.state, State::Pending);
@@ -585,5 +641,57 @@ mod tests {
         assert!(n.contains("x-portcullis-approval: apr_1"), "{n}");
         let n = notice(&["a".into(), "b".into()], &[], None);
         assert_eq!(n, "[2 tool calls were blocked by policy]");
+    }
+}
+
+#[cfg(test)]
+mod holding_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn call(id: Option<&str>, args: &str) -> HeldCall {
+        HeldCall {
+            choice: 0,
+            call: json!({"id": id, "type": "function", "function": {"name": "t", "arguments": args}}),
+            legacy: false,
+        }
+    }
+
+    #[test]
+    fn calls_without_ids_legacy_calls_and_oversized_replies_are_not_held() {
+        let h = Holding::new("r");
+        assert!(!h.hold(call(None, "{}")));
+        assert!(!h.hold(call(Some(""), "{}")));
+        let mut legacy = call(Some("c"), "{}");
+        legacy.legacy = true;
+        assert!(!h.hold(legacy));
+        let half = "x".repeat(MAX_HELD_BYTES / 2);
+        assert!(h.hold(call(Some("a"), &half)));
+        assert!(h.hold(call(Some("b"), &half)));
+        assert!(!h.hold(call(Some("c"), "x")), "past the cap");
+        assert_eq!(h.take().len(), 2);
+    }
+
+    #[test]
+    fn fingerprints_differ_by_caller_id_tool_and_arguments() {
+        let p = |s: &str, t: &str| Principal {
+            subject: s.into(),
+            tenant: t.into(),
+            roles: vec![],
+        };
+        let base = fingerprint(&p("a", "t"), "c1", "run_shell", "{}");
+        assert_eq!(base, fingerprint(&p("a", "t"), "c1", "run_shell", "{}"));
+        for other in [
+            fingerprint(&p("b", "t"), "c1", "run_shell", "{}"),
+            fingerprint(&p("a", "u"), "c1", "run_shell", "{}"),
+            fingerprint(&p("a", "t"), "c2", "run_shell", "{}"),
+            fingerprint(&p("a", "t"), "c1", "delete", "{}"),
+            fingerprint(&p("a", "t"), "c1", "run_shell", "{ }"),
+            // Parts are length-prefixed: no shifting text between them.
+            fingerprint(&p("a", "t"), "c1r", "un_shell", "{}"),
+        ] {
+            assert_ne!(base, other);
+        }
+        assert_eq!(base.len(), 64);
     }
 }

@@ -329,27 +329,58 @@ pub fn call_parts(call: &Value) -> (String, String) {
     (name.to_string(), args.to_string())
 }
 
-/// The tools whose results the conversation carries (a result names its
-/// tool through the call it answers, else through its own name), and the
-/// calls it replays, each with the call's id when it has one.
-fn tool_results<'a>(prompt: &'a Prompt<'_>) -> Vec<(String, Option<&'a str>)> {
-    let mut names = BTreeMap::new();
+/// A tool the conversation used: a replayed call, or a result (whose
+/// tool is found through the call it answers, else through its own name).
+struct Used<'a> {
+    tool: String,
+    /// The call's id and arguments, when the conversation has the call.
+    call: Option<(&'a str, String)>,
+}
+
+impl Used<'_> {
+    fn fingerprint(&self, caller: Option<&Principal>) -> Option<String> {
+        let (id, args) = self.call.as_ref()?;
+        Some(crate::approval::fingerprint(caller?, id, &self.tool, args))
+    }
+}
+
+/// A call's arguments as text (a JSON text as written, or a value).
+fn arguments_text(args: Option<&Value>) -> String {
+    match args {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    }
+}
+
+/// The calls a conversation replays and the results it carries.
+fn tool_results<'a>(prompt: &'a Prompt<'_>) -> Vec<Used<'a>> {
+    let mut calls = BTreeMap::new();
     let mut used = Vec::new();
     for m in &prompt.messages {
         for call in &m.calls {
+            let args = arguments_text(call.arguments);
             if let Some(id) = call.id {
-                names.insert(id, call.name.as_ref());
+                calls.insert(id, (call.name.to_string(), args.clone()));
             }
-            used.push((call.name.to_string(), call.id));
+            used.push(Used {
+                tool: call.name.to_string(),
+                call: call.id.map(|id| (id, args)),
+            });
         }
     }
     for m in prompt.messages.iter().filter(|m| m.role == Role::Tool) {
-        let name = m
-            .answers
-            .and_then(|id| names.get(id).map(|n| n.to_string()))
-            .or_else(|| m.name.map(str::to_string))
-            .unwrap_or_else(|| "<unknown tool>".into());
-        used.push((name, m.answers));
+        let answered = m.answers.and_then(|id| Some((id, calls.get(id)?)));
+        used.push(match answered {
+            Some((id, (name, args))) => Used {
+                tool: name.clone(),
+                call: Some((id, args.clone())),
+            },
+            None => Used {
+                tool: m.name.unwrap_or("<unknown tool>").to_string(),
+                call: None,
+            },
+        });
     }
     used
 }
@@ -385,20 +416,17 @@ fn refusal(verdict: &ToolVerdict, tool: &str) -> Rejection {
 }
 
 impl ToolAuthz {
-    /// Whether `call_id` is a call the store says was approved and handed
-    /// out to the caller.
-    async fn approved(
-        &self,
-        caller: Option<&Principal>,
-        call_id: Option<&str>,
-    ) -> Result<bool, FilterError> {
-        let (Some(store), Some(caller), Some(id)) = (&self.approvals, caller, call_id) else {
+    /// Whether the store says a call with this fingerprint was handed out.
+    /// A store that cannot answer refuses whatever `on_error` says: this
+    /// check failing open would let results of unapproved calls in.
+    async fn handed_out(&self, fingerprint: Option<&str>) -> Result<bool, FilterError> {
+        let (Some(store), Some(fingerprint)) = (&self.approvals, fingerprint) else {
             return Ok(false);
         };
         store
-            .redeemed_call(caller, id)
+            .handed_out(fingerprint)
             .await
-            .map_err(|e| FilterError::new(ErrorCode::ApprovalUnavailable, e))
+            .map_err(|e| FilterError::limit(ErrorCode::ApprovalUnavailable, e))
     }
 }
 
@@ -412,29 +440,22 @@ impl RequestFilter for ToolAuthz {
         let p = request.principal;
         let policy = self.policy.get();
         let holds = self.approvals.is_some()
+            && p.is_some()
             && crate::dialect::for_route(request.route).is_some_and(|d| d.holds_calls());
         // A result of a tool the caller may not use: always refused. One of
-        // a tool that needs approval: only when that very call was
-        // approved and handed out to this caller.
-        for (tool, call_id) in tool_results(request.prompt) {
-            let v = policy.judge(&tool, p, None);
+        // a tool that needs approval: only for a call handed out to this
+        // caller (the store is asked last, after every local check).
+        let mut to_verify = Vec::new();
+        for used in tool_results(request.prompt) {
+            let v = policy.judge(&used.tool, p, None);
             if v == ToolVerdict::Allowed {
                 continue;
             }
-            if let (ToolVerdict::NeedsApproval, true) = (&v, holds) {
-                if self.approved(p, call_id).await? {
-                    continue;
-                }
-                let r = Rejection::new(
-                    ErrorCode::ToolApprovalRequired,
-                    format!(
-                        "tool result message: tool '{tool}' call {} was not approved and handed out to this caller",
-                        call_id.map_or_else(|| "(no id)".into(), crate::error::untrusted)
-                    ),
-                );
-                return Ok(Decision::Deny(r).into());
+            if v == ToolVerdict::NeedsApproval && holds {
+                to_verify.push((used.fingerprint(p), used));
+                continue;
             }
-            let mut r = refusal(&v, &tool);
+            let mut r = refusal(&v, &used.tool);
             r.reason = format!("tool result message: {}", r.reason);
             return Ok(Decision::Deny(r).into());
         }
@@ -464,6 +485,20 @@ impl RequestFilter for ToolAuthz {
                 continue;
             }
             return Ok(Decision::Deny(refusal(&v, &tool)).into());
+        }
+        for (fingerprint, used) in to_verify {
+            if !self.handed_out(fingerprint.as_deref()).await? {
+                let id = used.call.as_ref().map(|(id, _)| *id);
+                let r = Rejection::new(
+                    ErrorCode::ToolApprovalRequired,
+                    format!(
+                        "tool result message: tool '{}' call {} was not approved and handed out to this caller with these arguments",
+                        used.tool,
+                        id.map_or_else(|| "(not in the conversation)".into(), crate::error::untrusted)
+                    ),
+                );
+                return Ok(Decision::Deny(r).into());
+            }
         }
         if stripped.is_empty() {
             return Ok(Decision::Allow.into());

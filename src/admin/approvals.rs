@@ -3,10 +3,13 @@
 
 use super::handlers::{bad, Done};
 use super::AdminApi;
-use filters::approval::{self, Approval, ApprovalStore, State};
+use filters::approval::{self, ApprovalStore, State};
 use filters::{ErrorCode, Principal, Rejection};
 use serde::Deserialize;
 use serde_json::{json, Value};
+
+/// The most approvals a listing shows (newest first).
+const LIST_MAX: usize = 1000;
 
 /// The body of `POST /admin/approvals/{id}/approve|deny`.
 #[derive(Deserialize, Default)]
@@ -44,17 +47,38 @@ impl AdminApi {
             }
         }
         let now = filters::Clock::now_ms(&filters::SystemClock);
-        let all = self
+        let found = self
             .approval_store()?
-            .list()
+            .list(wanted, now, LIST_MAX)
             .await
             .map_err(|e| Rejection::new(ErrorCode::ApprovalUnavailable, e))?;
-        let data: Vec<Approval> = all
-            .into_iter()
-            .map(|a| a.as_of(now))
-            .filter(|a| wanted.is_none_or(|w| a.state == w))
-            .collect();
+        // The list shows who asked for what; the calls' arguments are read
+        // one approval at a time.
+        let data: Vec<Value> = found.into_iter().map(|a| a.as_of(now).summary()).collect();
         Ok(json!({"object": "list", "data": data}))
+    }
+
+    /// `GET /admin/approvals/{id}`: with the calls' arguments for an
+    /// admin (who decides on them), without for an auditor.
+    pub(super) async fn show_approval(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<Value, Rejection> {
+        if !approval::well_formed(id) {
+            return Err(no_approval(id));
+        }
+        let now = filters::Clock::now_ms(&filters::SystemClock);
+        let found = self
+            .approval_store()?
+            .get(id)
+            .await
+            .map_err(|e| Rejection::new(ErrorCode::ApprovalUnavailable, e))?;
+        let a = found.ok_or_else(|| no_approval(id))?.as_of(now);
+        if who.roles.contains(&self.roles.admin_role) {
+            return Ok(json!(a));
+        }
+        Ok(a.summary())
     }
 
     /// `POST /admin/approvals/{id}/approve|deny` with `{"reason": ...}`
@@ -65,6 +89,9 @@ impl AdminApi {
         params: &[String],
         body: &[u8],
     ) -> Result<Done, Rejection> {
+        if !approval::well_formed(&params[0]) {
+            return Err(no_approval(&params[0]));
+        }
         let approve = match params[1].as_str() {
             "approve" => true,
             "deny" => false,

@@ -336,14 +336,7 @@ impl AdminApi {
                 })
             }
             "/admin/approvals" => self.list_approvals(query).await.map(read),
-            "/admin/approvals/{id}" => {
-                let now = filters::Clock::now_ms(&filters::SystemClock);
-                let a = self.approval_store()?.get(&params[0]).await;
-                match a.map_err(|e| Rejection::new(ErrorCode::ApprovalUnavailable, e))? {
-                    Some(a) => Ok(read(json!(a.as_of(now)))),
-                    None => Err(super::approvals::no_approval(&params[0])),
-                }
-            }
+            "/admin/approvals/{id}" => self.show_approval(&who, &params[0]).await.map(read),
             "/admin/approvals/{id}/{action}" => self.decide(&who, params, body).await,
             "/admin/simulate" => self.simulate(body).await.map(read),
             "/admin/reload" => {

@@ -236,6 +236,12 @@ impl Config {
                 "ttl_secs and webhook_timeout_ms must be above 0",
             );
         }
+        if approvals.ttl_secs > 30 * 86_400 || approvals.retention_secs > 366 * 86_400 {
+            errors.push(
+                "approvals",
+                "ttl_secs is at most 30 days and retention_secs at most 366 days",
+            );
+        }
         let tracing: TracingSection = section(&map, "tracing", &mut errors).unwrap_or_default();
         if let Some(url) = &tracing.otlp_endpoint {
             if !url.starts_with("http://") && !url.starts_with("https://") {

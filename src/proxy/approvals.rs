@@ -7,7 +7,7 @@ use super::{response_header, Ctx, Gateway};
 use crate::audit::ApprovalNote;
 use crate::metrics;
 use bytes::Bytes;
-use filters::approval::{self, Approval, Approvals, Holding, NewApproval};
+use filters::approval::{self, Approval, Approvals, HeldCall, Holding, NewApproval};
 use filters::dialect::{Dialect, Replayed};
 use filters::{Clock, ErrorCode, Rejection, ResponseContext, SystemClock};
 use serde_json::{json, Value};
@@ -40,10 +40,10 @@ impl Webhook {
             "Approval {id} pending: {sub} (tenant {tenant}) asks to run {tools} (model {model}). \
              Decide before {expires}: `portcullis approvals approve {id}` or `portcullis approvals deny {id} --reason ...`.",
             id = a.id,
-            sub = a.subject,
-            tenant = a.tenant,
-            tools = a.tools.join(", "),
-            model = a.model,
+            sub = slack_text(&a.subject),
+            tenant = slack_text(&a.tenant),
+            tools = slack_text(&a.tools.join(", ")),
+            model = slack_text(&a.model),
             expires = a.expires_at,
         );
         let body = json!({"text": text, "approval": a.summary()});
@@ -64,6 +64,27 @@ impl Webhook {
             metrics::APPROVALS.with_label_values(&[event]).inc();
         });
     }
+}
+
+/// A value in a Slack message: its control characters (`&`, `<`, `>`)
+/// escaped, so a model-chosen tool name cannot become a link, and cut to
+/// 200 characters.
+fn slack_text(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == 200 {
+            out.push('…');
+            break;
+        }
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 impl Gateway {
@@ -88,7 +109,7 @@ impl Gateway {
             return Ok(());
         };
         let route = ctx.rec.route.map(|r| r.as_str()).unwrap_or("other");
-        let a = Approval::pending(
+        let mut a = Approval::pending(
             NewApproval {
                 holding: &holding,
                 calls,
@@ -102,6 +123,14 @@ impl Gateway {
             SystemClock.now_ms(),
             self.cfg.approvals.ttl_secs.saturating_mul(1000),
         );
+        // Kept, shown to the approver and handed out as the response stages
+        // leave them (redacted): a secret the model wrote into a call is
+        // not stored, and the approver sees what the caller will get.
+        a.calls = self.screened_calls(ctx, &a)?;
+        a.tools = a.calls.iter().map(HeldCall::name).collect();
+        if a.calls.is_empty() {
+            return Ok(());
+        }
         store
             .create(&a)
             .await
@@ -116,6 +145,44 @@ impl Gateway {
             hook.pending(&a);
         }
         Ok(())
+    }
+
+    /// The held calls as the response stages leave them in a reply that
+    /// hands them out (redaction applied; a call a stage removes is not
+    /// kept). Matched back by id and choice.
+    fn screened_calls(&self, ctx: &Ctx, a: &Approval) -> Result<Vec<HeldCall>, Rejection> {
+        let d = ctx.dialect;
+        let Some(Replayed::Json(mut reply)) = d.replay(a, &Value::Null) else {
+            return Ok(a.calls.clone());
+        };
+        let rctx = ResponseContext {
+            request_id: &ctx.rec.request_id,
+            route: d.route(),
+            model: ctx.rec.model.as_deref(),
+            principal: ctx.principal.as_ref(),
+            approvals: Approvals::Redeem,
+        };
+        if let (_, Some((_, r))) = self.responses.on_json(&rctx, &mut reply) {
+            return Err(r);
+        }
+        let staged = |choice: u64, id: &str| -> Option<Value> {
+            let choices = reply.get("choices")?.as_array()?;
+            let c = choices
+                .iter()
+                .find(|c| c.get("index").and_then(Value::as_u64) == Some(choice))?;
+            let calls = c.pointer("/message/tool_calls")?.as_array()?;
+            calls
+                .iter()
+                .find(|t| t.get("id").and_then(Value::as_str) == Some(id))
+                .cloned()
+        };
+        Ok(a.calls
+            .iter()
+            .filter_map(|h| {
+                let call = staged(h.choice, h.id()?)?;
+                Some(HeldCall { call, ..h.clone() })
+            })
+            .collect())
     }
 
     /// A request repeated with `x-portcullis-approval: ID`: answered from
@@ -168,11 +235,24 @@ impl Gateway {
         };
         let a = match approved {
             Ok(a) => a,
-            Err(r) => return self.refused_hand_out(s, ctx, id, r).await,
+            Err(r) => return self.refused_hand_out(s, ctx, id, "approval", r).await,
         };
+        // The output guard judges the calls (their arguments are generated
+        // text) before they are handed out, as it would have in the reply.
+        if self.output_mode() != crate::config::GuardOutput::Off {
+            if let Some(Replayed::Json(whole)) = d.replay(&a, &Value::Null) {
+                let mut unjudged = super::output_guard::Unjudged::default();
+                unjudged.push(d, &whole);
+                let (rejection, outcome) = self.judge_unjudged(ctx, &mut unjudged).await;
+                ctx.rec.filters.extend(outcome);
+                if let Some(r) = rejection {
+                    return self.refused_hand_out(s, ctx, id, "output_guard", r).await;
+                }
+            }
+        }
         let Some(replayed) = d.replay(&a, request) else {
             let r = Rejection::new(ErrorCode::ApprovalMismatch, "this API replays no calls");
-            return self.refused_hand_out(s, ctx, id, r).await;
+            return self.refused_hand_out(s, ctx, id, "approval", r).await;
         };
         let rctx = ResponseContext {
             request_id: &ctx.rec.request_id,
@@ -209,7 +289,7 @@ impl Gateway {
         // Spent now: of two repeats racing, on one instance or two, one
         // wins; the other is refused as used.
         if let Err(r) = approval::update(store.as_ref(), id, redeem).await {
-            return self.refused_hand_out(s, ctx, id, r).await;
+            return self.refused_hand_out(s, ctx, id, "approval", r).await;
         }
         metrics::APPROVALS.with_label_values(&["handed_out"]).inc();
         ctx.rec.approval = Some(ApprovalNote {
@@ -242,6 +322,7 @@ impl Gateway {
         s: &mut pingora::proxy::Session,
         ctx: &mut Ctx,
         id: &str,
+        by: &str,
         r: Rejection,
     ) {
         metrics::APPROVALS.with_label_values(&["refused"]).inc();
@@ -250,6 +331,18 @@ impl Gateway {
             event: "refused",
             tools: Vec::new(),
         });
-        self.refuse(s, ctx, "approval", r).await
+        self.refuse(s, ctx, by, r).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slack_text_cannot_make_links_or_mentions() {
+        assert_eq!(
+            super::slack_text("<https://evil|click> & <!channel>\n"),
+            "&lt;https://evil|click&gt; &amp; &lt;!channel&gt; "
+        );
+        assert_eq!(super::slack_text(&"x".repeat(300)).chars().count(), 201);
     }
 }

@@ -16,37 +16,68 @@ use super::redis_conn::LazyRedis;
 use async_trait::async_trait;
 use filters::approval::{Approval, ApprovalStore, State};
 use filters::Principal;
-use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::time::Duration;
 use tokio::sync::Mutex;
-
-/// How many approvals a listing shows (newest first).
-pub const LIST_MAX: usize = 1000;
 
 fn now_ms() -> u64 {
     filters::Clock::now_ms(&filters::SystemClock)
 }
 
-/// Whether the caller owns a used approval with this call.
-fn hands_out(a: &Approval, caller: &Principal, call_id: &str) -> bool {
-    a.state == State::Used
-        && a.subject == caller.subject
-        && a.tenant == caller.tenant
-        && a.calls.iter().any(|c| c.id() == Some(call_id))
+/// The fingerprints of a used approval's calls (`filters::approval::fingerprint`).
+fn fingerprints(a: &Approval) -> Vec<String> {
+    if a.state != State::Used {
+        return Vec::new();
+    }
+    let caller = Principal {
+        subject: a.subject.clone(),
+        tenant: a.tenant.clone(),
+        roles: Vec::new(),
+    };
+    a.calls
+        .iter()
+        .filter_map(|c| c.fingerprint(&caller))
+        .collect()
 }
 
-fn newest_first(mut all: Vec<Approval>) -> Vec<Approval> {
-    all.sort_by(|a, b| b.created_at.cmp(&a.created_at));
-    all.truncate(LIST_MAX);
-    all
+/// Newest first, those in `state` as of `now`, at most `limit`.
+fn select(
+    all: impl Iterator<Item = Approval>,
+    state: Option<State>,
+    now: u64,
+    limit: usize,
+) -> Vec<Approval> {
+    let mut out: Vec<Approval> = all
+        .filter(|a| state.is_none_or(|s| a.state_at(now) == s))
+        .collect();
+    out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    out.truncate(limit);
+    out
+}
+
+#[derive(Default)]
+struct Kept {
+    all: BTreeMap<String, Approval>,
+    /// Fingerprints of the calls handed out.
+    handed_out: HashSet<String>,
+}
+
+impl Kept {
+    fn insert(&mut self, a: Approval) {
+        self.handed_out.extend(fingerprints(&a));
+        self.all.insert(a.id.clone(), a);
+    }
 }
 
 pub struct FileApprovals {
     dir: PathBuf,
     retention_ms: u64,
-    all: Mutex<BTreeMap<String, Approval>>,
+    /// Read without waiting for a write's fsync.
+    kept: RwLock<Kept>,
+    /// One writer at a time: a compare-and-set is a read and a write.
+    writer: Mutex<()>,
 }
 
 impl FileApprovals {
@@ -55,9 +86,9 @@ impl FileApprovals {
     pub fn open(dir: &Path, retention: Duration) -> Result<Self, String> {
         let fail = |e: std::io::Error| format!("approvals folder {}: {e}", dir.display());
         std::fs::create_dir_all(dir).map_err(fail)?;
-        let retention_ms = retention.as_millis() as u64;
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
         let now = now_ms();
-        let mut all = BTreeMap::new();
+        let mut kept = Kept::default();
         for entry in std::fs::read_dir(dir).map_err(fail)? {
             let path = entry.map_err(fail)?.path();
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
@@ -74,17 +105,26 @@ impl FileApprovals {
                 std::fs::remove_file(&path).map_err(fail)?;
                 continue;
             }
-            all.insert(a.id.clone(), a);
+            kept.insert(a);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             retention_ms,
-            all: Mutex::new(all),
+            kept: RwLock::new(kept),
+            writer: Mutex::new(()),
         })
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Kept> {
+        self.kept.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Kept> {
+        self.kept.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Write one approval's file (off the async workers: fsync blocks).
-    async fn write(&self, a: &Approval) -> Result<(), String> {
+    async fn save(&self, a: &Approval) -> Result<(), String> {
         let path = self.dir.join(format!("{}.json", a.id));
         let bytes = serde_json::to_vec_pretty(a).map_err(|e| e.to_string())?;
         tokio::task::spawn_blocking(move || super::write_atomically(&path, &bytes))
@@ -93,15 +133,29 @@ impl FileApprovals {
     }
 
     /// Drop approvals past their retention (memory and files).
-    async fn prune(&self, all: &mut BTreeMap<String, Approval>) {
+    async fn prune(&self) {
         let now = now_ms();
-        let old: Vec<String> = all
+        let old: Vec<String> = self
+            .read()
+            .all
             .values()
             .filter(|a| a.expires_ms.saturating_add(self.retention_ms) <= now)
             .map(|a| a.id.clone())
             .collect();
+        if old.is_empty() {
+            return;
+        }
+        {
+            let mut kept = self.write();
+            for id in &old {
+                if let Some(a) = kept.all.remove(id) {
+                    for f in fingerprints(&a) {
+                        kept.handed_out.remove(&f);
+                    }
+                }
+            }
+        }
         for id in old {
-            all.remove(&id);
             let path = self.dir.join(format!("{id}.json"));
             if let Err(e) = tokio::fs::remove_file(&path).await {
                 log::warn!("approval {}: not removed: {e}", path.display());
@@ -113,39 +167,46 @@ impl FileApprovals {
 #[async_trait]
 impl ApprovalStore for FileApprovals {
     async fn create(&self, approval: &Approval) -> Result<(), String> {
-        let mut all = self.all.lock().await;
-        self.prune(&mut all).await;
-        if all.contains_key(&approval.id) {
+        let _one = self.writer.lock().await;
+        self.prune().await;
+        if self.read().all.contains_key(&approval.id) {
             return Err(format!("approval {} exists", approval.id));
         }
-        self.write(approval).await?;
-        all.insert(approval.id.clone(), approval.clone());
+        self.save(approval).await?;
+        self.write().insert(approval.clone());
         Ok(())
     }
 
     async fn get(&self, id: &str) -> Result<Option<Approval>, String> {
-        Ok(self.all.lock().await.get(id).cloned())
+        Ok(self.read().all.get(id).cloned())
     }
 
-    async fn list(&self) -> Result<Vec<Approval>, String> {
-        let mut all = self.all.lock().await;
-        self.prune(&mut all).await;
-        Ok(newest_first(all.values().cloned().collect()))
+    async fn list(
+        &self,
+        state: Option<State>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Approval>, String> {
+        Ok(select(
+            self.read().all.values().cloned(),
+            state,
+            now_ms,
+            limit,
+        ))
     }
 
     async fn replace(&self, next: &Approval, expected: State) -> Result<bool, String> {
-        let mut all = self.all.lock().await;
-        if all.get(&next.id).map(|a| a.state) != Some(expected) {
+        let _one = self.writer.lock().await;
+        if self.read().all.get(&next.id).map(|a| a.state) != Some(expected) {
             return Ok(false);
         }
-        self.write(next).await?;
-        all.insert(next.id.clone(), next.clone());
+        self.save(next).await?;
+        self.write().insert(next.clone());
         Ok(true)
     }
 
-    async fn redeemed_call(&self, caller: &Principal, call_id: &str) -> Result<bool, String> {
-        let all = self.all.lock().await;
-        Ok(all.values().any(|a| hands_out(a, caller, call_id)))
+    async fn handed_out(&self, fingerprint: &str) -> Result<bool, String> {
+        Ok(self.read().handed_out.contains(fingerprint))
     }
 }
 
@@ -194,13 +255,8 @@ impl RedisApprovals {
             .max(1)
     }
 
-    fn call_key(caller_tenant: &str, caller: &str, call_id: &str) -> String {
-        let mut h = Sha256::new();
-        for part in [caller_tenant, caller, call_id] {
-            h.update(part.len().to_le_bytes());
-            h.update(part.as_bytes());
-        }
-        format!("{CALL_KEY}{}", hex::encode(h.finalize()))
+    fn call_key(fingerprint: &str) -> String {
+        format!("{CALL_KEY}{fingerprint}")
     }
 }
 
@@ -260,29 +316,47 @@ impl ApprovalStore for RedisApprovals {
         record.as_deref().map(parse).transpose()
     }
 
-    async fn list(&self) -> Result<Vec<Approval>, String> {
+    async fn list(
+        &self,
+        state: Option<State>,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<Approval>, String> {
+        // The index is read newest first a page at a time, until `limit`
+        // approvals in `state` are found or it ends.
+        const PAGE: usize = 500;
         let mut conn = self.redis.get().await?;
-        let ids: Vec<String> = self
-            .redis
-            .run(
-                redis::cmd("ZREVRANGE")
-                    .arg(INDEX)
-                    .arg(0)
-                    .arg(LIST_MAX - 1)
-                    .query_async(&mut conn),
-            )
-            .await?;
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HGET").arg(format!("{KEY}{id}")).arg("record");
+        let mut found = Vec::new();
+        let mut from = 0;
+        while found.len() < limit {
+            let ids: Vec<String> = self
+                .redis
+                .run(
+                    redis::cmd("ZREVRANGE")
+                        .arg(INDEX)
+                        .arg(from)
+                        .arg(from + PAGE - 1)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if ids.is_empty() {
+                break;
+            }
+            from += ids.len();
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HGET").arg(format!("{KEY}{id}")).arg("record");
+            }
+            let records: Vec<Option<String>> = self.redis.run(pipe.query_async(&mut conn)).await?;
+            for r in records.iter().flatten() {
+                found.push(parse(r)?);
+            }
+            found = select(found.into_iter(), state, now_ms, usize::MAX);
+            if ids.len() < PAGE {
+                break;
+            }
         }
-        let records: Vec<Option<String>> = self.redis.run(pipe.query_async(&mut conn)).await?;
-        let all = records
-            .iter()
-            .flatten()
-            .map(|r| parse(r))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(newest_first(all))
+        Ok(select(found.into_iter(), None, now_ms, limit))
     }
 
     async fn replace(&self, next: &Approval, expected: State) -> Result<bool, String> {
@@ -290,10 +364,8 @@ impl ApprovalStore for RedisApprovals {
         let record = serde_json::to_string(next).map_err(|e| e.to_string())?;
         let mut call = self.cas.prepare_invoke();
         call.key(format!("{KEY}{}", next.id));
-        if next.state == State::Used {
-            for c in next.calls.iter().filter_map(|c| c.id()) {
-                call.key(Self::call_key(&next.tenant, &next.subject, c));
-            }
+        for f in fingerprints(next) {
+            call.key(Self::call_key(&f));
         }
         call.arg(state_name(expected))
             .arg(state_name(next.state))
@@ -303,13 +375,109 @@ impl ApprovalStore for RedisApprovals {
         Ok(done == 1)
     }
 
-    async fn redeemed_call(&self, caller: &Principal, call_id: &str) -> Result<bool, String> {
+    async fn handed_out(&self, fingerprint: &str) -> Result<bool, String> {
         let mut conn = self.redis.get().await?;
-        let key = Self::call_key(&caller.tenant, &caller.subject, call_id);
         let n: i64 = self
             .redis
-            .run(redis::cmd("EXISTS").arg(key).query_async(&mut conn))
+            .run(
+                redis::cmd("EXISTS")
+                    .arg(Self::call_key(fingerprint))
+                    .query_async(&mut conn),
+            )
             .await?;
         Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use filters::approval::{HeldCall, Holding, NewApproval};
+    use serde_json::json;
+
+    fn approval(n: u64, caller: &Principal) -> Approval {
+        let holding = Holding::new(&format!("req-{n}"));
+        let call = HeldCall {
+            choice: 0,
+            call: json!({"id": format!("call_{n}"), "type": "function",
+                "function": {"name": "run_shell", "arguments": "{}"}}),
+            legacy: false,
+        };
+        Approval::pending(
+            NewApproval {
+                holding: &holding,
+                calls: vec![call],
+                request_id: &format!("req-{n}"),
+                caller,
+                route: "chat/completions",
+                model: "m",
+                stream: false,
+                request_sha256: "x",
+            },
+            // One a second apart: newest last.
+            now_ms() + n * 1000,
+            3_600_000,
+        )
+    }
+
+    #[tokio::test]
+    async fn listings_filter_before_they_cut_and_handed_out_calls_are_known_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let week = Duration::from_secs(7 * 86_400);
+        let store = FileApprovals::open(dir.path(), week).unwrap();
+        let alice = Principal {
+            subject: "alice".into(),
+            tenant: "t".into(),
+            roles: vec![],
+        };
+        let all: Vec<Approval> = (0..5).map(|n| approval(n, &alice)).collect();
+        for a in &all {
+            store.create(a).await.unwrap();
+        }
+        assert!(store.create(&all[0]).await.is_err(), "ids are unique");
+        // The three newest are decided: the two pending ones are older.
+        let bob = Principal {
+            subject: "bob".into(),
+            ..alice.clone()
+        };
+        for a in &all[2..] {
+            let mut next = a.clone();
+            next.decide(true, &bob, None, now_ms()).unwrap();
+            assert!(store.replace(&next, State::Pending).await.unwrap());
+            assert!(
+                !store.replace(&next, State::Pending).await.unwrap(),
+                "compare-and-set"
+            );
+        }
+        let now = now_ms();
+        let pending = store.list(Some(State::Pending), now, 2).await.unwrap();
+        let ids: Vec<&str> = pending.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, [all[1].id.as_str(), all[0].id.as_str()]);
+        assert_eq!(store.list(None, now, 3).await.unwrap()[0].id, all[4].id);
+
+        // Handed out: its call's fingerprint is known, also after a restart.
+        let mut used = store.get(&all[4].id).await.unwrap().unwrap();
+        used.redeem(&alice, "chat/completions", "x", "req-9", now)
+            .unwrap();
+        assert!(store.replace(&used, State::Approved).await.unwrap());
+        let print = filters::approval::fingerprint(&alice, "call_4", "run_shell", "{}");
+        assert!(store.handed_out(&print).await.unwrap());
+        let other = filters::approval::fingerprint(&alice, "call_3", "run_shell", "{}");
+        assert!(
+            !store.handed_out(&other).await.unwrap(),
+            "approved, not handed out"
+        );
+        drop(store);
+        let store = FileApprovals::open(dir.path(), week).unwrap();
+        assert!(store.handed_out(&print).await.unwrap());
+        assert_eq!(store.list(None, now, 100).await.unwrap().len(), 5);
+
+        // A corrupt file stops start-up with its name.
+        std::fs::write(dir.path().join("apr_broken.json"), b"{").unwrap();
+        let e = FileApprovals::open(dir.path(), week).err().unwrap();
+        assert!(
+            e.contains("apr_broken.json") && e.contains("corrupt"),
+            "{e}"
+        );
     }
 }

@@ -135,7 +135,7 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
     assert_eq!(a["id"], id.as_str());
     assert_eq!(a["subject"], "alice");
     assert_eq!(a["request_id"], rid.as_str());
-    assert_eq!(a["calls"][0]["call"]["function"]["arguments"], ARGS);
+    assert_eq!(a["tools"], json!(["run_shell"]));
     let none: Value = admin(&gw, Some(&boss), "GET", "/admin/approvals?state=used", None)
         .await
         .json()
@@ -167,6 +167,59 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
     )
     .await;
     let auditor = keys.token("carol", &["portcullis:auditor"]);
+    let seen: Value = admin(
+        &gw,
+        Some(&auditor),
+        "GET",
+        &format!("/admin/approvals/{id}"),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(seen["tools"], json!(["run_shell"]));
+    assert!(
+        !seen.to_string().contains("ls /srv"),
+        "an auditor reads no arguments: {seen}"
+    );
+    assert!(
+        !listed.to_string().contains("ls /srv"),
+        "a listing holds no arguments: {listed}"
+    );
+    let shown: Value = admin(
+        &gw,
+        Some(&boss),
+        "GET",
+        &format!("/admin/approvals/{id}"),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(shown["calls"][0]["call"]["function"]["arguments"], ARGS);
+    for body in [
+        json!({"reason": "x".repeat(1001)}),
+        json!({"reason": "ok", "extra": true}),
+        json!(["not", "an", "object"]),
+    ] {
+        let r = admin(
+            &gw,
+            Some(&boss),
+            "POST",
+            &format!("/admin/approvals/{id}/approve"),
+            Some(&body),
+        )
+        .await;
+        expect_error(r, 400, "invalid_request").await;
+    }
+    expect_error(
+        admin(&gw, Some(&boss), "GET", "/admin/approvals/not-an-id", None).await,
+        404,
+        "approval_not_found",
+    )
+    .await;
     assert_eq!(
         admin(
             &gw,
@@ -241,6 +294,15 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
         "approval_mismatch",
     )
     .await;
+    let completions = reqwest::Client::new()
+        .post(gw.url("/v1/completions"))
+        .bearer_auth(&user)
+        .header("x-portcullis-approval", &id)
+        .json(&json!({"model": "mock-small", "prompt": "ls"}))
+        .send()
+        .await
+        .unwrap();
+    refused(&gw, completions, 403, "approval_mismatch").await;
     refused(
         &gw,
         repeat(&gw, &user, &shell(false), "../../etc/passwd").await,
@@ -315,7 +377,16 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
 async fn streams_are_held_and_handed_out_as_streams_and_denials_and_expiry_refuse() {
     let mock = Mock::start(options()).await;
     let keys = TestKeys::new();
-    let mut gw = Gateway::start(with_approvals(&mock, &keys, "approvals:\n  ttl_secs: 2\n")).await;
+    // A webhook nobody listens on: counted as failed, the reply unharmed.
+    let mut gw = Gateway::start(with_approvals(
+        &mock,
+        &keys,
+        &format!(
+            "approvals:\n  ttl_secs: 2\n  webhook_url: http://127.0.0.1:{}/hook\n  webhook_timeout_ms: 500\n",
+            free_port()
+        ),
+    ))
+    .await;
     let user = keys.token("alice", &["user"]);
     let boss = keys.token("bob", ADMIN);
 
@@ -346,6 +417,15 @@ async fn streams_are_held_and_handed_out_as_streams_and_denials_and_expiry_refus
         })
         .unwrap_or_else(|| panic!("no approval id in {notice:?}"));
     assert_eq!(events.last().unwrap(), "[DONE]");
+
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while metric(&gw, "portcullis_approvals_total{event=\"webhook_failed\"}").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "webhook failure not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     // Kept across a restart (the state folder).
     gw.stop();
@@ -487,4 +567,73 @@ async fn with_approvals_off_such_calls_are_refused_as_before() {
         "invalid_request",
     )
     .await;
+}
+
+/// A tool denied by a policy reload after its call was approved: the repeat
+/// is refused, and the approval is not spent (a reload back hands it out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_denied_after_approval_is_refused_without_spending_the_approval() {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = with_approvals(&mock, &keys, "");
+    let allowed =
+        include_str!("../../policies/tools.yaml").replace("on_called: remove", "on_called: deny");
+    setup.files.retain(|(n, _)| n != "tools.yaml");
+    setup
+        .files
+        .push(("tools.yaml".into(), allowed.clone().into_bytes()));
+    let gw = Gateway::start(setup).await;
+    let user = keys.token("alice", &["user"]);
+    let boss = keys.token("bob", ADMIN);
+    let (id, _, _) = hold(&gw, &user).await;
+    assert_eq!(decide(&gw, &boss, &id, "approve", None).await.status(), 200);
+
+    let denied = allowed.replace(
+        "access: { ops: allow, user: approval_required }",
+        "access: { ops: allow, user: deny }",
+    );
+    std::fs::write(gw.dir.path().join("tools.yaml"), &denied).unwrap();
+    assert_eq!(
+        admin(&gw, Some(&boss), "POST", "/admin/reload", None)
+            .await
+            .status(),
+        200
+    );
+    let rid = expect_error(
+        repeat(&gw, &user, &shell(false), &id).await,
+        403,
+        "tool_not_allowed",
+    )
+    .await;
+    assert_eq!(
+        gw.record_for(&rid).await["blocked_by"],
+        "response_tool_authz"
+    );
+    let state: Value = admin(
+        &gw,
+        Some(&boss),
+        "GET",
+        &format!("/admin/approvals/{id}"),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(state["state"], "approved", "not spent");
+
+    std::fs::write(gw.dir.path().join("tools.yaml"), &allowed).unwrap();
+    assert_eq!(
+        admin(&gw, Some(&boss), "POST", "/admin/reload", None)
+            .await
+            .status(),
+        200
+    );
+    let r = repeat(&gw, &user, &shell(false), &id).await;
+    assert_eq!(r.status(), 200);
+    let out: Value = r.json().await.unwrap();
+    assert_eq!(
+        out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+        ARGS
+    );
 }

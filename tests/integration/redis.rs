@@ -657,7 +657,9 @@ async fn approvals_fail_closed_when_redis_goes_away() {
         "tools.yaml".into(),
         include_bytes!("../../policies/tools.yaml").to_vec(),
     ));
-    setup.extra_yaml += "tools:\n  policy: tools.yaml\n";
+    // The tool filter fails open on its own errors here: the approval
+    // store's failure is enforced all the same.
+    setup.extra_yaml += "tools:\n  policy: tools.yaml\n  on_error: allow\n";
     let gw = Gateway::start(setup).await;
     let t = keys.token("alice", &["user"]);
     let trigger = json!({"mock_tool_call": {"name": "run_shell", "arguments": {"cmd": "ls"}}});
@@ -672,6 +674,18 @@ async fn approvals_fail_closed_when_redis_goes_away() {
     assert_eq!(rec["decision"], "error");
     assert_eq!(rec["reason_code"], "approval_unavailable");
     assert_eq!(mock.state.requests().len(), 2, "the provider did answer");
+
+    // A stream has sent its notice by then: it ends with an error event.
+    let mut streamed = shell.clone();
+    streamed["stream"] = json!(true);
+    let r = post_as(&gw, &t, &streamed).await;
+    assert_eq!(r.status(), 200);
+    let rid = request_id(&r);
+    let events = Events::new(r).rest().await;
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "approval_unavailable", "{events:?}");
+    let rec = gw.record_for(&rid).await;
+    assert_eq!(rec["reason_code"], "approval_unavailable");
 
     let repeat = reqwest::Client::new()
         .post(gw.url("/v1/chat/completions"))
@@ -695,7 +709,9 @@ async fn approvals_fail_closed_when_redis_goes_away() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|o| o["filter"] == "tool_authz" && o["action"] == "error"),
+            .any(|o| o["filter"] == "tool_authz"
+                && o["action"] == "error"
+                && o["enforced"] == true),
         "{rec}"
     );
 }

@@ -163,12 +163,20 @@ impl ResponseStage for ResponseToolAuthz {
                 match outcome(&policy, ctx.principal, ctx.approvals, &name, &args) {
                     Outcome::Pass => return true,
                     Outcome::Hold(h) => {
-                        h.hold(HeldCall {
+                        let call = HeldCall {
                             choice: index,
                             call: call.clone(),
                             legacy,
-                        });
-                        held.push(name);
+                        };
+                        if h.hold(call) {
+                            held.push(name);
+                        } else {
+                            // No id to match its result to, or too large
+                            // to put to a person: refused.
+                            let v = ToolVerdict::NeedsApproval;
+                            first_refusal.get_or_insert_with(|| rejection(&name, &v));
+                            removed.push(name);
+                        }
                     }
                     Outcome::Refuse(v) => {
                         first_refusal.get_or_insert_with(|| rejection(&name, &v));
@@ -195,6 +203,15 @@ impl ResponseStage for ResponseToolAuthz {
             if let (Some(r), OnCalled::Deny) = (first_refusal, policy.on_called) {
                 return Ok(Decision::Deny(r));
             }
+            if !removed.is_empty() || !held.is_empty() {
+                // Log probabilities may be over the calls' tokens.
+                if let Some(c) = choice.as_object_mut() {
+                    c.remove("logprobs");
+                }
+            }
+            let Some(message) = choice.get_mut("message").and_then(Value::as_object_mut) else {
+                continue;
+            };
             let text = notice(&removed, &held, ctx.approvals);
             tally.refused.append(&mut removed);
             if calls_left == 0 && !text.is_empty() {
@@ -391,72 +408,112 @@ impl ToolStream {
                 &call.args,
             ) {
                 Outcome::Pass => {}
-                Outcome::Hold(h) => {
-                    h.hold(HeldCall {
+                Outcome::Hold(h)
+                    if h.hold(HeldCall {
                         choice,
                         call: call.call(key.1 == FUNCTION_CALL),
                         legacy: key.1 == FUNCTION_CALL,
-                    });
+                    }) =>
+                {
                     held_here.push((key.1, call.name));
                 }
-                Outcome::Refuse(v) => {
+                Outcome::Hold(_) | Outcome::Refuse(_) => {
                     if self.policy.on_called == OnCalled::Deny {
+                        let v = judge(
+                            &self.policy,
+                            self.principal.as_ref(),
+                            &call.name,
+                            &call.args,
+                        );
                         let r = rejection(&call.name, &v);
-                        return Err(FilterError::new(r.code, r.reason));
+                        // Enforced whatever `on_error` says: the rest of
+                        // the stream must not pass unjudged.
+                        return Err(FilterError::limit(r.code, r.reason));
                     }
                     refused_here.push((key.1, call.name));
                 }
             }
         }
-        // A stream that ends without finishing the choice still tells
-        // the client what was held: an event of its own, shaped like the
-        // choice's first.
-        let finish = finish.or_else(|| {
-            let mut ev = events.first().cloned().filter(|_| !held_here.is_empty())?;
-            let c = ev.pointer_mut("/choices/0")?.as_object_mut()?;
-            c.insert("delta".into(), json!({}));
-            c.insert("finish_reason".into(), Value::Null);
-            Some(ev)
-        });
         let refused_keys: Vec<u64> = refused_here
             .iter()
             .chain(&held_here)
             .map(|(i, _)| *i)
             .collect();
+        // Take the calls out of one event of this choice: whether calls are
+        // left in it, and whether nothing else is.
+        let strip = |ev: &mut Value| -> (bool, bool) {
+            if !refused_keys.is_empty() {
+                // Log probabilities may be over the calls' tokens.
+                if let Some(c) = ev.pointer_mut("/choices/0").and_then(Value::as_object_mut) {
+                    c.remove("logprobs");
+                }
+            }
+            let Some(delta) = ev
+                .pointer_mut("/choices/0/delta")
+                .and_then(Value::as_object_mut)
+            else {
+                return (false, false);
+            };
+            if let Some(Value::Array(tc)) = delta.get_mut("tool_calls") {
+                let mut position = 0u64;
+                tc.retain(|t| {
+                    let key = t.get("index").and_then(Value::as_u64).unwrap_or(position);
+                    position += 1;
+                    !refused_keys.contains(&key)
+                });
+                if tc.is_empty() {
+                    delta.remove("tool_calls");
+                }
+            }
+            if refused_keys.contains(&FUNCTION_CALL) {
+                delta.remove("function_call");
+            }
+            let calls = delta.contains_key("tool_calls") || delta.contains_key("function_call");
+            let empty = !calls
+                && !delta
+                    .iter()
+                    .any(|(k, v)| k != "role" && !v.is_null() && v != "");
+            (calls, empty)
+        };
+        let mut events = events;
+        // The event that finished the choice, when it also carried calls,
+        // is among the held ones: it carries the notice.
+        let finish = match finish {
+            Some(f) => Some(f),
+            None if events
+                .last()
+                .and_then(|e| e.pointer("/choices/0"))
+                .is_some_and(is_finished) =>
+            {
+                events.pop()
+            }
+            // A stream that ends without finishing the choice still tells
+            // the client what was held: an event of its own, shaped like
+            // the choice's first.
+            None => {
+                let template = events.first().cloned().filter(|_| !held_here.is_empty());
+                template.and_then(|mut ev| {
+                    let c = ev.pointer_mut("/choices/0")?.as_object_mut()?;
+                    c.insert("delta".into(), json!({}));
+                    c.insert("finish_reason".into(), Value::Null);
+                    Some(ev)
+                })
+            }
+        };
         let mut kept_any = false;
         for mut ev in events {
-            let mut empty = false;
-            let delta = ev
-                .pointer_mut("/choices/0/delta")
-                .and_then(Value::as_object_mut);
-            if let Some(delta) = delta {
-                if let Some(Value::Array(tc)) = delta.get_mut("tool_calls") {
-                    let mut position = 0u64;
-                    tc.retain(|t| {
-                        let key = t.get("index").and_then(Value::as_u64).unwrap_or(position);
-                        position += 1;
-                        !refused_keys.contains(&key)
-                    });
-                    if tc.is_empty() {
-                        delta.remove("tool_calls");
-                    }
-                }
-                if refused_keys.contains(&FUNCTION_CALL) {
-                    delta.remove("function_call");
-                }
-                let calls = delta.contains_key("tool_calls") || delta.contains_key("function_call");
-                kept_any |= calls;
-                // An event left with no call and nothing else to say goes.
-                empty = !calls
-                    && !delta
-                        .iter()
-                        .any(|(k, v)| k != "role" && !v.is_null() && v != "");
-            }
+            let (calls, empty) = strip(&mut ev);
+            kept_any |= calls;
+            // An event left with no call and nothing else to say goes.
             let finished = ev.pointer("/choices/0").is_some_and(is_finished);
             if !empty || finished {
                 out.push(SseEvent::from_json(ev));
             }
         }
+        let finish = finish.map(|mut f| {
+            kept_any |= strip(&mut f).0;
+            f
+        });
         let removed: Vec<String> = refused_here.into_iter().map(|(_, n)| n).collect();
         let held: Vec<String> = held_here.into_iter().map(|(_, n)| n).collect();
         if let Some(mut finish) = finish {

@@ -407,8 +407,7 @@ fn holding_ctx<'a>(
 fn json_calls_that_need_approval_are_held_as_written_with_a_notice() {
     use crate::approval::{Approvals, HeldCall, Holding};
     let user = who(&["user"]);
-    // `deny` for refused calls: held ones do not fail the reply.
-    let stage = ResponseToolAuthz::new(policy("deny"));
+    let stage = ResponseToolAuthz::new(policy("remove"));
     let holding = Holding::new("req-1");
     let shell = json!({"id": "c1", "type": "function",
         "function": {"name": "run_shell", "arguments": "{\"cmd\":\"ls /srv\"}"}});
@@ -431,9 +430,10 @@ fn json_calls_that_need_approval_are_held_as_written_with_a_notice() {
     assert_eq!(note("approval_id"), Some(json!("apr_req1")));
     assert_eq!(
         note("tools_held_for_approval"),
-        Some(json!(["run_shell", "run_shell", "run_shell"]))
+        Some(json!(["run_shell", "run_shell"]))
     );
-    assert_eq!(note("tools_denied"), None);
+    // A legacy call has no id its result could be matched by: refused.
+    assert_eq!(note("tools_denied"), Some(json!(["run_shell"])));
     assert!(!reply.to_string().contains("ls /srv"), "{reply}");
     // Choice 0: the model's text kept, the notice after it, finished.
     let m0 = &reply["choices"][0];
@@ -466,13 +466,24 @@ fn json_calls_that_need_approval_are_held_as_written_with_a_notice() {
                 call: shell,
                 legacy: false
             },
-            HeldCall {
-                choice: 2,
-                call: json!({"name": "run_shell", "arguments": "{}"}),
-                legacy: true
-            },
         ]
     );
+    let m2 = &reply["choices"][2];
+    assert!(m2["message"].get("function_call").is_none());
+    assert_eq!(
+        m2["message"]["content"],
+        "[a tool call was blocked by policy]"
+    );
+    // With `on_called: deny` for refused calls, held ones still do not
+    // fail the reply.
+    let strict = ResponseToolAuthz::new(policy("deny"));
+    let holding = Holding::new("req-3");
+    let mut reply = call("run_shell", json!({"cmd": "ls"}));
+    let d = strict
+        .on_json(&holding_ctx(&user, Approvals::Hold(&holding)), &mut reply)
+        .unwrap();
+    assert!(matches!(d, Decision::Annotate(_)), "{d:?}");
+    assert_eq!(holding.take().len(), 1);
 }
 
 #[test]
@@ -681,8 +692,21 @@ fn an_approved_call_replays_as_the_model_wrote_it_whole_or_streamed() {
     assert_eq!(part["function"], shell["function"]);
 }
 
-/// An approval store that knows one redeemed call.
-struct OneCall(&'static str);
+/// An approval store that knows one call handed out, and fails on
+/// another.
+struct OneCall {
+    handed_out: String,
+    down: String,
+}
+
+impl OneCall {
+    fn new(user: &Principal) -> Self {
+        Self {
+            handed_out: crate::approval::fingerprint(user, "call_ok", "run_shell", "{}"),
+            down: crate::approval::fingerprint(user, "down", "run_shell", "{}"),
+        }
+    }
+}
 
 #[async_trait]
 impl crate::approval::ApprovalStore for OneCall {
@@ -692,7 +716,12 @@ impl crate::approval::ApprovalStore for OneCall {
     async fn get(&self, _: &str) -> Result<Option<crate::approval::Approval>, String> {
         Ok(None)
     }
-    async fn list(&self) -> Result<Vec<crate::approval::Approval>, String> {
+    async fn list(
+        &self,
+        _: Option<crate::approval::State>,
+        _: u64,
+        _: usize,
+    ) -> Result<Vec<crate::approval::Approval>, String> {
         Ok(vec![])
     }
     async fn replace(
@@ -702,59 +731,177 @@ impl crate::approval::ApprovalStore for OneCall {
     ) -> Result<bool, String> {
         Ok(false)
     }
-    async fn redeemed_call(&self, caller: &Principal, call_id: &str) -> Result<bool, String> {
-        if call_id == "down" {
+    async fn handed_out(&self, fingerprint: &str) -> Result<bool, String> {
+        if fingerprint == self.down {
             return Err("store down".into());
         }
-        Ok(caller.subject == "s" && call_id == self.0)
+        Ok(fingerprint == self.handed_out)
     }
 }
 
 #[tokio::test]
 async fn with_approvals_such_tools_are_offered_and_only_handed_out_calls_come_back() {
     let user = who(&["user"]);
-    let f = ToolAuthz::new(policy("remove")).with_approvals(Arc::new(OneCall("call_ok")));
+    let f = ToolAuthz::new(policy("remove")).with_approvals(Arc::new(OneCall::new(&user)));
     let declared = json!({"messages": [], "tools": [{"type": "function", "function": {"name": "run_shell"}}],
         "tool_choice": {"type": "function", "function": {"name": "run_shell"}}});
     assert_eq!(check(&f, &user, declared).await.decision, Decision::Allow);
-    let result = |id: &str| {
+    let result = |id: &str, name: &str, args: &str| {
         json!({"messages": [
-            {"role": "assistant", "tool_calls": [{"id": id, "type": "function", "function": {"name": "run_shell", "arguments": "{}"}}]},
+            {"role": "assistant", "tool_calls": [{"id": id, "type": "function", "function": {"name": name, "arguments": args}}]},
             {"role": "tool", "tool_call_id": id, "content": "total 0"}]})
     };
     assert_eq!(
-        check(&f, &user, result("call_ok")).await.decision,
+        check(&f, &user, result("call_ok", "run_shell", "{}"))
+            .await
+            .decision,
         Decision::Allow
     );
-    let v = check(&f, &user, result("call_forged")).await;
-    assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
+    // Another id, or other arguments under the handed-out id.
+    for body in [
+        result("call_forged", "run_shell", "{}"),
+        result("call_ok", "run_shell", r#"{"cmd":"rm -rf /"}"#),
+    ] {
+        let v = check(&f, &user, body).await;
+        assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
+    }
+    // Another caller under the same id.
     let other = Principal {
         subject: "someone-else".into(),
         ..who(&["user"])
     };
-    let v = check(&f, &other, result("call_ok")).await;
+    let v = check(&f, &other, result("call_ok", "run_shell", "{}")).await;
     assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
-    // A legacy result with no call id cannot be matched to an approval.
-    let legacy = json!({"messages": [{"role": "function", "name": "run_shell", "content": "x"}]});
-    let v = check(&f, &user, legacy).await;
-    assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
-    // Denied tools stay denied.
-    let v = check(&f, &user, json!({"messages": [], "tools": [{"type": "function", "function": {"name": "delete_records"}}]})).await;
+    // A result whose call is not in the conversation, or with no call id,
+    // cannot be matched to an approval.
+    for body in [
+        json!({"messages": [{"role": "tool", "tool_call_id": "call_ok", "name": "run_shell", "content": "x"}]}),
+        json!({"messages": [{"role": "function", "name": "run_shell", "content": "x"}]}),
+    ] {
+        let v = check(&f, &user, body).await;
+        assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
+    }
+    // Denied tools are refused before the store is asked (it is down for
+    // the other call here).
+    let mixed = json!({"messages": [
+        {"role": "assistant", "tool_calls": [
+            {"id": "down", "type": "function", "function": {"name": "run_shell", "arguments": "{}"}},
+            {"id": "d1", "type": "function", "function": {"name": "delete_records", "arguments": "{}"}}]}]});
+    let v = check(&f, &user, mixed).await;
     assert!(denied(&v, ErrorCode::ToolNotAllowed), "{v:?}");
-    // A store that cannot answer is an error (its `on_error` decides).
-    let view_body = result("down");
+    // A store that cannot answer refuses, whatever `on_error` says.
+    let body = result("down", "run_shell", "{}");
     let view = RequestView {
         request_id: "r",
         authorization: None,
         principal: Some(&user),
         dry_run: false,
         route: Route::ChatCompletions,
-        body: &view_body,
-        prompt: crate::prompt::of(Route::ChatCompletions, &view_body),
+        body: &body,
+        prompt: crate::prompt::of(Route::ChatCompletions, &body),
         model: None,
         stream: false,
         client_ip: None,
     };
     let e = f.check(&view).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::ApprovalUnavailable);
+    assert!(e.limit, "enforced even with on_error: allow");
+    // Without a caller nothing can be held: a tool every caller may use
+    // with approval is refused to an anonymous one.
+    let text = include_str!("../../../policies/tools.yaml").replace(
+        "access: { ops: allow, user: approval_required }",
+        "access: { ops: allow, \"*\": approval_required }",
+    );
+    let anyone = ToolAuthz::new(crate::shared::Shared::new(
+        ToolPolicy::build(serde_yaml::from_str(&text).unwrap()).unwrap(),
+    ))
+    .with_approvals(Arc::new(OneCall::new(&user)));
+    let declared =
+        json!({"messages": [], "tools": [{"type": "function", "function": {"name": "run_shell"}}]});
+    let anonymous = RequestView {
+        principal: None,
+        body: &declared,
+        prompt: crate::prompt::of(Route::ChatCompletions, &declared),
+        ..view
+    };
+    let v = anyone.check(&anonymous).await.unwrap();
+    assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
+    let named = RequestView {
+        principal: Some(&user),
+        ..anonymous
+    };
+    assert_eq!(
+        anyone.check(&named).await.unwrap().decision,
+        Decision::Allow
+    );
+}
+
+#[test]
+fn held_streams_finish_once_per_choice_with_custom_tools_and_no_logprobs() {
+    use crate::approval::{Approvals, Holding};
+    let user = who(&["user"]);
+    let stage = ResponseToolAuthz::new(policy("remove"));
+    let holding = Holding::new("req-4");
+    let mut s = stage.stream(&holding_ctx(&user, Approvals::Hold(&holding)));
+    let chunk = |choices: Value| {
+        SseEvent::from_json(
+            json!({"id": "x", "object": "chat.completion.chunk", "choices": choices}),
+        )
+    };
+    let events = vec![
+        // Choice 0: the whole call and its finish in one event, with log
+        // probabilities over the call's tokens. Choice 1: a custom tool.
+        chunk(json!([
+            {"index": 0, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                "function": {"name": "run_shell", "arguments": "{\"cmd\":\"secret-cmd\"}"}}]},
+             "logprobs": {"content": [{"token": "secret-cmd", "logprob": -0.1}]}, "finish_reason": "tool_calls"},
+            {"index": 1, "delta": {"role": "assistant", "tool_calls": [{"index": 0, "id": "c2", "type": "custom",
+                "custom": {"name": "run_shell", "input": "secret-input"}}]}, "finish_reason": null}])),
+        chunk(json!([{"index": 1, "delta": {}, "finish_reason": "tool_calls"}])),
+        SseEvent::data("[DONE]"),
+    ];
+    let mut out = Vec::new();
+    for e in events {
+        s.on_event(e, &mut out).unwrap();
+    }
+    s.finish(&mut out).unwrap();
+    let text: String = out.iter().map(|e| e.to_string()).collect();
+    assert!(
+        !text.contains("secret") && !text.contains("logprobs"),
+        "{text}"
+    );
+    for choice in [0, 1] {
+        let finishes: Vec<Value> = out
+            .iter()
+            .filter_map(|e| e.json())
+            .flat_map(|v| v["choices"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["index"] == choice && !c["finish_reason"].is_null())
+            .collect();
+        assert_eq!(finishes.len(), 1, "choice {choice}: {text}");
+        assert_eq!(finishes[0]["finish_reason"], "stop");
+        assert!(finishes[0]["delta"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("held for approval apr_req4"));
+    }
+    let held = holding.take();
+    assert_eq!(held.len(), 2);
+    assert_eq!(
+        held[0].call["function"]["arguments"],
+        "{\"cmd\":\"secret-cmd\"}"
+    );
+    assert_eq!(
+        held[1].call,
+        json!({"id": "c2", "type": "custom", "custom": {"name": "run_shell", "input": "secret-input"}})
+    );
+    assert_eq!(held[1].choice, 1);
+
+    // JSON: the log probabilities of a choice whose call was held go too.
+    let holding = Holding::new("req-5");
+    let mut reply = call("run_shell", json!({"cmd": "secret-cmd"}));
+    reply["choices"][0]["logprobs"] = json!({"content": [{"token": "secret-cmd"}]});
+    stage
+        .on_json(&holding_ctx(&user, Approvals::Hold(&holding)), &mut reply)
+        .unwrap();
+    assert!(!reply.to_string().contains("secret"), "{reply}");
 }
