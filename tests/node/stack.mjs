@@ -2,7 +2,7 @@
 // SDK tests, as tests/sdk/conftest.py does for Python.
 
 import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, writeFileSync, readFileSync, existsSync } from "node:fs";
+import { mkdtempSync, writeFileSync, readFileSync, existsSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
@@ -169,5 +169,6 @@ audit:
         }),
     );
     await Promise.all(exits);
+    rmSync(this.tmp, { recursive: true, force: true });
   }
 }
