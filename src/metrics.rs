@@ -210,7 +210,7 @@ pub static MODEL_REQUEST_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub static GATEWAY_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     latency_histogram(
         "portcullis_gateway_overhead_seconds",
-        "Time a request spent in the gateway outside the provider call (its whole time less the time from sending to the provider until its reply's last byte), by route; only requests that reached a provider.",
+        "Time a request spent in the gateway once its body was read, outside the provider call (from sending until the reply's last byte), by route: filters, the guard model and Redis calls included; a stream's per-event work is inside the provider time. Only requests that reached a provider.",
         "route",
     )
 });
@@ -242,7 +242,7 @@ pub static REDACTIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static TOOL_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "portcullis_tool_calls_total",
-        "The model's tool calls by tool (`other` for tools the policy does not list) and decision (allowed, denied, held for approval).",
+        "The model's tool calls by tool (`other` for tools the policy does not list) and decision: allowed (passed on), denied (removed or refused), held (for approval). In monitor mode, denied calls were passed on.",
         &["tool", "decision"],
     )
 });
@@ -258,7 +258,7 @@ pub static TOKENS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static UPSTREAM_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "portcullis_upstream_errors_total",
-        "Provider calls that failed, by provider and kind: timeout, error (connection, broken reply), status_4xx or status_5xx (the provider's own refusal).",
+        "Provider calls that failed, by provider and kind: timeout, status_5xx, error (a connection, a broken reply, or a provider refusal not passed on, such as a 401 for a bad provider key), status_4xx (the provider's refusal of the request, passed on to the client).",
         &["provider", "kind"],
     )
 });
@@ -291,19 +291,53 @@ pub static TRACE_SPANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// What the proxy knows of a finished request beside its record.
+#[derive(Default)]
+pub struct Observed {
+    /// The gateway's own time ([`GATEWAY_SECONDS`]), when it reached a
+    /// provider.
+    pub overhead: Option<Duration>,
+    /// The filter or stage that refused or failed it (also for 5xx, which
+    /// the record's `blocked_by` leaves out).
+    pub stage: Option<String>,
+    /// The registry resolved its model (before any refusal).
+    pub model_resolved: bool,
+}
+
+/// How a provider call failed, for `portcullis_upstream_errors_total`:
+/// `timeout`; `status_5xx` or `error` (a connection, a broken reply, or a
+/// provider refusal the gateway did not pass on, such as a 401 for a bad
+/// provider key) when the gateway answered `upstream_error`;
+/// `status_4xx` for the provider's own refusal of the request, passed on.
+/// A request refused for another reason (a filter, the guard) is none.
+pub fn upstream_failure(rec: &RequestRecord) -> Option<&'static str> {
+    use filters::ErrorCode;
+    let u = rec.upstream.as_ref()?;
+    match (rec.reason_code, u.status) {
+        (Some(ErrorCode::UpstreamTimeout), _) => Some("timeout"),
+        (Some(ErrorCode::UpstreamError), Some(500..=599)) => Some("status_5xx"),
+        (Some(ErrorCode::UpstreamError), _) => Some("error"),
+        (_, Some(st @ 400..=499)) if rec.status == st => Some("status_4xx"),
+        _ => None,
+    }
+}
+
 /// Count what a finished request came to. `tool_listed` says whether the
 /// tool policy names a tool (else it is counted as `other`).
 pub fn observe(
     rec: &RequestRecord,
     dialect: &dyn Dialect,
     tool_listed: &dyn Fn(&str) -> bool,
-    overhead: Option<Duration>,
+    seen: &Observed,
 ) {
     let route = rec.route.map(filters::Route::as_str).unwrap_or("other");
     let decision = decision_name(rec.decision);
-    // Only a model the registry resolved has an upstream model: a client
-    // cannot add label values by sending made-up names.
-    let model = rec.upstream_model.as_ref().and(rec.model.as_deref());
+    // Only a model the registry resolved: a client cannot add label
+    // values by sending made-up names.
+    let model = seen
+        .model_resolved
+        .then_some(rec.model.as_deref())
+        .flatten();
     if let Some(model) = model {
         MODEL_REQUESTS
             .with_label_values(&[route, model, decision])
@@ -312,18 +346,20 @@ pub fn observe(
             .with_label_values(&[model])
             .observe(rec.duration_ms / 1e3);
     }
-    if let Some(o) = overhead {
+    if let Some(o) = seen.overhead {
         GATEWAY_SECONDS
             .with_label_values(&[route])
             .observe(o.as_secs_f64());
     }
     if let Some(code) = rec.reason_code {
-        let by = rec.blocked_by.as_deref().unwrap_or(match code {
-            filters::ErrorCode::UpstreamError | filters::ErrorCode::UpstreamTimeout => "upstream",
-            _ => "gateway",
-        });
+        let by = seen
+            .stage
+            .as_deref()
+            .or(rec.blocked_by.as_deref())
+            .unwrap_or("gateway");
         REFUSALS.with_label_values(&[by, code.as_str()]).inc();
     }
+    let mut tools: std::collections::BTreeMap<&str, [u64; 3]> = Default::default();
     for o in &rec.filters {
         FILTER_ACTIONS
             .with_label_values(&[o.filter.as_str(), action_name(o.action)])
@@ -338,24 +374,35 @@ pub fn observe(
                     }
                 }
                 (FilterKind::ResponseToolAuthz, key) => {
-                    let decision = match key {
-                        "tools_called" => "called",
-                        "tools_denied" => "denied",
-                        "tools_held_for_approval" => "held",
+                    let slot = match key {
+                        "tools_called" => 0,
+                        "tools_denied" => 1,
+                        "tools_held_for_approval" => 2,
                         _ => continue,
                     };
                     for tool in a.value.as_array().into_iter().flatten() {
                         let name = tool.as_str().unwrap_or("");
                         let tool = if tool_listed(name) { name } else { "other" };
-                        TOOL_CALLS.with_label_values(&[tool, decision]).inc();
+                        tools.entry(tool).or_default()[slot] += 1;
                     }
                 }
                 _ => {}
             }
         }
     }
-    if let (Some(usage), Some(model), Some(tenant)) = (&rec.usage, model, &rec.tenant) {
+    // Every call is one of: allowed, denied, held.
+    for (tool, [called, denied, held]) in tools {
+        let allowed = called.saturating_sub(denied + held);
+        for (decision, n) in [("allowed", allowed), ("denied", denied), ("held", held)] {
+            if n > 0 {
+                TOOL_CALLS.with_label_values(&[tool, decision]).inc_by(n);
+            }
+        }
+    }
+    if let (Some(usage), Some(model)) = (&rec.usage, model) {
         if let Some((input, output)) = dialect.token_counts(usage) {
+            // Without authentication there is no tenant: `none`.
+            let tenant = rec.tenant.as_deref().unwrap_or("none");
             TOKENS
                 .with_label_values(&[tenant, model, "input"])
                 .inc_by(input);
@@ -364,21 +411,10 @@ pub fn observe(
                 .inc_by(output);
         }
     }
-    if let Some(u) = &rec.upstream {
-        let kind = match (u.status, rec.reason_code) {
-            (_, Some(filters::ErrorCode::UpstreamTimeout)) => Some("timeout"),
-            (Some(200..=299), _) if u.error.is_none() => None,
-            (Some(400..=499), _) => Some("status_4xx"),
-            (Some(500..=599), _) => Some("status_5xx"),
-            // A guard verdict that cancelled the call is not a provider error.
-            (None, Some(filters::ErrorCode::ContentPolicy)) => None,
-            _ => Some("error"),
-        };
-        if let Some(kind) = kind {
-            UPSTREAM_ERRORS
-                .with_label_values(&[&u.provider, kind])
-                .inc();
-        }
+    if let (Some(u), Some(kind)) = (&rec.upstream, upstream_failure(rec)) {
+        UPSTREAM_ERRORS
+            .with_label_values(&[&u.provider, kind])
+            .inc();
     }
 }
 

@@ -48,10 +48,10 @@ struct TraceExporter(std::sync::Mutex<Option<crate::trace::Exporter>>);
 
 #[async_trait]
 impl BackgroundService for TraceExporter {
-    async fn start(&self, _shutdown: ShutdownWatch) {
+    async fn start(&self, shutdown: ShutdownWatch) {
         let exporter = self.0.lock().ok().and_then(|mut e| e.take());
         if let Some(e) = exporter {
-            e.run().await
+            e.run(shutdown).await
         }
     }
 }

@@ -34,7 +34,8 @@ use tokio::sync::mpsc;
 pub struct TraceParent {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
-    pub sampled: bool,
+    /// The trace flags as sent (bit 0: sampled; other bits kept).
+    pub flags: u8,
 }
 
 impl TraceParent {
@@ -71,16 +72,20 @@ impl TraceParent {
         Some(Self {
             trace_id,
             span_id,
-            sampled: flags & 1 == 1,
+            flags,
         })
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
     }
 
     pub fn header(&self) -> String {
         format!(
-            "00-{}-{}-{}",
+            "00-{}-{}-{:02x}",
             hex::encode(self.trace_id),
             hex::encode(self.span_id),
-            if self.sampled { "01" } else { "00" }
+            self.flags
         )
     }
 }
@@ -105,6 +110,8 @@ pub struct RequestTrace {
     parent: Option<[u8; 8]>,
     /// The provider call's span, sent to the provider as its parent.
     pub provider_span: [u8; 8],
+    /// The flags sent on (bit 0: sampled).
+    flags: u8,
     sampled: bool,
     started: Instant,
     started_unix: SystemTime,
@@ -121,7 +128,7 @@ impl RequestTrace {
         TraceParent {
             trace_id: self.trace_id,
             span_id: self.provider_span,
-            sampled: self.sampled,
+            flags: self.flags,
         }
         .header()
     }
@@ -132,16 +139,32 @@ impl RequestTrace {
     }
 }
 
+/// A `tracestate` fit to pass on: short visible ASCII, at most 32 list
+/// members (the spec's limit), each `key=value`.
+pub fn valid_tracestate(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 512
+        && s.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && s.split(',').count() <= 32
+        && s.split(',').map(str::trim).all(|m| {
+            m.is_empty()
+                || m.split_once('=')
+                    .is_some_and(|(k, v)| !k.is_empty() && !v.is_empty())
+        })
+}
+
 /// Sends the spans of sampled requests to the collector.
 pub struct Tracer {
-    queue: mpsc::Sender<Value>,
+    /// One item per request: all its spans, so a full queue drops whole
+    /// traces, never parts of one.
+    queue: mpsc::Sender<Vec<Value>>,
     sample_ratio: f64,
     /// The collector's task, taken by the server to run it.
     exporter: std::sync::Mutex<Option<Exporter>>,
 }
 
 pub struct Exporter {
-    rx: mpsc::Receiver<Value>,
+    rx: mpsc::Receiver<Vec<Value>>,
     endpoint: String,
     headers: Vec<(String, String)>,
     timeout: Duration,
@@ -177,30 +200,34 @@ impl Tracer {
         self.exporter.lock().ok()?.take()
     }
 
-    /// Start a request's trace from the client's headers.
-    pub fn start(&self, traceparent: Option<&str>, tracestate: Option<&str>) -> RequestTrace {
+    /// Start a request's trace from the client's headers (`tracestate`
+    /// headers as one list, as the spec asks).
+    pub fn start(&self, traceparent: Option<&str>, tracestate: &[&str]) -> RequestTrace {
         let parent = traceparent.and_then(TraceParent::parse);
+        let trace_id = parent.map_or_else(random_bytes::<16>, |p| p.trace_id);
         let sampled = match parent {
-            Some(p) => p.sampled,
+            Some(p) => p.sampled(),
+            // As OpenTelemetry's TraceIdRatioBased sampler: the trace id's
+            // low 56 bits (random) against the ratio.
             None => {
-                let r = u64::from_le_bytes(random_bytes::<8>()) as f64 / u64::MAX as f64;
-                r < self.sample_ratio
+                let mut low = [0u8; 8];
+                low[1..].copy_from_slice(&trace_id[9..]);
+                (u64::from_be_bytes(low) as f64) < self.sample_ratio * (1u64 << 56) as f64
             }
         };
+        let state = tracestate.join(",");
         RequestTrace {
-            trace_id: parent.map_or_else(random_bytes::<16>, |p| p.trace_id),
+            trace_id,
             span_id: random_bytes::<8>(),
             parent: parent.map(|p| p.span_id),
             provider_span: random_bytes::<8>(),
+            flags: parent.map_or(0, |p| p.flags & !1) | u8::from(sampled),
             sampled,
             started: Instant::now(),
             started_unix: SystemTime::now(),
             chain_started: None,
             reply_started: None,
-            tracestate: parent
-                .and(tracestate)
-                .filter(|s| s.len() <= 512 && s.bytes().all(|b| (0x20..0x7f).contains(&b)))
-                .map(str::to_string),
+            tracestate: parent.map(|_| state).filter(|s| valid_tracestate(s)),
         }
     }
 
@@ -215,11 +242,24 @@ impl Tracer {
         if !t.sampled {
             return;
         }
-        for span in spans(t, rec, dialect, provider_call, Instant::now()) {
-            if self.queue.try_send(span).is_err() {
-                metrics::TRACE_SPANS.with_label_values(&["dropped"]).inc();
-            }
+        let spans = spans(t, rec, dialect, provider_call, Instant::now());
+        let n = spans.len() as u64;
+        if self.queue.try_send(spans).is_err() {
+            metrics::TRACE_SPANS
+                .with_label_values(&["dropped"])
+                .inc_by(n);
         }
+    }
+}
+
+/// The longest attribute value sent (OpenTelemetry's attribute length
+/// limit): a client's long model name or path never fills the queue.
+const MAX_ATTR_CHARS: usize = 256;
+
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(MAX_ATTR_CHARS) {
+        None => s.to_string(),
+        Some((at, _)) => format!("{}…", &s[..at]),
     }
 }
 
@@ -230,7 +270,7 @@ fn attr(key: &str, value: impl Into<Value>) -> Value {
         // OTLP/JSON writes 64-bit integers as strings.
         Value::Number(n) if n.is_u64() || n.is_i64() => json!({ "intValue": n.to_string() }),
         Value::Number(n) => json!({ "doubleValue": n }),
-        Value::String(s) => json!({ "stringValue": s }),
+        Value::String(s) => json!({ "stringValue": cut(&s) }),
         other => json!({ "stringValue": other.to_string() }),
     };
     json!({ "key": key, "value": typed })
@@ -239,7 +279,8 @@ fn attr(key: &str, value: impl Into<Value>) -> Value {
 const SERVER: u8 = 2;
 const CLIENT: u8 = 3;
 const INTERNAL: u8 = 1;
-const STATUS_OK: u8 = 0;
+/// Unset: OpenTelemetry leaves OK to the application.
+const STATUS_UNSET: u8 = 0;
 const STATUS_ERROR: u8 = 2;
 
 #[allow(clippy::too_many_arguments)]
@@ -262,7 +303,7 @@ fn span(
         "startTimeUnixNano": t.unix_ns(start).to_string(),
         "endTimeUnixNano": t.unix_ns(end.max(start)).to_string(),
         "attributes": attributes,
-        "status": { "code": if error { STATUS_ERROR } else { STATUS_OK } },
+        "status": { "code": if error { STATUS_ERROR } else { STATUS_UNSET } },
     });
     if let (Some(p), Some(o)) = (parent, s.as_object_mut()) {
         o.insert("parentSpanId".into(), Value::String(hex::encode(p)));
@@ -319,8 +360,15 @@ fn spans(
     )];
     // Request filters end to end from the chain's start; response stages
     // from the reply's start.
+    // A JSON reply's stages run once its body is read; a stream's from
+    // its first byte.
     let mut request_at = t.chain_started.unwrap_or(t.started);
-    let mut reply_at = t.reply_started.unwrap_or(request_at);
+    let reply_began = if rec.stream {
+        t.reply_started
+    } else {
+        provider_call.map(|(_, done)| done)
+    };
+    let mut reply_at = reply_began.unwrap_or(request_at);
     for o in &rec.filters {
         let response_side = o.filter >= FilterKind::ResponseToolAuthz;
         let at = if response_side {
@@ -372,7 +420,7 @@ fn spans(
             attrs.push(attr("gen_ai.usage.input_tokens", input));
             attrs.push(attr("gen_ai.usage.output_tokens", output));
         }
-        let failed = u.error.is_some() || u.status.is_some_and(|s| s >= 500);
+        let failed = metrics::upstream_failure(rec).is_some();
         out.push(span(
             t,
             t.provider_span,
@@ -389,8 +437,8 @@ fn spans(
 }
 
 impl Exporter {
-    /// Send queued spans in batches until the queue closes.
-    pub async fn run(mut self) {
+    /// Send queued spans in batches until shutdown, then what is queued.
+    pub async fn run(mut self, mut shutdown: pingora::server::ShutdownWatch) {
         let client = match reqwest::Client::builder().timeout(self.timeout).build() {
             Ok(c) => c,
             Err(e) => {
@@ -403,43 +451,70 @@ impl Exporter {
             attr("service.instance.id", self.instance.clone()),
             attr("service.version", env!("CARGO_PKG_VERSION")),
         ]});
-        let mut batch = Vec::with_capacity(self.batch);
+        let mut last_warning: Option<Instant> = None;
+        let mut stopping = false;
         loop {
-            let Some(first) = self.rx.recv().await else {
-                return;
-            };
-            batch.push(first);
-            // Gather what else is queued (up to a batch), waiting a moment
-            // for more so a busy gateway sends fewer, larger posts.
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
-            while batch.len() < self.batch {
-                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                    Ok(Some(s)) => batch.push(s),
-                    Ok(None) | Err(_) => break,
+            let mut batch: Vec<Value> = Vec::new();
+            if stopping {
+                // What is queued goes out once; nothing waits for more.
+                while batch.len() < self.batch {
+                    match self.rx.try_recv() {
+                        Ok(spans) => batch.extend(spans),
+                        Err(_) => break,
+                    }
+                }
+                if batch.is_empty() {
+                    return;
+                }
+            } else {
+                tokio::select! {
+                    first = self.rx.recv() => match first {
+                        Some(spans) => batch.extend(spans),
+                        None => return,
+                    },
+                    _ = shutdown.changed() => {
+                        stopping = true;
+                        continue;
+                    }
+                }
+                // Gather what else is queued (up to a batch), waiting a
+                // moment for more so a busy gateway sends fewer posts.
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+                while batch.len() < self.batch {
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(spans)) => batch.extend(spans),
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
             let n = batch.len() as u64;
             let body = json!({"resourceSpans": [{
                 "resource": resource,
                 "scopeSpans": [{"scope": {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
-                                "spans": std::mem::take(&mut batch)}],
+                                "spans": batch}],
             }]});
             let mut req = client.post(&self.endpoint).json(&body);
             for (k, v) in &self.headers {
                 req = req.header(k, v);
             }
-            let result = match req.send().await {
-                Ok(r) if r.status().is_success() => "exported",
-                Ok(r) => {
-                    log::warn!("tracing: collector answered {}", r.status());
-                    "failed"
-                }
-                Err(e) => {
-                    log::warn!("tracing: {e}");
-                    "failed"
-                }
+            let failure = match req.send().await {
+                Ok(r) if r.status().is_success() => None,
+                Ok(r) => Some(format!("collector answered {}", r.status())),
+                Err(e) => Some(e.to_string()),
+            };
+            let result = if failure.is_some() {
+                "failed"
+            } else {
+                "exported"
             };
             metrics::TRACE_SPANS.with_label_values(&[result]).inc_by(n);
+            // One warning a minute while the collector fails, not one a batch.
+            if let Some(why) = failure {
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    log::warn!("tracing: spans not exported ({why}); counted in portcullis_trace_spans_total");
+                    last_warning = Some(Instant::now());
+                }
+            }
         }
     }
 }
@@ -454,14 +529,21 @@ mod tests {
             TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(hex::encode(p.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(hex::encode(p.span_id), "00f067aa0ba902b7");
-        assert!(p.sampled);
+        assert!(p.sampled());
         assert_eq!(
             p.header(),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
+        // Other flags are kept (level 2's random flag).
+        let random =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03").unwrap();
+        assert_eq!(
+            random.header(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03"
+        );
         let unsampled =
             TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
-        assert!(!unsampled.sampled);
+        assert!(!unsampled.sampled());
         // A later version: its first four fields, more may follow.
         assert!(TraceParent::parse(
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
@@ -480,5 +562,51 @@ mod tests {
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }
+    }
+
+    fn tracer(ratio: f64) -> Tracer {
+        let cfg = TracingSection {
+            otlp_endpoint: Some("http://127.0.0.1:9/v1/traces".into()),
+            sample_ratio: ratio,
+            ..Default::default()
+        };
+        Tracer::new(&cfg, "test".into()).unwrap()
+    }
+
+    #[test]
+    fn sampling_follows_the_parent_else_the_ratio_of_trace_ids() {
+        let t = tracer(0.01);
+        let n = 20_000;
+        let sampled = (0..n).filter(|_| t.start(None, &[]).sampled).count();
+        // 1% of 20,000 is 200; five standard deviations either way.
+        assert!((130..=270).contains(&sampled), "{sampled}");
+        assert_eq!(
+            (0..1000)
+                .filter(|_| tracer(0.0).start(None, &[]).sampled)
+                .count(),
+            0
+        );
+        assert_eq!(
+            (0..1000)
+                .filter(|_| tracer(1.0).start(None, &[]).sampled)
+                .count(),
+            1000
+        );
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        let quiet = tracer(1.0).start(Some(parent), &["a=1", "b=2"]);
+        assert!(!quiet.sampled);
+        assert_eq!(quiet.tracestate.as_deref(), Some("a=1,b=2"));
+        assert!(quiet.provider_header().ends_with("-00"));
+        let loud = tracer(0.0).start(Some(&parent.replace("-00", "-01")), &[]);
+        assert!(loud.sampled && loud.tracestate.is_none());
+    }
+
+    #[test]
+    fn tracestate_is_passed_only_when_well_formed() {
+        assert!(valid_tracestate("vendor=abc,other=x"));
+        for bad in ["", "novalue", "a=1,=2", &"a=1,".repeat(40), "a=\u{7f}"] {
+            assert!(!valid_tracestate(bad), "{bad}");
+        }
+        assert_eq!(cut(&"m".repeat(300)).chars().count(), 257);
     }
 }

@@ -257,6 +257,12 @@ impl Config {
         if tracing.timeout_ms == 0 || tracing.max_queue == 0 || tracing.batch == 0 {
             errors.push("tracing", "timeout_ms, max_queue and batch must be above 0");
         }
+        if tracing.max_queue > 1_000_000 || tracing.batch > 10_000 {
+            errors.push(
+                "tracing",
+                "max_queue is at most 1000000 and batch at most 10000",
+            );
+        }
         for (name, value) in &tracing.headers {
             let ok = hyper::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
                 && hyper::header::HeaderValue::from_str(value).is_ok();

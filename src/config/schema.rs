@@ -718,7 +718,8 @@ pub struct TracingSection {
     /// Sent with every export (e.g. an `authorization` for the collector).
     pub headers: std::collections::BTreeMap<String, String>,
     pub timeout_ms: u64,
-    /// Spans waiting to be sent; past it they are dropped and counted.
+    /// Requests whose spans wait to be sent; past it a request's spans
+    /// are dropped (whole) and counted.
     pub max_queue: usize,
     /// Spans per export.
     pub batch: usize,

@@ -101,6 +101,12 @@ pub struct Ctx {
     /// came: the rest of the request's time is the gateway's.
     upstream_sent: Option<Instant>,
     upstream_done: Option<Instant>,
+    /// When the request body was read (the gateway's own time starts).
+    body_done: Option<Instant>,
+    /// The filter or stage that refused or failed the request.
+    stage: Option<String>,
+    /// The registry resolved the request's model.
+    model_resolved: bool,
     /// This request's trace, when tracing is on.
     trace: Option<crate::trace::RequestTrace>,
     tracer: Option<Arc<crate::trace::Tracer>>,
@@ -147,18 +153,24 @@ impl Ctx {
         metrics::REQUEST_SECONDS
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
-        let waited = self
-            .upstream_sent
-            .zip(self.upstream_done)
-            .map(|(sent, done)| done.saturating_duration_since(sent));
+        // The gateway's own time: from the body read to the end, less the
+        // wait on the provider.
+        let now = Instant::now();
+        let overhead = match (self.body_done, self.upstream_sent, self.upstream_done) {
+            (Some(body), Some(sent), Some(done)) => Some(
+                now.saturating_duration_since(body)
+                    .saturating_sub(done.saturating_duration_since(sent)),
+            ),
+            _ => None,
+        };
         let policy = self.tools.as_ref().map(|t| t.get());
         let listed = |tool: &str| policy.as_ref().is_some_and(|p| p.lists(tool));
-        metrics::observe(
-            rec,
-            self.dialect,
-            &listed,
-            waited.map(|w| elapsed.saturating_sub(w)),
-        );
+        let seen = metrics::Observed {
+            overhead,
+            stage: self.stage.take(),
+            model_resolved: self.model_resolved,
+        };
+        metrics::observe(rec, self.dialect, &listed, &seen);
         if let (Some(tracer), Some(t)) = (&self.tracer, &self.trace) {
             let call = self
                 .upstream_sent
@@ -327,8 +339,12 @@ impl Gateway {
         );
         ctx.rec.method = header.method.to_string();
         if let Some(tracer) = &self.tracer {
-            let value = |name: &str| header.headers.get(name).and_then(|v| v.to_str().ok());
-            ctx.trace = Some(tracer.start(value("traceparent"), value("tracestate")));
+            let parent = header
+                .headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok());
+            let states = tracestates(header);
+            ctx.trace = Some(tracer.start(parent, &states));
         }
         ctx.api_key = header
             .headers
@@ -424,6 +440,7 @@ impl Gateway {
             Ok(Ok(body)) => body,
         };
         ctx.body_read = true;
+        ctx.body_done = Some(Instant::now());
         ctx.rec.request_bytes = body.len();
         ctx.rec.prompt_sha256 = Some(hex::encode(Sha256::digest(&body)));
         let parsed = match d.parse(&body, &self.cfg.limits.shape()) {
@@ -449,6 +466,7 @@ impl Gateway {
                 },
             )
             .await;
+        ctx.model_resolved = screened.upstream.is_some();
         if let Some((by, r)) = screened.rejection {
             return self.refuse(s, ctx, by, r).await;
         }
@@ -468,6 +486,7 @@ impl Gateway {
                 .filter(|m| m.risk_tier <= self.cfg.registry.default_max_risk)
                 .map(|m| (m.provider.clone(), m.upstream_model.clone()))
         });
+        ctx.model_resolved |= upstream.is_some();
         let Some((provider, upstream_model)) = upstream else {
             return self
                 .refuse(
@@ -696,6 +715,7 @@ impl Gateway {
         }
         ctx.rec.reason_code = Some(r.code);
         ctx.rec.reason = Some(r.reason.clone());
+        ctx.stage = Some(by.to_string());
         if !ctx.body_read {
             // Do not drain an unread (possibly huge) body: close instead.
             s.set_keepalive(None);
@@ -745,6 +765,9 @@ impl ProxyHttp for Gateway {
             tools: self.tools.clone(),
             upstream_sent: None,
             upstream_done: None,
+            body_done: None,
+            stage: None,
+            model_resolved: false,
             trace: None,
             tracer: self.tracer.clone(),
             lifecycle: {
@@ -830,9 +853,20 @@ fn passed_headers(s: &Session, d: &dyn Dialect) -> Vec<(&'static str, String)> {
         .collect()
 }
 
+/// The client's `tracestate` headers, in order (the spec makes several
+/// one list).
+fn tracestates(header: &pingora::http::RequestHeader) -> Vec<&str> {
+    header
+        .headers
+        .get_all("tracestate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect()
+}
+
 /// The trace context for the provider: the provider call's own span when
-/// tracing is on, else the client's well-formed `traceparent` (and
-/// `tracestate`) as they came.
+/// tracing is on, else the client's well-formed `traceparent` and
+/// `tracestate` as they came.
 fn trace_headers(s: &Session, ctx: &Ctx, out: &mut Vec<(&'static str, String)>) {
     if let Some(t) = &ctx.trace {
         out.push(("traceparent", t.provider_header()));
@@ -841,14 +875,17 @@ fn trace_headers(s: &Session, ctx: &Ctx, out: &mut Vec<(&'static str, String)>) 
         }
         return;
     }
-    let value = |name: &str| {
-        let v = s.req_header().headers.get(name)?.to_str().ok()?;
-        (v.len() <= 512 && v.bytes().all(|b| (0x20..0x7f).contains(&b))).then_some(v)
-    };
-    if let Some(p) = value("traceparent").and_then(crate::trace::TraceParent::parse) {
-        out.push(("traceparent", p.header()));
-        if let Some(state) = value("tracestate") {
-            out.push(("tracestate", state.to_string()));
+    let header = s.req_header();
+    let parent = header
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| crate::trace::TraceParent::parse(v).is_some());
+    if let Some(p) = parent {
+        out.push(("traceparent", p.trim().to_string()));
+        let state = tracestates(header).join(",");
+        if crate::trace::valid_tracestate(&state) {
+            out.push(("tracestate", state));
         }
     }
 }

@@ -85,6 +85,7 @@ impl Gateway {
                     // As hosted providers end a filtered reply: 200, the
                     // content withheld, `finish_reason: content_filter`.
                     d.withhold(&mut json);
+                    ctx.stage = Some("output_guard".into());
                     ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
                     ctx.rec.reason = Some(r.reason);
                     Bytes::from(json.to_string())
@@ -290,6 +291,7 @@ impl Gateway {
             }
             ctx.rec.reason_code = Some(ErrorCode::ContentPolicy);
             ctx.rec.reason = Some("the output guard judged the reply unsafe".into());
+            ctx.stage = Some("output_guard".into());
         }
         ex.finish().await;
         ctx.upstream_done = Some(std::time::Instant::now());
@@ -312,11 +314,21 @@ impl Gateway {
             // Headers are gone: end the stream with an error event the SDKs
             // raise on, and record why.
             d.error_event(&r).write_to(&mut wire);
+            let stage = match (stages.stopped(), r.code) {
+                (Some((kind, _)), _) => kind.as_str(),
+                (_, ErrorCode::UpstreamError | ErrorCode::UpstreamTimeout) => "upstream",
+                (_, ErrorCode::ApprovalUnavailable) => "approval",
+                _ => "output_guard",
+            };
+            ctx.stage = Some(stage.into());
             ctx.rec.decision = Verdict::Error;
             ctx.rec.reason_code = Some(r.code);
             ctx.rec.reason = Some(r.reason);
-            if let Some(u) = ctx.rec.upstream.as_mut() {
-                u.error = ctx.rec.reason.clone();
+            // Only the provider's own failure is an upstream error.
+            if stage == "upstream" {
+                if let Some(u) = ctx.rec.upstream.as_mut() {
+                    u.error = ctx.rec.reason.clone();
+                }
             }
         }
         ctx.rec.response_bytes += wire.len();

@@ -150,8 +150,19 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_served() {
         "upstream_error",
     )
     .await;
+    // A client cannot add label values: an unknown model, a tool the
+    // policy does not list.
+    let unknown =
+        json!({"model": "made-up-model-xyz", "messages": [{"role": "user", "content": "hi"}]});
+    expect_error(post_as(&gw, &user, &unknown).await, 404, "model_not_found").await;
+    let mystery = trigger(json!({"mock_tool_call": {"name": "mystery_tool_xyz", "arguments": {}}}));
+    assert_eq!(post_as(&gw, &user, &mystery).await.status(), 200);
+    // A stream's usage is counted too.
+    let r = post_as(&gw, &user, &stream_chat("streamed words")).await;
+    assert_eq!(r.status(), 200);
+    Events::new(r).rest().await;
     // The record is written when the request closes, the metrics with it.
-    gw.records(7).await;
+    let records = gw.records(10).await;
 
     let text = reqwest::get(format!("{}/metrics", gw.admin))
         .await
@@ -183,7 +194,10 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_served() {
 
     // The new series carry what happened.
     for line in [
+        "portcullis_tool_calls_total{decision=\"allowed\",tool=\"get_weather\"} 1",
         "portcullis_tool_calls_total{decision=\"denied\",tool=\"delete_records\"} 1",
+        "portcullis_tool_calls_total{decision=\"denied\",tool=\"other\"} 1",
+        "portcullis_refusals_total{code=\"model_not_found\",filter=\"model_registry\"} 1",
         "portcullis_tool_calls_total{decision=\"held\",tool=\"run_shell\"} 1",
         "portcullis_refusals_total{code=\"tool_not_allowed\",filter=\"tool_authz\"} 1",
         "portcullis_upstream_errors_total{kind=\"status_5xx\",provider=\"mock\"} 1",
@@ -197,10 +211,23 @@ async fn every_metric_the_dashboard_and_the_alerts_use_is_served() {
         "{text}"
     );
     assert!(
-        text.lines().any(|l| l
-            .starts_with("portcullis_tokens_total{kind=\"output\",model=\"mock-small\",tenant=")),
+        !text.contains("made-up-model-xyz") && !text.contains("mystery_tool_xyz"),
         "{text}"
     );
+    // Output tokens: those every record reports, the stream's included.
+    let output: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("portcullis_tokens_total{kind=\"output\",model=\"mock-small\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let recorded: u64 = records
+        .iter()
+        .filter_map(|r| r["usage"]["completion_tokens"].as_u64())
+        .sum();
+    assert!(records
+        .iter()
+        .any(|r| r["stream"] == true && r["usage"].is_object()));
+    assert_eq!(output, recorded as f64, "{text}");
 }
 
 /// `promtool` from Debian's `prometheus` package (`scripts/setup.sh`).

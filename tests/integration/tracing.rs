@@ -248,3 +248,29 @@ async fn with_tracing_off_the_clients_traceparent_reaches_the_provider_unchanged
     assert_eq!(sent.header("traceparent"), None);
     assert_eq!(sent.header("tracestate"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_a_collector_does_not_take_are_counted_and_requests_go_on() {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = secured(mock.addr, &keys, TEST_LIMITS);
+    setup.extra_yaml += &format!(
+        "tracing:\n  otlp_endpoint: http://127.0.0.1:{}/v1/traces\n  timeout_ms: 500\n",
+        free_port()
+    );
+    let gw = Gateway::start(setup).await;
+    let token = keys.token("alice", &["user"]);
+    assert_eq!(post_as(&gw, &token, &chat("hi")).await.status(), 200);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while metric(&gw, "portcullis_trace_spans_total{result=\"failed\"}").await < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failed export not counted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        post_as(&gw, &token, &chat("still served")).await.status(),
+        200
+    );
+}
