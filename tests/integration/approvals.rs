@@ -29,6 +29,15 @@ fn shell(stream: bool) -> Value {
     json!({"model": "mock-small", "stream": stream, "messages": [{"role": "user", "content": trigger}]})
 }
 
+/// An admin API read, as JSON.
+async fn read(gw: &Gateway, token: &str, path: impl AsRef<str>) -> Value {
+    admin(gw, Some(token), "GET", path.as_ref(), None)
+        .await
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn repeat(gw: &Gateway, token: &str, body: &Value, approval: &str) -> reqwest::Response {
     reqwest::Client::new()
         .post(gw.url("/v1/chat/completions"))
@@ -120,27 +129,13 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
     assert!(!told.to_string().contains("ls /srv"), "{told}");
 
     // Listed as pending, with the call as the model wrote it.
-    let listed: Value = admin(
-        &gw,
-        Some(&boss),
-        "GET",
-        "/admin/approvals?state=pending",
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let listed: Value = read(&gw, &boss, "/admin/approvals?state=pending").await;
     let a = &listed["data"][0];
     assert_eq!(a["id"], id.as_str());
     assert_eq!(a["subject"], "alice");
     assert_eq!(a["request_id"], rid.as_str());
     assert_eq!(a["tools"], json!(["run_shell"]));
-    let none: Value = admin(&gw, Some(&boss), "GET", "/admin/approvals?state=used", None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let none: Value = read(&gw, &boss, "/admin/approvals?state=used").await;
     assert_eq!(none["data"], json!([]));
 
     // Pending: not yet.
@@ -167,17 +162,7 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
     )
     .await;
     let auditor = keys.token("carol", &["portcullis:auditor"]);
-    let seen: Value = admin(
-        &gw,
-        Some(&auditor),
-        "GET",
-        &format!("/admin/approvals/{id}"),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let seen: Value = read(&gw, &auditor, &format!("/admin/approvals/{id}")).await;
     assert_eq!(seen["tools"], json!(["run_shell"]));
     assert!(
         !seen.to_string().contains("ls /srv"),
@@ -187,17 +172,7 @@ async fn a_held_call_is_approved_by_another_admin_and_handed_out_once() {
         !listed.to_string().contains("ls /srv"),
         "a listing holds no arguments: {listed}"
     );
-    let shown: Value = admin(
-        &gw,
-        Some(&boss),
-        "GET",
-        &format!("/admin/approvals/{id}"),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let shown: Value = read(&gw, &boss, &format!("/admin/approvals/{id}")).await;
     assert_eq!(shown["calls"][0]["call"]["function"]["arguments"], ARGS);
     for body in [
         json!({"reason": "x".repeat(1001)}),
@@ -492,17 +467,7 @@ async fn streams_are_held_and_handed_out_as_streams_and_denials_and_expiry_refus
         "invalid_transition",
     )
     .await;
-    let expired: Value = admin(
-        &gw,
-        Some(&boss),
-        "GET",
-        "/admin/approvals?state=expired",
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let expired: Value = read(&gw, &boss, "/admin/approvals?state=expired").await;
     let ids: Vec<&str> = expired["data"]
         .as_array()
         .unwrap()
@@ -609,17 +574,7 @@ async fn a_tool_denied_after_approval_is_refused_without_spending_the_approval()
         gw.record_for(&rid).await["blocked_by"],
         "response_tool_authz"
     );
-    let state: Value = admin(
-        &gw,
-        Some(&boss),
-        "GET",
-        &format!("/admin/approvals/{id}"),
-        None,
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let state: Value = read(&gw, &boss, &format!("/admin/approvals/{id}")).await;
     assert_eq!(state["state"], "approved", "not spent");
 
     std::fs::write(gw.dir.path().join("tools.yaml"), &allowed).unwrap();

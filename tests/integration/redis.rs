@@ -59,6 +59,14 @@ fn clustered(provider: std::net::SocketAddr, keys: &TestKeys, redis: &Redis) -> 
     setup
 }
 
+/// Limits and the registry fail open when Redis is gone.
+fn fail_open_without_redis(setup: &mut Setup) {
+    setup.extra_yaml = setup
+        .extra_yaml
+        .replace("rate_limit:\n", "rate_limit:\n  on_error: allow\n");
+    setup.registry_yaml = "registry:\n  approve_seed: true\n  on_error: allow\n".into();
+}
+
 fn small() -> serde_json::Value {
     json!({"model": "mock-small", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -587,10 +595,7 @@ async fn redis_down_with_on_error_allow_serves_and_records_why() {
     let mock = Mock::start(options()).await;
     let keys = TestKeys::new();
     let mut setup = clustered(mock.addr, &keys, &redis);
-    setup.extra_yaml = setup
-        .extra_yaml
-        .replace("rate_limit:\n", "rate_limit:\n  on_error: allow\n");
-    setup.registry_yaml = "registry:\n  approve_seed: true\n  on_error: allow\n".into();
+    fail_open_without_redis(&mut setup);
     let gw = Gateway::start(setup).await;
     let t = keys.token("user", &["user"]);
     assert_eq!(post_as(&gw, &t, &small()).await.status(), 200);
@@ -649,10 +654,7 @@ async fn approvals_fail_closed_when_redis_goes_away() {
     let mut setup = clustered(mock.addr, &keys, &redis);
     // Limits and the registry fail open here, so what is seen is the
     // approval store's own failure.
-    setup.extra_yaml = setup
-        .extra_yaml
-        .replace("rate_limit:\n", "rate_limit:\n  on_error: allow\n");
-    setup.registry_yaml = "registry:\n  approve_seed: true\n  on_error: allow\n".into();
+    fail_open_without_redis(&mut setup);
     setup.files.push((
         "tools.yaml".into(),
         include_bytes!("../../policies/tools.yaml").to_vec(),

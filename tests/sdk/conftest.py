@@ -34,6 +34,36 @@ def wait_for(url: str, deadline: float = 20.0) -> None:
     raise RuntimeError(f"{url} not ready after {deadline}s")
 
 
+def records(audit: Path) -> list:
+    """The audit file's records: whole lines only (the writer may be
+    half-way through the last one)."""
+    text = audit.read_text()
+    whole = text[: text.rfind("\n") + 1]
+    return [json.loads(l) for l in whole.splitlines() if l]
+
+
+def record_for(audit: Path, request_id: str, deadline: float = 10.0) -> dict:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if audit.exists():
+            for r in records(audit):
+                if r["request_id"] == request_id:
+                    return r
+        time.sleep(0.02)
+    raise AssertionError(f"no audit record for {request_id} in {audit}")
+
+
+def stop(procs: list) -> None:
+    """SIGTERM every process, newest first; kill what has not left in 20 s."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 class Stack:
     def __init__(self, tmp: Path):
         self.tmp = tmp
@@ -136,29 +166,13 @@ audit:
             return json.loads(r.read())
 
     def records(self):
-        # Only whole lines: the writer may be half-way through the last one.
-        text = self.audit.read_text()
-        whole = text[: text.rfind("\n") + 1]
-        return [json.loads(l) for l in whole.splitlines() if l]
+        return records(self.audit)
 
     def record_for(self, request_id: str, deadline: float = 10.0):
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            if self.audit.exists():
-                for r in self.records():
-                    if r["request_id"] == request_id:
-                        return r
-            time.sleep(0.02)
-        raise AssertionError(f"no audit record for {request_id}")
+        return record_for(self.audit, request_id, deadline)
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(self.procs)
 
 
 @pytest.fixture(scope="session")

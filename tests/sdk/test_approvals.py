@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import BIN, ROOT, free_port, wait_for
+from conftest import BIN, ROOT, free_port, record_for, stop, wait_for
 
 ARGS = {"cmd": "ls /srv"}
 TRIGGER = json.dumps({"mock_tool_call": {"name": "run_shell", "arguments": ARGS}})
@@ -119,27 +118,11 @@ audit:
             capture_output=True, text=True, timeout=30,
         )
 
-    def record(self, instance: str, request_id: str, deadline: float = 10.0) -> dict:
-        path = self.instances[instance]["audit"]
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            if path.exists():
-                text = path.read_text()
-                for line in text[: text.rfind("\n") + 1].splitlines():
-                    r = json.loads(line)
-                    if r["request_id"] == request_id:
-                        return r
-            time.sleep(0.02)
-        raise AssertionError(f"no audit record for {request_id} on {instance}")
+    def record(self, instance: str, request_id: str) -> dict:
+        return record_for(self.instances[instance]["audit"], request_id)
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(self.procs)
 
 
 @pytest.fixture(scope="module")

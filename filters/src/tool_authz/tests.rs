@@ -185,21 +185,25 @@ fn streamed_calls_are_held_then_released_or_replaced() {
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
 
-/// Run the request filter over a body for `user`.
-async fn check(f: &ToolAuthz, user: &Principal, body: Value) -> Verdict {
-    let view = RequestView {
+/// A chat request's view, as `user` (or nobody).
+fn view_of<'a>(body: &'a Value, user: Option<&'a Principal>) -> RequestView<'a> {
+    RequestView {
         request_id: "r",
         authorization: None,
-        principal: Some(user),
+        principal: user,
         dry_run: false,
         route: Route::ChatCompletions,
-        body: &body,
-        prompt: crate::prompt::of(Route::ChatCompletions, &body),
+        body,
+        prompt: crate::prompt::of(Route::ChatCompletions, body),
         model: None,
         stream: false,
         client_ip: None,
-    };
-    f.check(&view).await.unwrap()
+    }
+}
+
+/// Run the request filter over a body for `user`.
+async fn check(f: &ToolAuthz, user: &Principal, body: Value) -> Verdict {
+    f.check(&view_of(&body, Some(user))).await.unwrap()
 }
 
 #[tokio::test]
@@ -236,18 +240,7 @@ async fn request_declarations_and_tool_results() {
         ToolPolicy::build(serde_yaml::from_str(&text).unwrap()).unwrap(),
     ));
     let body = json!({"messages": [], "tools": tools(&["get_weather", "delete_records"])});
-    let view = RequestView {
-        request_id: "r",
-        authorization: None,
-        principal: Some(&user),
-        dry_run: false,
-        route: Route::ChatCompletions,
-        body: &body,
-        prompt: crate::prompt::of(Route::ChatCompletions, &body),
-        model: None,
-        stream: false,
-        client_ip: None,
-    };
+    let view = view_of(&body, Some(&user));
     let v = stripping.check(&view).await.unwrap();
     assert!(v.facts.contains(&crate::chain::Fact::StripTools(vec![
         "delete_records".into()
@@ -791,18 +784,7 @@ async fn with_approvals_such_tools_are_offered_and_only_handed_out_calls_come_ba
     assert!(denied(&v, ErrorCode::ToolNotAllowed), "{v:?}");
     // A store that cannot answer refuses, whatever `on_error` says.
     let body = result("down", "run_shell", "{}");
-    let view = RequestView {
-        request_id: "r",
-        authorization: None,
-        principal: Some(&user),
-        dry_run: false,
-        route: Route::ChatCompletions,
-        body: &body,
-        prompt: crate::prompt::of(Route::ChatCompletions, &body),
-        model: None,
-        stream: false,
-        client_ip: None,
-    };
+    let view = view_of(&body, Some(&user));
     let e = f.check(&view).await.unwrap_err();
     assert_eq!(e.code, ErrorCode::ApprovalUnavailable);
     assert!(e.limit, "enforced even with on_error: allow");
@@ -818,20 +800,10 @@ async fn with_approvals_such_tools_are_offered_and_only_handed_out_calls_come_ba
     .with_approvals(Arc::new(OneCall::new(&user)));
     let declared =
         json!({"messages": [], "tools": [{"type": "function", "function": {"name": "run_shell"}}]});
-    let anonymous = RequestView {
-        principal: None,
-        body: &declared,
-        prompt: crate::prompt::of(Route::ChatCompletions, &declared),
-        ..view
-    };
-    let v = anyone.check(&anonymous).await.unwrap();
+    let v = anyone.check(&view_of(&declared, None)).await.unwrap();
     assert!(denied(&v, ErrorCode::ToolApprovalRequired), "{v:?}");
-    let named = RequestView {
-        principal: Some(&user),
-        ..anonymous
-    };
     assert_eq!(
-        anyone.check(&named).await.unwrap().decision,
+        check(&anyone, &user, declared).await.decision,
         Decision::Allow
     );
 }
