@@ -334,22 +334,19 @@ pub fn call_parts(call: &Value) -> (String, String) {
 struct Used<'a> {
     tool: String,
     /// The call's id and arguments, when the conversation has the call.
-    call: Option<(&'a str, String)>,
+    call: Option<(&'a str, Option<&'a Value>)>,
 }
 
 impl Used<'_> {
     fn fingerprint(&self, caller: Option<&Principal>) -> Option<String> {
-        let (id, args) = self.call.as_ref()?;
-        Some(crate::approval::fingerprint(caller?, id, &self.tool, args))
-    }
-}
-
-/// A call's arguments as text (a JSON text as written, or a value).
-fn arguments_text(args: Option<&Value>) -> String {
-    match args {
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => v.to_string(),
-        None => String::new(),
+        let (id, args) = self.call?;
+        // Arguments as text: a JSON text as written, or a value.
+        let args = match args {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+        Some(crate::approval::fingerprint(caller?, id, &self.tool, &args))
     }
 }
 
@@ -359,13 +356,12 @@ fn tool_results<'a>(prompt: &'a Prompt<'_>) -> Vec<Used<'a>> {
     let mut used = Vec::new();
     for m in &prompt.messages {
         for call in &m.calls {
-            let args = arguments_text(call.arguments);
             if let Some(id) = call.id {
-                calls.insert(id, (call.name.to_string(), args.clone()));
+                calls.insert(id, (call.name.as_ref(), call.arguments));
             }
             used.push(Used {
                 tool: call.name.to_string(),
-                call: call.id.map(|id| (id, args)),
+                call: call.id.map(|id| (id, call.arguments)),
             });
         }
     }
@@ -373,8 +369,8 @@ fn tool_results<'a>(prompt: &'a Prompt<'_>) -> Vec<Used<'a>> {
         let answered = m.answers.and_then(|id| Some((id, calls.get(id)?)));
         used.push(match answered {
             Some((id, (name, args))) => Used {
-                tool: name.clone(),
-                call: Some((id, args.clone())),
+                tool: name.to_string(),
+                call: Some((id, *args)),
             },
             None => Used {
                 tool: m.name.unwrap_or("<unknown tool>").to_string(),
@@ -488,7 +484,7 @@ impl RequestFilter for ToolAuthz {
         }
         for (fingerprint, used) in to_verify {
             if !self.handed_out(fingerprint.as_deref()).await? {
-                let id = used.call.as_ref().map(|(id, _)| *id);
+                let id = used.call.map(|(id, _)| id);
                 let r = Rejection::new(
                     ErrorCode::ToolApprovalRequired,
                     format!(
