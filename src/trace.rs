@@ -25,7 +25,6 @@ use crate::config::TracingSection;
 use crate::metrics;
 use filters::dialect::Dialect;
 use filters::FilterKind;
-use serde_json::{json, Value};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
@@ -90,11 +89,32 @@ impl TraceParent {
     }
 }
 
+/// Random ids without a system call each: a per-thread SplitMix64 seeded
+/// once from the OS. Trace and span ids need to be unique and unguessable
+/// enough to sample by, not secret.
+fn random_u64() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(u64::from_le_bytes(
+            uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([7; 8]),
+        ));
+    }
+    STATE.with(|s| {
+        let mut z = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(z);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     loop {
-        let u = uuid::Uuid::new_v4();
-        out.copy_from_slice(&u.as_bytes()[..N]);
+        for chunk in out.chunks_mut(8) {
+            let r = random_u64().to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
         if out != [0u8; N] {
             return out;
         }
@@ -157,14 +177,14 @@ pub fn valid_tracestate(s: &str) -> bool {
 pub struct Tracer {
     /// One item per request: all its spans, so a full queue drops whole
     /// traces, never parts of one.
-    queue: mpsc::Sender<Vec<Value>>,
+    queue: mpsc::Sender<Vec<Span>>,
     sample_ratio: f64,
     /// The collector's task, taken by the server to run it.
     exporter: std::sync::Mutex<Option<Exporter>>,
 }
 
 pub struct Exporter {
-    rx: mpsc::Receiver<Vec<Value>>,
+    rx: mpsc::Receiver<Vec<Span>>,
     endpoint: String,
     headers: Vec<(String, String)>,
     timeout: Duration,
@@ -263,17 +283,42 @@ fn cut(s: &str) -> String {
     }
 }
 
-fn attr(key: &str, value: impl Into<Value>) -> Value {
-    let v: Value = value.into();
-    let typed = match v {
-        Value::Bool(b) => json!({ "boolValue": b }),
-        // OTLP/JSON writes 64-bit integers as strings.
-        Value::Number(n) if n.is_u64() || n.is_i64() => json!({ "intValue": n.to_string() }),
-        Value::Number(n) => json!({ "doubleValue": n }),
-        Value::String(s) => json!({ "stringValue": cut(&s) }),
-        other => json!({ "stringValue": other.to_string() }),
-    };
-    json!({ "key": key, "value": typed })
+/// An attribute's value.
+#[derive(Debug, Clone)]
+pub enum Attr {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl From<&str> for Attr {
+    fn from(s: &str) -> Self {
+        Self::Str(cut(s))
+    }
+}
+
+impl From<String> for Attr {
+    fn from(s: String) -> Self {
+        Self::Str(cut(&s))
+    }
+}
+
+impl From<u64> for Attr {
+    fn from(n: u64) -> Self {
+        Self::Int(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<u16> for Attr {
+    fn from(n: u16) -> Self {
+        Self::Int(n.into())
+    }
+}
+
+impl From<bool> for Attr {
+    fn from(b: bool) -> Self {
+        Self::Bool(b)
+    }
 }
 
 const SERVER: u8 = 2;
@@ -283,32 +328,43 @@ const INTERNAL: u8 = 1;
 const STATUS_UNSET: u8 = 0;
 const STATUS_ERROR: u8 = 2;
 
-#[allow(clippy::too_many_arguments)]
-fn span(
-    t: &RequestTrace,
-    id: [u8; 8],
+/// One span as the request path leaves it; the exporter writes it out.
+#[derive(Debug)]
+pub struct Span {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
     parent: Option<[u8; 8]>,
     name: String,
     kind: u8,
-    start: Instant,
-    end: Instant,
-    attributes: Vec<Value>,
+    start_ns: u128,
+    end_ns: u128,
+    attributes: Vec<(&'static str, Attr)>,
     error: bool,
-) -> Value {
-    let mut s = json!({
-        "traceId": hex::encode(t.trace_id),
-        "spanId": hex::encode(id),
-        "name": name,
-        "kind": kind,
-        "startTimeUnixNano": t.unix_ns(start).to_string(),
-        "endTimeUnixNano": t.unix_ns(end.max(start)).to_string(),
-        "attributes": attributes,
-        "status": { "code": if error { STATUS_ERROR } else { STATUS_UNSET } },
-    });
-    if let (Some(p), Some(o)) = (parent, s.as_object_mut()) {
-        o.insert("parentSpanId".into(), Value::String(hex::encode(p)));
+}
+
+impl RequestTrace {
+    /// A span of this trace: its id and its parent's.
+    fn span(
+        &self,
+        (id, parent): ([u8; 8], Option<[u8; 8]>),
+        name: String,
+        kind: u8,
+        (start, end): (Instant, Instant),
+        attributes: Vec<(&'static str, Attr)>,
+        error: bool,
+    ) -> Span {
+        Span {
+            trace_id: self.trace_id,
+            span_id: id,
+            parent,
+            name,
+            kind,
+            start_ns: self.unix_ns(start),
+            end_ns: self.unix_ns(end.max(start)),
+            attributes,
+            error,
+        }
     }
-    s
 }
 
 /// The spans of one request: the request, its filters, the provider call.
@@ -318,50 +374,48 @@ fn spans(
     dialect: &dyn Dialect,
     provider_call: Option<(Instant, Instant)>,
     end: Instant,
-) -> Vec<Value> {
+) -> Vec<Span> {
     let route = rec.route.map(filters::Route::as_str).unwrap_or("other");
-    let decision = metrics::decision_name(rec.decision);
-    let mut root_attrs = vec![
-        attr("http.request.method", rec.method.clone()),
-        attr("url.path", rec.path.clone()),
-        attr("http.response.status_code", rec.status),
-        attr("portcullis.request_id", rec.request_id.clone()),
-        attr("portcullis.route", route),
-        attr("portcullis.decision", decision),
+    let mut root_attrs: Vec<(&'static str, Attr)> = vec![
+        ("http.request.method", rec.method.as_str().into()),
+        ("url.path", rec.path.as_str().into()),
+        ("http.response.status_code", rec.status.into()),
+        ("portcullis.request_id", rec.request_id.as_str().into()),
+        ("portcullis.route", route.into()),
+        (
+            "portcullis.decision",
+            metrics::decision_name(rec.decision).into(),
+        ),
     ];
     let optional = [
-        ("portcullis.model", rec.model.clone()),
-        ("portcullis.tenant", rec.tenant.clone()),
-        ("portcullis.blocked_by", rec.blocked_by.clone()),
+        ("portcullis.model", rec.model.as_deref()),
+        ("portcullis.tenant", rec.tenant.as_deref()),
+        ("portcullis.blocked_by", rec.blocked_by.as_deref()),
         (
             "portcullis.reason_code",
-            rec.reason_code.map(|c| c.as_str().to_string()),
+            rec.reason_code.map(|c| c.as_str()),
         ),
         (
             "portcullis.approval_id",
-            rec.approval.as_ref().map(|a| a.id.clone()),
+            rec.approval.as_ref().map(|a| a.id.as_str()),
         ),
     ];
     for (k, v) in optional {
         if let Some(v) = v {
-            root_attrs.push(attr(k, v));
+            root_attrs.push((k, v.into()));
         }
     }
-    let mut out = vec![span(
-        t,
-        t.span_id,
-        t.parent,
+    let mut out = Vec::with_capacity(rec.filters.len() + 2);
+    out.push(t.span(
+        (t.span_id, t.parent),
         format!("{} /v1/{route}", rec.method),
         SERVER,
-        t.started,
-        end,
+        (t.started, end),
         root_attrs,
         rec.decision == crate::audit::Verdict::Error,
-    )];
-    // Request filters end to end from the chain's start; response stages
-    // from the reply's start.
-    // A JSON reply's stages run once its body is read; a stream's from
-    // its first byte.
+    ));
+    // Request filters end to end from the chain's start. A JSON reply's
+    // stages run once its body is read; a stream's from its first byte.
     let mut request_at = t.chain_started.unwrap_or(t.started);
     let reply_began = if rec.stream {
         t.reply_started
@@ -379,61 +433,165 @@ fn spans(
         let start = *at;
         let finish = start + Duration::from_micros(o.latency_us);
         *at = finish;
-        let mut attrs = vec![
-            attr("portcullis.filter", o.filter.as_str()),
-            attr(
-                "portcullis.filter.action",
-                format!("{:?}", o.action).to_lowercase(),
-            ),
-            attr(
+        let mut attrs: Vec<(&'static str, Attr)> = vec![
+            ("portcullis.filter", o.filter.as_str().into()),
+            ("portcullis.filter.action", action_name(o.action).into()),
+            (
                 "portcullis.filter.mode",
-                format!("{:?}", o.mode).to_lowercase(),
+                match o.mode {
+                    filters::Mode::Enforce => "enforce",
+                    filters::Mode::Monitor => "monitor",
+                }
+                .into(),
             ),
         ];
         if let Some(code) = o.code {
-            attrs.push(attr("portcullis.filter.code", code.as_str()));
+            attrs.push(("portcullis.filter.code", code.as_str().into()));
         }
         if response_side && rec.stream {
-            attrs.push(attr("portcullis.busy_time", true));
+            attrs.push(("portcullis.busy_time", true.into()));
         }
-        out.push(span(
-            t,
-            random_bytes::<8>(),
-            Some(t.span_id),
+        out.push(t.span(
+            (random_bytes::<8>(), Some(t.span_id)),
             format!("filter {}", o.filter.as_str()),
             INTERNAL,
-            start,
-            finish,
+            (start, finish),
             attrs,
             o.action == filters::Action::Error,
         ));
     }
-    if let (Some((sent, done)), Some(u)) = (provider_call, &rec.upstream) {
-        let mut attrs = vec![attr("portcullis.provider", u.provider.clone())];
+    if let (Some(call), Some(u)) = (provider_call, &rec.upstream) {
+        let mut attrs: Vec<(&'static str, Attr)> =
+            vec![("portcullis.provider", u.provider.as_str().into())];
         if let Some(m) = &rec.upstream_model {
-            attrs.push(attr("gen_ai.request.model", m.clone()));
+            attrs.push(("gen_ai.request.model", m.as_str().into()));
         }
         if let Some(st) = u.status {
-            attrs.push(attr("http.response.status_code", st));
+            attrs.push(("http.response.status_code", st.into()));
         }
         if let Some((input, output)) = rec.usage.as_ref().and_then(|u| dialect.token_counts(u)) {
-            attrs.push(attr("gen_ai.usage.input_tokens", input));
-            attrs.push(attr("gen_ai.usage.output_tokens", output));
+            attrs.push(("gen_ai.usage.input_tokens", input.into()));
+            attrs.push(("gen_ai.usage.output_tokens", output.into()));
         }
-        let failed = metrics::upstream_failure(rec).is_some();
-        out.push(span(
-            t,
-            t.provider_span,
-            Some(t.span_id),
+        out.push(t.span(
+            (t.provider_span, Some(t.span_id)),
             format!("provider {}", u.provider),
             CLIENT,
-            sent,
-            done,
+            call,
             attrs,
-            failed,
+            metrics::upstream_failure(rec).is_some(),
         ));
     }
     out
+}
+
+fn action_name(a: filters::Action) -> &'static str {
+    match a {
+        filters::Action::Allow => "allow",
+        filters::Action::Annotate => "annotate",
+        filters::Action::Deny => "deny",
+        filters::Action::Error => "error",
+    }
+}
+
+/// OTLP/JSON: ids in hex, 64-bit integers as strings, enums as numbers.
+mod otlp {
+    use super::{Attr, Span, STATUS_ERROR, STATUS_UNSET};
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Export<'a> {
+        pub resource_spans: [ResourceSpans<'a>; 1],
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct ResourceSpans<'a> {
+        pub resource: Resource<'a>,
+        pub scope_spans: [ScopeSpans<'a>; 1],
+    }
+
+    #[derive(Serialize)]
+    pub struct Resource<'a> {
+        pub attributes: Vec<KeyValue<'a>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct ScopeSpans<'a> {
+        pub scope: Scope,
+        pub spans: Vec<OtlpSpan<'a>>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Scope {
+        pub name: &'static str,
+        pub version: &'static str,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct OtlpSpan<'a> {
+        trace_id: String,
+        span_id: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parent_span_id: Option<String>,
+        name: &'a str,
+        kind: u8,
+        start_time_unix_nano: String,
+        end_time_unix_nano: String,
+        attributes: Vec<KeyValue<'a>>,
+        status: Status,
+    }
+
+    #[derive(Serialize)]
+    struct Status {
+        code: u8,
+    }
+
+    #[derive(Serialize)]
+    pub struct KeyValue<'a> {
+        key: &'a str,
+        value: AnyValue<'a>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    enum AnyValue<'a> {
+        #[serde(rename = "stringValue")]
+        Str(&'a str),
+        #[serde(rename = "intValue")]
+        Int(String),
+        #[serde(rename = "boolValue")]
+        Bool(bool),
+    }
+
+    pub fn key_value<'a>(key: &'a str, value: &'a Attr) -> KeyValue<'a> {
+        KeyValue {
+            key,
+            value: match value {
+                Attr::Str(s) => AnyValue::Str(s),
+                Attr::Int(n) => AnyValue::Int(n.to_string()),
+                Attr::Bool(b) => AnyValue::Bool(*b),
+            },
+        }
+    }
+
+    pub fn span(s: &Span) -> OtlpSpan<'_> {
+        OtlpSpan {
+            trace_id: hex::encode(s.trace_id),
+            span_id: hex::encode(s.span_id),
+            parent_span_id: s.parent.map(hex::encode),
+            name: &s.name,
+            kind: s.kind,
+            start_time_unix_nano: s.start_ns.to_string(),
+            end_time_unix_nano: s.end_ns.to_string(),
+            attributes: s.attributes.iter().map(|(k, v)| key_value(k, v)).collect(),
+            status: Status {
+                code: if s.error { STATUS_ERROR } else { STATUS_UNSET },
+            },
+        }
+    }
 }
 
 impl Exporter {
@@ -446,15 +604,15 @@ impl Exporter {
                 return;
             }
         };
-        let resource = json!({"attributes": [
-            attr("service.name", self.service.clone()),
-            attr("service.instance.id", self.instance.clone()),
-            attr("service.version", env!("CARGO_PKG_VERSION")),
-        ]});
+        let resource: Vec<(&'static str, Attr)> = vec![
+            ("service.name", self.service.as_str().into()),
+            ("service.instance.id", self.instance.as_str().into()),
+            ("service.version", env!("CARGO_PKG_VERSION").into()),
+        ];
         let mut last_warning: Option<Instant> = None;
         let mut stopping = false;
         loop {
-            let mut batch: Vec<Value> = Vec::new();
+            let mut batch: Vec<Span> = Vec::new();
             if stopping {
                 // What is queued goes out once; nothing waits for more.
                 while batch.len() < self.batch {
@@ -488,12 +646,34 @@ impl Exporter {
                 }
             }
             let n = batch.len() as u64;
-            let body = json!({"resourceSpans": [{
-                "resource": resource,
-                "scopeSpans": [{"scope": {"name": "portcullis", "version": env!("CARGO_PKG_VERSION")},
-                                "spans": batch}],
-            }]});
-            let mut req = client.post(&self.endpoint).json(&body);
+            let export = otlp::Export {
+                resource_spans: [otlp::ResourceSpans {
+                    resource: otlp::Resource {
+                        attributes: resource
+                            .iter()
+                            .map(|(k, v)| otlp::key_value(k, v))
+                            .collect(),
+                    },
+                    scope_spans: [otlp::ScopeSpans {
+                        scope: otlp::Scope {
+                            name: "portcullis",
+                            version: env!("CARGO_PKG_VERSION"),
+                        },
+                        spans: batch.iter().map(otlp::span).collect(),
+                    }],
+                }],
+            };
+            let body = match serde_json::to_vec(&export) {
+                Ok(b) => b,
+                Err(e) => {
+                    log::error!("tracing: spans not encoded: {e}");
+                    continue;
+                }
+            };
+            let mut req = client
+                .post(&self.endpoint)
+                .header("content-type", "application/json")
+                .body(body);
             for (k, v) in &self.headers {
                 req = req.header(k, v);
             }
