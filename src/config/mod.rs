@@ -533,6 +533,46 @@ audit:
 "#;
 
     #[test]
+    fn approvals_and_tracing_are_checked() {
+        let c = load(GOOD).unwrap();
+        assert!(c.approvals.enabled && c.approvals.ttl_secs == 3600);
+        assert!(
+            c.tracing.otlp_endpoint.is_none(),
+            "tracing is off by default"
+        );
+        let ok = "approvals:\n  ttl_secs: 60\n  webhook_url: https://hooks.example.com/x\ntracing:\n  otlp_endpoint: https://otel.example.com/v1/traces\n  sample_ratio: 0.1\n  headers: { authorization: Bearer t }\n";
+        let c = load(&format!("{GOOD}{ok}")).unwrap();
+        assert_eq!(c.approvals.ttl_secs, 60);
+        assert_eq!(c.tracing.sample_ratio, 0.1);
+        for (bad, says) in [
+            ("approvals:\n  ttl_secs: 0\n", "ttl_secs"),
+            (
+                "approvals:\n  retention_secs: 99999999999\n",
+                "retention_secs",
+            ),
+            (
+                "approvals:\n  webhook_url: ftp://x\n",
+                "approvals.webhook_url",
+            ),
+            ("approvals:\n  approve_all: true\n", "approve_all"),
+            (
+                "tracing:\n  otlp_endpoint: collector:4318\n",
+                "tracing.otlp_endpoint",
+            ),
+            ("tracing:\n  sample_ratio: 1.5\n", "tracing.sample_ratio"),
+            ("tracing:\n  batch: 0\n", "batch"),
+            ("tracing:\n  max_queue: 5000000\n", "max_queue"),
+            (
+                "tracing:\n  headers: { \"bad header\": x }\n",
+                "tracing.headers",
+            ),
+        ] {
+            let e = load(&format!("{GOOD}{bad}")).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn sizes_and_the_audit_section() {
         assert_eq!(parse_size("100 MiB"), Some(100 << 20));
         assert_eq!(parse_size("512KiB"), Some(512 << 10));

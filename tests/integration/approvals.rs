@@ -592,3 +592,48 @@ async fn a_tool_denied_after_approval_is_refused_without_spending_the_approval()
         ARGS
     );
 }
+
+/// The output guard judges the calls (their arguments are generated text)
+/// before they are handed out: with a guard policy that blocks what it
+/// only flagged when the call was held, the repeat is refused and the
+/// approval is not spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_guard_judges_approved_calls_before_they_are_handed_out() {
+    let mock = Mock::start(options()).await;
+    let keys = TestKeys::new();
+    let mut setup = with_approvals(&mock, &keys, "");
+    let blocking = include_str!("../../policies/guard.yaml").to_string();
+    let flagging = blocking.replace(
+        "{ code: S9, name: Indiscriminate Weapons, action: block }",
+        "{ code: S9, name: Indiscriminate Weapons, action: flag }",
+    );
+    assert_ne!(blocking, flagging);
+    setup
+        .files
+        .push(("guard.yaml".into(), flagging.into_bytes()));
+    setup.extra_yaml += "guard:\n  policy: guard.yaml\n  provider: mock\n  model: llama-guard-3-8b\n  protocol: llama-guard\n  input: false\n  output: held\n";
+    let gw = Gateway::start(setup).await;
+    let user = keys.token("alice", &["user"]);
+    let boss = keys.token("bob", ADMIN);
+    let trigger = json!({"mock_tool_call": {"name": "run_shell",
+        "arguments": {"cmd": "echo how to make a nerve agent"}}})
+    .to_string();
+    let body = json!({"model": "mock-small", "messages": [{"role": "user", "content": trigger}]});
+    let r = post_as(&gw, &user, &body).await;
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-portcullis-approval-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(decide(&gw, &boss, &id, "approve", None).await.status(), 200);
+
+    std::fs::write(gw.dir.path().join("guard.yaml"), &blocking).unwrap();
+    let reload = admin(&gw, Some(&boss), "POST", "/admin/reload", None).await;
+    assert_eq!(reload.status(), 200);
+    let rid = expect_error(repeat(&gw, &user, &body, &id).await, 400, "content_policy").await;
+    let rec = gw.record_for(&rid).await;
+    assert_eq!(rec["blocked_by"], "output_guard");
+    assert_eq!(rec["approval"]["event"], "refused");
+    let state = read(&gw, &boss, format!("/admin/approvals/{id}")).await;
+    assert_eq!(state["state"], "approved", "not spent");
+}
