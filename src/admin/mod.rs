@@ -32,7 +32,7 @@ use filters::shared::Shared;
 use filters::tool_authz::ToolPolicy;
 use filters::Chain;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// What the admin API works with.
@@ -54,6 +54,36 @@ pub struct AdminApi {
     pub audit: AuditLog,
     /// Draining after SIGTERM: `/readyz` says 503.
     pub lifecycle: Arc<crate::proxy::Lifecycle>,
+}
+
+/// A policy read and checked from its file, not yet in use.
+struct Staged<'a, T> {
+    into: &'a Shared<T>,
+    policy: T,
+    path: &'a Path,
+}
+
+impl<T> Staged<'_, T> {
+    fn swap_in(self, done: &mut Vec<String>) {
+        self.into.set(self.policy);
+        done.push(self.path.display().to_string());
+    }
+}
+
+/// Load the policy of a configured slot (none: nothing to load).
+fn staged<'a, T>(
+    slot: &'a Option<(Arc<Shared<T>>, PathBuf)>,
+    load: fn(&Path) -> Result<T, Vec<String>>,
+) -> Result<Option<Staged<'a, T>>, String> {
+    slot.as_ref()
+        .map(|(into, path)| {
+            Ok(Staged {
+                into,
+                policy: load(path).map_err(|e| e.join("; "))?,
+                path,
+            })
+        })
+        .transpose()
 }
 
 impl AdminApi {
@@ -78,58 +108,26 @@ impl AdminApi {
             )),
             _ => None,
         };
-        let redaction = match &self.redactor {
-            Some((shared, path)) => Some((
-                shared,
-                pipeline::load_redactor(path).map_err(|e| e.join("; "))?,
-                path,
-            )),
-            None => None,
-        };
-        let tools = match &self.tools {
-            Some((shared, path)) => Some((
-                shared,
-                pipeline::load_tools(path).map_err(|e| e.join("; "))?,
-                path,
-            )),
-            None => None,
-        };
-        let injection = match &self.injection {
-            Some((shared, path)) => Some((
-                shared,
-                pipeline::load_injection(path).map_err(|e| e.join("; "))?,
-                path,
-            )),
-            None => None,
-        };
-        let guard = match &self.guard {
-            Some((shared, path)) => Some((
-                shared,
-                pipeline::load_guard_policy(path).map_err(|e| e.join("; "))?,
-                path,
-            )),
-            None => None,
-        };
+        let redaction = staged(&self.redactor, pipeline::load_redactor)?;
+        let tools = staged(&self.tools, pipeline::load_tools)?;
+        let injection = staged(&self.injection, pipeline::load_injection)?;
+        let guard = staged(&self.guard, pipeline::load_guard_policy)?;
         let mut done = Vec::new();
         if let Some((l, policy, path)) = limits {
             l.set_policy(policy);
             done.push(path.display().to_string());
         }
-        if let Some((shared, r, path)) = redaction {
-            shared.set(r);
-            done.push(path.display().to_string());
+        if let Some(s) = redaction {
+            s.swap_in(&mut done);
         }
-        if let Some((shared, t, path)) = tools {
-            shared.set(t);
-            done.push(path.display().to_string());
+        if let Some(s) = tools {
+            s.swap_in(&mut done);
         }
-        if let Some((shared, d, path)) = injection {
-            shared.set(d);
-            done.push(path.display().to_string());
+        if let Some(s) = injection {
+            s.swap_in(&mut done);
         }
-        if let Some((shared, g, path)) = guard {
-            shared.set(g);
-            done.push(path.display().to_string());
+        if let Some(s) = guard {
+            s.swap_in(&mut done);
         }
         Ok(if done.is_empty() {
             "nothing (no policy files configured)".into()

@@ -9,7 +9,7 @@ use crate::metrics;
 use bytes::Bytes;
 use filters::approval::{self, Approval, Approvals, HeldCall, Holding, NewApproval};
 use filters::dialect::{Dialect, Replayed};
-use filters::{Clock, ErrorCode, Rejection, ResponseContext, SystemClock};
+use filters::{Clock, ErrorCode, Rejection, SystemClock};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,17 +87,6 @@ fn slack_text(s: &str) -> String {
     out
 }
 
-/// The response stages' context for a reply that hands approved calls out.
-fn handing_out(ctx: &Ctx) -> ResponseContext<'_> {
-    ResponseContext {
-        request_id: &ctx.rec.request_id,
-        route: ctx.dialect.route(),
-        model: ctx.rec.model.as_deref(),
-        principal: ctx.principal.as_ref(),
-        approvals: Approvals::Redeem,
-    }
-}
-
 impl Gateway {
     /// Where this reply's calls to `approval_required` tools go: a holding
     /// when approvals are kept, the route's replies can be replayed, and
@@ -166,7 +155,7 @@ impl Gateway {
         let Some(Replayed::Json(mut reply)) = d.replay(a, &Value::Null) else {
             return Ok(a.calls.clone());
         };
-        let rctx = handing_out(ctx);
+        let rctx = super::stage_context(ctx, Approvals::Redeem);
         if let (_, Some((_, r))) = self.responses.on_json(&rctx, &mut reply) {
             return Err(r);
         }
@@ -259,7 +248,7 @@ impl Gateway {
             let r = Rejection::new(ErrorCode::ApprovalMismatch, "this API replays no calls");
             return self.refused_hand_out(s, ctx, id, "approval", r).await;
         };
-        let rctx = handing_out(ctx);
+        let rctx = super::stage_context(ctx, Approvals::Redeem);
         let (body, content_type, outcomes, stopped) = match replayed {
             Replayed::Json(mut json) => {
                 let (outcomes, rejection) = self.responses.on_json(&rctx, &mut json);

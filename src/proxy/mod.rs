@@ -935,6 +935,20 @@ fn request_view<'a>(s: &'a Session, ctx: &'a Ctx, asked: Asked<'a>) -> RequestVi
     }
 }
 
+/// What the response stages know of this exchange.
+pub(super) fn stage_context<'a>(
+    ctx: &'a Ctx,
+    approvals: filters::approval::Approvals<'a>,
+) -> filters::ResponseContext<'a> {
+    filters::ResponseContext {
+        request_id: &ctx.rec.request_id,
+        route: ctx.dialect.route(),
+        model: ctx.rec.model.as_deref(),
+        principal: ctx.principal.as_ref(),
+        approvals,
+    }
+}
+
 /// A response header with the request id and the filters' headers.
 pub(super) fn response_header(status: u16, ctx: &Ctx) -> pingora::Result<ResponseHeader> {
     let mut h = ResponseHeader::build(status, Some(4 + ctx.headers.len()))?;

@@ -3,7 +3,7 @@
 //! judgements on the way.
 
 use super::output_guard::{route_event, Unjudged};
-use super::{response_header, total_tokens, upstream_rejection, Ctx, Gateway};
+use super::{response_header, stage_context, total_tokens, upstream_rejection, Ctx, Gateway};
 use crate::audit::Verdict;
 use crate::config::GuardOutput;
 use crate::upstream::{Exchange, UpstreamError};
@@ -12,7 +12,7 @@ use filters::approval::Approvals;
 use filters::dialect::StreamFacts;
 use filters::dialect::{Bridged, StreamBridge};
 use filters::provider::{keep_retry_headers, passes_through};
-use filters::{ErrorCode, Rejection, ResponseContext, ResponseStream, SseEvent, SseFramer};
+use filters::{ErrorCode, Rejection, ResponseStream, SseEvent, SseFramer};
 use pingora::proxy::Session;
 use serde_json::Value;
 
@@ -51,13 +51,8 @@ impl Gateway {
             body
         } else {
             let holding = ctx.holding.clone();
-            let rctx = ResponseContext {
-                request_id: &ctx.rec.request_id,
-                route: d.route(),
-                model: ctx.rec.model.as_deref(),
-                principal: ctx.principal.as_ref(),
-                approvals: holding.as_ref().map_or(Approvals::Off, Approvals::Hold),
-            };
+            let approvals = holding.as_ref().map_or(Approvals::Off, Approvals::Hold);
+            let rctx = stage_context(ctx, approvals);
             // The stages read one shape; a dialect with other replies is
             // carried there and back.
             let mut staged = match d.bridge() {
@@ -142,13 +137,8 @@ impl Gateway {
             return ex.finish().await;
         }
         let holding = ctx.holding.clone();
-        let rctx = ResponseContext {
-            request_id: &ctx.rec.request_id,
-            route: d.route(),
-            model: ctx.rec.model.as_deref(),
-            principal: ctx.principal.as_ref(),
-            approvals: holding.as_ref().map_or(Approvals::Off, Approvals::Hold),
-        };
+        let approvals = holding.as_ref().map_or(Approvals::Off, Approvals::Hold);
+        let rctx = stage_context(ctx, approvals);
         let mut stages = self.responses.stream(&rctx);
         let mut passage = Passage {
             bridge: d.bridge().map(|b| b.stream()),

@@ -413,15 +413,7 @@ async fn streams_are_held_and_handed_out_as_streams_and_denials_and_expiry_refus
         .unwrap()
         .starts_with("text/event-stream"));
     let events = Events::new(r).rest().await;
-    let args: String = events
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let args = streamed_arguments(events.iter().map(String::as_str));
     assert_eq!(args, ARGS);
     assert_eq!(events.last().unwrap(), "[DONE]");
     assert_eq!(mock.state.requests().len(), 1);

@@ -98,15 +98,7 @@ async fn streamed_completions_and_tool_calls_pass_through() {
         .post("/v1/chat/completions", &stream_chat(&call.to_string()))
         .await;
     let events = Events::new(resp).rest().await;
-    let args: String = events
-        .iter()
-        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let args = streamed_arguments(events.iter().map(String::as_str));
     assert_eq!(args, r#"{"city":"Oslo"}"#);
 }
 

@@ -689,3 +689,16 @@ impl Receiver {
             .expect("receiver gone")
     }
 }
+
+/// The arguments of the first call of choice 0 in a stream's events (their
+/// data), put back together.
+pub fn streamed_arguments<'a>(data: impl IntoIterator<Item = &'a str>) -> String {
+    data.into_iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}

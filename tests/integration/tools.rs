@@ -155,16 +155,14 @@ async fn streamed_tool_calls_are_held_then_released_or_replaced() {
         .await,
     )
     .await;
-    let args: String = raw
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let args = streamed_arguments(
+        raw.split(
+            "
+
+",
+        )
+        .filter_map(|e| e.strip_prefix("data: ")),
+    );
     assert_eq!(args, r#"{"city":"Oslo"}"#);
 
     let raw = read(
